@@ -1,0 +1,184 @@
+"""The asyncio server: accept clients, run sessions, drain on shutdown, pre-fork workers.
+
+pgcloak keeps no state shared between sessions that a second process could not
+rebuild, so scaling out on one host is N processes on one port (SO_REUSEPORT lets the
+kernel spread connections). Cancel requests work across workers because sessions
+pass PostgreSQL's own BackendKeyData through: any worker forwards a CancelRequest
+straight to the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from pgcloak.config import Settings
+from pgcloak.session.session import Session
+from pgcloak.session.tls import TlsContexts, build_tls
+from pgcloak.session.verifiers import VerifierSource
+
+log = logging.getLogger("pgcloak.server")
+
+ADMIN_SHUTDOWN = ("57P01", "terminating connection due to administrator command")
+
+
+class ProxyServer:
+    """Listens for clients and owns their sessions."""
+
+    def __init__(self, settings: Settings, tls: TlsContexts | None = None) -> None:
+        self.settings = settings
+        self.tls = tls if tls is not None else build_tls(settings)
+        self.verifiers = VerifierSource(settings, self.tls.backend)
+        self.sessions: set[Session] = set()
+        #: Sessions past their StartupMessage, counted against max_client_connections.
+        self.authenticated = 0
+        #: Seeds the fake salts of mock SCRAM exchanges for unknown roles.
+        self.mock_secret = os.urandom(32)
+        self._server: asyncio.Server | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    def _accept(self) -> asyncio.Protocol:
+        return Session(self).client
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        if sock is not None:
+            self._server = await loop.create_server(self._accept, sock=sock, backlog=1024)
+        else:
+            self._server = await loop.create_server(
+                self._accept,
+                self.settings.listen_host,
+                self.settings.listen_port,
+                backlog=1024,
+                reuse_address=True,
+            )
+        log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let sessions finish, then end the rest with 57P01."""
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        if self.sessions:
+            log.info("draining", extra={"sessions": len(self.sessions), "timeout_s": timeout})
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.terminate(*ADMIN_SHUTDOWN)
+        await asyncio.sleep(0)
+        await self.verifiers.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("stopped")
+
+
+def install_event_loop_policy() -> None:
+    """uvloop when available; plain asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on supported platforms
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def run(settings: Settings, on_ready: Callable[[int], None] | None = None) -> int:
+    """Serve in this process (workers=1) or in N forked workers sharing the port."""
+    install_event_loop_policy()
+    if settings.workers == 1:
+        return _run_worker(settings, None, on_ready)
+    # Reserve the port (it may be 0) with a bound, non-listening SO_REUSEPORT socket;
+    # each worker binds its own listening socket to the same port.
+    reserve = _reuseport_socket(settings.listen_host, settings.listen_port)
+    port = reserve.getsockname()[1]
+    children: list[int] = []
+    for worker in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:
+            reserve.close()
+            sock = _reuseport_socket(settings.listen_host, port)
+            os.environ["PGCLOAK_WORKER_ID"] = str(worker)
+            code = 1
+            try:
+                code = _run_worker(settings, sock, None)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    if on_ready is not None:
+        on_ready(port)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _, st = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(st)
+    reserve.close()
+    return status
+
+
+def _run_worker(settings: Settings, sock: socket.socket | None, on_ready: Callable[[int], None] | None) -> int:
+    async def main() -> None:
+        server = ProxyServer(settings)
+        if sock is not None:
+            sock.listen(1024)
+        started = asyncio.Event()
+
+        async def announce() -> None:
+            await started.wait()
+            if on_ready is not None:
+                on_ready(server.port)
+
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start(sock)
+        started.set()
+        await announce()
+        await stop.wait()
+        log.info("shutdown requested")
+        await server.shutdown()
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"pgcloak: {exc}", file=sys.stderr)
+        return 1
+    return 0

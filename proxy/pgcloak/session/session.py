@@ -1,0 +1,524 @@
+"""One client connection: start-up, TLS, authentication, then the relay.
+
+The start-up phase is a coroutine (``_startup``) reading whole packets; the relay
+phase is two callbacks (``_relay_client`` / ``_relay_backend``) fed straight from
+``data_received``. Both directions go through a :class:`~pgcloak.wire.splitter.Splitter`,
+which walks message headers without copying; messages nobody needs to change are
+forwarded as the original bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import ssl
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from pgcloak.session.endpoint import ConnectionClosed, Endpoint
+from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
+from pgcloak.wire.errors import ProtocolError
+from pgcloak.wire.framing import frame
+from pgcloak.wire.messages import (
+    AuthenticationOk,
+    AuthenticationSASL,
+    AuthenticationSASLContinue,
+    AuthenticationSASLFinal,
+    SASLInitialResponse,
+    SASLResponse,
+    error_response,
+)
+from pgcloak.wire.splitter import Segment, Splitter
+from pgcloak.wire.startup import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    decode_startup,
+)
+
+if TYPE_CHECKING:
+    from pgcloak.session.server import ProxyServer
+
+log = logging.getLogger("pgcloak.session")
+
+_ids = itertools.count(1)
+_unpack_i32 = struct.Struct("!i").unpack_from
+_SSL_REQUEST = SSLRequest().encode()
+_TERMINATE = b"X\x00\x00\x00\x04"
+
+# Authentication request codes that expect a message from the client in return.
+_AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
+_AUTH_NAMES = {3: "password", 5: "md5", 7: "gss", 8: "gss", 9: "sspi", 10: "sasl", 11: "sasl"}
+_SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+
+
+class SessionError(Exception):
+    """Ends the session with an ErrorResponse to the client (FATAL unless said otherwise)."""
+
+    def __init__(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.detail = detail
+
+
+class BackendRefused(ConnectionClosed):
+    """PostgreSQL sent an ErrorResponse during start-up; the client already has it."""
+
+
+class Session:
+    """State of one client connection and its backend connection."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.id = f"{os.getpid():x}-{next(_ids):x}"
+        self.client = Endpoint("client", self._lost, on_made=self.start)
+        self.backend: Endpoint | None = None
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.client_addr = ""
+        self.client_tls = False
+        self.backend_tls = False
+        self.started = time.monotonic()
+        self.ready = False  # in the relay phase
+        self.closing = False
+        self.bytes_from_client = 0
+        self.bytes_from_backend = 0
+        self._c2b = Splitter(max_message=self.settings.max_message_size)
+        self._b2c = Splitter()
+        self._task: asyncio.Task[None] | None = None
+        self._counted = False
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Called by the server once the client's TCP connection is accepted."""
+        peer = self.client.transport.get_extra_info("peername") if self.client.transport else None
+        if peer:
+            self.client_addr = f"{peer[0]}:{peer[1]}"
+        self.server.sessions.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._startup())
+
+    def _lost(self, endpoint: Endpoint, exc: Exception | None) -> None:
+        if self.closing:
+            return
+        if not self.ready:
+            # The start-up task sees the closed endpoint on its next read and reports it.
+            if endpoint is self.client:
+                self._finish("client closed during start-up")
+            return
+        if endpoint is self.client:
+            # Client gone: tell the backend politely if we are between its messages.
+            if self.backend is not None and not self.backend.closed:
+                if self.ready and self._c2b.at_boundary:
+                    self.backend.write(_TERMINATE)
+                self.backend.close()
+            self._finish("client closed")
+        else:
+            if self.ready and not self.client.closed:
+                self._fatal("57P01", "terminating connection because the backend connection was lost")
+            self._finish("backend closed")
+
+    def _finish(self, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.client.close()
+        if self.backend is not None:
+            self.backend.close()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.server.sessions.discard(self)
+        if self._counted:
+            self.server.authenticated -= 1
+        if self.ready:
+            log.info(
+                "session closed",
+                extra={
+                    "session": self.id,
+                    "reason": reason,
+                    "user": self.user,
+                    "database": self.database,
+                    "duration_s": round(time.monotonic() - self.started, 3),
+                    "bytes_in": self.bytes_from_client,
+                    "bytes_out": self.bytes_from_backend,
+                },
+            )
+
+    def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse if the client stream is at a message boundary."""
+        if not self.client.closed and self._b2c.at_boundary:
+            self.client.write(error_response(sqlstate, message, "FATAL", detail))
+
+    def terminate(self, sqlstate: str, message: str) -> None:
+        """Server-initiated end of the session (shutdown, limits)."""
+        self._fatal(sqlstate, message)
+        if self.backend is not None and self.ready and self._c2b.at_boundary:
+            self.backend.write(_TERMINATE)
+        self._finish("terminated")
+
+    # -- start-up ---------------------------------------------------------------------
+    async def _startup(self) -> None:
+        try:
+            startup = await self._negotiate()
+            if startup is None:
+                return
+            await self._connect_backend()
+            if self.settings.auth_mode == "scram":
+                await self._authenticate_scram(startup)
+            else:
+                await self._authenticate_relay(startup)
+            await self._until_ready()
+            self._enter_relay()
+        except SessionError as exc:
+            self._fatal(exc.sqlstate, exc.message, exc.detail)
+            log.info(
+                "session refused",
+                extra={"session": self.id, "sqlstate": exc.sqlstate, "reason": exc.message, "client": self.client_addr},
+            )
+            self._finish("refused")
+        except ProtocolError as exc:
+            self._fatal(exc.sqlstate, exc.message)
+            log.info("protocol violation", extra={"session": self.id, "sqlstate": exc.sqlstate, "reason": exc.message})
+            self._finish("protocol violation")
+        except ScramError as exc:
+            self._fatal(exc.sqlstate, str(exc))
+            log.info("authentication failed", extra={"session": self.id, "user": self.user, "client": self.client_addr})
+            self._finish("authentication failed")
+        except BackendRefused:
+            self._finish("refused by PostgreSQL")
+        except ConnectionClosed:
+            if self.backend is not None and self.backend.closed:
+                self._fatal("08006", "the PostgreSQL server closed the connection unexpectedly")
+            self._finish("closed during start-up")
+        except asyncio.CancelledError:
+            self._finish("cancelled")
+        except (OSError, ssl.SSLError) as exc:
+            self._fatal("08006", "pgcloak lost a connection during start-up")
+            log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__})
+            self._finish("start-up failed")
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """SSLRequest / GSSENCRequest / CancelRequest / StartupMessage, like the postmaster."""
+        mode = self.settings.effective_client_tls_mode
+        client = self.client
+        while True:
+            packet = await client.read_startup_packet()
+            msg = decode_startup(packet)
+            if isinstance(msg, SSLRequest):
+                if self.client_tls or client.has_pending():
+                    raise ProtocolError("unexpected data after SSL negotiation request")
+                ctx = self.server.tls.client
+                if ctx is None:
+                    client.write(b"N")
+                    continue
+                client.write(b"S")
+                await self._upgrade_client(ctx)
+            elif isinstance(msg, GSSENCRequest):
+                client.write(b"N")
+            elif isinstance(msg, CancelRequest):
+                await self._forward_cancel(packet)
+                self._finish("cancel request")
+                return None
+            else:
+                assert isinstance(msg, StartupMessage)
+                self.user = msg.user
+                self.database = msg.database
+                self.application_name = msg.application_name
+                if not self.user:
+                    raise SessionError("28000", "no PostgreSQL user name specified in startup packet")
+                if mode == "require" and not self.client_tls:
+                    raise SessionError(
+                        "28000",
+                        "pgcloak requires TLS from clients (client_tls_mode=require)",
+                        "connect with sslmode=require or stronger",
+                    )
+                if self.server.authenticated >= self.settings.max_client_connections:
+                    raise SessionError("53300", "sorry, too many clients already")
+                self.server.authenticated += 1
+                self._counted = True
+                return msg
+
+    async def _upgrade_client(self, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.client.transport is not None
+        transport = await loop.start_tls(self.client.transport, self.client, ctx, server_side=True)
+        if transport is None:
+            raise ConnectionClosed("client closed during TLS handshake")
+        self.client.transport = transport
+        self.client_tls = True
+
+    async def _open_backend(self) -> tuple[Endpoint, bool]:
+        """A TCP connection to PostgreSQL, TLS negotiated per backend_tls_mode."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        endpoint = Endpoint("backend", self._lost)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: endpoint, s.backend_host, s.backend_port),
+                s.connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("backend unreachable", extra={"session": self.id, "error": type(exc).__name__})
+            raise SessionError(
+                "08006", "pgcloak could not connect to the PostgreSQL server", f"{s.backend_host}:{s.backend_port}"
+            ) from None
+        ctx = self.server.tls.backend
+        if ctx is None:
+            return endpoint, False
+        endpoint.write(_SSL_REQUEST)
+        answer = await endpoint.read_byte()
+        if answer == ord("S"):
+            assert endpoint.transport is not None
+            transport = await loop.start_tls(
+                endpoint.transport, endpoint, ctx, server_hostname=s.backend_host
+            )
+            if transport is None:
+                raise ConnectionClosed("backend closed during TLS handshake")
+            endpoint.transport = transport
+            return endpoint, True
+        endpoint.close()
+        if answer == ord("N") and s.backend_tls_mode == "prefer":
+            # The server refused TLS: reconnect in plain text, as libpq's sslmode=prefer does.
+            endpoint = Endpoint("backend", self._lost)
+            await loop.create_connection(lambda: endpoint, s.backend_host, s.backend_port)
+            return endpoint, False
+        raise SessionError(
+            "08006",
+            "the PostgreSQL server does not accept TLS, but backend_tls_mode=" + s.backend_tls_mode,
+        )
+
+    async def _connect_backend(self) -> None:
+        backend, self.backend_tls = await self._open_backend()
+        self.backend = backend
+        backend.peer = self.client
+        self.client.peer = backend
+
+    async def _forward_cancel(self, packet: bytes) -> None:
+        """Cancel keys are the backend's own (we pass BackendKeyData through), so any
+        worker can forward a CancelRequest straight to PostgreSQL."""
+        try:
+            endpoint, _ = await self._open_backend()
+        except SessionError:
+            return
+        endpoint.write(packet)
+        endpoint.close()
+
+    # -- authentication ---------------------------------------------------------------
+    async def _read_backend(self) -> tuple[int, bytes]:
+        assert self.backend is not None
+        return await self.backend.read_message(1 << 30)
+
+    async def _read_client(self) -> tuple[int, bytes]:
+        return await self.client.read_message(self.settings.max_message_size)
+
+    async def _read_client_password_message(self) -> bytes:
+        t, body = await self._read_client()
+        if t != ord("p"):
+            raise ProtocolError(f"expected an authentication response, got message type {chr(t)!r}")
+        return body
+
+    def _backend_error(self, body: bytes) -> None:
+        """Forward PostgreSQL's own ErrorResponse (e.g. 28P01) and end the session."""
+        self.client.write(frame(b"E", body))
+        raise BackendRefused("backend refused the session")
+
+    async def _authenticate_relay(self, startup: StartupMessage) -> None:
+        """PostgreSQL authenticates the client; we carry the messages both ways.
+
+        SCRAM-SHA-256-PLUS is removed from the offer: channel binding binds the
+        client's TLS session, which we terminate, so it can never verify.
+        """
+        assert self.backend is not None
+        self.backend.write(startup.encode())
+        while True:
+            t, body = await self._read_backend()
+            if t == ord("E"):
+                self._backend_error(body)
+            if t == ord("v"):  # NegotiateProtocolVersion: the client decides
+                self.client.write(frame(b"v", body))
+                continue
+            if t != ord("R"):
+                raise ProtocolError(f"unexpected message {chr(t)!r} from the server during authentication")
+            code = _unpack_i32(body)[0]
+            if code == 0:
+                self.client.write(frame(b"R", body))
+                return
+            if code == 10:
+                offer = AuthenticationSASL.decode(body)
+                mechanisms = tuple(m for m in offer.mechanisms if m != _SCRAM_PLUS)
+                self.client.write(AuthenticationSASL(mechanisms).encode())
+                answer = await self._read_client_password_message()
+                initial = SASLInitialResponse.decode(answer)
+                if initial.data and initial.data[:1] == b"y" and self.backend_tls:
+                    raise SessionError(
+                        "28000",
+                        "SCRAM cannot be relayed when both legs use TLS",
+                        "The client supports channel binding, which a TLS-terminating proxy cannot "
+                        "pass on, and PostgreSQL would reject the exchange as a downgrade. Use "
+                        "auth_mode=scram (pgcloak authenticates the client), or disable TLS on one leg.",
+                    )
+                self.backend.write(frame(b"p", answer))
+                continue
+            self.client.write(frame(b"R", body))
+            if code in _AUTH_NEEDS_RESPONSE:
+                self.backend.write(frame(b"p", await self._read_client_password_message()))
+
+    async def _authenticate_scram(self, startup: StartupMessage) -> None:
+        """pgcloak runs SCRAM with the client, then logs in to PostgreSQL with the
+        ClientKey recovered from the client's proof, as PgBouncer does."""
+        assert self.backend is not None
+        verifier = await self.server.verifiers.lookup(self.user)
+        known = verifier is not None
+        if verifier is None:
+            # A mock exchange (stable fake salt, certain failure), as PostgreSQL does,
+            # so the answer does not reveal which roles exist.
+            verifier = ScramVerifier.mock(self.user, self.server.mock_secret)
+        binding = self.server.tls.client_channel_binding if self.client_tls else None
+        scram = ScramServer(verifier, binding, doomed=not known)
+        self.client.write(AuthenticationSASL(tuple(scram.mechanisms())).encode())
+        initial = SASLInitialResponse.decode(await self._read_client_password_message())
+        data = initial.data
+        if data is None:
+            # No initial response: ask for it with an empty challenge, as PostgreSQL does.
+            self.client.write(AuthenticationSASLContinue(b"").encode())
+            data = SASLResponse.decode(await self._read_client_password_message()).data
+        first = scram.handle_client_first(initial.mechanism, data)
+        self.client.write(AuthenticationSASLContinue(first).encode())
+        response = SASLResponse.decode(await self._read_client_password_message())
+        try:
+            final = scram.handle_client_final(response.data)
+        except ScramError as exc:
+            if exc.sqlstate == "28P01":
+                raise SessionError("28P01", f'password authentication failed for user "{self.user}"') from None
+            raise
+        await self._backend_login_with_client_key(startup, scram.client_key, verifier)
+        self.client.write(AuthenticationSASLFinal(final).encode() + AuthenticationOk().encode())
+
+    async def _backend_login_with_client_key(
+        self, startup: StartupMessage, client_key: bytes, verifier: ScramVerifier
+    ) -> None:
+        assert self.backend is not None
+        self.backend.write(startup.encode())
+        scram: ScramClient | None = None
+        while True:
+            t, body = await self._read_backend()
+            if t == ord("E"):
+                self._backend_error(body)
+            if t != ord("R"):
+                raise ProtocolError(f"unexpected message {chr(t)!r} from the server during authentication")
+            code = _unpack_i32(body)[0]
+            if code == 0:
+                return
+            if code == 10:
+                offer = AuthenticationSASL.decode(body)
+                binding = None
+                if self.backend_tls and _SCRAM_PLUS in offer.mechanisms:
+                    binding = self._backend_channel_binding()
+                scram = ScramClient(
+                    client_key=client_key,
+                    server_key=verifier.server_key,
+                    channel_binding=binding,
+                    use_plus=binding is not None,
+                )
+                mechanism, data = scram.client_first()
+                self.backend.write(SASLInitialResponse(mechanism, data).encode())
+            elif code == 11 and scram is not None:
+                data = AuthenticationSASLContinue.decode(body).data
+                self.backend.write(SASLResponse(scram.handle_server_first(data)).encode())
+            elif code == 12 and scram is not None:
+                scram.handle_server_final(AuthenticationSASLFinal.decode(body).data)
+            else:
+                raise SessionError(
+                    "28000",
+                    f"PostgreSQL asked for {_AUTH_NAMES.get(code, str(code))} authentication, "
+                    "but auth_mode=scram can only log in with scram-sha-256",
+                    "Store the role's password as SCRAM-SHA-256 and use scram-sha-256 in pg_hba.conf.",
+                )
+
+    def _backend_channel_binding(self) -> bytes | None:
+        from pgcloak.session.scram import tls_server_end_point
+
+        assert self.backend is not None and self.backend.transport is not None
+        sslobj = self.backend.transport.get_extra_info("ssl_object")
+        cert = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        return tls_server_end_point(cert) if cert else None
+
+    async def _until_ready(self) -> None:
+        """Forward ParameterStatus, BackendKeyData and notices until ReadyForQuery."""
+        while True:
+            t, body = await self._read_backend()
+            self.client.write(frame(bytes((t,)), body))
+            if t == ord("Z"):
+                return
+            if t == ord("E"):
+                raise BackendRefused("backend refused the session")
+
+    # -- relay --------------------------------------------------------------------------
+    def _enter_relay(self) -> None:
+        assert self.backend is not None
+        self.ready = True
+        log.info(
+            "session ready",
+            extra={
+                "session": self.id,
+                "user": self.user,
+                "database": self.database,
+                "application_name": self.application_name,
+                "client": self.client_addr,
+                "client_tls": self.client_tls,
+                "backend_tls": self.backend_tls,
+            },
+        )
+        self.client.relay = self._relay_client
+        self.backend.relay = self._relay_backend
+        if self.backend.has_pending():
+            self._relay_backend(self.backend.pending())
+        if self.client.has_pending():
+            self._relay_client(self.client.pending())
+        if self.client.closed:
+            self._lost(self.client, None)
+
+    def _relay_client(self, data: bytes) -> None:
+        self.bytes_from_client += len(data)
+        try:
+            segments = self._c2b.feed(data)
+        except ProtocolError as exc:
+            self._protocol_violation(exc)
+            return
+        backend = self.backend
+        assert backend is not None and backend.transport is not None
+        if segments is None:
+            backend.transport.write(data)
+        else:
+            self._client_segments(segments)
+
+    def _client_segments(self, segments: list[Segment]) -> None:
+        assert self.backend is not None and self.backend.transport is not None
+        write = self.backend.transport.write
+        for _kind, chunk in segments:
+            write(chunk)
+
+    def _relay_backend(self, data: bytes) -> None:
+        self.bytes_from_backend += len(data)
+        segments = self._b2c.feed(data)
+        transport = self.client.transport
+        assert transport is not None
+        if segments is None:
+            transport.write(data)
+        else:
+            for _kind, chunk in segments:
+                transport.write(chunk)
+
+    def _protocol_violation(self, exc: ProtocolError) -> None:
+        log.info("protocol violation", extra={"session": self.id, "sqlstate": exc.sqlstate, "reason": exc.message})
+        self._fatal(exc.sqlstate, exc.message)
+        if self.backend is not None:
+            # The client's stream is unusable; the backend may be mid-message from it.
+            self.backend.abort()
+        self._finish("protocol violation")
