@@ -68,6 +68,19 @@ class ProxyServer:
             )
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
 
+    def reload(self) -> None:
+        """SIGHUP: re-read certificate and user files; a failure keeps the old ones."""
+        try:
+            tls = build_tls(self.settings)
+            verifiers = VerifierSource(self.settings, tls.backend)
+        except Exception as exc:
+            log.error("reload failed, keeping the previous files", extra={"error": str(exc)})
+            return
+        self.tls, old = tls, self.verifiers
+        self.verifiers = verifiers
+        asyncio.get_running_loop().create_task(old.close())
+        log.info("reloaded")
+
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish, then end the rest with 57P01."""
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
@@ -158,20 +171,14 @@ def _run_worker(settings: Settings, sock: socket.socket | None, on_ready: Callab
         server = ProxyServer(settings)
         if sock is not None:
             sock.listen(1024)
-        started = asyncio.Event()
-
-        async def announce() -> None:
-            await started.wait()
-            if on_ready is not None:
-                on_ready(server.port)
-
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload)
         await server.start(sock)
-        started.set()
-        await announce()
+        if on_ready is not None:
+            on_ready(server.port)
         await stop.wait()
         log.info("shutdown requested")
         await server.shutdown()

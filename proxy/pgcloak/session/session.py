@@ -27,12 +27,14 @@ from pgcloak.wire.messages import (
     AuthenticationSASL,
     AuthenticationSASLContinue,
     AuthenticationSASLFinal,
+    NegotiateProtocolVersion,
     SASLInitialResponse,
     SASLResponse,
     error_response,
 )
 from pgcloak.wire.splitter import Segment, Splitter
 from pgcloak.wire.startup import (
+    PROTOCOL_3_0,
     CancelRequest,
     GSSENCRequest,
     SSLRequest,
@@ -242,7 +244,17 @@ class Session:
                     raise SessionError("53300", "sorry, too many clients already")
                 self.server.authenticated += 1
                 self._counted = True
-                return msg
+                return self._settle_protocol(msg)
+
+    def _settle_protocol(self, msg: StartupMessage) -> StartupMessage:
+        """pgcloak speaks protocol 3.0 on both legs: a client asking for a newer minor
+        version or ``_pq_.`` extensions is told so, as PostgreSQL itself would."""
+        extensions = tuple(k for k in msg.params if k.startswith("_pq_."))
+        if msg.protocol == PROTOCOL_3_0 and not extensions:
+            return msg
+        self.client.write(NegotiateProtocolVersion(0, extensions).encode())
+        params = {k: v for k, v in msg.params.items() if not k.startswith("_pq_.")}
+        return StartupMessage(params, PROTOCOL_3_0)
 
     async def _upgrade_client(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
@@ -340,9 +352,6 @@ class Session:
             t, body = await self._read_backend()
             if t == ord("E"):
                 self._backend_error(body)
-            if t == ord("v"):  # NegotiateProtocolVersion: the client decides
-                self.client.write(frame(b"v", body))
-                continue
             if t != ord("R"):
                 raise ProtocolError(f"unexpected message {chr(t)!r} from the server during authentication")
             code = _unpack_i32(body)[0]
