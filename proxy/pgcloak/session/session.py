@@ -56,6 +56,7 @@ _TERMINATE = b"X\x00\x00\x00\x04"
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
 _AUTH_NAMES = {3: "password", 5: "md5", 7: "gss", 8: "gss", 9: "sspi", 10: "sasl", 11: "sasl"}
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+_MAX_AUTH_MESSAGE = 65535 + 4
 
 
 class SessionError(Exception):
@@ -327,7 +328,9 @@ class Session:
         return await self.backend.read_message(1 << 30)
 
     async def _read_client(self) -> tuple[int, bytes]:
-        return await self.client.read_message(self.settings.max_message_size)
+        # Before authentication only small messages are legitimate (PostgreSQL's
+        # PG_MAX_AUTH_TOKEN_LENGTH), so an anonymous client cannot make us buffer more.
+        return await self.client.read_message(_MAX_AUTH_MESSAGE)
 
     async def _read_client_password_message(self) -> bytes:
         t, body = await self._read_client()

@@ -58,7 +58,7 @@ def iter_messages(
     while pos + 5 <= stop:
         length = _unpack_len(buf, pos + 1)[0]
         nxt = pos + 1 + length
-        if nxt > stop:
+        if length < 4 or nxt > stop:
             return
         yield buf[pos], pos + 5, nxt
         pos = nxt
