@@ -46,6 +46,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(listen=args.listen, backend=args.backend, keep=args.keep_data)
 
 
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    from pgcloak.policy import PolicyError, load_policy
+
+    status = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            print(str(exc), file=sys.stderr)
+            status = 1
+            continue
+        tables = ", ".join(sorted(policy.protected_tables())) or "none"
+        print(f"{path}: OK (protected tables: {tables}; fingerprint {policy.fingerprint[:12]})")
+    return status
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    from pgcloak.policy import schema_json
+
+    sys.stdout.write(schema_json())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgcloak", description="PostgreSQL privacy proxy")
     parser.add_argument("--version", action="version", version=f"pgcloak {__version__}")
@@ -65,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep-data", action="store_true", help="do not delete the throwaway server's data")
     demo.set_defaults(func=cmd_demo)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command", required=True)
+    validate = policy.add_parser("validate", help="check policy files; errors give file:line:column")
+    validate.add_argument("files", nargs="+", type=Path)
+    validate.set_defaults(func=cmd_policy_validate)
+    schema = policy.add_parser("schema", help="print the policy JSON Schema")
+    schema.set_defaults(func=cmd_policy_schema)
     return parser
 
 
