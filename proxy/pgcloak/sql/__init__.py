@@ -1,1 +1,45 @@
-"""pgcloak.sql."""
+"""pgcloak.sql: statement text -> :class:`Plan` (pure; sqlglot, stdlib and policy only).
+
+See :mod:`pgcloak.sql.planner` for the flow and :mod:`pgcloak.sql.analyze` for what is
+supported on protected columns and why everything else is refused (SQLSTATE 0A000).
+
+Not visible to a proxy, so not covered: functions, procedures, triggers, rules and
+column DEFAULTs that read or write protected columns from their own bodies; DDL
+(``ALTER TABLE ... USING``); ``SET search_path`` (unqualified names are ``public``).
+"""
+
+from pgcloak.sql.lexer import quote_literal
+from pgcloak.sql.plan import (
+    PASS,
+    AuditFacts,
+    Decision,
+    ExecuteCall,
+    Literal,
+    Plan,
+    ValueAction,
+)
+from pgcloak.sql.planner import (
+    Planner,
+    explain_text,
+    fingerprint,
+    names_protected_table,
+    needs_parse,
+    resolve_execute,
+)
+
+__all__ = [
+    "PASS",
+    "AuditFacts",
+    "Decision",
+    "ExecuteCall",
+    "Literal",
+    "Plan",
+    "Planner",
+    "ValueAction",
+    "explain_text",
+    "fingerprint",
+    "names_protected_table",
+    "needs_parse",
+    "quote_literal",
+    "resolve_execute",
+]

@@ -1,0 +1,821 @@
+"""Analysis of one parsed statement: which values meet which protected columns.
+
+The rule is fail-closed: every reference to a protected column must sit in a
+context listed here (projection, equality with a value or with a column of the
+same blind-index key, ``IN`` list, ``= ANY``, ``IS [NOT] NULL``, ``count()``, an
+INSERT/UPDATE target). Any other use is refused with the column and the reason,
+because it would either run against ciphertext (wrong answers) or write plaintext.
+
+Name resolution has no catalog: unqualified table names mean schema ``public``
+(the default ``search_path``), and an unqualified column is attributed to the one
+table of its scope that the policy protects under that name (two candidates: the
+statement is refused and asked to qualify the column).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from sqlglot import exp
+
+from pgcloak.policy import ColumnPolicy, Policy
+from pgcloak.sql.plan import ValueAction
+
+DEFAULT_SCHEMA = "public"
+NUM_BASE = 739_100_000_000_000
+_STR_SLOT = re.compile(r"@pgcloak:(\d+)@\Z")
+
+ValueRef = tuple[str, int]  # ("p", n) for $n, ("s", i) for literal slot i
+
+
+def string_placeholder(slot: int) -> str:
+    return f"'@pgcloak:{slot}@'"
+
+
+def number_placeholder(slot: int) -> str:
+    return str(NUM_BASE + slot)
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """A protected column a value or expression comes from."""
+
+    table: str
+    column: str
+    policy: ColumnPolicy
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}.{self.column}"
+
+
+class _Ambiguous:
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+
+@dataclass
+class Source:
+    """A FROM item: a table (``table`` set) or a derived one (``cols``: name -> origin)."""
+
+    table: str | None = None
+    cols: dict[str, Origin | None] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    """Everything found in one statement; the planner merges these."""
+
+    kind: str = "other"
+    actions: dict[ValueRef, ValueAction] = field(default_factory=dict)
+    edits: list[tuple[int, int, str]] = field(default_factory=list)
+    denials: list[str] = field(default_factory=list)
+    tables: set[str] = field(default_factory=set)
+    read: set[str] = field(default_factory=set)
+    written: set[str] = field(default_factory=set)
+    touches: bool = False
+    max_param: int = 0
+
+
+def canon(ident: exp.Expression | str | None) -> str:
+    """PostgreSQL folding: unquoted names to lowercase, quoted names as written."""
+    if ident is None:
+        return ""
+    if isinstance(ident, str):
+        return ident.lower()
+    if isinstance(ident, exp.Identifier):
+        name = str(ident.this)
+        return name if ident.quoted else name.lower()
+    return ident.name.lower()
+
+
+def value_ref(node: exp.Expression | None) -> ValueRef | None:
+    """A parameter or literal slot, possibly in parentheses or cast; else None."""
+    while isinstance(node, (exp.Paren, exp.Cast)):
+        node = node.this
+    if isinstance(node, exp.Parameter | exp.Placeholder):
+        inner = node.this
+        if isinstance(inner, exp.Literal) and not inner.is_string and str(inner.this).isdigit():
+            return ("p", int(str(inner.this)))
+        return None
+    if isinstance(node, exp.Literal):
+        text = str(node.this)
+        if node.is_string:
+            m = _STR_SLOT.match(text)
+            return ("s", int(m.group(1))) if m else None
+        if text.isdigit() and int(text) >= NUM_BASE:
+            return ("s", int(text) - NUM_BASE)
+    return None
+
+
+def _unparen(node: exp.Expression | None) -> exp.Expression | None:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    return node
+
+
+def _is_null(node: exp.Expression | None) -> bool:
+    node = _unparen(node)
+    while isinstance(node, exp.Cast):
+        node = _unparen(node.this)
+    return isinstance(node, exp.Null)
+
+
+def _is_default(node: exp.Expression | None) -> bool:
+    node = _unparen(node)
+    return isinstance(node, exp.Var | exp.Column) and node.name.upper() == "DEFAULT" and not (
+        isinstance(node, exp.Column) and (node.table or node.this.quoted)
+    )
+
+
+_SCOPE_TYPES = (exp.Select, exp.Update, exp.Delete, exp.Insert, exp.SetOperation, exp.Merge)
+_RANGE = (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Between)
+_PATTERN = (exp.Like, exp.ILike, exp.RegexpLike, exp.RegexpILike, exp.SimilarTo)
+
+
+class Analyzer:
+    """Analyzes one statement tree (parsed from ``text``, positions in ``text``)."""
+
+    def __init__(self, policy: Policy, index_length: int, text: str) -> None:
+        self.policy = policy
+        self.n = index_length
+        self.text = text
+        self.out = Analysis()
+        self._scopes: dict[int, dict[str, Source]] = {}
+        self._derived: dict[int, dict[str, Origin | None]] = {}
+        self._in_progress: set[int] = set()
+
+    # -- entry ----------------------------------------------------------------------
+
+    def run(self, tree: exp.Expr) -> Analysis:
+        self.out.kind = _kind_of(tree)
+        for table in tree.find_all(exp.Table):
+            q = self._table_name(table)
+            if q is not None and not self._is_cte_name(table):
+                self.out.tables.add(q)
+        for node in tree.find_all(exp.Parameter, exp.Placeholder):
+            ref = value_ref(node)
+            if ref is not None:
+                self.out.max_param = max(self.out.max_param, ref[1])
+        if isinstance(tree, exp.Merge):
+            self._merge(tree)
+            return self.out
+        for ins in tree.find_all(exp.Insert):
+            self._insert(ins)
+        for sel in tree.find_all(exp.Select):
+            self._select_checks(sel)
+        for col in list(tree.find_all(exp.Column)):
+            self._column(col)
+        for star in tree.find_all(exp.Star):
+            self._star(star)
+        return self.out
+
+    def deny(self, message: str) -> None:
+        if message not in self.out.denials:
+            self.out.denials.append(message)
+
+    # -- names and scopes ------------------------------------------------------------
+
+    def _table_name(self, table: exp.Table) -> str | None:
+        if not isinstance(table.this, exp.Identifier):
+            return None
+        schema = canon(table.args.get("db")) or DEFAULT_SCHEMA
+        return f"{schema}.{canon(table.this)}"
+
+    def _cte_map(self, node: exp.Expression) -> dict[str, exp.CTE]:
+        """CTEs visible at ``node``: those of every enclosing WITH (inner ones win)."""
+        ctes: dict[str, exp.CTE] = {}
+        chain: list[exp.Expr] = []
+        cur: exp.Expr | None = node
+        while cur is not None:
+            chain.append(cur)
+            cur = cur.parent
+        for anc in reversed(chain):
+            with_ = anc.args.get("with_") or anc.args.get("with")
+            if isinstance(with_, exp.With):
+                for cte in with_.expressions:
+                    alias = cte.args.get("alias") if isinstance(cte, exp.CTE) else None
+                    if isinstance(cte, exp.CTE) and isinstance(alias, exp.TableAlias):
+                        ctes[canon(alias.this)] = cte
+        return ctes
+
+    def _is_cte_name(self, table: exp.Table) -> bool:
+        if table.args.get("db"):
+            return False
+        return canon(table.this) in self._cte_map(table)
+
+    def _source_of_table(self, table: exp.Table) -> Source:
+        if not table.args.get("db"):
+            cte = self._cte_map(table).get(canon(table.this))
+            if cte is not None and cte.this is not table:
+                return Source(cols=self._outputs(cte.this, cte))
+        q = self._table_name(table)
+        return Source(table=q)
+
+    def _alias_of(self, node: exp.Expression, default: str) -> str:
+        alias = node.args.get("alias")
+        if isinstance(alias, exp.TableAlias) and alias.this is not None:
+            return canon(alias.this)
+        return default
+
+    def _from_item(self, item: object, sources: dict[str, Source]) -> None:
+        if not isinstance(item, exp.Expression):
+            return
+        if isinstance(item, exp.From | exp.Join):
+            self._from_item(item.this, sources)
+            return
+        if isinstance(item, exp.Table):
+            if isinstance(item.this, exp.Identifier):
+                src = self._source_of_table(item)
+                sources[self._alias_of(item, canon(item.this))] = src
+                if src.table is not None and not item.args.get("alias"):
+                    sources[src.table] = src  # public.users.email
+            return
+        if isinstance(item, exp.Subquery):
+            cols = self._outputs(item.this, item)
+            sources[self._alias_of(item, f"#sub{id(item)}")] = Source(cols=cols)
+            return
+        # VALUES lists, functions, lateral: unknown columns, never protected
+        sources[self._alias_of(item, f"#item{id(item)}")] = Source()
+
+    def _sources(self, scope: exp.Expression) -> dict[str, Source]:
+        found = self._scopes.get(id(scope))
+        if found is not None:
+            return found
+        sources: dict[str, Source] = {}
+        self._scopes[id(scope)] = sources
+        if isinstance(scope, exp.Select):
+            self._from_item(scope.args.get("from_") or scope.args.get("from"), sources)
+            for join in scope.args.get("joins") or ():
+                self._from_item(join, sources)
+        elif isinstance(scope, exp.Update | exp.Delete):
+            self._from_item(scope.this, sources)
+            extra = scope.args.get("from_") or scope.args.get("from") or scope.args.get("using")
+            if isinstance(extra, list):
+                for item in extra:
+                    self._from_item(item, sources)
+            else:
+                self._from_item(extra, sources)
+            for join in scope.args.get("joins") or ():
+                self._from_item(join, sources)
+        elif isinstance(scope, exp.Insert):
+            target = scope.this.this if isinstance(scope.this, exp.Schema) else scope.this
+            if isinstance(target, exp.Table):
+                self._from_item(target, sources)
+                sources["excluded"] = Source(table=self._table_name(target))
+        elif isinstance(scope, exp.SetOperation):
+            sources[""] = Source(cols=self._outputs(scope, scope))
+        return sources
+
+    def _outputs(self, query: exp.Expression | None, key: exp.Expression) -> dict[str, Origin | None]:
+        """Output columns of a derived table (subquery, CTE, RETURNING of a DML CTE)."""
+        if query is None:
+            return {}
+        if id(key) in self._derived:
+            return self._derived[id(key)]
+        if id(key) in self._in_progress:  # WITH RECURSIVE referring to itself
+            return {}
+        self._in_progress.add(id(key))
+        try:
+            cols: dict[str, Origin | None] = {}
+            q = _unparen(query)
+            if isinstance(q, exp.Subquery):
+                q = q.this
+            while isinstance(q, exp.SetOperation):
+                q = q.this
+            projections: list[exp.Expression] = []
+            scope: exp.Expression | None = None
+            if isinstance(q, exp.Select):
+                projections, scope = list(q.expressions), q
+            elif isinstance(q, exp.Insert | exp.Update | exp.Delete):
+                ret = q.args.get("returning")
+                projections = list(ret.expressions) if isinstance(ret, exp.Returning) else []
+                scope = q
+            for proj in projections:
+                name = proj.alias_or_name
+                inner = proj.this if isinstance(proj, exp.Alias) else proj
+                if isinstance(inner, exp.Star) or (
+                    isinstance(inner, exp.Column) and isinstance(inner.this, exp.Star)
+                ):
+                    if scope is not None:
+                        for src in self._star_sources(inner, scope):
+                            cols.update(self._source_columns(src))
+                    continue
+                origin: Origin | None = None
+                if isinstance(inner, exp.Column):
+                    found = self._resolve(inner)
+                    origin = found if isinstance(found, Origin) else None
+                cols[canon(name) if isinstance(proj, exp.Alias) else canon(_ident_of(proj, name))] = origin
+            alias = key.args.get("alias") if isinstance(key, exp.CTE | exp.Subquery) else None
+            if isinstance(alias, exp.TableAlias) and alias.columns:
+                renamed = list(cols.values())
+                cols = {
+                    canon(c): (renamed[i] if i < len(renamed) else None)
+                    for i, c in enumerate(alias.columns)
+                }
+            self._derived[id(key)] = cols
+            return cols
+        finally:
+            self._in_progress.discard(id(key))
+
+    def _source_columns(self, src: Source) -> dict[str, Origin | None]:
+        if src.table is not None:
+            return {
+                c: Origin(src.table, c, p) for c, p in self.policy.columns_of(src.table).items()
+            }
+        return dict(src.cols)
+
+    def _star_sources(self, star: exp.Expression, scope: exp.Expression) -> list[Source]:
+        sources = self._sources(scope)
+        if isinstance(star, exp.Column) and star.table:
+            src = sources.get(canon(star.args.get("table")))
+            return [src] if src is not None else []
+        seen: list[Source] = []
+        for src in sources.values():
+            if all(src is not s for s in seen):
+                seen.append(src)
+        return seen
+
+    def _scope_chain(self, node: exp.Expression) -> Iterator[exp.Expression]:
+        cur = node.parent
+        while cur is not None:
+            if isinstance(cur, _SCOPE_TYPES):
+                yield cur
+            cur = cur.parent
+
+    def _resolve(self, col: exp.Column) -> Origin | _Ambiguous | None:
+        name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
+        if not name:
+            return None
+        qual = canon(col.args.get("table")) if col.args.get("table") else ""
+        if col.args.get("db"):
+            qual = f"{canon(col.args.get('db'))}.{qual}"
+        for scope in self._scope_chain(col):
+            sources = self._sources(scope)
+            if qual:
+                src = sources.get(qual)
+                if src is None:
+                    continue
+                return self._lookup(src, name)
+            candidates: list[Origin] = []
+            plain_derived = False
+            for key, src in sources.items():
+                if key == "excluded" and isinstance(scope, exp.Insert):
+                    continue  # only reachable qualified
+                if src.table is None and name in src.cols:
+                    origin = src.cols[name]
+                    if origin is None:
+                        plain_derived = True
+                    else:
+                        candidates.append(origin)
+                elif src.table is not None:
+                    found = self._lookup(src, name)
+                    if isinstance(found, Origin):
+                        candidates.append(found)
+            candidates = list({c.name: c for c in candidates}.values())
+            if len(candidates) == 1 and not plain_derived:
+                return candidates[0]
+            if len(candidates) > 1:
+                return _Ambiguous([c.name for c in candidates])
+            if plain_derived:
+                return None
+        return None
+
+    def _lookup(self, src: Source, name: str) -> Origin | None:
+        if src.table is not None:
+            pol = self.policy.column(src.table, name)
+            return Origin(src.table, name, pol) if pol is not None else None
+        return src.cols.get(name)
+
+    # -- actions and edits ---------------------------------------------------------------
+
+    def _action(self, kind: str, origin: Origin, *, array: bool = False) -> ValueAction:
+        p = origin.policy
+        has_index = p.index is not None
+        return ValueAction(
+            kind,  # type: ignore[arg-type]
+            origin.table,
+            origin.column,
+            self.policy.key_id(origin.table, origin.column) if p.encrypt else None,
+            self.policy.index_key_id(origin.table, origin.column) if has_index else None,
+            p.normalize,
+            p.encrypt,
+            has_index,
+            p.hash_only,
+            array,
+        )
+
+    def _set(self, ref: ValueRef, action: ValueAction) -> None:
+        old = self.out.actions.get(ref)
+        if old is not None and old != action:
+            what = f"${ref[1]}" if ref[0] == "p" else "a literal"
+            self.deny(
+                f"{what} is used for both {old.table}.{old.column} ({old.kind}) and "
+                f"{action.table}.{action.column} ({action.kind}); use separate parameters"
+            )
+            return
+        self.out.actions[ref] = action
+
+    def _wrap(self, col: exp.Column, origin: Origin, *, conflict: bool = False) -> None:
+        """Compare on the blind-index prefix: ``col`` -> ``left(col, N)``."""
+        if origin.policy.hash_only:
+            return  # the stored value is the index itself
+        span = _span(col)
+        if span is None:
+            self.deny(f"internal: no source position for {origin.name}; statement refused")
+            return
+        s, e = span
+        inner = f"left({self.text[s:e]}, {self.n})"
+        self.out.edits.append((s, e, f"({inner})" if conflict else inner))
+
+    def _lookup_value(self, node: exp.Expression | None, origin: Origin, col: exp.Column) -> bool:
+        """``col = node``: node must be a value or NULL. True when handled."""
+        if _is_null(node):
+            return True
+        ref = value_ref(node)
+        if ref is None:
+            return False
+        if not self._indexed(origin, "an equality lookup"):
+            return True
+        self._set(ref, self._action("lookup", origin))
+        self._wrap(col, origin)
+        return True
+
+    def _indexed(self, origin: Origin, what: str) -> bool:
+        if origin.policy.index is None:
+            self.deny(
+                f"{what} on {origin.name} is not possible: the column is encrypted without a "
+                "blind index (add 'index: exact' to its policy)"
+            )
+            return False
+        return True
+
+    # -- per-node checks -------------------------------------------------------------------
+
+    def _column(self, col: exp.Column) -> None:
+        if isinstance(col.this, exp.Star):
+            return
+        is_target, found = self._set_target(col)
+        if not is_target:
+            found = self._resolve(col)
+        if isinstance(found, _Ambiguous):
+            self.deny(
+                f"column {col.name} is ambiguous between protected columns "
+                f"{', '.join(sorted(set(found.names)))}: qualify it with its table"
+            )
+            return
+        if found is None:
+            return
+        origin = found
+        self.out.touches = True
+        node: exp.Expr = col
+        parent = col.parent
+        while isinstance(parent, exp.Paren):
+            node, parent = parent, parent.parent
+        why = self._use(col, node, parent, origin)
+        if why is not None:
+            self.deny(f"{why} on protected column {origin.name} is not supported: {_reason(why)}")
+
+    def _set_target(self, col: exp.Column) -> tuple[bool, Origin | _Ambiguous | None]:
+        """SET col = ... in UPDATE or ON CONFLICT DO UPDATE: the target table's column."""
+        parent = col.parent
+        if not (isinstance(parent, exp.EQ) and parent.this is col):
+            return False, None
+        holder = parent.parent
+        if isinstance(holder, exp.Update) and parent in holder.expressions:
+            target = holder.this
+        elif isinstance(holder, exp.OnConflict) and parent in holder.expressions:
+            ins = holder.parent
+            target = ins.this.this if isinstance(ins, exp.Insert) and isinstance(ins.this, exp.Schema) else (
+                ins.this if isinstance(ins, exp.Insert) else None
+            )
+        else:
+            return False, None
+        if not isinstance(target, exp.Table):
+            return False, None
+        q = self._table_name(target)
+        if q is None:
+            return False, None
+        pol = self.policy.column(q, canon(col.this))
+        return True, (Origin(q, canon(col.this), pol) if pol is not None else None)
+
+    def _use(
+        self, col: exp.Column, node: exp.Expr, parent: exp.Expr | None, origin: Origin
+    ) -> str | None:
+        """Handle one reference in its context; return a reason when it is refused."""
+        if parent is None:
+            return "a bare reference"
+        # projection (SELECT list, RETURNING)
+        if (
+            isinstance(parent, exp.Alias)
+            and isinstance(parent.parent, exp.Select | exp.Returning)
+            and parent in parent.parent.expressions
+        ):
+            self.out.read.add(origin.name)
+            return None
+        if isinstance(parent, exp.Select | exp.Returning) and node in parent.expressions:
+            self.out.read.add(origin.name)
+            return None
+        if isinstance(parent, exp.Is):
+            return None
+        if isinstance(parent, exp.Count):
+            return None
+        if isinstance(parent, exp.Ordered) and isinstance(parent.parent, exp.OnConflict):
+            if self._indexed(origin, "ON CONFLICT"):
+                self._wrap(col, origin, conflict=True)
+            return None
+        if isinstance(parent, exp.EQ | exp.NEQ | exp.NullSafeEQ | exp.NullSafeNEQ):
+            return self._comparison(col, node, parent, origin)
+        if isinstance(parent, exp.In) and parent.this is node:
+            if parent.args.get("query") is not None or parent.args.get("unnest") is not None:
+                return "IN (subquery)"
+            if not self._indexed(origin, "IN"):
+                return None
+            for item in parent.expressions:
+                if _is_null(item):
+                    continue
+                ref = value_ref(item)
+                if ref is None:
+                    return f"IN with {item.sql('postgres')}"
+                self._set(ref, self._action("lookup", origin))
+            self._wrap(col, origin)
+            return None
+        return _context_name(parent)
+
+    def _comparison(
+        self, col: exp.Column, node: exp.Expr, cmp: exp.Expr, origin: Origin
+    ) -> str | None:
+        holder = cmp.parent
+        if cmp.this is node and (
+            (isinstance(holder, exp.Update) and cmp in holder.expressions)
+            or (isinstance(holder, exp.OnConflict) and cmp in holder.expressions)
+        ):
+            return self._store(cmp.expression, origin, "UPDATE SET")
+        if cmp.expression is node and (
+            (isinstance(holder, exp.Update) and cmp in holder.expressions)
+            or (isinstance(holder, exp.OnConflict) and cmp in holder.expressions)
+        ):
+            return None  # the source of SET target = col, checked by _store
+        other = cmp.expression if cmp.this is node else cmp.this
+        other = _unparen(other)
+        if isinstance(other, exp.Any | exp.All):
+            inner = _unparen(other.this)
+            if not self._indexed(origin, "= ANY"):
+                return None
+            ref = value_ref(inner)
+            if ref is not None:
+                self._set(ref, self._action("lookup", origin, array=True))
+                self._wrap(col, origin)
+                return None
+            if isinstance(inner, exp.Array):
+                for item in inner.expressions:
+                    if _is_null(item):
+                        continue
+                    r = value_ref(item)
+                    if r is None:
+                        return f"ANY(ARRAY[...]) with {item.sql('postgres')}"
+                    self._set(r, self._action("lookup", origin))
+                self._wrap(col, origin)
+                return None
+            return "ANY/ALL over a subquery or expression"
+        if self._lookup_value(other, origin, col):
+            return None
+        if isinstance(other, exp.Column):
+            found = self._resolve(other)
+            if isinstance(found, Origin):
+                if not (self._indexed(origin, "a join") and self._indexed(found, "a join")):
+                    return None
+                if self.policy.index_key_id(origin.table, origin.column) != self.policy.index_key_id(
+                    found.table, found.column
+                ):
+                    return (
+                        f"comparison with {found.name} (a different blind-index key; put both "
+                        "columns in one join_group)"
+                    )
+                self._wrap(col, origin)
+                return None
+            if isinstance(found, _Ambiguous):
+                return None  # reported when that column is visited
+            return f"comparison with unprotected column {other.sql('postgres')}"
+        return f"comparison with {other.sql('postgres') if other is not None else 'nothing'}"
+
+    def _store(self, value: exp.Expression | None, origin: Origin, where: str) -> str | None:
+        """A value written into ``origin``: a parameter or literal (encrypted), NULL,
+        DEFAULT, or the same protected column (copying its stored form)."""
+        self.out.written.add(origin.name)
+        self.out.touches = True
+        if _is_null(value) or _is_default(value):
+            return None
+        ref = value_ref(value)
+        if ref is not None:
+            self._set(ref, self._action("store", origin))
+            return None
+        src = _unparen(value)
+        if isinstance(src, exp.Column):
+            found = self._resolve(src)
+            if isinstance(found, Origin) and _copyable(found, origin):
+                return None
+            source = found.name if isinstance(found, Origin) else src.sql("postgres")
+            return f"{where} copying from {source}"
+        return f"{where} with the expression {value.sql('postgres') if value else '?'}"
+
+    def _insert(self, ins: exp.Insert) -> None:
+        schema = ins.this
+        target = schema.this if isinstance(schema, exp.Schema) else schema
+        if not isinstance(target, exp.Table):
+            return
+        q = self._table_name(target)
+        if q is None or not self.policy.columns_of(q):
+            return
+        self.out.touches = True
+        body = ins.args.get("expression")
+        cols = [canon(c) for c in schema.expressions] if isinstance(schema, exp.Schema) else []
+        if not cols:
+            if body is not None or not ins.args.get("default"):
+                if body is None and not ins.args.get("default"):
+                    return
+                self.deny(
+                    f"INSERT into protected table {q} must name its columns: without the "
+                    "catalog pgcloak cannot tell which value goes to a protected column "
+                    f"(write INSERT INTO {q} (col, ...) VALUES ...)"
+                )
+            return
+        protected = [
+            (i, Origin(q, c, p)) for i, c in enumerate(cols) if (p := self.policy.column(q, c)) is not None
+        ]
+        if not protected:
+            return
+        body = _unparen(body)
+        if isinstance(body, exp.Values):
+            for row in body.expressions:
+                items = row.expressions if isinstance(row, exp.Tuple) else [row]
+                for i, origin in protected:
+                    value = items[i] if i < len(items) else None
+                    why = self._store(value, origin, "INSERT")
+                    if why is not None:
+                        self.deny(f"{why} into protected column {origin.name} is not supported: "
+                                  "a value for it must be a parameter, a literal, NULL or DEFAULT")
+            return
+        if isinstance(body, exp.Select):
+            projections = list(body.expressions)
+            if any(isinstance(p, exp.Star) or (isinstance(p, exp.Column) and isinstance(p.this, exp.Star)) for p in projections):
+                self.deny(f"INSERT ... SELECT * into protected table {q} is not supported: "
+                          "list the selected columns")
+                return
+            for i, origin in protected:
+                proj = projections[i] if i < len(projections) else None
+                value = proj.this if isinstance(proj, exp.Alias) else proj
+                why = self._store(value, origin, "INSERT ... SELECT")
+                if why is not None:
+                    self.deny(f"{why} into protected column {origin.name} is not supported: "
+                              "only a parameter, a literal or the same protected column can be stored")
+            return
+        if body is not None:
+            self.deny(f"INSERT into protected table {q} from {body.key.upper()} is not supported")
+        else:
+            for _i, origin in protected:
+                self.out.written.add(origin.name)
+
+    def _select_checks(self, sel: exp.Select) -> None:
+        for join in sel.args.get("joins") or ():
+            using = join.args.get("using")
+            if using:
+                for ident in using:
+                    name = canon(ident)
+                    for src in self._sources(sel).values():
+                        if isinstance(self._lookup(src, name), Origin):
+                            self.deny(
+                                f"JOIN ... USING ({name}) on protected column {name} is not "
+                                "supported: write ON a.col = b.col (columns of one join group)"
+                            )
+            if join.args.get("method") and str(join.args.get("method")).upper() == "NATURAL":
+                for src in self._sources(sel).values():
+                    if self._source_columns(src) and any(
+                        v is not None for v in self._source_columns(src).values()
+                    ):
+                        self.deny("NATURAL JOIN with a protected table is not supported: "
+                                  "write the join condition with ON")
+                        break
+        distinct = sel.args.get("distinct")
+        if isinstance(distinct, exp.Distinct) and distinct.args.get("on") is not None:
+            for col in distinct.args["on"].find_all(exp.Column):
+                found = self._resolve(col)
+                if isinstance(found, Origin):
+                    self.deny(f"DISTINCT ON on protected column {found.name} is not supported: "
+                              "ciphertexts of equal values differ")
+
+    def _star(self, star: exp.Star) -> None:
+        scope = next(self._scope_chain(star), None)
+        if scope is None:
+            return
+        parent = star.parent
+        holder = parent.parent if isinstance(parent, exp.Column) else parent
+        if not isinstance(holder, exp.Select | exp.Returning):
+            return
+        for src in self._star_sources(parent if isinstance(parent, exp.Column) else star, scope):
+            for origin in self._source_columns(src).values():
+                if origin is not None:
+                    self.out.touches = True
+                    self.out.read.add(origin.name)
+
+    def _merge(self, merge: exp.Merge) -> None:
+        protected = sorted(t for t in self.out.tables if self.policy.columns_of(t))
+        if protected:
+            self.out.touches = True
+            self.deny(
+                f"MERGE involving protected table {', '.join(protected)} is not supported: "
+                "use INSERT ... ON CONFLICT, UPDATE or DELETE"
+            )
+
+
+def _copyable(src: Origin, dst: Origin) -> bool:
+    """Copying a stored value is exact for the same column; hash-only columns sharing
+    one index key (a join group) also hold interchangeable values."""
+    if src.table == dst.table and src.column == dst.column:
+        return True
+    return (
+        src.policy.hash_only
+        and dst.policy.hash_only
+        and src.policy.join_group is not None
+        and src.policy.join_group == dst.policy.join_group
+    )
+
+
+def _ident_of(proj: exp.Expression, name: str) -> exp.Expression | str:
+    if isinstance(proj, exp.Column) and isinstance(proj.this, exp.Identifier):
+        return proj.this
+    return name
+
+
+def _span(col: exp.Column) -> tuple[int, int] | None:
+    starts: list[int] = []
+    ends: list[int] = []
+    for part in col.parts:
+        meta = part.meta if isinstance(part, exp.Identifier) else {}
+        if "start" not in meta or "end" not in meta:
+            return None
+        starts.append(int(meta["start"]))
+        ends.append(int(meta["end"]))
+    if not starts:
+        return None
+    return min(starts), max(ends) + 1
+
+
+def _context_name(parent: exp.Expr) -> str:
+    if isinstance(parent, exp.Ordered):
+        return "ORDER BY"
+    if isinstance(parent, exp.Group) or isinstance(parent.parent, exp.Group):
+        return "GROUP BY"
+    if isinstance(parent, _PATTERN):
+        return f"{parent.key.upper()} pattern matching"
+    if isinstance(parent, _RANGE):
+        return "a range comparison"
+    if isinstance(parent, exp.DPipe | exp.Concat | exp.ConcatWs):
+        return "concatenation"
+    if isinstance(parent, exp.Distinct):
+        return "DISTINCT"
+    if isinstance(parent, exp.Window) or isinstance(parent.parent, exp.Window):
+        return "a window PARTITION/ORDER"
+    if isinstance(parent, exp.Cast):
+        return "a cast"
+    if isinstance(parent, exp.Anonymous):
+        return f"function {parent.name}()"
+    if isinstance(parent, exp.Func):
+        return f"function {parent.sql_name().lower()}()"
+    if isinstance(parent, exp.Tuple):
+        return "a row/tuple expression"
+    return f"use in {parent.key.upper()}"
+
+
+def _reason(why: str) -> str:
+    if why.startswith("comparison"):
+        return "a protected column can only be compared with a parameter, a literal, NULL or a column of the same join group"
+    if why.startswith(("INSERT", "UPDATE")):
+        return "only a parameter, a literal, NULL, DEFAULT or the same protected column can be stored"
+    return "the database only holds ciphertext and an equality-only blind index for it"
+
+
+def _kind_of(tree: exp.Expr) -> str:
+    if isinstance(tree, exp.Insert):
+        return "insert"
+    if isinstance(tree, exp.Update):
+        return "update"
+    if isinstance(tree, exp.Delete):
+        return "delete"
+    if isinstance(tree, exp.Merge):
+        return "merge"
+    if isinstance(tree, exp.Query):
+        inner = tree
+        while isinstance(inner, exp.Subquery):
+            inner = inner.this
+        with_ = inner.args.get("with_") or inner.args.get("with")
+        if isinstance(inner, exp.Select) and isinstance(with_, exp.With):
+            for cte in with_.expressions:
+                if isinstance(cte.this, exp.Insert | exp.Update | exp.Delete):
+                    return _kind_of(cte.this)
+        return "select"
+    if isinstance(tree, exp.Create | exp.Drop | exp.Alter):
+        return "ddl"
+    return "other"

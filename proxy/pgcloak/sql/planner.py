@@ -1,0 +1,777 @@
+"""Planner: statement text -> cached :class:`Plan` (pure, no IO).
+
+Flow: :func:`needs_parse` (a regex over protected table names) keeps statements
+that cannot touch a protected table away from sqlglot entirely. Otherwise the text
+is tokenized, its literals become numbered slots, and the *shape* (text with slots
+blanked) is the cache key, so ``... = 'a'`` and ``... = 'b'`` share one plan. On a
+miss each statement is dispatched by its first keyword: wrappers (EXPLAIN,
+PREPARE, DECLARE, COPY (query)) plan their inner statement, queries go to sqlglot
+with slots replaced by recognisable placeholders, maintenance commands pass, and an
+opaque statement that names a protected table is refused (fail closed).
+
+Rewrites are splices into the original text (``email`` -> ``left(email, N)``), so
+everything else (comments, formatting, casts) reaches PostgreSQL exactly as written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+from sqlglot.tokenizer_core import Token, TokenType
+
+from pgcloak.policy import Policy
+from pgcloak.sql.analyze import (
+    Analysis,
+    Analyzer,
+    Origin,
+    number_placeholder,
+    string_placeholder,
+)
+from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, split_statements
+from pgcloak.sql.plan import (
+    ALLOW,
+    PASS,
+    AuditFacts,
+    ExecuteCall,
+    Literal,
+    Plan,
+    ValueAction,
+    deny,
+    pass_plan,
+)
+
+#: Number of statements handed to sqlglot's parser (tests assert the prefilter works).
+PARSE_CALLS = 0
+
+_PREFILTER_EXTRA = ("u&", "execute", "prepare", "deallocate")
+
+#: Statements that carry no values for a protected column (or cannot, as DDL):
+#: they pass without parsing. ``SET search_path`` is not followed (documented).
+_PASS_KEYWORDS = frozenset(
+    ["VACUUM", "ANALYZE", "ANALYSE", "LOCK", "REINDEX", "CLUSTER", "GRANT", "REVOKE", "COMMENT", "TRUNCATE", "DROP", "ALTER", "CHECKPOINT", "SET", "SHOW", "RESET", "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "FETCH", "MOVE", "CLOSE", "LOAD", "REFRESH", "SECURITY"]
+)
+_QUERY_KEYWORDS = frozenset(["SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "VALUES", "TABLE", "MERGE", "CREATE", "("])
+_DDL_KEYWORDS = frozenset(["CREATE", "ALTER", "DROP", "TRUNCATE", "COMMENT", "GRANT", "REVOKE", "REINDEX", "CLUSTER"])
+
+_prefilter_cache: dict[int, tuple[Policy, tuple[str, ...], re.Pattern[str]]] = {}
+
+
+def _patterns(policy: Policy) -> tuple[tuple[str, ...], re.Pattern[str]]:
+    """(lowercase needles for the prefilter, whole-word protected-name regex), per policy."""
+    found = _prefilter_cache.get(id(policy))
+    if found is not None and found[0] is policy:
+        return found[1], found[2]
+    names = sorted(policy.table_names_for_prefilter(), key=len, reverse=True)
+    needles = tuple(n.lower() for n in names) + _PREFILTER_EXTRA
+    alts = [re.escape(n) for n in names]
+    words = (
+        re.compile(r"(?<![A-Za-z0-9_$])(?:" + "|".join(alts) + r")(?![A-Za-z0-9_$])", re.I)
+        if alts
+        else re.compile(r"(?!x)x")
+    )
+    if len(_prefilter_cache) > 64:
+        _prefilter_cache.clear()
+    _prefilter_cache[id(policy)] = (policy, needles, words)
+    return needles, words
+
+
+def needs_parse(sql: str, policy: Policy) -> bool:
+    """False when ``sql`` cannot touch a protected table: no protected bare table name
+    as a substring (case-insensitive), no ``U&`` escape, no PREPARE/EXECUTE/DEALLOCATE."""
+    low = sql.lower()
+    return any(needle in low for needle in _patterns(policy)[0])
+
+
+def names_protected_table(sql: str, policy: Policy) -> bool:
+    """Whether ``sql`` mentions a protected table name as a whole word (anywhere,
+    including string bodies): the fail-closed test for statements we cannot analyze."""
+    return _patterns(policy)[1].search(sql) is not None
+
+
+def fingerprint(sql: str) -> str:
+    """Statement text with literals replaced by ``?`` and whitespace/comments dropped."""
+    try:
+        lexed = lex(sql)
+    except LexError:
+        return "<untokenizable>"
+    return _fingerprint(lexed, sql)
+
+
+def _fingerprint(lexed: Lexed, sql: str) -> str:
+    out: list[str] = []
+    for i, tok in enumerate(lexed.tokens):
+        out.append("?" if i in lexed.slot_of_token else sql[tok.start : tok.end + 1])
+    return " ".join(out)
+
+
+Piece = str | int  # template text, or a literal slot index
+
+
+@dataclass
+class _Stmt:
+    """Result of planning one statement (or a wrapper's inner statement)."""
+
+    pieces: list[Piece]
+    analysis: Analysis
+    prepare: tuple[str, Plan] | None = None
+    executes: list[ExecuteCall] = field(default_factory=list)
+    deallocate: str | None = None
+    copy_in: tuple[ValueAction, ...] | None = None
+    copy_format: str | None = None
+    copy_out: bool = False
+    edited: bool = False
+
+
+class Planner:
+    """Plans statements under one policy; share it between sessions (plans are immutable).
+
+    Swap the whole Planner when the policy changes: the caches belong to the policy.
+    """
+
+    def __init__(self, policy: Policy, *, index_length: int, cache_size: int = 4096) -> None:
+        if index_length <= 0:
+            raise ValueError("index_length must be positive")
+        self.policy = policy
+        self.index_length = index_length
+        self.cache_size = cache_size
+        self._by_text: dict[str, Plan] = {}
+        self._by_shape: dict[str, Plan] = {}
+        self.hits = 0
+        self.misses = 0
+
+    # -- public API -----------------------------------------------------------------
+
+    def plan(self, sql: str) -> Plan:
+        """Plan for a Parse message (``$n`` parameters), cached by exact text.
+
+        When ``plan.needs_render`` is true because of literals in the text, the
+        literals come from ``plan_simple(sql)[1]`` (a cache hit).
+        """
+        found = self._by_text.get(sql)
+        if found is not None:
+            self.hits += 1
+            return found
+        result = self.plan_simple(sql)[0]
+        _remember(self._by_text, sql, result, self.cache_size)
+        return result
+
+    def plan_simple(self, sql: str) -> tuple[Plan, list[Literal]]:
+        """Plan for a simple Query: cached by shape; also returns the text's literals."""
+        if not needs_parse(sql, self.policy):
+            return _pass_for(sql), []
+        try:
+            lexed = lex(sql)
+        except LexError as exc:
+            if names_protected_table(sql, self.policy):
+                return _deny_plan(f"statement could not be tokenized ({exc}); refused because it names a protected table"), []
+            return pass_plan(_guess_kind(sql)), []
+        key = _shape_key(sql, lexed)
+        found = self._by_shape.get(key)
+        if found is not None:
+            self.hits += 1
+            return found, lexed.literals
+        self.misses += 1
+        result = self._build(sql, lexed)
+        _remember(self._by_shape, key, result, self.cache_size)
+        return result, lexed.literals
+
+    def render(self, plan: Plan, literals: Sequence[Literal | str | None]) -> str:
+        """The text to send: the plan's template with one value per literal slot.
+
+        A :class:`Literal` is written back as it was (its original spelling), a ``str``
+        as a quoted string constant (``E''`` when it holds a backslash), None as NULL.
+        """
+        template = plan.template
+        if template is None:
+            raise ValueError("plan has no template (pass-through plan: send the original text)")
+        if len(literals) != len(template) - 1:
+            raise ValueError(f"plan expects {len(template) - 1} literals, got {len(literals)}")
+        out: list[str] = [template[0]]
+        for value, segment in zip(literals, template[1:], strict=True):
+            if value is None:
+                out.append("NULL")
+            elif isinstance(value, Literal):
+                out.append(value.raw)
+            else:
+                out.append(quote_literal(value))
+            out.append(segment)
+        return "".join(out)
+
+    def apply(
+        self,
+        plan: Plan,
+        literals: Sequence[Literal],
+        transform: Callable[[ValueAction, str], str | None],
+    ) -> str:
+        """Render with ``transform(action, value)`` applied to every non-pass literal."""
+        values: list[Literal | str | None] = [
+            lit if action.kind == "pass" else transform(action, lit.value)
+            for lit, action in zip(literals, plan.literals, strict=True)
+        ]
+        return self.render(plan, values)
+
+    # -- planning -----------------------------------------------------------------------
+
+    def _build(self, sql: str, lexed: Lexed) -> Plan:
+        fp = _fingerprint(lexed, sql)
+        if lexed.tokens and _has_opaque_strings(lexed) and names_protected_table(sql, self.policy):
+            return _deny_plan(
+                "U&'...' UESCAPE strings and implicitly concatenated string constants are not "
+                "supported in statements naming a protected table",
+                fp,
+            )
+        stmts: list[_Stmt] = []
+        pieces: list[Piece] = []
+        pos = 0
+        for a, b in split_statements(lexed.tokens):
+            s0, e0 = lexed.tokens[a].start, lexed.tokens[b - 1].end + 1
+            pieces.extend(self._verbatim(sql, lexed, pos, s0))
+            st = self._statement(sql, lexed, a, b)
+            stmts.append(st)
+            pieces.extend(st.pieces)
+            pos = e0
+        pieces.extend(self._verbatim(sql, lexed, pos, len(sql)))
+        return self._assemble(stmts, pieces, lexed, fp)
+
+    def _assemble(self, stmts: list[_Stmt], pieces: list[Piece], lexed: Lexed, fp: str) -> Plan:
+        segments: list[str] = []
+        current: list[str] = []
+        expected = 0
+        for piece in pieces:
+            if isinstance(piece, int):
+                if piece != expected:
+                    return _deny_plan("internal error: literal slots out of order", fp)
+                expected += 1
+                segments.append("".join(current))
+                current = []
+            else:
+                current.append(piece)
+        segments.append("".join(current))
+        if expected != len(lexed.literals):
+            return _deny_plan("internal error: literal slots lost", fp)
+        denials: list[str] = []
+        literal_actions: list[ValueAction] = [PASS] * len(lexed.literals)
+        param_actions: dict[int, ValueAction] = {}
+        max_param = 0
+        kinds: list[str] = []
+        tables: list[str] = []
+        read: list[str] = []
+        written: list[str] = []
+        touches = False
+        for st in stmts:
+            an = st.analysis
+            denials.extend(d for d in an.denials if d not in denials)
+            for (kind, n), action in an.actions.items():
+                if kind == "s":
+                    literal_actions[n] = action
+                else:
+                    param_actions[n] = action
+            max_param = max(max_param, an.max_param, *param_actions.keys(), 0)
+            if an.kind not in kinds:
+                kinds.append(an.kind)
+            tables.extend(t for t in sorted(an.tables) if t not in tables)
+            read.extend(k for k in sorted(an.read) if k not in read)
+            written.extend(k for k in sorted(an.written) if k not in written)
+            touches = touches or an.touches
+        edited = any(st.edited for st in stmts)
+        template = tuple(segments)
+        sql_out = _join_template(template) if edited else None
+        decision = ALLOW if not denials else deny("; ".join(denials))
+        prepare = next((st.prepare for st in stmts if st.prepare is not None), None)
+        copy_st = next((st for st in stmts if st.copy_format is not None or st.copy_out), None)
+        return Plan(
+            decision=decision,
+            sql=sql_out,
+            params=tuple(param_actions.get(i, PASS) for i in range(1, max_param + 1)),
+            literals=tuple(literal_actions),
+            touches_pii=touches,
+            audit=AuditFacts(
+                kind="+".join(kinds) or "other",
+                tables=tuple(tables),
+                pii_read=tuple(read),
+                pii_written=tuple(written),
+                fingerprint=fp,
+            ),
+            copy_in=copy_st.copy_in if copy_st else None,
+            copy_format=copy_st.copy_format if copy_st else None,
+            template=template,
+            prepare=prepare,
+            executes=tuple(c for st in stmts for c in st.executes),
+            deallocate=next((st.deallocate for st in stmts if st.deallocate), None),
+            copy_out=any(st.copy_out for st in stmts),
+        )
+
+    def _verbatim(self, sql: str, lexed: Lexed, start: int, end: int) -> list[Piece]:
+        """Text ``[start, end)`` as template pieces (literal slots stay slots)."""
+        out: list[Piece] = []
+        pos = start
+        for i, lit in enumerate(lexed.literals):
+            if lit.start >= start and lit.end <= end:
+                out.append(sql[pos : lit.start])
+                out.append(i)
+                pos = lit.end
+        out.append(sql[pos:end])
+        return out
+
+    def _statement(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
+        toks = lexed.tokens
+        s0, e0 = toks[a].start, toks[b - 1].end + 1
+        first = toks[a].text.upper()
+        text = sql[s0:e0]
+
+        def simple(kind: str, denial: str | None = None) -> _Stmt:
+            an = Analysis(kind=kind)
+            if denial:
+                an.denials.append(denial)
+                an.touches = True
+            return _Stmt(self._verbatim(sql, lexed, s0, e0), an)
+
+        if first == "EXPLAIN":
+            i = a + 1
+            if i < b and toks[i].token_type == TokenType.L_PAREN:
+                i = _matching_paren(toks, i, b) + 1
+            while i < b and toks[i].text.upper() in ("ANALYZE", "ANALYSE", "VERBOSE"):
+                i += 1
+            return self._wrapper(sql, lexed, a, i, b)
+        if first == "PREPARE":
+            return self._prepare(sql, lexed, a, b)
+        if first == "EXECUTE":
+            return self._execute(sql, lexed, a, b)
+        if first == "DEALLOCATE":
+            st = simple("other")
+            names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
+            if names:
+                st.deallocate = "ALL" if names[0].text.upper() == "ALL" else _tok_name(names[0])
+            return st
+        if first == "COPY":
+            return self._copy(sql, lexed, a, b)
+        if first == "DECLARE":
+            for i in range(a + 1, b):
+                if toks[i].text.upper() == "FOR" and any(t.text.upper() == "CURSOR" for t in toks[a:i]):
+                    return self._wrapper(sql, lexed, a, i + 1, b)
+        if first in _PASS_KEYWORDS:
+            return simple("ddl" if first in _DDL_KEYWORDS else "other")
+        if not names_protected_table(text, self.policy):
+            return simple(_guess_kind(text))
+        if first not in _QUERY_KEYWORDS:
+            return simple(
+                _guess_kind(text),
+                f"{first} statement naming a protected table cannot be analyzed by pgcloak and is "
+                "refused (a function, procedure or DO block could write or read PII unseen)",
+            )
+        return self._query(sql, lexed, a, b)
+
+    def _wrapper(self, sql: str, lexed: Lexed, a: int, inner_a: int, b: int) -> _Stmt:
+        """A statement carrying another one from token ``inner_a`` on (EXPLAIN, DECLARE)."""
+        if inner_a >= b:
+            return _Stmt(self._verbatim(sql, lexed, lexed.tokens[a].start, lexed.tokens[b - 1].end + 1), Analysis())
+        inner = self._statement(sql, lexed, inner_a, b)
+        prefix = self._verbatim(sql, lexed, lexed.tokens[a].start, lexed.tokens[inner_a].start)
+        inner.pieces = prefix + inner.pieces
+        return inner
+
+    def _prepare(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
+        toks = lexed.tokens
+        name = _tok_name(toks[a + 1]) if a + 1 < b else ""
+        i = a + 2
+        if i < b and toks[i].token_type == TokenType.L_PAREN:
+            i = _matching_paren(toks, i, b) + 1
+        if i >= b or toks[i].text.upper() != "AS":
+            st = _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), Analysis(kind="prepare"))
+            return st
+        st = self._wrapper(sql, lexed, a, i + 1, b)
+        an = st.analysis
+        inner = Plan(
+            decision=ALLOW if not an.denials else deny("; ".join(an.denials)),
+            sql=None,
+            params=tuple(an.actions.get(("p", n), PASS) for n in range(1, an.max_param + 1)),
+            literals=(),
+            touches_pii=an.touches,
+            audit=AuditFacts(an.kind, tuple(sorted(an.tables)), tuple(sorted(an.read)), tuple(sorted(an.written))),
+        )
+        # $n inside PREPARE are bound by EXECUTE, not by this statement.
+        an.actions = {k: v for k, v in an.actions.items() if k[0] == "s"}
+        an.max_param = 0
+        st.prepare = (name, inner)
+        return st
+
+    def _execute(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
+        toks = lexed.tokens
+        st = _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), Analysis(kind="execute"))
+        if a + 1 >= b:
+            return st
+        name = _tok_name(toks[a + 1])
+        args: list[int | None] = []
+        i = a + 2
+        if i < b and toks[i].token_type == TokenType.L_PAREN:
+            close = _matching_paren(toks, i, b)
+            for lo, hi in _split_args(toks, i + 1, close):
+                args.append(_arg_slot(toks, lexed, lo, hi))
+        st.executes.append(ExecuteCall(name, tuple(args)))
+        return st
+
+    def _copy(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
+        toks = lexed.tokens
+        s0, e0 = toks[a].start, toks[b - 1].end + 1
+        i = a + 1
+        if i < b and toks[i].token_type == TokenType.L_PAREN:
+            close = _matching_paren(toks, i, b)
+            inner = self._statement(sql, lexed, i + 1, close)
+            pieces = self._verbatim(sql, lexed, s0, toks[i + 1].start) + inner.pieces
+            pieces += self._verbatim(sql, lexed, toks[close - 1].end + 1, e0)
+            inner.pieces = pieces
+            inner.analysis.kind = "copy_out"
+            inner.copy_out = inner.analysis.touches
+            return inner
+        an = Analysis(kind="copy")
+        st = _Stmt(self._verbatim(sql, lexed, s0, e0), an)
+        # table name: ident [. ident]
+        parts: list[str] = []
+        while i < b:
+            parts.append(_tok_name(toks[i]))
+            if i + 1 < b and toks[i + 1].token_type == TokenType.DOT:
+                i += 2
+                continue
+            i += 1
+            break
+        table = ".".join(parts) if len(parts) == 2 else f"public.{parts[0]}" if parts else ""
+        columns: list[str] = []
+        if i < b and toks[i].token_type == TokenType.L_PAREN:
+            close = _matching_paren(toks, i, b)
+            columns = [_tok_name(t) for t in toks[i + 1 : close] if t.token_type != TokenType.COMMA]
+            i = close + 1
+        direction = toks[i].text.upper() if i < b else ""
+        target = toks[i + 1].text.upper() if i + 1 < b else ""
+        rest = [t.text.upper() for t in toks[i + 2 : b]]
+        fmt = "text"
+        for j, word in enumerate(rest):
+            if word == "FORMAT" and j + 1 < len(rest):
+                fmt = rest[j + 1].lower()
+            elif word in ("CSV", "BINARY") and (j == 0 or rest[j - 1] != "FORMAT"):
+                fmt = word.lower()
+        protected = self.policy.columns_of(table)
+        an.tables.add(table)
+        if not protected:
+            return st
+        an.touches = True
+        if direction == "TO":
+            an.kind = "copy_out"
+            st.copy_out = True
+            an.read.update(f"{table}.{c}" for c in (columns or protected) if c in protected)
+            return st
+        an.kind = "copy_in"
+        if target != "STDIN":
+            an.denials.append(
+                f"COPY {table} FROM a server file or program is not supported: values for its "
+                "protected columns would be stored unencrypted (use COPY ... FROM STDIN)"
+            )
+            return st
+        if fmt == "binary":
+            an.denials.append(
+                f"COPY {table} FROM STDIN in binary format is not supported for a protected "
+                "table (use text or csv format)"
+            )
+            return st
+        if "WHERE" in rest:
+            an.denials.append(f"COPY {table} FROM STDIN ... WHERE is not supported for a protected table")
+            return st
+        if not columns:
+            an.denials.append(
+                f"COPY into protected table {table} must list its columns: without the catalog "
+                f"pgcloak cannot tell which field is protected (COPY {table} (col, ...) FROM STDIN)"
+            )
+            return st
+        analyzer = Analyzer(self.policy, self.index_length, "")
+        actions: list[ValueAction] = []
+        for c in columns:
+            pol = protected.get(c)
+            if pol is None:
+                actions.append(PASS)
+                continue
+            actions.append(analyzer._action("store", Origin(table, c, pol)))
+            an.written.add(f"{table}.{c}")
+        st.copy_in = tuple(actions)
+        st.copy_format = fmt
+        return st
+
+    def _query(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
+        """Parse one statement with sqlglot (slots as placeholders) and analyze it."""
+        global PARSE_CALLS
+        toks = lexed.tokens
+        s0, e0 = toks[a].start, toks[b - 1].end + 1
+        parts: list[str] = []
+        # (position in parse text, original start, length delta) per slot
+        shifts: list[tuple[int, int, int]] = []
+        pos = s0
+        plen = 0
+        for ti in range(a, b):
+            slot = lexed.slot_of_token.get(ti)
+            if slot is None:
+                continue
+            lit = lexed.literals[slot]
+            chunk = sql[pos : lit.start]
+            parts.append(chunk)
+            plen += len(chunk)
+            ph = string_placeholder(slot) if lit.kind == "string" else number_placeholder(slot)
+            parts.append(ph)
+            shifts.append((plen, lit.start, len(ph) - (lit.end - lit.start)))
+            plen += len(ph)
+            pos = lit.end
+        parts.append(sql[pos:e0])
+        text = "".join(parts)
+        PARSE_CALLS += 1
+        kind = _guess_kind(text)
+        try:
+            trees = sqlglot.parse(text, read="postgres")
+        except SqlglotError as exc:
+            return self._opaque(sql, lexed, s0, e0, kind, f"it could not be parsed ({_short(exc)})")
+        found = [t for t in trees if t is not None]
+        if len(found) != 1 or isinstance(found[0], exp.Command):
+            return self._opaque(sql, lexed, s0, e0, kind, "pgcloak cannot analyze this statement form")
+        tree = found[0]
+        if isinstance(tree, exp.Create):
+            body = tree.args.get("expression")
+            if not isinstance(body, exp.Query):
+                return _Stmt(self._verbatim(sql, lexed, s0, e0), Analysis(kind="ddl"))
+        analysis = Analyzer(self.policy, self.index_length, text).run(tree)
+        if isinstance(tree, exp.Create):
+            analysis.kind = "ddl"
+
+        def to_orig(p: int) -> int:
+            delta = 0
+            for at, _orig, d in shifts:
+                if at < p:
+                    delta += d
+            return p - delta + s0
+
+        edits = sorted((to_orig(s), to_orig(e), repl) for s, e, repl in analysis.edits)
+        pieces: list[Piece] = []
+        cur = s0
+        for s, e, repl in edits:
+            if s < cur:
+                analysis.denials.append("internal error: overlapping rewrites")
+                break
+            pieces.extend(self._verbatim(sql, lexed, cur, s))
+            pieces.append(repl)
+            cur = e
+        pieces.extend(self._verbatim(sql, lexed, cur, e0))
+        return _Stmt(pieces, analysis, edited=bool(edits))
+
+    def _opaque(self, sql: str, lexed: Lexed, s0: int, e0: int, kind: str, why: str) -> _Stmt:
+        an = Analysis(kind=kind, touches=True)
+        an.denials.append(f"statement naming a protected table refused: {why}")
+        return _Stmt(self._verbatim(sql, lexed, s0, e0), an)
+
+
+def resolve_execute(plan: Plan, prepared: Mapping[str, Plan]) -> Plan:
+    """Give ``EXECUTE name(args)`` literals the actions of the prepared statement's params.
+
+    ``prepared`` is the session's registry (SQL-level PREPARE and protocol-level named
+    statements share PostgreSQL's namespace). An unknown name is left as is: PostgreSQL
+    reports it. A non-literal argument for a protected parameter is refused.
+    """
+    if not plan.executes:
+        return plan
+    literals = list(plan.literals)
+    denials: list[str] = [] if plan.decision.allowed else [plan.decision.message]
+    touches = plan.touches_pii
+    read = list(plan.audit.pii_read)
+    written = list(plan.audit.pii_written)
+    tables = list(plan.audit.tables)
+    for call in plan.executes:
+        inner = prepared.get(call.name)
+        if inner is None:
+            continue
+        if not inner.decision.allowed:
+            denials.append(inner.decision.message)
+        touches = touches or inner.touches_pii
+        read += [k for k in inner.audit.pii_read if k not in read]
+        written += [k for k in inner.audit.pii_written if k not in written]
+        tables += [t for t in inner.audit.tables if t not in tables]
+        for j, action in enumerate(inner.params):
+            if action.kind == "pass":
+                continue
+            slot = call.args[j] if j < len(call.args) else None
+            if slot is None:
+                denials.append(
+                    f"EXECUTE {call.name}: argument {j + 1} goes to protected column "
+                    f"{action.table}.{action.column} and must be a literal"
+                )
+            elif slot >= 0:
+                literals[slot] = action
+    return replace(
+        plan,
+        literals=tuple(literals),
+        touches_pii=touches,
+        decision=ALLOW if not denials else deny("; ".join(denials)),
+        audit=replace(plan.audit, pii_read=tuple(read), pii_written=tuple(written), tables=tuple(tables)),
+    )
+
+
+def explain_text(plan: Plan) -> str:
+    """Human-readable plan, for ``pgcloak explain``."""
+    lines: list[str] = []
+    if plan.decision.allowed:
+        lines.append("decision: allow")
+    else:
+        lines.append(f"decision: DENY (SQLSTATE {plan.decision.sqlstate})")
+        lines.append(f"reason:   {plan.decision.message}")
+    if plan.sql is not None:
+        lines.append(f"rewritten: {plan.sql}")
+    elif plan.template is not None and len(plan.template) > 1:
+        lines.append(f"statement: {_join_template(plan.template)} (unchanged apart from values)")
+    else:
+        lines.append("rewritten: (sent unchanged)")
+    for n, action in enumerate(plan.params, start=1):
+        lines.append(f"  ${n}: {action.describe()}")
+    for n, action in enumerate(plan.literals, start=1):
+        lines.append(f"  $L{n}: {action.describe()}")
+    if plan.copy_in is not None:
+        lines.append(f"COPY FROM STDIN ({plan.copy_format}), per field:")
+        for n, action in enumerate(plan.copy_in, start=1):
+            lines.append(f"  field {n}: {action.describe()}")
+    if plan.copy_out:
+        lines.append("COPY TO STDOUT: envelopes in the stream are decrypted per key id")
+    if plan.prepare is not None:
+        name, inner = plan.prepare
+        lines.append(f"PREPARE {name}: parameters")
+        for n, action in enumerate(inner.params, start=1):
+            lines.append(f"  ${n}: {action.describe()}")
+    for call in plan.executes:
+        lines.append(f"EXECUTE {call.name}: arguments take the prepared statement's parameter actions")
+    a = plan.audit
+    lines.append(f"kind: {a.kind}; tables: {', '.join(a.tables) or '-'}")
+    lines.append(f"pii read: {', '.join(a.pii_read) or '-'}; pii written: {', '.join(a.pii_written) or '-'}")
+    lines.append(f"results may carry ciphertext: {'yes' if plan.touches_pii else 'no'}")
+    return "\n".join(lines)
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+_PASS_BY_KIND: dict[str, Plan] = {}
+
+
+def _pass_for(sql: str) -> Plan:
+    """The shared pass-through plan for a statement kind (audit kind from the first word)."""
+    kind = _guess_kind(sql)
+    found = _PASS_BY_KIND.get(kind)
+    if found is None:
+        found = _PASS_BY_KIND[kind] = pass_plan(kind)
+    return found
+
+
+def _deny_plan(message: str, fp: str = "") -> Plan:
+    return Plan(deny(message), None, (), (), True, AuditFacts("other", fingerprint=fp))
+
+
+def _join_template(template: tuple[str, ...]) -> str:
+    out = [template[0]]
+    for i, seg in enumerate(template[1:], start=1):
+        out.append(f"$L{i}")
+        out.append(seg)
+    return "".join(out)
+
+
+def _remember(cache: dict[str, Plan], key: str, plan: Plan, size: int) -> None:
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = plan
+
+
+def _shape_key(sql: str, lexed: Lexed) -> str:
+    if not lexed.literals:
+        return sql
+    out: list[str] = []
+    pos = 0
+    for lit in lexed.literals:
+        out.append(sql[pos : lit.start])
+        out.append("\x00s" if lit.kind == "string" else "\x00n")
+        pos = lit.end
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+def _has_opaque_strings(lexed: Lexed) -> bool:
+    strings = (TokenType.STRING, TokenType.UNICODE_STRING, TokenType.NATIONAL_STRING, TokenType.BYTE_STRING)
+    prev: Token | None = None
+    for i, tok in enumerate(lexed.tokens):
+        if tok.token_type in strings:
+            if i not in lexed.slot_of_token:
+                return True
+            if prev is not None and prev.token_type in strings:
+                return True
+        prev = tok
+    return False
+
+
+def _matching_paren(toks: list[Token], i: int, b: int) -> int:
+    depth = 0
+    for j in range(i, b):
+        tt = toks[j].token_type
+        if tt == TokenType.L_PAREN:
+            depth += 1
+        elif tt == TokenType.R_PAREN:
+            depth -= 1
+            if depth == 0:
+                return j
+    return b - 1
+
+
+def _split_args(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    depth = 0
+    start = lo
+    for j in range(lo, hi):
+        tt = toks[j].token_type
+        if tt in (TokenType.L_PAREN, TokenType.L_BRACKET):
+            depth += 1
+        elif tt in (TokenType.R_PAREN, TokenType.R_BRACKET):
+            depth -= 1
+        elif tt == TokenType.COMMA and depth == 0:
+            out.append((start, j))
+            start = j + 1
+    if hi > start:
+        out.append((start, hi))
+    return out
+
+
+def _arg_slot(toks: list[Token], lexed: Lexed, lo: int, hi: int) -> int | None:
+    """Slot index of a literal argument (optionally ``::type``); -1 for NULL; else None."""
+    if lo >= hi:
+        return None
+    end = hi
+    for j in range(lo, hi):
+        if toks[j].token_type == TokenType.DCOLON:
+            end = j
+            break
+    if end - lo != 1:
+        return None
+    if toks[lo].token_type == TokenType.NULL:
+        return -1
+    return lexed.slot_of_token.get(lo)
+
+
+def _tok_name(tok: Token) -> str:
+    return tok.text if tok.token_type == TokenType.IDENTIFIER else tok.text.lower()
+
+
+def _guess_kind(sql: str) -> str:
+    head = sql[:40].lstrip(" \t\r\n(")
+    word = head.split(None, 1)[0].lower() if head else ""
+    if word in ("select", "insert", "update", "delete", "merge"):
+        return word
+    if word in ("with", "values", "table"):
+        return "select"
+    if word.upper() in _DDL_KEYWORDS:
+        return "ddl"
+    return "other"
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200]
