@@ -11,7 +11,7 @@ from pgcloak import __version__
 from pgcloak.config import ConfigError, Settings, load_settings
 
 # Settings that must not be given on a command line (visible in `ps`).
-_NO_FLAG = {"auth_password"}
+_NO_FLAG = {"auth_password", "master_key"}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,13 @@ class Settings(BaseModel):
     auth_password: SecretStr | None = None
     auth_query: str = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
     auth_dbname: str = "postgres"
+    policy: Path | None = Field(None, description="YAML policy naming the protected columns (enables encryption)")
+    policy_poll_interval: float = Field(1.0, gt=0, description="seconds between checks of the policy file for edits")
+    master_key: SecretStr | None = Field(None, description="base64 master key (use PGCLOAK_MASTER_KEY, never a flag)")
+    master_key_file: Path | None = Field(None, description="file holding the base64 master key (mode 0600)")
+    master_key_shares: str | None = Field(
+        None, description="comma-separated files of k-of-n Shamir shares of the master key"
+    )
     max_client_connections: int = Field(1000, ge=1)
     drain_timeout: float = Field(30.0, ge=0, description="seconds sessions may finish after SIGTERM")
     connect_timeout: float = Field(10.0, gt=0)
@@ -181,5 +188,10 @@ def _check_consistency(s: Settings) -> None:
         raise ConfigError(f"client_tls_mode={mode} needs client_tls_cert and client_tls_key")
     if s.backend_tls_mode in ("verify-ca", "verify-full") and not s.backend_tls_ca:
         raise ConfigError(f"backend_tls_mode={s.backend_tls_mode} needs backend_tls_ca")
+    if s.policy is not None and not (s.master_key or s.master_key_file or s.master_key_shares):
+        raise ConfigError(
+            "a policy needs a master key: PGCLOAK_MASTER_KEY, master_key_file or master_key_shares "
+            "(create one with `pgcloak keys generate`)"
+        )
     if s.auth_mode == "scram" and not (s.auth_file or s.auth_user):
         raise ConfigError("auth_mode=scram needs auth_file or auth_user (for the auth query)")

@@ -19,7 +19,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from pgcloak.config import Settings
+from pgcloak.config import ConfigError, Settings
+from pgcloak.crypto.errors import CryptoError
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import MasterKey, master_key_from_text
+from pgcloak.crypto.sources import FileKeySource, SharesKeySource
+from pgcloak.policy import Policy, PolicyError, load_policy
+from pgcloak.session.protection import Protection
 from pgcloak.session.session import Session
 from pgcloak.session.tls import TlsContexts, build_tls
 from pgcloak.session.verifiers import VerifierSource
@@ -29,6 +35,32 @@ log = logging.getLogger("pgcloak.server")
 ADMIN_SHUTDOWN = ("57P01", "terminating connection due to administrator command")
 
 
+def load_master_key(settings: Settings) -> MasterKey:
+    """The master key from the configured source; errors never show key material."""
+    try:
+        if settings.master_key is not None:
+            return master_key_from_text(settings.master_key.get_secret_value())
+        if settings.master_key_file is not None:
+            return FileKeySource(settings.master_key_file).load()
+        if settings.master_key_shares:
+            files = [f.strip() for f in settings.master_key_shares.split(",") if f.strip()]
+            return SharesKeySource(files=files).load()
+    except CryptoError as exc:
+        raise ConfigError(f"master key: {exc}") from None
+    raise ConfigError("no master key configured")
+
+
+def load_protection(settings: Settings, keyring: Keyring | None = None) -> Protection | None:
+    """Policy + keyring + planner, or None when no policy is configured (pure relay)."""
+    if settings.policy is None:
+        return None
+    try:
+        policy = load_policy(settings.policy)
+    except PolicyError as exc:
+        raise ConfigError(f"policy refused: {exc}") from None
+    return Protection.build(policy, keyring or Keyring(load_master_key(settings)))
+
+
 class ProxyServer:
     """Listens for clients and owns their sessions."""
 
@@ -36,6 +68,10 @@ class ProxyServer:
         self.settings = settings
         self.tls = tls if tls is not None else build_tls(settings)
         self.verifiers = VerifierSource(settings, self.tls.backend)
+        #: Swapped whole on a policy reload; sessions read it per statement.
+        self.protection = load_protection(settings)
+        self._policy_stamp = self._stamp()
+        self._watch: asyncio.Task[None] | None = None
         self.sessions: set[Session] = set()
         #: Sessions past their StartupMessage, counted against max_client_connections.
         self.authenticated = 0
@@ -66,10 +102,45 @@ class ProxyServer:
                 backlog=1024,
                 reuse_address=True,
             )
+        if self.protection is not None:
+            self._watch = loop.create_task(self._watch_policy())
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
 
+    def _stamp(self) -> tuple[float, int, int] | None:
+        if self.settings.policy is None:
+            return None
+        try:
+            st = os.stat(self.settings.policy)
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size, st.st_ino)
+
+    def reload_policy(self) -> bool:
+        """Swap in an edited policy; an invalid edit is refused and the old one keeps serving."""
+        if self.protection is None or self.settings.policy is None:
+            return False
+        self._policy_stamp = self._stamp()
+        try:
+            policy: Policy = load_policy(self.settings.policy)
+        except PolicyError as exc:
+            log.error("policy edit refused, still serving the previous policy", extra={"reason": str(exc)})
+            return False
+        if policy.fingerprint == self.protection.policy.fingerprint:
+            return False
+        self.protection = Protection.build(policy, self.protection.keyring)
+        log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
+        return True
+
+    async def _watch_policy(self) -> None:
+        """Poll the policy file: works for editors' renames and Kubernetes ConfigMap swaps."""
+        while True:
+            await asyncio.sleep(self.settings.policy_poll_interval)
+            if self._stamp() != self._policy_stamp:
+                self.reload_policy()
+
     def reload(self) -> None:
-        """SIGHUP: re-read certificate and user files; a failure keeps the old ones."""
+        """SIGHUP: re-read the policy, certificate and user files; a failure keeps the old ones."""
+        self.reload_policy()
         try:
             tls = build_tls(self.settings)
             verifiers = VerifierSource(self.settings, tls.backend)
@@ -86,6 +157,8 @@ class ProxyServer:
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
         if self._server is not None:
             self._server.close()
+        if self._watch is not None:
+            self._watch.cancel()
         deadline = time.monotonic() + timeout
         if self.sessions:
             log.info("draining", extra={"sessions": len(self.sessions), "timeout_s": timeout})

@@ -19,9 +19,11 @@ import time
 from typing import TYPE_CHECKING
 
 from pgcloak.session.endpoint import ConnectionClosed, Endpoint
+from pgcloak.session.protection import Protection
+from pgcloak.session.rewriter import CAPTURE, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import frame
+from pgcloak.wire.framing import frame, scan
 from pgcloak.wire.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -32,7 +34,7 @@ from pgcloak.wire.messages import (
     SASLResponse,
     error_response,
 )
-from pgcloak.wire.splitter import Segment, Splitter
+from pgcloak.wire.splitter import PASS, Segment, Splitter
 from pgcloak.wire.startup import (
     PROTOCOL_3_0,
     CancelRequest,
@@ -95,6 +97,8 @@ class Session:
         self.bytes_from_backend = 0
         self._c2b = Splitter(max_message=self.settings.max_message_size)
         self._b2c = Splitter()
+        self._b2c_held = b""  # an incomplete server message (protected sessions only)
+        self._rewriter: Rewriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
 
@@ -120,7 +124,10 @@ class Session:
             if self.backend is not None and not self.backend.closed:
                 if self.ready and self._c2b.at_boundary:
                     self.backend.write(_TERMINATE)
-                self.backend.close()
+                # abort, not close: a graceful TLS close waits for PostgreSQL's
+                # close_notify, which a backend busy streaming a result never sends,
+                # so the query would run on (up to the 30 s TLS shutdown timeout).
+                self.backend.abort()
             self._finish("client closed")
         else:
             if self.ready and not self.client.closed:
@@ -155,7 +162,7 @@ class Session:
 
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse if the client stream is at a message boundary."""
-        if not self.client.closed and self._b2c.at_boundary:
+        if not self.client.closed and self._b2c.at_boundary and not self._b2c_held:
             self.client.write(error_response(sqlstate, message, "FATAL", detail))
 
     def terminate(self, sqlstate: str, message: str) -> None:
@@ -489,6 +496,10 @@ class Session:
         )
         self.client.relay = self._relay_client
         self.backend.relay = self._relay_backend
+        if self.server.protection is not None:
+            self._rewriter = Rewriter(self._current_protection)
+            self._c2b.capture = CAPTURE
+            self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
             self._relay_backend(self.backend.pending())
         if self.client.has_pending():
@@ -510,11 +521,56 @@ class Session:
         else:
             self._client_segments(segments)
 
+    def _current_protection(self) -> Protection:
+        protection = self.server.protection
+        assert protection is not None
+        return protection
+
     def _client_segments(self, segments: list[Segment]) -> None:
         assert self.backend is not None and self.backend.transport is not None
-        write = self.backend.transport.write
-        for _kind, chunk in segments:
-            write(chunk)
+        rewriter = self._rewriter
+        if rewriter is None:
+            for _kind, chunk in segments:
+                self.backend.transport.write(chunk)
+            return
+        out: list[bytes] = []
+        try:
+            for kind, chunk in segments:
+                out.append(chunk if kind == PASS else rewriter.client_message(kind, chunk))
+        except ProtocolError as exc:
+            self._protocol_violation(exc)
+            return
+        except Exception:
+            log.exception("internal error applying the policy", extra={"session": self.id})
+            self._fatal("XX000", "pgcloak internal error; the session is closed")
+            self._finish("internal error")
+            return
+        self.backend.transport.write(b"".join(out))
+
+    def _relay_backend_protected(self, data: bytes) -> None:
+        """Whole messages only, so that a stored value is never split when decrypted."""
+        self.bytes_from_backend += len(data)
+        if self._b2c_held:
+            data = self._b2c_held + data
+        end = scan(data, 1 << 31)
+        if end < len(data):
+            self._b2c_held = data[end:]
+            data = data[:end]
+        else:
+            self._b2c_held = b""
+        if not data:
+            return
+        transport = self.client.transport
+        assert transport is not None and self._rewriter is not None
+        if self._rewriter.needs_inspection(data):
+            try:
+                data = self._rewriter.backend_chunk(data)
+            except Exception:
+                log.exception("internal error decrypting results", extra={"session": self.id})
+                self._fatal("XX000", "pgcloak internal error; the session is closed")
+                self._finish("internal error")
+                return
+        transport.write(data)
 
     def _relay_backend(self, data: bytes) -> None:
         self.bytes_from_backend += len(data)

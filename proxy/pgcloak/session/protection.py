@@ -1,0 +1,398 @@
+"""Applying plans to values: encrypt / blind-index what goes in, decrypt what comes out.
+
+A :class:`Protection` bundles one policy, its planner and the keyring. The server
+holds exactly one and swaps it whole on a policy reload, so a session always sees a
+consistent triple. Nothing here does IO: the session feeds it message bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pgcloak.crypto.blind_index import INDEX_LENGTH, blind_index, compose
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, decrypt, encrypt
+from pgcloak.crypto.errors import (
+    CryptoError,
+    MalformedEnvelopeError,
+    NormalizationError,
+    WrongKeyError,
+)
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.policy import Policy
+from pgcloak.sql import Planner, ValueAction
+
+_I32 = struct.Struct("!i")
+_ARRAY_HEAD = struct.Struct("!iiI")
+_DIM = struct.Struct("!ii")
+
+#: A stored value anywhere in a text row: optional ``<index>.`` then an envelope.
+_STORED = re.compile(
+    rb"(?:[A-Za-z0-9_-]{" + str(INDEX_LENGTH).encode() + rb"}\.)?" + re.escape(ENVELOPE_PREFIX) + rb"[A-Za-z0-9_-]+"
+)
+
+
+class ValueRefused(Exception):
+    """A value that cannot be protected (e.g. a phone number that is not one)."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+class DecryptionFailed(Exception):
+    """A stored envelope failed authentication: tampered, or the wrong master key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = "XX001"  # data_corrupted
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Protection:
+    policy: Policy
+    keyring: Keyring
+    planner: Planner
+
+    @classmethod
+    def build(cls, policy: Policy, keyring: Keyring) -> Protection:
+        for table in policy.protected_tables():
+            for column, col in policy.columns_of(table).items():
+                keyring.set_current_version(policy.key_id(table, column), col.key_version)
+        return cls(policy, keyring, Planner(policy, index_length=INDEX_LENGTH))
+
+    # -- values going in --------------------------------------------------------------
+    def transform(self, action: ValueAction, value: str | None) -> str | None:
+        """The stored or compared form of one plaintext value (None stays NULL)."""
+        if value is None:
+            return None
+        if action.array:
+            return render_text_array([self._one(action, v) for v in parse_text_array(value)])
+        return self._one(action, value)
+
+    def _one(self, action: ValueAction, value: str | None) -> str | None:
+        if value is None or action.kind == "pass":
+            return value
+        try:
+            if action.kind == "lookup" or action.hash_only:
+                assert action.index_key_id is not None
+                return blind_index(self.keyring, action.index_key_id, value, action.normalize)
+            assert action.key_id is not None
+            envelope = encrypt(self.keyring, action.key_id, value.encode("utf-8"))
+            if action.index:
+                assert action.index_key_id is not None
+                return compose(blind_index(self.keyring, action.index_key_id, value, action.normalize), envelope)
+            return envelope
+        except NormalizationError as exc:
+            raise ValueRefused("22023", f"invalid value for {action.table}.{action.column}: {exc}") from None
+
+    def transform_param(self, action: ValueAction, raw: bytes, binary: bool) -> bytes:
+        """A Bind parameter in text or binary format (text columns: UTF-8 either way)."""
+        if action.array and binary:
+            return self._binary_array(action, raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueRefused("22021", f"value for {action.table}.{action.column} is not valid UTF-8") from None
+        out = self.transform(action, text)
+        assert out is not None
+        return out.encode("utf-8")
+
+    def _binary_array(self, action: ValueAction, raw: bytes) -> bytes:
+        try:
+            ndim, flags, elem_oid = _ARRAY_HEAD.unpack_from(raw, 0)
+            if ndim == 0:
+                return raw
+            if ndim != 1:
+                raise ValueRefused("0A000", f"only one-dimensional arrays can be compared with {action.column}")
+            size, lbound = _DIM.unpack_from(raw, 12)
+            pos = 20
+            items: list[bytes | None] = []
+            for _ in range(size):
+                (n,) = _I32.unpack_from(raw, pos)
+                pos += 4
+                if n < 0:
+                    items.append(None)
+                    continue
+                items.append(raw[pos : pos + n])
+                pos += n
+        except struct.error:
+            raise ValueRefused("08P01", "malformed binary array parameter") from None
+        single = dataclasses.replace(action, array=False)
+        out = [_ARRAY_HEAD.pack(1, flags, elem_oid), _DIM.pack(len(items), lbound)]
+        for item in items:
+            if item is None:
+                out.append(_I32.pack(-1))
+            else:
+                value = self.transform_param(single, item, True)
+                out.append(_I32.pack(len(value)) + value)
+        return b"".join(out)
+
+    # -- values coming out ------------------------------------------------------------
+    def reveal(self, value: bytes) -> bytes:
+        """Plaintext of a stored value that carries an envelope; other values unchanged."""
+        if ENVELOPE_PREFIX not in value:
+            return value
+        try:
+            return decrypt(self.keyring, value)
+        except MalformedEnvelopeError:
+            return value  # ordinary text that merely contains the prefix
+        except WrongKeyError:
+            raise DecryptionFailed(
+                "a stored value could not be decrypted: it was encrypted under a different master key"
+            ) from None
+        except CryptoError:
+            raise DecryptionFailed("a stored value failed authentication: the ciphertext was altered") from None
+
+    def reveal_row(self, values: tuple[bytes | None, ...]) -> tuple[bytes | None, ...] | None:
+        """A DataRow's values with envelopes decrypted, or None when nothing changed."""
+        changed = False
+        out: list[bytes | None] = []
+        for v in values:
+            if v is not None and ENVELOPE_PREFIX in v:
+                nv = self.reveal(v)
+                changed = changed or nv is not v
+                out.append(nv)
+            else:
+                out.append(v)
+        return tuple(out) if changed else None
+
+    def reveal_copy_row(self, row: bytes, csv: bool) -> bytes:
+        """A COPY TO STDOUT row (text or CSV) with each stored value replaced by its
+        plaintext, escaped for the format (envelopes themselves never need escaping)."""
+
+        def replace(m: re.Match[bytes]) -> bytes:
+            plain = self.reveal(m.group(0))
+            return _csv_quote(plain) if csv else _copy_text_escape(plain)
+
+        return _STORED.sub(replace, row)
+
+
+# -- PostgreSQL array text format (one dimension, as `= ANY($1)` needs) ------------------
+
+
+def parse_text_array(text: str) -> list[str | None]:
+    """``{a,"b c",NULL}`` -> ["a", "b c", None]. Multi-dimensional arrays are refused."""
+    s = text.strip()
+    if s.startswith("[") and "=" in s:
+        s = s[s.index("=") + 1 :].strip()
+    if len(s) < 2 or s[0] != "{" or s[-1] != "}":
+        raise ValueRefused("22P02", "malformed array literal")
+    body = s[1:-1]
+    items: list[str | None] = []
+    if not body.strip():
+        return items
+    i, n = 0, len(body)
+    while i <= n:
+        while i < n and body[i].isspace():
+            i += 1
+        if i < n and body[i] == "{":
+            raise ValueRefused("0A000", "only one-dimensional arrays are supported for protected columns")
+        if i < n and body[i] == '"':
+            i += 1
+            buf: list[str] = []
+            while i < n and body[i] != '"':
+                if body[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(body[i])
+                i += 1
+            if i >= n:
+                raise ValueRefused("22P02", "malformed array literal")
+            i += 1
+            items.append("".join(buf))
+            while i < n and body[i].isspace():
+                i += 1
+        else:
+            start = i
+            buf = []
+            while i < n and body[i] != ",":
+                if body[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(body[i])
+                i += 1
+            raw = body[start:i].strip()
+            items.append(None if raw.upper() == "NULL" else "".join(buf).strip())
+        if i < n and body[i] != ",":
+            raise ValueRefused("22P02", "malformed array literal")
+        i += 1
+    return items
+
+
+def render_text_array(items: list[str | None]) -> str:
+    parts = ["NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in items]
+    return "{" + ",".join(parts) + "}"
+
+
+# -- COPY formats ----------------------------------------------------------------------------
+
+_TEXT_ESCAPES = {ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
+_TEXT_UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _copy_text_escape(value: bytes) -> bytes:
+    return value.decode("utf-8", "surrogateescape").translate(_TEXT_ESCAPES).encode("utf-8", "surrogateescape")
+
+
+def _csv_quote(value: bytes) -> bytes:
+    return b'"' + value.replace(b'"', b'""') + b'"'
+
+
+def _copy_text_unescape(field: str) -> str | None:
+    if field == "\\N":
+        return None
+    if "\\" not in field:
+        return field
+    out: list[str] = []
+    i, n = 0, len(field)
+    while i < n:
+        c = field[i]
+        if c != "\\" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        d = field[i + 1]
+        if d in _TEXT_UNESCAPE:
+            out.append(_TEXT_UNESCAPE[d])
+            i += 2
+        elif d in "01234567":
+            j = i + 1
+            while j < n and j < i + 4 and field[j] in "01234567":
+                j += 1
+            out.append(chr(int(field[i + 1 : j], 8)))
+            i = j
+        elif d == "x" and i + 2 < n and field[i + 2] in "0123456789abcdefABCDEF":
+            j = i + 2
+            while j < n and j < i + 4 and field[j] in "0123456789abcdefABCDEF":
+                j += 1
+            out.append(chr(int(field[i + 2 : j], 16)))
+            i = j
+        else:
+            out.append(d)
+            i += 2
+    return "".join(out)
+
+
+def _split_csv_record(record: str) -> list[tuple[str, bool]]:
+    """Fields of one CSV record as (value, was_quoted): quoting tells NULL from ''."""
+    fields: list[tuple[str, bool]] = []
+    i, n = 0, len(record)
+    while True:
+        if i < n and record[i] == '"':
+            i += 1
+            buf: list[str] = []
+            while i < n:
+                if record[i] == '"':
+                    if i + 1 < n and record[i + 1] == '"':
+                        buf.append('"')
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                buf.append(record[i])
+                i += 1
+            # anything up to the next comma after a closing quote is kept verbatim
+            j = record.find(",", i)
+            tail = record[i:] if j < 0 else record[i:j]
+            fields.append(("".join(buf) + tail, True))
+            if j < 0:
+                return fields
+            i = j + 1
+        else:
+            j = record.find(",", i)
+            if j < 0:
+                fields.append((record[i:], False))
+                return fields
+            fields.append((record[i:j], False))
+            i = j + 1
+
+
+class CopyInRewriter:
+    """Transforms the protected columns of a COPY FROM STDIN stream, row by row.
+
+    CopyData messages split rows anywhere, so complete rows are rewritten and the
+    remainder waits for the next message. Text format rows end at an unescaped
+    newline; CSV records may hold newlines inside quotes, so quote parity decides.
+    """
+
+    def __init__(self, actions: tuple[ValueAction, ...], fmt: str, transform: Callable[[ValueAction, str | None], str | None]) -> None:
+        self.actions = actions
+        self.csv = fmt == "csv"
+        self._transform = transform
+        self._pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._pending + data
+        end = self._complete_end(buf)
+        self._pending = buf[end:]
+        return self._rows(buf[:end]) if end else b""
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        if not rest:
+            return b""
+        return self._rows(rest + b"\n")
+
+    def _complete_end(self, buf: bytes) -> int:
+        if not self.csv:
+            return buf.rfind(b"\n") + 1
+        quoted = False
+        end = 0
+        for i, byte in enumerate(buf):
+            if byte == 0x22:
+                quoted = not quoted
+            elif byte == 0x0A and not quoted:
+                end = i + 1
+        return end
+
+    def _rows(self, block: bytes) -> bytes:
+        text = block.decode("utf-8")
+        out: list[str] = []
+        for line in self._records(text):
+            if not self.csv and line == "\\.":
+                out.append(line)
+                continue
+            out.append(self._csv_row(line) if self.csv else self._text_row(line))
+        return ("\n".join(out) + "\n").encode("utf-8")
+
+    def _records(self, text: str) -> list[str]:
+        if not self.csv:
+            return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+        records: list[str] = []
+        start = 0
+        quoted = False
+        for i, c in enumerate(text):
+            if c == '"':
+                quoted = not quoted
+            elif c == "\n" and not quoted:
+                records.append(text[start:i].removesuffix("\r"))
+                start = i + 1
+        if start < len(text):
+            records.append(text[start:])
+        return records
+
+    def _text_row(self, line: str) -> str:
+        fields = line.split("\t")
+        for i, action in enumerate(self.actions):
+            if action.kind != "pass" and i < len(fields):
+                value = _copy_text_unescape(fields[i])
+                new = self._transform(action, value)
+                fields[i] = "\\N" if new is None else new
+        return "\t".join(fields)
+
+    def _csv_row(self, line: str) -> str:
+        fields = _split_csv_record(line)
+        out: list[str] = []
+        for i, (value, quoted) in enumerate(fields):
+            action = self.actions[i] if i < len(self.actions) else None
+            if action is None or action.kind == "pass":
+                out.append('"' + value.replace('"', '""') + '"' if quoted else value)
+                continue
+            plain = value if (quoted or value) else None
+            new = self._transform(action, plain)
+            out.append("" if new is None else new)
+        return ",".join(out)

@@ -1,0 +1,282 @@
+"""Applying plans to one session's messages (no IO: bytes in, bytes out).
+
+Client side: Query and Parse texts are planned; a refused statement is replaced by a
+statement PostgreSQL itself rejects at the same point (a syntax error naming a
+marker), so the server aborts the transaction and skips to Sync exactly as it would
+for a real error, and the ordering of replies stays the server's. The server's
+ErrorResponse for the marker is then replaced by pgcloak's own message. Bind values
+and COPY rows are transformed in place; the client's parameters, ParameterDescription
+and RowDescription stay what it expects.
+
+Server side: complete messages only (a stored value must be whole to decrypt it); a
+chunk without the envelope prefix or the marker is forwarded as it came.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX
+from pgcloak.session.protection import CopyInRewriter, DecryptionFailed, Protection, ValueRefused
+from pgcloak.sql import PASS, Plan, ValueAction, resolve_execute
+from pgcloak.wire.errors import ProtocolError
+from pgcloak.wire.framing import iter_messages
+from pgcloak.wire.messages import (
+    Bind,
+    Close,
+    CopyData,
+    CopyFail,
+    DataRow,
+    ErrorResponse,
+    Parse,
+    Query,
+)
+
+MARKER = b"pgcloak_refused_"
+_MARKER_ID = re.compile(rb"pgcloak_refused_(\d+)")
+_ids = itertools.count(1)
+#: Named prepared statements tracked per session (PostgreSQL has no limit; we need one).
+MAX_STATEMENTS = 100_000
+_MAX_REFUSALS = 10_000
+
+Q, P, B, C = ord("Q"), ord("P"), ord("B"), ord("C")
+COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
+CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL))
+# Backend messages still delivered while the rest of a failed result is dropped.
+_KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
+
+
+class Rewriter:
+    """Per-session statement state: prepared statements, refusals, COPY."""
+
+    def __init__(self, protection: Callable[[], Protection]) -> None:
+        self._protection = protection
+        self.statements: dict[str, tuple[Protection, Plan, str]] = {}
+        self._refusals: dict[bytes, bytes] = {}
+        self._copy_in: CopyInRewriter | None = None
+        self._copy_out_csv = False
+        self._dropping = False
+        #: Plans of the statements seen, for the audit trail (a later issue).
+        self.last_plan: Plan | None = None
+
+    # -- refusals ------------------------------------------------------------------
+    def _arm(self, sqlstate: str, message: str) -> bytes:
+        """Remember our error; return the marker the server will echo in its error."""
+        if len(self._refusals) >= _MAX_REFUSALS:
+            self._refusals.clear()
+        marker = MARKER + str(next(_ids)).encode()
+        self._refusals[marker] = ErrorResponse.make(sqlstate, message).encode()
+        return marker
+
+    def _refuse_query(self, sqlstate: str, message: str) -> bytes:
+        return Query(self._arm(sqlstate, message).decode()).encode()
+
+    def _refuse_parse(self, name: str, sqlstate: str, message: str) -> bytes:
+        return Parse(name, self._arm(sqlstate, message).decode(), ()).encode()
+
+    def _refuse_bind(self, portal: str, sqlstate: str, message: str) -> bytes:
+        # Binding a statement that does not exist fails at Bind, naming the marker.
+        return Bind(portal, self._arm(sqlstate, message).decode(), (), (), ()).encode()
+
+    # -- client messages -------------------------------------------------------------
+    def client_message(self, kind: int, msg: bytes) -> bytes:
+        """The bytes to send to the server in place of one captured client message."""
+        if kind == Q:
+            return self._query(msg)
+        if kind == P:
+            return self._parse(msg)
+        if kind == B:
+            return self._bind(msg)
+        if kind == C:
+            self._close(msg)
+            return msg
+        return self._copy(kind, msg)
+
+    def _transform(self, protection: Protection) -> Callable[[ValueAction, str | None], str | None]:
+        return protection.transform
+
+    def _query(self, msg: bytes) -> bytes:
+        protection = self._protection()
+        sql = Query.decode(msg[5:]).sql
+        plan, literals = protection.planner.plan_simple(sql)
+        if plan.executes:
+            plan = resolve_execute(plan, {k: v[1] for k, v in self.statements.items()})
+        self.last_plan = plan
+        if not plan.decision.allowed:
+            return self._refuse_query(plan.decision.sqlstate, plan.decision.message)
+        if plan.prepare is not None:
+            self._remember(plan.prepare[0], protection, plan.prepare[1], "")
+        if plan.deallocate is not None:
+            if plan.deallocate.upper() == "ALL":
+                self.statements.clear()
+            else:
+                self.statements.pop(plan.deallocate, None)
+        self._start_copy(protection, plan)
+        if not plan.needs_render:
+            return msg
+        try:
+            text = protection.planner.apply(plan, literals, protection.transform)
+        except ValueRefused as exc:
+            return self._refuse_query(exc.sqlstate, exc.message)
+        return Query(text).encode()
+
+    def _start_copy(self, protection: Protection, plan: Plan) -> None:
+        if plan.copy_in is not None:
+            self._copy_in = CopyInRewriter(plan.copy_in, plan.copy_format or "text", protection.transform)
+        if plan.copy_out:
+            self._copy_out_csv = plan.copy_format == "csv"
+
+    def _remember(self, name: str, protection: Protection, plan: Plan, text: str) -> bool:
+        if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
+            return False
+        self.statements[name] = (protection, plan, text)
+        return True
+
+    def _parse(self, msg: bytes) -> bytes:
+        protection = self._protection()
+        parse = Parse.decode(msg[5:])
+        plan = protection.planner.plan(parse.query)
+        self.last_plan = plan
+        if not plan.decision.allowed:
+            self.statements.pop(parse.name, None)
+            return self._refuse_parse(parse.name, plan.decision.sqlstate, plan.decision.message)
+        if not self._remember(parse.name, protection, plan, parse.query):
+            return self._refuse_parse(
+                parse.name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})"
+            )
+        if plan.copy_out:
+            self._copy_out_csv = plan.copy_format == "csv"
+        if not plan.needs_render:
+            return msg
+        literals = protection.planner.plan_simple(parse.query)[1]
+        try:
+            text = protection.planner.apply(plan, literals, protection.transform)
+        except ValueRefused as exc:
+            self.statements.pop(parse.name, None)
+            return self._refuse_parse(parse.name, exc.sqlstate, exc.message)
+        return Parse(parse.name, text, parse.param_types).encode()
+
+    def _bind(self, msg: bytes) -> bytes:
+        body = msg[5:]
+        portal_end = body.find(b"\0")
+        stmt_end = body.find(b"\0", portal_end + 1)
+        if portal_end < 0 or stmt_end < 0:
+            raise ProtocolError("invalid Bind message: missing terminator")
+        name = body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape")
+        entry = self.statements.get(name)
+        if entry is None:
+            return msg  # unknown to us, hence to the server too: it reports the error
+        protection, plan, text = entry
+        current = self._protection()
+        if protection is not current and text:
+            # The policy changed since Parse: plan the same text again under the new one.
+            replanned = current.planner.plan(text)
+            if replanned.sql != plan.sql or not replanned.decision.allowed:
+                return self._refuse_bind(
+                    "", "0A000", "the pgcloak policy changed since this statement was prepared; prepare it again"
+                )
+            protection, plan = current, replanned
+        if plan.copy_in is not None:
+            self._start_copy(protection, plan)
+        actions = plan.params
+        if not any(a.kind != "pass" for a in actions):
+            return msg
+        bind = Bind.decode(body)
+        formats = bind.param_formats
+        out: list[bytes | None] = []
+        try:
+            for i, value in enumerate(bind.params):
+                action = actions[i] if i < len(actions) else PASS
+                if value is None or action.kind == "pass":
+                    out.append(value)
+                    continue
+                fmt = formats[0] if len(formats) == 1 else (formats[i] if formats else 0)
+                out.append(protection.transform_param(action, value, fmt == 1))
+        except ValueRefused as exc:
+            return self._refuse_bind(bind.portal, exc.sqlstate, exc.message)
+        return Bind(bind.portal, bind.statement, formats, tuple(out), bind.result_formats).encode()
+
+    def _close(self, msg: bytes) -> None:
+        close = Close.decode(msg[5:])
+        if close.kind == "S":
+            self.statements.pop(close.name, None)
+
+    def _copy(self, kind: int, msg: bytes) -> bytes:
+        rewriter = self._copy_in
+        if rewriter is None:
+            return msg
+        try:
+            if kind == COPY_DATA:
+                rows = rewriter.feed(CopyData.decode(msg[5:]).data)
+                return CopyData(rows).encode() if rows else b""
+            self._copy_in = None
+            if kind == COPY_DONE:
+                rest = rewriter.finish()
+                return (CopyData(rest).encode() if rest else b"") + msg
+            return msg
+        except (ValueRefused, UnicodeDecodeError) as exc:
+            self._copy_in = None
+            if isinstance(exc, ValueRefused):
+                state, text = exc.sqlstate, exc.message
+            else:
+                state, text = "22021", "COPY data for a protected column is not valid UTF-8"
+            return CopyFail(self._arm(state, text).decode()).encode()
+
+    # -- server messages ---------------------------------------------------------------
+    def needs_inspection(self, chunk: bytes) -> bool:
+        return self._dropping or ENVELOPE_PREFIX in chunk or (bool(self._refusals) and MARKER in chunk)
+
+    def backend_chunk(self, chunk: bytes) -> bytes:
+        """Complete server messages with envelopes decrypted and our errors put back."""
+        protection = self._protection()
+        out: list[bytes] = []
+        run = 0
+        for kind, start, end in iter_messages(chunk):
+            head = start - 5
+            replacement: bytes | None = None
+            if self._dropping:
+                if kind in _KEEP_WHILE_DROPPING:
+                    if kind == ord("Z"):
+                        self._dropping = False
+                    continue
+                replacement = b""
+            elif kind == ord("D") and ENVELOPE_PREFIX in chunk[start:end]:
+                replacement = self._reveal_row(protection, chunk[start:end])
+            elif kind == COPY_DATA and ENVELOPE_PREFIX in chunk[start:end]:
+                replacement = self._reveal_copy(protection, chunk[start:end])
+            elif kind == ord("E") and MARKER in chunk[start:end]:
+                m = _MARKER_ID.search(chunk, start, end)
+                if m is not None:
+                    replacement = self._refusals.pop(MARKER + m.group(1), None)
+            if replacement is None:
+                continue
+            if head > run:
+                out.append(chunk[run:head])
+            out.append(replacement)
+            run = end
+        if not out:
+            return chunk
+        if run < len(chunk):
+            out.append(chunk[run:])
+        return b"".join(out)
+
+    def _reveal_row(self, protection: Protection, body: bytes) -> bytes | None:
+        row = DataRow.decode(body)
+        try:
+            values = protection.reveal_row(row.values)
+        except DecryptionFailed as exc:
+            return self._fail_result(exc)
+        return None if values is None else DataRow(values).encode()
+
+    def _reveal_copy(self, protection: Protection, body: bytes) -> bytes:
+        try:
+            return CopyData(protection.reveal_copy_row(body, self._copy_out_csv)).encode()
+        except DecryptionFailed as exc:
+            return self._fail_result(exc)
+
+    def _fail_result(self, exc: DecryptionFailed) -> bytes:
+        """Never hand out garbage: the rest of this result is dropped up to ReadyForQuery."""
+        self._dropping = True
+        return ErrorResponse.make(exc.sqlstate, exc.message).encode()
