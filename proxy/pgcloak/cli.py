@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgcloak import __version__
 from pgcloak.config import ConfigError, Settings, load_settings
+from pgcloak.crypto.errors import CryptoError
+from pgcloak.policy import PolicyError
+
+if TYPE_CHECKING:
+    from pgcloak.crypto.keys import MasterKey
 
 # Settings that must not be given on a command line (visible in `ps`).
 _NO_FLAG = {"auth_password", "master_key"}
@@ -69,6 +76,102 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_secret(path: Path, text: str) -> None:
+    """Create a 0600 file (refusing to overwrite) so key material is never world-readable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+
+
+def _read_master_key(args: argparse.Namespace) -> MasterKey:
+    from pgcloak.crypto.keys import master_key_from_text
+    from pgcloak.crypto.sources import EnvKeySource, FileKeySource
+
+    if args.key_file is not None:
+        return FileKeySource(args.key_file).load()
+    if os.environ.get("PGCLOAK_MASTER_KEY"):
+        return EnvKeySource().load()
+    return master_key_from_text(sys.stdin.readline())
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from pgcloak.crypto.keys import generate_master_key, master_key_to_text
+
+    text = master_key_to_text(generate_master_key())
+    if args.out is None:
+        print(text)
+    else:
+        _write_secret(args.out, text)
+        print(f"wrote {args.out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_split(args: argparse.Namespace) -> int:
+    from pgcloak.crypto.keys import split_master_key
+
+    shares = split_master_key(_read_master_key(args), args.shares, args.threshold)
+    if args.out_dir is None:
+        print("\n".join(shares))
+        return 0
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for n, share in enumerate(shares, 1):
+        _write_secret(args.out_dir / f"share-{n}", share)
+    print(f"wrote {len(shares)} shares to {args.out_dir}; any {args.threshold} recover the key", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_combine(args: argparse.Namespace) -> int:
+    from pgcloak.crypto.keys import combine_shares, master_key_to_text
+    from pgcloak.crypto.sources import read_secret_file
+
+    texts = [t for f in args.files for t in read_secret_file(f).split()]
+    text = master_key_to_text(combine_shares(texts))
+    if args.out is None:
+        print(text)
+    else:
+        _write_secret(args.out, text)
+        print(f"wrote {args.out} (mode 0600)", file=sys.stderr)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pgcloak.crypto.blind_index import INDEX_LENGTH
+    from pgcloak.policy import load_policy
+    from pgcloak.sql import Planner, explain_text
+
+    planner = Planner(load_policy(args.policy), index_length=INDEX_LENGTH)
+    plan = planner.plan(args.sql)
+    print(explain_text(plan))
+    return 0 if plan.decision.allowed else 1
+
+
+def cmd_policy_ddl(args: argparse.Namespace) -> int:
+    from pgcloak.crypto.blind_index import INDEX_LENGTH
+    from pgcloak.policy import load_policy
+
+    policy = load_policy(args.file)
+    unique = {u.lower() for u in args.unique}
+    for table in sorted(policy.protected_tables()):
+        name = table.partition(".")[2]
+        print(f"-- {table}")
+        for column, col in policy.columns_of(table).items():
+            print(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE text;  -- stored values are longer than the plaintext")
+            if col.index == "exact":
+                is_unique = f"{table}.{column}" in unique or f"{name}.{column}" in unique
+                kind = "UNIQUE INDEX" if is_unique else "INDEX"
+                print(
+                    f"CREATE {kind} IF NOT EXISTS {name}_{column}_pgcloak_idx "
+                    f"ON {table} ((left({column}, {INDEX_LENGTH})));"
+                )
+                if is_unique:
+                    print(
+                        f"-- then drop the old UNIQUE constraint on {column} (ciphertext is randomized, so it "
+                        f"means nothing now), e.g.: ALTER TABLE {table} DROP CONSTRAINT {name}_{column}_key;"
+                    )
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgcloak", description="PostgreSQL privacy proxy")
     parser.add_argument("--version", action="version", version=f"pgcloak {__version__}")
@@ -95,6 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_policy_validate)
     schema = policy.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(func=cmd_policy_schema)
+    ddl = policy.add_parser("ddl", help="print the DDL the protected columns need (expression indexes)")
+    ddl.add_argument("file", type=Path)
+    ddl.add_argument(
+        "--unique", action="append", default=[], metavar="TABLE.COLUMN", help="index carries uniqueness"
+    )
+    ddl.set_defaults(func=cmd_policy_ddl)
+
+    explain = sub.add_parser("explain", help="show how pgcloak plans a statement (no connection)")
+    explain.add_argument("sql")
+    explain.add_argument("--policy", type=Path, required=True)
+    explain.set_defaults(func=cmd_explain)
+
+    keys = sub.add_parser("keys", help="master key tools").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="a new random 256-bit master key")
+    gen.add_argument("--out", type=Path, help="write to this new file (0600) instead of stdout")
+    gen.set_defaults(func=cmd_keys_generate)
+    split = keys.add_parser("split", help="split the master key into k-of-n Shamir shares")
+    split.add_argument("--shares", type=int, required=True)
+    split.add_argument("--threshold", type=int, required=True)
+    split.add_argument("--key-file", type=Path, help="default: PGCLOAK_MASTER_KEY, else one line on stdin")
+    split.add_argument("--out-dir", type=Path, help="write share-N files (0600) instead of stdout")
+    split.set_defaults(func=cmd_keys_split)
+    combine = keys.add_parser("combine", help="recover the master key from k shares")
+    combine.add_argument("files", nargs="+", type=Path)
+    combine.add_argument("--out", type=Path)
+    combine.set_defaults(func=cmd_keys_combine)
     return parser
 
 
@@ -103,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, PolicyError, CryptoError, OSError) as exc:
         print(f"pgcloak: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
