@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pgcloak.config import load_settings
+from pgcloak.crypto.keys import generate_master_key, master_key_to_text
 from pgcloak.logs import setup_logging
 from pgcloak.session.server import ProxyServer, install_event_loop_policy
 
@@ -15,15 +17,46 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
 DEMO_DB = "demo"
 
+#: The demo's policy: users.email and users.phone encrypted with blind indexes, ssn encrypted.
+DEMO_POLICY = """\
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+    phone: {encrypt: true, index: exact, normalize: phone}
+    ssn:   {encrypt: true}
+default_read: reveal
+"""
+
+DEMO_SCHEMA = """\
+CREATE TABLE users (id serial PRIMARY KEY, name text, email text, phone text, ssn text);
+CREATE UNIQUE INDEX users_email_pgcloak_idx ON users ((left(email, 22)));
+CREATE INDEX users_phone_pgcloak_idx ON users ((left(phone, 22)));
+ALTER TABLE users OWNER TO demo;
+"""
+
+WALKTHROUGH = """\
+Try, through pgcloak:
+
+  INSERT INTO users (name, email, phone, ssn)
+       VALUES ('Alice', 'alice@example.com', '+1 555 010 9999', '078-05-1120');
+  SELECT * FROM users WHERE email = 'ALICE@example.com';   -- found by its blind index
+  SELECT * FROM users WHERE email LIKE 'a%';                -- refused: no LIKE on ciphertext
+
+then read the same row directly from PostgreSQL: only ciphertext is stored.
+"""
+
 
 def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
+    """Serve until Ctrl-C. With a throwaway server, the demo schema is protected by
+    DEMO_POLICY under a fresh master key that lives only as long as the demo."""
     setup_logging("text", "info")
     if backend is not None:
         parts = urlsplit(backend)
         user = parts.username or "postgres"
         dbname = parts.path.lstrip("/") or user
         backend_url = urlunsplit(("postgresql", f"{parts.hostname or '127.0.0.1'}:{parts.port or 5432}", "", "", ""))
-        return _serve(listen, backend_url, user, dbname, None, None)
+        return _serve(listen, backend_url, user, dbname, None, None, None)
 
     from pgcloak.demo.postgres import TemporaryPostgres
 
@@ -32,18 +65,32 @@ def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
     server.start()
     try:
         server.create_login(DEMO_USER, DEMO_PASSWORD, DEMO_DB)
+        server.run_sql(DEMO_SCHEMA, dbname=DEMO_DB)
+        policy = server.base_dir / "demo-policy.yaml"
+        policy.write_text(DEMO_POLICY)
         print(f"pgcloak demo: PostgreSQL {server.version_string} on {server.host}:{server.port}", file=sys.stderr)
         direct = f"psql 'postgresql://{DEMO_USER}:{DEMO_PASSWORD}@{server.host}:{server.port}/{DEMO_DB}'"
         return _serve(
-            listen, f"postgresql://{server.host}:{server.port}", DEMO_USER, DEMO_DB, DEMO_PASSWORD, direct
+            listen, f"postgresql://{server.host}:{server.port}", DEMO_USER, DEMO_DB, DEMO_PASSWORD, direct, policy
         )
     finally:
         if not keep:
             server.stop()
 
 
-def _serve(listen: str, backend: str, user: str, dbname: str, password: str | None, direct: str | None) -> int:
-    settings = load_settings(None, {"listen": listen, "backend": backend})
+def _serve(
+    listen: str,
+    backend: str,
+    user: str,
+    dbname: str,
+    password: str | None,
+    direct: str | None,
+    policy: Path | None,
+) -> int:
+    flags: dict[str, object] = {"listen": listen, "backend": backend, "backend_tls_mode": "prefer"}
+    if policy is not None:
+        flags.update(policy=str(policy), master_key=master_key_to_text(generate_master_key()))
+    settings = load_settings(None, flags, environ={})
     install_event_loop_policy()
 
     async def main() -> None:
@@ -52,6 +99,9 @@ def _serve(listen: str, backend: str, user: str, dbname: str, password: str | No
         auth = f"{user}:{password}" if password else user
         print("\npgcloak is running. Connect through it with:\n", file=sys.stderr)
         print(f"  psql 'postgresql://{auth}@{settings.listen_host}:{proxy.port}/{dbname}'\n", file=sys.stderr)
+        if policy is not None:
+            print(f"Protected by {policy}:\n\n{DEMO_POLICY}", file=sys.stderr)
+            print(WALKTHROUGH, file=sys.stderr)
         if direct:
             print(f"PostgreSQL itself (bypassing pgcloak):\n\n  {direct}\n", file=sys.stderr)
         print("Press Ctrl-C to stop.", file=sys.stderr)

@@ -1,0 +1,64 @@
+"""README's first command: `pgcloak demo`, then the psql walkthrough it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from proxyctl import free_port
+
+
+def _psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+    )
+
+
+def test_demo_walkthrough(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgcloak.cli", "demo", "--listen", f"127.0.0.1:{port}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "Press Ctrl-C" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        text = log.read_text()
+        proxied = f"postgresql://demo:demo@127.0.0.1:{port}/demo"
+        assert f"psql '{proxied}'" in text
+        direct = re.findall(r"psql '(postgresql://demo:demo@127\.0\.0\.1:\d+/demo)'", text)[-1]
+        assert direct != proxied
+
+        insert = _psql(
+            proxied,
+            "INSERT INTO users (name, email, phone, ssn) "
+            "VALUES ('Alice', 'alice@example.com', '+1 555 010 9999', '078-05-1120')",
+        )
+        assert insert.returncode == 0, insert.stderr
+        found = _psql(proxied, "SELECT name, email, ssn FROM users WHERE email = 'ALICE@example.com'")
+        assert found.stdout.strip() == "Alice|alice@example.com|078-05-1120"
+        refused = _psql(proxied, "SELECT * FROM users WHERE email LIKE 'a%'")
+        assert refused.returncode != 0 and "LIKE" in refused.stderr and "email" in refused.stderr
+
+        stored = _psql(direct, "SELECT email, ssn FROM users WHERE name = 'Alice'").stdout.strip()
+        email, ssn = stored.split("|")
+        assert email[22:28] == ".pgc1:" and ssn.startswith("pgc1:")
+        assert "alice" not in stored.lower() and "078-05" not in stored
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, log.read_text()
