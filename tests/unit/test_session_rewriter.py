@@ -1,0 +1,201 @@
+"""Applying plans to message bytes, without sockets: the session's pure half."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pgcloak.crypto.blind_index import INDEX_LENGTH, blind_index
+from pgcloak.crypto.envelope import decrypt, encrypt
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import generate_master_key
+from pgcloak.policy import parse_policy
+from pgcloak.session.protection import (
+    CopyInRewriter,
+    Protection,
+    ValueRefused,
+    parse_text_array,
+    render_text_array,
+)
+from pgcloak.session.rewriter import Rewriter
+from pgcloak.sql import ValueAction
+from pgcloak.wire.framing import iter_messages
+from pgcloak.wire.messages import (
+    Bind,
+    CommandComplete,
+    CopyData,
+    DataRow,
+    ErrorResponse,
+    Parse,
+    Query,
+    ReadyForQuery,
+    decode_backend,
+)
+
+POLICY = """
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+    phone: {encrypt: true, index: exact, normalize: phone}
+    ssn: {encrypt: true}
+default_read: reveal
+"""
+
+
+@pytest.fixture(scope="module")
+def protection() -> Protection:
+    return Protection.build(parse_policy(POLICY), Keyring(generate_master_key()))
+
+
+@pytest.fixture
+def rewriter(protection: Protection) -> Rewriter:
+    return Rewriter(lambda: protection)
+
+
+def _index(p: Protection, value: str, normalize: str = "email") -> str:
+    return blind_index(p.keyring, "public.users.email", value, normalize)
+
+
+def test_query_literals_are_encrypted_and_indexed(rewriter: Rewriter, protection: Protection) -> None:
+    msg = Query("INSERT INTO users (email, ssn) VALUES ('Bob@X.org', 'o''reilly\\1')").encode()
+    out = Query.decode(rewriter.client_message(ord("Q"), msg)[5:]).sql
+    assert "Bob@X.org" not in out and "reilly" not in out
+    stored_email = out.split("'")[1]
+    assert stored_email[:INDEX_LENGTH] == _index(protection, "bob@x.org")
+    assert decrypt(protection.keyring, stored_email) == b"Bob@X.org"
+    stored_ssn = out.split("'")[3]
+    assert decrypt(protection.keyring, stored_ssn) == b"o'reilly\\1"
+
+
+def test_lookup_rewrites_to_index_prefix(rewriter: Rewriter, protection: Protection) -> None:
+    out = Query.decode(
+        rewriter.client_message(ord("Q"), Query("SELECT id FROM users WHERE email = 'A@B.c'").encode())[5:]
+    ).sql
+    assert out == f"SELECT id FROM users WHERE left(email, {INDEX_LENGTH}) = '{_index(protection, 'a@b.c')}'"
+
+
+def test_unprotected_query_is_forwarded_as_the_same_bytes(rewriter: Rewriter) -> None:
+    msg = Query("SELECT abalance FROM pgbench_accounts WHERE aid = 7").encode()
+    assert rewriter.client_message(ord("Q"), msg) is msg
+
+
+def test_parse_then_bind_text_and_binary_params(rewriter: Rewriter, protection: Protection) -> None:
+    parse = Parse("s1", "SELECT * FROM users WHERE email = $1 AND id = $2", (0, 0)).encode()
+    rewritten = Parse.decode(rewriter.client_message(ord("P"), parse)[5:])
+    assert rewritten.name == "s1" and rewritten.param_types == (0, 0)
+    assert f"left(email, {INDEX_LENGTH}) = $1" in rewritten.query
+    for fmt in (0, 1):
+        bind = Bind("", "s1", (fmt,), (b"X@Y.z", b"\x00\x00\x00\x07"), ()).encode()
+        out = Bind.decode(rewriter.client_message(ord("B"), bind)[5:])
+        assert out.params == (_index(protection, "x@y.z").encode(), b"\x00\x00\x00\x07")
+        assert out.param_formats == (fmt,)
+
+
+def test_bind_of_binary_array_param(rewriter: Rewriter, protection: Protection) -> None:
+    rewriter.client_message(ord("P"), Parse("a", "SELECT id FROM users WHERE email = ANY($1)", ()).encode())
+    elems = [b"a@b.c", None]
+    body = struct.pack("!iiIii", 1, 1, 25, 2, 1)
+    for e in elems:
+        body += struct.pack("!i", -1) if e is None else struct.pack("!i", len(e)) + e
+    out = Bind.decode(rewriter.client_message(ord("B"), Bind("", "a", (1,), (body,), ()).encode())[5:])
+    raw = out.params[0]
+    assert raw is not None
+    ndim, flags, oid, size, lbound = struct.unpack_from("!iiIii", raw)
+    assert (ndim, flags, oid, size, lbound) == (1, 1, 25, 2, 1)
+    n = struct.unpack_from("!i", raw, 20)[0]
+    assert raw[24 : 24 + n].decode() == _index(protection, "a@b.c")
+    assert struct.unpack_from("!i", raw, 24 + n)[0] == -1
+
+
+def test_refusal_is_replaced_in_server_order(rewriter: Rewriter) -> None:
+    sent = rewriter.client_message(ord("Q"), Query("SELECT * FROM users WHERE email LIKE 'a%'").encode())
+    marker = Query.decode(sent[5:]).sql
+    assert marker.startswith("pgcloak_refused_")
+    server_error = ErrorResponse.make("42601", f'syntax error at or near "{marker}"').encode()
+    chunk = server_error + ReadyForQuery("I").encode()
+    out = rewriter.backend_chunk(chunk)
+    msgs = [decode_backend(t, out[s:e]) for t, s, e in iter_messages(out)]
+    assert isinstance(msgs[0], ErrorResponse)
+    assert msgs[0].code == "0A000" and "email" in msgs[0].message and "LIKE" in msgs[0].message
+    assert msgs[1] == ReadyForQuery("I")
+
+
+def test_results_are_decrypted_by_envelope(rewriter: Rewriter, protection: Protection) -> None:
+    env = encrypt(protection.keyring, "public.users.ssn", b"123-45-6789")
+    stored = f"{_index(protection, 'a@b.c')}.{encrypt(protection.keyring, 'public.users.email', b'a@b.c')}"
+    rows = DataRow((b"1", env.encode(), None, stored.encode())).encode() + CommandComplete("SELECT 1").encode()
+    assert rewriter.needs_inspection(rows)
+    out = rewriter.backend_chunk(rows)
+    first = next(iter_messages(out))
+    assert DataRow.decode(out[first[1] : first[2]]).values == (b"1", b"123-45-6789", None, b"a@b.c")
+
+
+def test_tampered_value_gives_an_error_and_drops_the_rest_of_the_result(
+    rewriter: Rewriter, protection: Protection
+) -> None:
+    env = encrypt(protection.keyring, "public.users.ssn", b"secret")
+    bad = env[:-3] + ("A" if env[-3] != "A" else "B") + env[-2:]
+    chunk = (
+        DataRow((bad.encode(),)).encode()
+        + DataRow((b"x",)).encode()
+        + CommandComplete("SELECT 2").encode()
+        + ReadyForQuery("I").encode()
+    )
+    out = rewriter.backend_chunk(chunk)
+    msgs = [decode_backend(t, out[s:e]) for t, s, e in iter_messages(out)]
+    assert [type(m).__name__ for m in msgs] == ["ErrorResponse", "ReadyForQuery"]
+    assert isinstance(msgs[0], ErrorResponse) and msgs[0].code == "XX001"
+    assert b"secret" not in out
+
+
+def test_copy_in_text_rows_split_across_messages(rewriter: Rewriter, protection: Protection) -> None:
+    rewriter.client_message(ord("Q"), Query("COPY users (email, name) FROM STDIN").encode())
+    part1 = rewriter.client_message(ord("d"), CopyData(b"a@b.c\tAnn\nc@").encode())
+    part2 = rewriter.client_message(ord("d"), CopyData(b"d.e\t\\N\n").encode())
+    rows = (CopyData.decode(part1[5:]).data + CopyData.decode(part2[5:]).data).decode().splitlines()
+    assert [r.split("\t")[1] for r in rows] == ["Ann", "\\N"]
+    assert [decrypt(protection.keyring, r.split("\t")[0]) for r in rows] == [b"a@b.c", b"c@d.e"]
+
+
+def test_copy_in_csv_quoted_newlines_and_nulls(protection: Protection) -> None:
+    action = ValueAction("store", "public.users", "ssn", "public.users.ssn", None, "none", True, False, False)
+    rw = CopyInRewriter((action, ValueAction("pass")), "csv", protection.transform)
+    out = rw.feed(b'"multi\nline",x\n,"keep, me"\n""') + rw.finish()
+    lines = out.decode().split("\n")
+    assert decrypt(protection.keyring, lines[0].split(",")[0]) == b"multi\nline"
+    assert lines[1] == ',"keep, me"'  # unquoted empty = NULL stays NULL
+    assert decrypt(protection.keyring, lines[2]) == b""  # quoted empty = empty string
+
+
+def test_copy_out_rows_are_decrypted_and_escaped(protection: Protection) -> None:
+    env = encrypt(protection.keyring, "public.users.ssn", b"tab\there")
+    row = f"1\t{env}\n".encode()
+    assert protection.reveal_copy_row(row, csv=False) == b"1\ttab\\there\n"
+    assert protection.reveal_copy_row(f"1,{env}\n".encode(), csv=True) == b'1,"tab\there"\n'
+
+
+def test_invalid_phone_is_refused_without_echoing_it(rewriter: Rewriter) -> None:
+    sent = rewriter.client_message(ord("Q"), Query("INSERT INTO users (phone) VALUES ('call me maybe')").encode())
+    assert Query.decode(sent[5:]).sql.startswith("pgcloak_refused_")
+    assert b"call me" not in sent
+
+
+@pytest.mark.parametrize(
+    ("text", "items"),
+    [
+        ("{}", []),
+        ("{a,b}", ["a", "b"]),
+        ('{"x,y","q\\"z",NULL, c }', ["x,y", 'q"z', None, "c"]),
+        ('{"NULL"}', ["NULL"]),
+    ],
+)
+def test_text_arrays_round_trip(text: str, items: list[str | None]) -> None:
+    assert parse_text_array(text) == items
+    assert parse_text_array(render_text_array(items)) == items
+
+
+def test_nested_text_array_is_refused() -> None:
+    with pytest.raises(ValueRefused):
+        parse_text_array("{{a},{b}}")
