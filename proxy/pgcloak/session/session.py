@@ -53,6 +53,7 @@ _ids = itertools.count(1)
 _unpack_i32 = struct.Struct("!i").unpack_from
 _SSL_REQUEST = SSLRequest().encode()
 _TERMINATE = b"X\x00\x00\x00\x04"
+_READY_HEAD = b"Z\x00\x00\x00\x05"
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -96,7 +97,7 @@ class Session:
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
         self._c2b = Splitter(max_message=self.settings.max_message_size)
-        self._b2c = Splitter()
+        self._b2c_idle = True  # the last server chunk ended with ReadyForQuery
         self._b2c_held = b""  # an incomplete server message (protected sessions only)
         self._rewriter: Rewriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -162,8 +163,16 @@ class Session:
 
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse if the client stream is at a message boundary."""
-        if not self.client.closed and self._b2c.at_boundary and not self._b2c_held:
+        if not self.client.closed and self._client_at_boundary():
             self.client.write(error_response(sqlstate, message, "FATAL", detail))
+
+    def _client_at_boundary(self) -> bool:
+        """Can a message of ours be written to the client without splitting one of the server's?"""
+        if not self.ready:
+            return True  # start-up writes whole messages
+        if self._rewriter is not None:
+            return not self._b2c_held  # protected sessions forward whole messages only
+        return self._b2c_idle
 
     def terminate(self, sqlstate: str, message: str) -> None:
         """Server-initiated end of the session (shutdown, limits)."""
@@ -573,15 +582,16 @@ class Session:
         transport.write(data)
 
     def _relay_backend(self, data: bytes) -> None:
+        """Unprotected sessions: the server's bytes go to the client untouched.
+
+        Nothing here needs the server's message boundaries except injecting our own
+        FATAL (shutdown, protocol violation), which only ever happens between
+        transactions: so remember whether the last chunk ended with ReadyForQuery
+        instead of walking every header.
+        """
         self.bytes_from_backend += len(data)
-        segments = self._b2c.feed(data)
-        transport = self.client.transport
-        assert transport is not None
-        if segments is None:
-            transport.write(data)
-        else:
-            for _kind, chunk in segments:
-                transport.write(chunk)
+        self.client.transport.write(data)  # type: ignore[union-attr]
+        self._b2c_idle = data[-6:-1] == _READY_HEAD
 
     def _protocol_violation(self, exc: ProtocolError) -> None:
         log.info("protocol violation", extra={"session": self.id, "sqlstate": exc.sqlstate, "reason": exc.message})
