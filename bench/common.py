@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks in ``bench/`` (pass-through now, PII later).
+"""Shared helpers for the benchmarks in ``bench/`` (pass-through and PII workloads).
 
 Everything here is plain blocking code around subprocesses: a benchmark driver has
 no reason to be async, and the targets it measures run in processes of their own.
@@ -9,9 +9,11 @@ no reason to be async, and the targets it measures run in processes of their own
 * :func:`run_pgbench` / :class:`PgbenchResult`: run pgbench and parse its summary.
 * :func:`interleave`: the measurement loop: round-robin over targets for every
   case, repeated for several rounds, so machine noise hits all targets alike.
+* :class:`BenchTarget`: one target's runs by case, with means, spreads and errors.
 * :func:`print_table`: ``rich`` when installed, plain aligned text otherwise.
 * :func:`start_postgres`, :func:`init_pgbench_data`, :func:`pgcloak_argv`,
-  :func:`relay_argv`, :func:`start_pgbouncer`: the usual targets.
+  :func:`relay_argv`, :func:`start_pgbouncer`: the usual targets;
+  :func:`generate_master_key` for a pgcloak with a policy.
 
 Timings never fail anything: helpers record errors in results instead of raising,
 except when a target cannot start at all.
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,12 +43,14 @@ from pgcloak.demo.postgres import DbLogin, TemporaryPostgres, free_port, quote_l
 __all__ = [
     "BENCH_DIR",
     "HOST",
+    "BenchTarget",
     "Endpoint",
     "ManagedProcess",
     "PgbenchResult",
     "StartError",
     "fmt_num",
     "fmt_ratio",
+    "generate_master_key",
     "init_pgbench_data",
     "interleave",
     "mean_or_none",
@@ -393,6 +397,59 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+@dataclass
+class BenchTarget:
+    """One measured target: where clients connect, its process, and its runs by case.
+
+    A case's figure is the mean over its rounds; one failed run poisons the cell
+    (``None``) rather than averaging over fewer rounds silently.
+    """
+
+    key: str
+    description: str
+    endpoint: Endpoint
+    process: ManagedProcess | None = None
+    results: dict[str, list[PgbenchResult]] = field(default_factory=dict)
+
+    def add(self, result: PgbenchResult) -> None:
+        self.results.setdefault(result.case, []).append(result)
+
+    def tps(self, case: str) -> float | None:
+        return mean_or_none([r.tps if r.ok else None for r in self.results.get(case, [])])
+
+    def latency_ms(self, case: str) -> float | None:
+        return mean_or_none([r.latency_ms if r.ok else None for r in self.results.get(case, [])])
+
+    def spread(self, case: str) -> float | None:
+        """Half the min..max range of the rounds' tps, as a fraction of their mean."""
+        values = [r.tps for r in self.results.get(case, []) if r.ok and r.tps is not None]
+        if len(values) < 2:
+            return None
+        return (max(values) - min(values)) / 2 / statistics.fmean(values)
+
+    def failed(self, case: str) -> int:
+        return sum(r.failed for r in self.results.get(case, []))
+
+    def errors(self) -> list[str]:
+        return [
+            f"{r.case} round {r.round + 1}: {r.error}"
+            for runs in self.results.values()
+            for r in runs
+            if r.error
+        ]
+
+    def cell(self, case: str) -> str:
+        """``1,234 ±3%`` for a table: mean tps, spread over rounds, failed transactions."""
+        tps = self.tps(case)
+        text = fmt_num(tps)
+        spread = self.spread(case)
+        if tps is not None and spread is not None:
+            text += f" ±{spread * 100:.0f}%"
+        if self.failed(case):
+            text += f" ({self.failed(case)} failed)"
+        return text
+
+
 # ----------------------------------------------------------------- measurement loop
 
 
@@ -540,6 +597,27 @@ def pgcloak_argv(
     if workers > 1:
         argv += ["--workers", str(workers)]
     return argv + list(extra)
+
+
+def generate_master_key() -> str:
+    """A fresh master key from ``pgcloak keys generate`` (base64), for PGCLOAK_MASTER_KEY.
+
+    Never printed or logged by the benchmarks; it lives only in the proxies' environment.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgcloak.cli", "keys", "generate"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    key = proc.stdout.strip()
+    if proc.returncode != 0 or not key:
+        raise RuntimeError(
+            f"pgcloak keys generate failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
+    return key
 
 
 def relay_argv(listen_port: int, backend_port: int, *, workers: int = 1) -> list[str]:
