@@ -23,9 +23,10 @@ from pgcloak.crypto.errors import (
 )
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.policy import Policy
-from pgcloak.sql import Planner, ValueAction
+from pgcloak.sql import Literal, Plan, Planner, ValueAction
 
 _I32 = struct.Struct("!i")
+_PARSE_CACHE_SIZE = 4096
 _ARRAY_HEAD = struct.Struct("!iiI")
 _DIM = struct.Struct("!ii")
 
@@ -53,11 +54,28 @@ class DecryptionFailed(Exception):
         self.message = message
 
 
+@dataclass(frozen=True, slots=True)
+class ParsePlan:
+    """A Parse text's plan plus what the session sends for it.
+
+    ``static`` is the rewritten query text when it is the same on every execution (no
+    literal in it is encrypted, since encryption is randomized); ``literals`` are the
+    text's literals when it must be rendered per message.
+    """
+
+    plan: Plan
+    static: bytes | None
+    literals: tuple[Literal, ...]
+
+
 @dataclass(frozen=True)
 class Protection:
     policy: Policy
     keyring: Keyring
     planner: Planner
+    #: Parse texts already planned, keyed by their raw bytes (extended-protocol
+    #: clients parse the same few texts over and over).
+    parse_cache: dict[bytes, ParsePlan] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, policy: Policy, keyring: Keyring) -> Protection:
@@ -65,6 +83,26 @@ class Protection:
             for column, col in policy.columns_of(table).items():
                 keyring.set_current_version(policy.key_id(table, column), col.key_version)
         return cls(policy, keyring, Planner(policy, index_length=INDEX_LENGTH))
+
+    def plan_parse(self, query: bytes) -> ParsePlan:
+        found = self.parse_cache.get(query)
+        if found is not None:
+            return found
+        text = query.decode("utf-8", "surrogateescape")
+        plan = self.planner.plan(text)
+        static: bytes | None = None
+        literals: tuple[Literal, ...] = ()
+        if plan.decision.allowed and plan.needs_render:
+            lits = self.planner.plan_simple(text)[1]
+            if any(a.kind != "pass" for a in plan.literals):
+                literals = tuple(lits)
+            else:
+                static = self.planner.render(plan, lits).encode("utf-8", "surrogateescape")
+        entry = ParsePlan(plan, static, literals)
+        if len(self.parse_cache) >= _PARSE_CACHE_SIZE:
+            self.parse_cache.clear()
+        self.parse_cache[query] = entry
+        return entry
 
     # -- values going in --------------------------------------------------------------
     def transform(self, action: ValueAction, value: str | None) -> str | None:
@@ -168,7 +206,13 @@ class Protection:
 
         def replace(m: re.Match[bytes]) -> bytes:
             plain = self.reveal(m.group(0))
-            return _csv_quote(plain) if csv else _copy_text_escape(plain)
+            if not csv:
+                return _copy_text_escape(plain)
+            start, end = m.span()
+            if row[start - 1 : start] == b'"' and row[end : end + 1] == b'"':
+                # already quoted by the server (FORCE_QUOTE): escape inside the quotes
+                return plain.replace(b'"', b'""')
+            return _csv_quote(plain)
 
         return _STORED.sub(replace, row)
 

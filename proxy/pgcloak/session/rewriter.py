@@ -22,7 +22,7 @@ from pgcloak.crypto.envelope import ENVELOPE_PREFIX
 from pgcloak.session.protection import CopyInRewriter, DecryptionFailed, Protection, ValueRefused
 from pgcloak.sql import PASS, Plan, ValueAction, resolve_execute
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import iter_messages
+from pgcloak.wire.framing import frame, iter_messages
 from pgcloak.wire.messages import (
     Bind,
     Close,
@@ -46,6 +46,10 @@ COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL))
 # Backend messages still delivered while the rest of a failed result is dropped.
 _KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
+
+
+def text_of(body: bytes, start: int, end: int) -> str:
+    return body[start + 1 : end].decode("utf-8", "surrogateescape")
 
 
 class Rewriter:
@@ -101,18 +105,11 @@ class Rewriter:
         protection = self._protection()
         sql = Query.decode(msg[5:]).sql
         plan, literals = protection.planner.plan_simple(sql)
-        if plan.executes:
-            plan = resolve_execute(plan, {k: v[1] for k, v in self.statements.items()})
+        plan = self._resolve(plan)
         self.last_plan = plan
         if not plan.decision.allowed:
             return self._refuse_query(plan.decision.sqlstate, plan.decision.message)
-        if plan.prepare is not None:
-            self._remember(plan.prepare[0], protection, plan.prepare[1], "")
-        if plan.deallocate is not None:
-            if plan.deallocate.upper() == "ALL":
-                self.statements.clear()
-            else:
-                self.statements.pop(plan.deallocate, None)
+        self._sql_level_statements(protection, plan)
         self._start_copy(protection, plan)
         if not plan.needs_render:
             return msg
@@ -121,6 +118,22 @@ class Rewriter:
         except ValueRefused as exc:
             return self._refuse_query(exc.sqlstate, exc.message)
         return Query(text).encode()
+
+    def _resolve(self, plan: Plan) -> Plan:
+        """``EXECUTE name(...)``: give its literals the actions of the prepared statement."""
+        if plan.executes:
+            return resolve_execute(plan, {k: v[1] for k, v in self.statements.items()})
+        return plan
+
+    def _sql_level_statements(self, protection: Protection, plan: Plan) -> None:
+        """Track SQL-level PREPARE / DEALLOCATE (same namespace as protocol-level names)."""
+        if plan.prepare is not None:
+            self._remember(plan.prepare[0], protection, plan.prepare[1], "")
+        if plan.deallocate is not None:
+            if plan.deallocate.upper() == "ALL":
+                self.statements.clear()
+            else:
+                self.statements.pop(plan.deallocate, None)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -136,27 +149,33 @@ class Rewriter:
 
     def _parse(self, msg: bytes) -> bytes:
         protection = self._protection()
-        parse = Parse.decode(msg[5:])
-        plan = protection.planner.plan(parse.query)
+        body = msg[5:]
+        name_end = body.find(b"\0")
+        query_end = body.find(b"\0", name_end + 1)
+        if name_end < 0 or query_end < 0:
+            raise ProtocolError("invalid Parse message: missing terminator")
+        name = body[:name_end].decode("utf-8", "surrogateescape")
+        entry = protection.plan_parse(body[name_end + 1 : query_end])
+        plan = entry.plan
         self.last_plan = plan
         if not plan.decision.allowed:
-            self.statements.pop(parse.name, None)
-            return self._refuse_parse(parse.name, plan.decision.sqlstate, plan.decision.message)
-        if not self._remember(parse.name, protection, plan, parse.query):
-            return self._refuse_parse(
-                parse.name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})"
-            )
+            self.statements.pop(name, None)
+            return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
+        text = entry.static
+        if not self._remember(name, protection, plan, text_of(body, name_end, query_end)):
+            return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
-        if not plan.needs_render:
+        if entry.literals:
+            try:
+                rendered = protection.planner.apply(plan, entry.literals, protection.transform)
+            except ValueRefused as exc:
+                self.statements.pop(name, None)
+                return self._refuse_parse(name, exc.sqlstate, exc.message)
+            text = rendered.encode("utf-8", "surrogateescape")
+        if text is None:
             return msg
-        literals = protection.planner.plan_simple(parse.query)[1]
-        try:
-            text = protection.planner.apply(plan, literals, protection.transform)
-        except ValueRefused as exc:
-            self.statements.pop(parse.name, None)
-            return self._refuse_parse(parse.name, exc.sqlstate, exc.message)
-        return Parse(parse.name, text, parse.param_types).encode()
+        return frame(b"P", body[: name_end + 1] + text + body[query_end:])
 
     def _bind(self, msg: bytes) -> bytes:
         body = msg[5:]
