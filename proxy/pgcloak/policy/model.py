@@ -181,7 +181,7 @@ class Guards(BaseModel):
     )
 
 
-AUDIT_SINK_PATTERN = r"^(?:file:.+|stdout:?|stderr:?)$"
+AUDIT_SINK_PATTERN = r"^(?:file:.+|stdout:?|stderr:?|postgres(?:ql)?://.+)$"
 
 
 class Audit(BaseModel):
@@ -197,7 +197,10 @@ class Audit(BaseModel):
     sink: str = Field(
         default="file:pgcloak-audit.jsonl",
         json_schema_extra={"pattern": AUDIT_SINK_PATTERN},
-        description="Destination: 'file:<path>', 'stdout' or 'stderr'.",
+        description="Destination: 'file:<path>' (JSON lines; with several workers each writes "
+        "'<name>.w<id><suffix>'), 'stdout', 'stderr', or a PostgreSQL table "
+        "'postgresql://user@host:port/db?table=pgcloak_audit' (keep the password out of the "
+        "policy: PGPASSWORD or ~/.pgpass work).",
     )
     queue_size: int = Field(
         default=10000,
@@ -207,7 +210,7 @@ class Audit(BaseModel):
     on_full: Literal["block", "drop"] = Field(
         default="block",
         description="When the queue is full: block the statement (no event lost) or drop "
-        "the event (counted in metrics).",
+        "the event (counted in metrics, and a gap record in the trail says how many).",
     )
     on_audit_failure: Literal["allow", "refuse"] = Field(
         default="refuse",
@@ -216,17 +219,56 @@ class Audit(BaseModel):
     )
     fsync: Literal["always", "interval", "never"] = Field(
         default="interval",
-        description="How often a file sink is fsynced.",
+        description="How often a file sink is fsynced: after every write, every "
+        "fsync_interval seconds, or never (left to the OS).",
+    )
+    fsync_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between fsyncs of a file sink with fsync: interval.",
+    )
+    seal_interval: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds between periodic seal records (seals are also written at "
+        "rotation and on clean shutdown).",
+    )
+    rotate_bytes: int | None = Field(
+        default=100 * 1024 * 1024,
+        ge=1,
+        description="Rotate a file sink when it reaches this size; null: never by size.",
+    )
+    rotate_interval: float | None = Field(
+        default=86400.0,
+        gt=0,
+        description="Rotate a file sink after this many seconds; null: never by time.",
+    )
+    batch_size: int = Field(
+        default=1000,
+        ge=1,
+        description="Most events written to the sink at once (one COPY for a PostgreSQL sink).",
+    )
+    spill_dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Directory of the spill file that holds events while the sink fails. "
+        "Default: next to a file sink; for other sinks <tmp>/pgcloak-audit-spill.",
+    )
+    spill_max_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="Largest spill file; when it is full the queue fills and on_full applies.",
     )
 
     @field_validator("sink")
     @classmethod
     def _check_sink(cls, value: str) -> str:
         if re.match(AUDIT_SINK_PATTERN, value) is None:
+            # Never echo the value: a mistyped DSN may carry a password.
             raise PydanticCustomError(
                 "invalid_sink",
-                "audit sink must be 'file:<path>', 'stdout' or 'stderr' (got '{value}')",
-                {"value": value},
+                "audit sink must be 'file:<path>', 'stdout', 'stderr' or "
+                "'postgresql://user@host:port/db?table=name'",
             )
         return value
 

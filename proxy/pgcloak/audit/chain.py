@@ -1,0 +1,156 @@
+"""The hash chain: sequence numbers and HMACs that make the audit trail tamper-evident.
+
+Pure (no IO). Every record of a chain carries
+
+* ``chain``: the chain id (one per worker and process start),
+* ``seq``: 1, 2, 3, ... within the chain,
+* ``prev``: the previous record's ``mac`` (:data:`GENESIS` for ``seq`` 1),
+* ``mac``: ``HMAC-SHA256(audit key, canonical(record without "mac"))`` in hex,
+
+where ``canonical`` is ``json.dumps(sort_keys=True, separators=(",", ":"),
+ensure_ascii=False).encode()``. Editing a record breaks its ``mac``; deleting,
+inserting or moving one breaks ``seq``/``prev`` of its neighbours, and nobody without
+the key can compute a matching ``mac``. A written line is that canonical form with
+``"mac"`` appended as the last member (one serialization per record; verifiers parse
+the JSON, so member order does not matter to them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from pgcloak.audit.events import CHAIN_FIELDS, SealReason, seal_event, utc_now
+
+__all__ = [
+    "GENESIS",
+    "MIN_KEY_BYTES",
+    "Chain",
+    "ChainedRecord",
+    "canonical",
+    "compute_mac",
+    "mac_ok",
+    "make_chain_id",
+]
+
+#: ``prev`` of the first record of every chain.
+GENESIS: Final = "0" * 64
+MIN_KEY_BYTES: Final = 16
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """The byte string the MAC covers (and the form a record is written in)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the audit key must be at least {MIN_KEY_BYTES} bytes")
+    return bytes(key)
+
+
+def compute_mac(key: bytes, record: Mapping[str, Any]) -> str:
+    """HMAC-SHA256 (hex) of ``record`` without its ``mac`` field."""
+    body = {k: v for k, v in record.items() if k != "mac"}
+    return hmac.new(key, canonical(body), hashlib.sha256).hexdigest()
+
+
+def mac_ok(key: bytes, record: Mapping[str, Any]) -> bool:
+    """Whether ``record["mac"]`` is the MAC of the rest of ``record`` (constant time)."""
+    mac = record.get("mac")
+    if not isinstance(mac, str):
+        return False
+    try:
+        expected = compute_mac(key, record)
+    except (TypeError, ValueError):  # not JSON-serializable, NaN, lone surrogate
+        return False
+    return hmac.compare_digest(expected, mac)
+
+
+def make_chain_id(worker: int | None, started: datetime | None = None) -> str:
+    """``w<worker>-<UTC start>-<random>``, e.g. ``w0-20240501T120000.123456Z-3fa9c2``."""
+    when = (started or utc_now()).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"w{worker if worker is not None else 0}-{when}-{secrets.token_hex(3)}"
+
+
+class ChainedRecord:
+    """One chained record: the full dict and its line (JSON, no newline)."""
+
+    __slots__ = ("line", "record")
+
+    def __init__(self, record: dict[str, Any], line: str) -> None:
+        self.record = record
+        self.line = line
+
+    @property
+    def seq(self) -> int:
+        seq: int = self.record["seq"]
+        return seq
+
+    @property
+    def chain(self) -> str:
+        chain: str = self.record["chain"]
+        return chain
+
+    @classmethod
+    def from_line(cls, line: str) -> ChainedRecord:
+        """Parse a line written earlier (e.g. from a spill file); raises ValueError."""
+        record = json.loads(line)
+        if not isinstance(record, dict) or any(f not in record for f in CHAIN_FIELDS):
+            raise ValueError("not a chained audit record")
+        return cls(record, line.rstrip("\n"))
+
+
+class Chain:
+    """The state of one chain: assigns ``seq``/``chain``/``prev``/``mac`` in order.
+
+    Not thread-safe; one writer owns a chain. ``since_seal`` counts the records chained
+    since the last seal, which the next seal reports as ``count``.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        chain_id: str,
+        *,
+        worker: int | None = None,
+        next_seq: int = 1,
+        prev: str = GENESIS,
+    ) -> None:
+        self._key = _check_key(key)
+        self.chain_id = chain_id
+        self.worker = worker
+        self.next_seq = next_seq
+        self.prev = prev
+        self.since_seal = 0
+
+    def append(self, event: Mapping[str, Any]) -> ChainedRecord:
+        """Chain ``event`` (which must not carry chain fields) and return the record."""
+        if any(f in event for f in CHAIN_FIELDS):
+            raise ValueError("an event handed to the chain must not carry chain fields")
+        record = dict(event)
+        record["seq"] = self.next_seq
+        record["chain"] = self.chain_id
+        record["prev"] = self.prev
+        body = canonical(record)
+        mac = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+        record["mac"] = mac
+        line = body[:-1].decode("utf-8") + ',"mac":"' + mac + '"}'
+        self.next_seq += 1
+        self.prev = mac
+        if record.get("type") == "seal":
+            self.since_seal = 0
+        else:
+            self.since_seal += 1
+        return ChainedRecord(record, line)
+
+    def seal(self, reason: SealReason) -> ChainedRecord:
+        """Append a seal record (``periodic``, ``rotation`` or ``shutdown``)."""
+        return self.append(seal_event(reason=reason, count=self.since_seal, worker=self.worker))

@@ -1,0 +1,544 @@
+"""Audit events: the builders the session calls, and the validator every event passes.
+
+Pure (no IO). An event is a plain ``dict`` that serializes to one JSON object per line.
+The builders take keyword arguments only and have no parameter that could carry a
+literal value: statements are described by their kind, a fingerprint with literals
+removed, the tables and column key ids (``"public.users.email"``) they touch, and for
+lookups the *blind-index* values searched for (keyed hashes, not PII).
+:func:`validate_event` rejects any field that is not in the schema, so a dict built by
+hand cannot smuggle one in either. The builders only assemble the dict;
+``AuditLog.emit`` validates every event (once), so a bad argument raises there.
+
+The chain fields (``seq``, ``chain``, ``prev``, ``mac``) are added by
+:mod:`pgcloak.audit.chain` when the event is written; events handed to the log must not
+carry them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+__all__ = [
+    "CHAIN_FIELDS",
+    "COMMON_FIELDS",
+    "CONNECTION_ACTIONS",
+    "EVENT_FIELDS",
+    "EVENT_TYPES",
+    "LOOKUP_VALUE_PATTERN",
+    "SEAL_REASONS",
+    "WRITE_KINDS",
+    "ConnectionAction",
+    "EventType",
+    "InvalidEventError",
+    "SealReason",
+    "SessionInfo",
+    "connection_event",
+    "format_ts",
+    "gap_event",
+    "new_event_id",
+    "refusal_event",
+    "seal_event",
+    "should_record",
+    "statement_event",
+    "utc_now",
+    "validate_event",
+]
+
+EventType = Literal["connection", "statement", "refusal", "gap", "seal"]
+ConnectionAction = Literal["authenticated", "auth_failed", "disconnected"]
+SealReason = Literal["periodic", "rotation", "shutdown"]
+StatementsMode = Literal["pii", "writes", "all"]
+
+EVENT_TYPES: Final = frozenset({"connection", "statement", "refusal", "gap", "seal"})
+CONNECTION_ACTIONS: Final = frozenset({"authenticated", "auth_failed", "disconnected"})
+SEAL_REASONS: Final = frozenset({"periodic", "rotation", "shutdown"})
+#: Statement kinds that change data (``audit.statements: writes`` records them all).
+WRITE_KINDS: Final = frozenset({"insert", "update", "delete", "merge", "copy", "truncate"})
+
+#: Blind-index values are base64url keyed hashes. Anything else (an e-mail address, a
+#: phone number, a short number) is refused, as a last line of defence against a
+#: plaintext value ending up in ``lookups``.
+LOOKUP_VALUE_PATTERN: Final = r"^[A-Za-z0-9_-]{16,128}$"
+_LOOKUP_RE: Final = re.compile(LOOKUP_VALUE_PATTERN)
+# Key ids join canonical names (no dots inside, even quoted) with dots: public.users.email.
+_KEY_ID_RE: Final = re.compile(r"^[^.\x00]{1,63}(?:\.[^.\x00]{1,63}){1,3}$")
+_KIND_RE: Final = re.compile(r"^[a-z][a-z_]{0,31}$")
+_SQLSTATE_RE: Final = re.compile(r"^[0-9A-Z]{5}$")
+
+#: Fields every session-bound event carries (``connection``, ``statement``, ``refusal``).
+COMMON_FIELDS: Final = (
+    "ts",
+    "id",
+    "type",
+    "session",
+    "user",
+    "database",
+    "application_name",
+    "client",
+    "worker",
+)
+#: Added by the chain; never present in an event handed to the log.
+CHAIN_FIELDS: Final = ("seq", "chain", "prev", "mac")
+
+
+class InvalidEventError(ValueError):
+    """An event does not match the audit schema (unknown field, wrong type, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """Who is on the other end of a session: copied into every event of the session.
+
+    ``client`` is the peer address as text (``"10.0.0.7:51234"`` or a unix socket path);
+    ``worker`` the proxy worker id (None with a single worker).
+    """
+
+    session: str
+    user: str | None = None
+    database: str | None = None
+    application_name: str | None = None
+    client: str | None = None
+    worker: int | None = None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(when: datetime) -> str:
+    """UTC ISO-8601 with microseconds and a ``Z``: ``2024-05-01T12:00:00.000123Z``."""
+    if when.tzinfo is None:
+        raise InvalidEventError("audit timestamps must be timezone-aware")
+    if when.utcoffset():
+        when = when.astimezone(UTC)
+    return when.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def new_event_id() -> str:
+    """A unique event id: 128 random bits as 32 hex digits."""
+    return os.urandom(16).hex()
+
+
+def _base(kind: EventType, info: SessionInfo, ts: datetime | None) -> dict[str, Any]:
+    return {
+        "ts": format_ts(ts or utc_now()),
+        "id": new_event_id(),
+        "type": kind,
+        "session": info.session,
+        "user": info.user,
+        "database": info.database,
+        "application_name": info.application_name,
+        "client": info.client,
+        "worker": info.worker,
+    }
+
+
+def _ms(value: float | None) -> float | None:
+    # Rounded so that the value survives a round trip through jsonb unchanged.
+    return None if value is None else round(float(value), 3)
+
+
+def connection_event(
+    info: SessionInfo,
+    *,
+    action: ConnectionAction,
+    tls: bool,
+    duration_ms: float | None = None,
+    bytes_in: int | None = None,
+    bytes_out: int | None = None,
+    statements: int | None = None,
+    reason: str | None = None,
+    sqlstate: str | None = None,
+    ts: datetime | None = None,
+) -> dict[str, Any]:
+    """A connection event: ``authenticated``, ``auth_failed`` or ``disconnected``.
+
+    Totals (``duration_ms``, ``bytes_in``, ``bytes_out``, ``statements``) belong to
+    ``disconnected``; ``reason``/``sqlstate`` say why authentication failed or why the
+    session ended (an error message from the server, never a value from a statement).
+    """
+    event = _base("connection", info, ts)
+    event.update(
+        action=action,
+        tls=tls,
+        duration_ms=_ms(duration_ms),
+        bytes_in=bytes_in,
+        bytes_out=bytes_out,
+        statements=statements,
+        reason=reason,
+        sqlstate=sqlstate,
+    )
+    return event
+
+
+def _statement(
+    kind_of_event: Literal["statement", "refusal"],
+    info: SessionInfo,
+    *,
+    kind: str,
+    fingerprint: str,
+    tables: Iterable[str],
+    columns_read: Iterable[str],
+    columns_written: Iterable[str],
+    pii: Iterable[str] | None,
+    lookups: Mapping[str, Iterable[str]] | None,
+    rows: int | None,
+    decision: Literal["allow", "deny"],
+    reason: str | None,
+    sqlstate: str | None,
+    duration_ms: float | None,
+    ts: datetime | None,
+) -> dict[str, Any]:
+    read = list(columns_read)
+    written = list(columns_written)
+    touched = sorted(set(read) | set(written)) if pii is None else list(pii)
+    event = _base(kind_of_event, info, ts)
+    event.update(
+        kind=kind,
+        fingerprint=fingerprint,
+        tables=list(tables),
+        columns_read=read,
+        columns_written=written,
+        pii=touched,
+        lookups={k: list(v) for k, v in (lookups or {}).items()},
+        rows=rows,
+        decision=decision,
+        reason=reason,
+        sqlstate=sqlstate,
+        duration_ms=_ms(duration_ms),
+    )
+    return event
+
+
+def statement_event(
+    info: SessionInfo,
+    *,
+    kind: str,
+    fingerprint: str,
+    tables: Iterable[str] = (),
+    columns_read: Iterable[str] = (),
+    columns_written: Iterable[str] = (),
+    pii: Iterable[str] | None = None,
+    lookups: Mapping[str, Iterable[str]] | None = None,
+    rows: int | None = None,
+    decision: Literal["allow", "deny"] = "allow",
+    reason: str | None = None,
+    sqlstate: str | None = None,
+    duration_ms: float | None = None,
+    ts: datetime | None = None,
+) -> dict[str, Any]:
+    """A statement that ran (or failed in the server: pass its ``sqlstate``).
+
+    ``fingerprint`` is the normalized text with literals removed; ``columns_*`` and
+    ``pii`` are column key ids (``pii`` defaults to every column read or written);
+    ``lookups`` maps a column key id to the blind-index values the statement searched.
+    """
+    return _statement(
+        "statement",
+        info,
+        kind=kind,
+        fingerprint=fingerprint,
+        tables=tables,
+        columns_read=columns_read,
+        columns_written=columns_written,
+        pii=pii,
+        lookups=lookups,
+        rows=rows,
+        decision=decision,
+        reason=reason,
+        sqlstate=sqlstate,
+        duration_ms=duration_ms,
+        ts=ts,
+    )
+
+
+def refusal_event(
+    info: SessionInfo,
+    *,
+    kind: str,
+    fingerprint: str,
+    reason: str,
+    sqlstate: str,
+    tables: Iterable[str] = (),
+    columns_read: Iterable[str] = (),
+    columns_written: Iterable[str] = (),
+    pii: Iterable[str] | None = None,
+    lookups: Mapping[str, Iterable[str]] | None = None,
+    duration_ms: float | None = None,
+    ts: datetime | None = None,
+) -> dict[str, Any]:
+    """A statement pgcloak refused (guard, unsupported operation, parse failure, audit down)."""
+    return _statement(
+        "refusal",
+        info,
+        kind=kind,
+        fingerprint=fingerprint,
+        tables=tables,
+        columns_read=columns_read,
+        columns_written=columns_written,
+        pii=pii,
+        lookups=lookups,
+        rows=None,
+        decision="deny",
+        reason=reason,
+        sqlstate=sqlstate,
+        duration_ms=duration_ms,
+        ts=ts,
+    )
+
+
+def gap_event(
+    *, count: int, worker: int | None, first_ts: datetime, last_ts: datetime
+) -> dict[str, Any]:
+    """``count`` events dropped (``on_full: drop``) between ``first_ts`` and ``last_ts``."""
+    event: dict[str, Any] = {
+        "ts": format_ts(utc_now()),
+        "id": new_event_id(),
+        "type": "gap",
+        "worker": worker,
+        "reason": "queue_full",
+        "count": count,
+        "first_ts": format_ts(first_ts),
+        "last_ts": format_ts(last_ts),
+    }
+    return event
+
+
+def seal_event(*, reason: SealReason, count: int, worker: int | None) -> dict[str, Any]:
+    """A seal: ``count`` records were chained since the previous seal of this chain."""
+    event: dict[str, Any] = {
+        "ts": format_ts(utc_now()),
+        "id": new_event_id(),
+        "type": "seal",
+        "worker": worker,
+        "reason": reason,
+        "count": count,
+    }
+    return event
+
+
+def should_record(mode: StatementsMode, kind: str, touches_pii: bool) -> bool:
+    """Whether ``audit.statements`` asks for an event for this (allowed) statement.
+
+    Refusals and connection events are always recorded; this is only for statements.
+    """
+    if mode == "all" or touches_pii:
+        return True
+    return mode == "writes" and kind in WRITE_KINDS
+
+
+# --------------------------------------------------------------------------- validation
+# Straight-line checks: emit() validates every event on the session's path, so this
+# stays a few microseconds (no strptime, no per-field closures).
+
+_TS_RE: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z\Z")
+_OPTIONAL_TEXT: Final = ("user", "database", "application_name", "client")
+
+
+class _Bad(Exception):
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _opt_count(e: Mapping[str, Any], name: str) -> None:
+    v = e[name]
+    if v is not None and not (type(v) is int and v >= 0):
+        raise _Bad(name)
+
+
+def _opt_ms(e: Mapping[str, Any], name: str) -> None:
+    v = e[name]
+    if v is None:
+        return
+    if not (type(v) is int or (type(v) is float and math.isfinite(v))) or v < 0:
+        raise _Bad(name)
+
+
+def _opt_text(e: Mapping[str, Any], name: str) -> None:
+    v = e[name]
+    if v is not None and type(v) is not str:
+        raise _Bad(name)
+
+
+def _opt_sqlstate(e: Mapping[str, Any]) -> None:
+    v = e["sqlstate"]
+    if v is not None and (type(v) is not str or _SQLSTATE_RE.match(v) is None):
+        raise _Bad("sqlstate")
+
+
+def _ts(e: Mapping[str, Any], name: str) -> None:
+    v = e[name]
+    if type(v) is not str or _TS_RE.match(v) is None:
+        raise _Bad(name)
+
+
+def _key_ids(e: Mapping[str, Any], name: str) -> None:
+    v = e[name]
+    if type(v) is not list:
+        raise _Bad(name)
+    for x in v:
+        if type(x) is not str or _KEY_ID_RE.match(x) is None:
+            raise _Bad(name)
+
+
+def _check_system(e: Mapping[str, Any]) -> None:
+    _ts(e, "ts")
+    v = e["id"]
+    if type(v) is not str or not 0 < len(v) <= 64:
+        raise _Bad("id")
+    _opt_count(e, "worker")
+
+
+def _check_session(e: Mapping[str, Any]) -> None:
+    _check_system(e)
+    if type(e["session"]) is not str:
+        raise _Bad("session")
+    for name in _OPTIONAL_TEXT:
+        _opt_text(e, name)
+
+
+def _check_connection(e: Mapping[str, Any]) -> None:
+    _check_session(e)
+    if e["action"] not in CONNECTION_ACTIONS:
+        raise _Bad("action")
+    if type(e["tls"]) is not bool:
+        raise _Bad("tls")
+    _opt_ms(e, "duration_ms")
+    for name in ("bytes_in", "bytes_out", "statements"):
+        _opt_count(e, name)
+    _opt_text(e, "reason")
+    _opt_sqlstate(e)
+
+
+def _check_statement(e: Mapping[str, Any]) -> None:
+    _check_session(e)
+    v = e["kind"]
+    if type(v) is not str or _KIND_RE.match(v) is None:
+        raise _Bad("kind")
+    if type(e["fingerprint"]) is not str:
+        raise _Bad("fingerprint")
+    v = e["tables"]
+    if type(v) is not list or not all(type(x) is str and x for x in v):
+        raise _Bad("tables")
+    for name in ("columns_read", "columns_written", "pii"):
+        _key_ids(e, name)
+    v = e["lookups"]
+    if type(v) is not dict:
+        raise _Bad("lookups")
+    for k, vals in v.items():
+        if type(k) is not str or _KEY_ID_RE.match(k) is None or type(vals) is not list:
+            raise _Bad("lookups")
+        for x in vals:
+            if type(x) is not str or _LOOKUP_RE.match(x) is None:
+                raise _Bad("lookups")
+    _opt_count(e, "rows")
+    if e["decision"] not in ("allow", "deny"):
+        raise _Bad("decision")
+    _opt_text(e, "reason")
+    _opt_sqlstate(e)
+    _opt_ms(e, "duration_ms")
+
+
+def _check_gap(e: Mapping[str, Any]) -> None:
+    _check_system(e)
+    if e["reason"] != "queue_full":
+        raise _Bad("reason")
+    if not (_is_int(e["count"]) and e["count"] >= 1):
+        raise _Bad("count")
+    _ts(e, "first_ts")
+    _ts(e, "last_ts")
+
+
+def _check_seal(e: Mapping[str, Any]) -> None:
+    _check_system(e)
+    if e["reason"] not in SEAL_REASONS:
+        raise _Bad("reason")
+    if not _count(e["count"]):
+        raise _Bad("count")
+
+
+_SYSTEM_FIELDS: Final = ("ts", "id", "type", "worker")
+_STATEMENT_FIELDS: Final = (
+    "kind",
+    "fingerprint",
+    "tables",
+    "columns_read",
+    "columns_written",
+    "pii",
+    "lookups",
+    "rows",
+    "decision",
+    "reason",
+    "sqlstate",
+    "duration_ms",
+)
+#: The exact field set of each event type (before chaining).
+EVENT_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "connection": frozenset(
+        (
+            *COMMON_FIELDS,
+            "action",
+            "tls",
+            "duration_ms",
+            "bytes_in",
+            "bytes_out",
+            "statements",
+            "reason",
+            "sqlstate",
+        )
+    ),
+    "statement": frozenset((*COMMON_FIELDS, *_STATEMENT_FIELDS)),
+    "refusal": frozenset((*COMMON_FIELDS, *_STATEMENT_FIELDS)),
+    "gap": frozenset((*_SYSTEM_FIELDS, "reason", "count", "first_ts", "last_ts")),
+    "seal": frozenset((*_SYSTEM_FIELDS, "reason", "count")),
+}
+_CHECKS: Final[dict[str, Callable[[Mapping[str, Any]], None]]] = {
+    "connection": _check_connection,
+    "statement": _check_statement,
+    "refusal": _check_statement,
+    "gap": _check_gap,
+    "seal": _check_seal,
+}
+
+
+def validate_event(event: Mapping[str, Any]) -> None:
+    """Raise :class:`InvalidEventError` unless ``event`` has exactly its type's fields.
+
+    Unknown fields are refused (the API has no place for a literal value), and so are
+    the chain fields, which only the chain may set. Errors name the field, never the
+    value (it might be the very thing being refused).
+    """
+    kind = event.get("type")
+    fields = EVENT_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None or not isinstance(kind, str):
+        raise InvalidEventError("unknown audit event type")
+    if event.keys() != fields:
+        extra = sorted(set(event) - fields)
+        missing = sorted(fields - set(event))
+        detail = []
+        if extra:
+            detail.append(f"unknown field(s) {', '.join(extra)}")
+        if missing:
+            detail.append(f"missing field(s) {', '.join(missing)}")
+        raise InvalidEventError(f"{kind} event: {'; '.join(detail)}")
+    try:
+        _CHECKS[kind](event)
+    except _Bad as bad:
+        raise InvalidEventError(f"{kind} event: invalid value for field {bad.field!r}") from None
+    if kind == "refusal" and event["decision"] != "deny":
+        raise InvalidEventError("refusal event: decision must be 'deny'")

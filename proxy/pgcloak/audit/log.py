@@ -1,0 +1,406 @@
+"""AuditLog: the session-facing queue in front of a sink, and the task that drains it.
+
+``emit()`` is synchronous and never waits: it validates the event and appends it to a
+bounded in-memory queue. One writer task chains queued events (seq, prev, HMAC), writes
+them to the sink in batches, writes seals (periodic, rotation, shutdown), rotates files,
+and, while the sink fails, retries it with exponential backoff and keeps records in a
+bounded spill file, replayed in order once the sink is back (also at start, after a
+restart). File and network IO happen in :mod:`pgcloak.audit.sinks`; this module only
+coordinates with asyncio.
+
+Queue full: with ``on_full: block`` the event is still accepted and :attr:`AuditLog.full`
+turns True until the writer drains below half the queue; the session should stop
+reading from its client meanwhile (``await log.wait_for_room()``). With ``on_full:
+drop`` the event is dropped and counted, and a ``gap`` record takes its place in the
+chain, so ``verify`` reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pgcloak.audit.chain import Chain, ChainedRecord, make_chain_id
+from pgcloak.audit.events import gap_event, utc_now, validate_event
+from pgcloak.audit.sinks import Sink, SinkError, SpillError, SpillFile, make_sink, spill_path_for
+from pgcloak.policy import Audit
+
+__all__ = ["AuditLog", "AuditMetrics"]
+
+log = logging.getLogger("pgcloak.audit")
+
+
+@dataclass(slots=True)
+class AuditMetrics:
+    """Counters (monotonic). ``written``/``spilled`` count records, seals and gaps included."""
+
+    emitted: int = 0
+    written: int = 0
+    dropped: int = 0
+    spilled: int = 0
+    replayed: int = 0
+    sink_errors: int = 0
+    lost: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Gap:
+    """Queue marker standing for events dropped at this point of the stream."""
+
+    __slots__ = ("count", "first", "last")
+
+    def __init__(self, when: datetime) -> None:
+        self.count = 1
+        self.first = self.last = when
+
+
+class AuditLog:
+    """The audit trail of one worker: ``emit()`` events, the rest happens in the background.
+
+    ``key`` is the audit HMAC key (``Keyring(master).audit_key()``); ``worker`` the
+    worker id (None with a single worker; it goes into the chain id, the events'
+    ``worker`` field is the session's). ``sink`` overrides the sink the policy names.
+    """
+
+    def __init__(
+        self,
+        config: Audit,
+        key: bytes,
+        worker: int | None = None,
+        *,
+        sink: Sink | None = None,
+        spill_path: Path | None = None,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.worker = worker
+        self.sink = sink if sink is not None else make_sink(config, worker)
+        self.spill = SpillFile(
+            spill_path or spill_path_for(self.sink, worker, config.spill_dir),
+            config.spill_max_bytes,
+        )
+        self.chain = Chain(key, make_chain_id(worker), worker=worker)
+        self.metrics = AuditMetrics()
+        self.queue_size = config.queue_size
+        self.low_water = config.queue_size // 2
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.close_timeout = close_timeout
+        self._drop = config.on_full == "drop"
+        self._queue: deque[dict[str, Any] | _Gap] = deque()
+        self._full = False
+        self._room = asyncio.Event()
+        self._room.set()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._close_deadline = 0.0
+        self._failing = False
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._replay_offset = 0
+        self._next_seal = 0.0
+        self._warned_closed = False
+
+    # ------------------------------------------------------------------ session side
+
+    @property
+    def full(self) -> bool:
+        """True from the moment the queue reaches ``queue_size`` until it drains to half.
+
+        Only with ``on_full: block`` (with ``drop`` the session never needs to pause).
+        """
+        return self._full
+
+    @property
+    def healthy(self) -> bool:
+        """False while the sink fails (records then wait in the spill file)."""
+        return not self._failing
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def spill_bytes(self) -> int:
+        """Bytes of records waiting in the spill file."""
+        return self.spill.size
+
+    @property
+    def chain_id(self) -> str:
+        return self.chain.chain_id
+
+    def emit(self, event: Mapping[str, Any]) -> None:
+        """Queue an event built by :mod:`pgcloak.audit.events`; never blocks.
+
+        Raises :class:`~pgcloak.audit.events.InvalidEventError` for an event that is not
+        exactly one of the audit schemas (unknown fields are refused).
+        """
+        validate_event(event)
+        self.metrics.emitted += 1
+        if self._closing:
+            self.metrics.dropped += 1
+            if not self._warned_closed:
+                self._warned_closed = True
+                log.warning("audit event emitted after the audit log was closed; dropped")
+            return
+        queue = self._queue
+        if self._drop and len(queue) >= self.queue_size:
+            self.metrics.dropped += 1
+            now = utc_now()
+            last = queue[-1] if queue else None
+            if isinstance(last, _Gap):
+                last.count += 1
+                last.last = now
+            else:
+                queue.append(_Gap(now))  # one marker past the bound, then counted in it
+            return
+        queue.append(dict(event))
+        if len(queue) >= self.queue_size and not self._full and not self._drop:
+            self._full = True
+            self._room.clear()
+        self._wakeup.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once the queue is no longer full (at once if it is not)."""
+        if self._full:
+            await self._room.wait()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the sink and spill, start the writer; a leftover spill is replayed first.
+
+        A sink that cannot be opened is not an error here: the log starts unhealthy and
+        keeps retrying.
+        """
+        if self._task is not None:
+            raise RuntimeError("AuditLog already started")
+        await self.spill.open()
+        if self.spill.has_data:
+            log.info(
+                "audit spill file found; replaying it first",
+                extra={"file": str(self.spill.path), "bytes": self.spill.size},
+            )
+        try:
+            await self.sink.open()
+        except Exception as exc:  # any sink failure: spill and retry
+            self._fail(exc)
+        self._next_seal = time.monotonic() + self.config.seal_interval
+        self._task = asyncio.create_task(self._run(), name="pgcloak-audit-writer")
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued event has been handed to the sink or the spill."""
+        async with asyncio.timeout(timeout):
+            while self._queue or not self._idle.is_set():
+                if self._task is None or self._task.done():
+                    return
+                self._idle.clear()
+                self._wakeup.set()
+                await self._idle.wait()
+            await self.sink.sync(force=True)
+
+    async def aclose(self) -> None:
+        """Write what is queued and a shutdown seal, then close the sink.
+
+        If the sink is down, the records go to the spill file (replayed by the next
+        start). Gives up after ``close_timeout`` seconds if even the spill cannot take
+        them (counted in ``metrics.lost``).
+        """
+        if self._closed:
+            return
+        self._closing = True
+        self._close_deadline = time.monotonic() + self.close_timeout
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # already logged by the writer
+                pass
+            finally:
+                self._closed = True
+                with contextlib.suppress(Exception):
+                    await self.sink.close()
+                await self.spill.close()
+        self._closed = True
+        self._room.set()
+
+    # ------------------------------------------------------------------ writer
+
+    def _take(self, limit: int) -> list[ChainedRecord]:
+        queue, chain = self._queue, self.chain
+        out: list[ChainedRecord] = []
+        while queue and len(out) < limit:
+            item = queue.popleft()
+            if isinstance(item, _Gap):
+                event = gap_event(
+                    count=item.count, worker=self.worker, first_ts=item.first, last_ts=item.last
+                )
+                out.append(chain.append(event))
+            else:
+                out.append(chain.append(item))
+        if self._full and len(queue) <= self.low_water:
+            self._full = False
+            self._room.set()
+        return out
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        wake = min(self._next_seal, now + 1.0)
+        if self.config.fsync == "interval":
+            wake = min(wake, now + self.config.fsync_interval)
+        if self._failing or self.spill.has_data:
+            wake = min(wake, max(self._retry_at, now + 0.01))
+        return max(0.005, wake - now)
+
+    async def _run(self) -> None:
+        batch = self.config.batch_size
+        try:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._idle.set()
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._timeout()):
+                            await self._wakeup.wait()
+                    self._idle.clear()
+                await self._housekeeping()
+                records = self._take(batch)
+                if records:
+                    await self._deliver(records)
+            await self._deliver([self.chain.seal("shutdown")])
+            try:
+                await self.sink.sync(force=True)
+            except Exception as exc:  # any sink failure: spill and retry
+                self._fail(exc)
+        except Exception:
+            log.exception("audit writer crashed")
+            self._failing = True
+            raise
+        finally:
+            self._idle.set()
+
+    async def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if (self.spill.has_data or self._failing) and now >= self._retry_at:
+            try:
+                if self.spill.has_data:
+                    await self._replay()
+                else:
+                    await self.sink.open()  # probe a sink that failed to open or sync
+                self._ok()
+            except Exception as exc:  # any sink failure: spill and retry
+                self._fail(exc)
+        if now >= self._next_seal:
+            self._next_seal = now + self.config.seal_interval
+            await self._deliver([self.chain.seal("periodic")])
+        if not self._failing and not self.spill.has_data and self.sink.rotation_due():
+            await self._deliver([self.chain.seal("rotation")])
+            if not self._failing and not self.spill.has_data:
+                try:
+                    await self.sink.rotate()
+                except Exception as exc:  # any sink failure: spill and retry
+                    self._fail(exc)
+        if not self._failing:
+            try:
+                await self.sink.sync()
+            except Exception as exc:  # any sink failure: spill and retry
+                self._fail(exc)
+
+    async def _deliver(self, records: list[ChainedRecord]) -> None:
+        """Hand ``records`` to the sink, or to the spill while the sink fails; keep order."""
+        while True:
+            if time.monotonic() >= self._retry_at or not (self._failing or self.spill.has_data):
+                try:
+                    if self.spill.has_data:
+                        await self._replay()
+                    await self.sink.write(records)
+                    self.metrics.written += len(records)
+                    self._ok()
+                    return
+                except Exception as exc:  # any sink failure: spill and retry
+                    self._fail(exc)
+            try:
+                await self.spill.append(records)
+                self.metrics.spilled += len(records)
+                return
+            except SpillError as exc:
+                now = time.monotonic()
+                if self._closing and now >= self._close_deadline:
+                    self.metrics.lost += len(records)
+                    log.error(
+                        "audit records lost at shutdown: the sink and the spill file both fail",
+                        extra={"records": len(records), "error": str(exc)},
+                    )
+                    return
+                log.warning("audit spill unavailable; holding records", extra={"error": str(exc)})
+                await asyncio.sleep(max(0.01, min(self._retry_at - now, 1.0)))
+
+    async def _replay(self) -> None:
+        """Write the spill to the sink in order, skipping what the sink already holds."""
+        batch = self.config.batch_size
+        stored: dict[str, int] = {}
+        asked: set[str] = set()
+        while True:
+            try:
+                records, offset = await self.spill.read(self._replay_offset, batch)
+            except SpillError as exc:
+                raise SinkError(str(exc)) from exc
+            if not records:
+                if offset == self._replay_offset:
+                    break
+                self._replay_offset = offset
+                continue
+            chains = {r.chain for r in records} - asked
+            if chains:
+                stored.update(await self.sink.last_seqs(chains))
+                asked |= chains
+            todo = [r for r in records if r.seq > stored.get(r.chain, 0)]
+            if todo:
+                await self.sink.write(todo)
+                self.metrics.written += len(todo)
+                self.metrics.replayed += len(todo)
+            self._replay_offset = offset
+        try:
+            await self.spill.clear()
+        except SpillError as exc:
+            raise SinkError(str(exc)) from exc
+        self._replay_offset = 0
+        log.info("audit spill replayed", extra={"sink": self.sink.description})
+
+    def _fail(self, exc: BaseException) -> None:
+        self.metrics.sink_errors += 1
+        self._backoff = (
+            self.retry_initial if not self._failing else min(self.retry_max, self._backoff * 2)
+        )
+        self._retry_at = time.monotonic() + self._backoff
+        if not self._failing:
+            log.warning(
+                "audit sink failing; spilling records",
+                extra={"sink": self.sink.description, "error": str(exc)},
+                exc_info=not isinstance(exc, SinkError),
+            )
+        self._failing = True
+
+    def _ok(self) -> None:
+        if self._failing:
+            log.info("audit sink recovered", extra={"sink": self.sink.description})
+        self._failing = False
+        self._backoff = 0.0
+        self._retry_at = 0.0
