@@ -172,6 +172,65 @@ def cmd_policy_ddl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _master_key_for(args: argparse.Namespace) -> MasterKey:
+    """--master-key-file / --master-key-shares / PGCLOAK_MASTER_KEY, as `pgcloak run` takes them."""
+    from pgcloak.session.server import load_master_key
+
+    flags = {"master_key_file": args.master_key_file, "master_key_shares": args.master_key_shares}
+    return load_master_key(load_settings(None, flags))
+
+
+def _audit_key(args: argparse.Namespace) -> bytes:
+    from pgcloak.crypto.keyring import Keyring
+
+    return Keyring(_master_key_for(args)).audit_key()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from pgcloak.audit import cli as audit_cli
+
+    return audit_cli.verify(
+        args.files,
+        lambda: _audit_key(args),
+        dsn=args.dsn,
+        allow_open=args.live,
+        require_genesis=not args.partial,
+        ignore_foreign=args.ignore_foreign,
+    )
+
+
+def cmd_audit_who_accessed(args: argparse.Namespace) -> int:
+    from pgcloak.audit import cli as audit_cli
+    from pgcloak.crypto.blind_index import blind_index
+    from pgcloak.crypto.keyring import Keyring
+    from pgcloak.policy import load_policy
+
+    policy = load_policy(args.policy)
+    table, _, column = args.column.lower().rpartition(".")
+    qualified = table if "." in table else f"public.{table}"
+    col = policy.column(qualified, column)
+    if col is None or col.index is None:
+        print(f"pgcloak: {qualified}.{column} has no blind index in {args.policy}", file=sys.stderr)
+        return 2
+    keyring = Keyring(_master_key_for(args))
+    index = blind_index(keyring, policy.index_key_id(qualified, column), args.value, col.normalize)
+    return audit_cli.who_accessed(
+        args.files,
+        policy.key_id(qualified, column),
+        [index],
+        dsn=args.dsn,
+        key=lambda: keyring.audit_key(),
+        include_column_access=args.include_scans,
+        fmt="json" if args.json else "text",
+    )
+
+
+def _add_key_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--master-key-file", type=Path, help="default: PGCLOAK_MASTER_KEY")
+    parser.add_argument("--master-key-shares", help="comma-separated share files")
+    parser.add_argument("--dsn", help="read the PostgreSQL audit sink table too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgcloak", description="PostgreSQL privacy proxy")
     parser.add_argument("--version", action="version", version=f"pgcloak {__version__}")
@@ -209,6 +268,24 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("sql")
     explain.add_argument("--policy", type=Path, required=True)
     explain.set_defaults(func=cmd_explain)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check audit files: OK, or the first bad record and why")
+    verify.add_argument("files", nargs="*", type=Path)
+    verify.add_argument("--live", action="store_true", help="the proxy is still running (no shutdown seal yet)")
+    verify.add_argument("--partial", action="store_true", help="older files were removed by retention")
+    verify.add_argument("--ignore-foreign", action="store_true", help="skip lines that are not audit records")
+    _add_key_flags(verify)
+    verify.set_defaults(func=cmd_audit_verify)
+    who = audit.add_parser("who-accessed", help="every event that looked up one subject's value")
+    who.add_argument("files", nargs="*", type=Path)
+    who.add_argument("--column", required=True, metavar="TABLE.COLUMN")
+    who.add_argument("--value", required=True, help="hashed with the column's blind-index key, never searched in clear")
+    who.add_argument("--policy", type=Path, required=True)
+    who.add_argument("--include-scans", action="store_true", help="also events that read the column without a lookup")
+    who.add_argument("--json", action="store_true")
+    _add_key_flags(who)
+    who.set_defaults(func=cmd_audit_who_accessed)
 
     keys = sub.add_parser("keys", help="master key tools").add_subparsers(dest="keys_command", required=True)
     gen = keys.add_parser("generate", help="a new random 256-bit master key")

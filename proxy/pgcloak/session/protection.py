@@ -105,21 +105,32 @@ class Protection:
         return entry
 
     # -- values going in --------------------------------------------------------------
-    def transform(self, action: ValueAction, value: str | None) -> str | None:
-        """The stored or compared form of one plaintext value (None stays NULL)."""
+    def transform(
+        self, action: ValueAction, value: str | None, lookups: dict[str, list[str]] | None = None
+    ) -> str | None:
+        """The stored or compared form of one plaintext value (None stays NULL).
+
+        ``lookups`` collects the blind-index values searched, per column key id: what
+        the audit trail records instead of the looked-up value.
+        """
         if value is None:
             return None
         if action.array:
-            return render_text_array([self._one(action, v) for v in parse_text_array(value)])
-        return self._one(action, value)
+            return render_text_array([self._one(action, v, lookups) for v in parse_text_array(value)])
+        return self._one(action, value, lookups)
 
-    def _one(self, action: ValueAction, value: str | None) -> str | None:
+    def _one(
+        self, action: ValueAction, value: str | None, lookups: dict[str, list[str]] | None = None
+    ) -> str | None:
         if value is None or action.kind == "pass":
             return value
         try:
             if action.kind == "lookup" or action.hash_only:
                 assert action.index_key_id is not None
-                return blind_index(self.keyring, action.index_key_id, value, action.normalize)
+                index = blind_index(self.keyring, action.index_key_id, value, action.normalize)
+                if lookups is not None and action.kind == "lookup" and action.key_id is not None:
+                    lookups.setdefault(action.key_id, []).append(index)
+                return index
             assert action.key_id is not None
             envelope = encrypt(self.keyring, action.key_id, value.encode("utf-8"))
             if action.index:
@@ -129,19 +140,21 @@ class Protection:
         except NormalizationError as exc:
             raise ValueRefused("22023", f"invalid value for {action.table}.{action.column}: {exc}") from None
 
-    def transform_param(self, action: ValueAction, raw: bytes, binary: bool) -> bytes:
+    def transform_param(
+        self, action: ValueAction, raw: bytes, binary: bool, lookups: dict[str, list[str]] | None = None
+    ) -> bytes:
         """A Bind parameter in text or binary format (text columns: UTF-8 either way)."""
         if action.array and binary:
-            return self._binary_array(action, raw)
+            return self._binary_array(action, raw, lookups)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueRefused("22021", f"value for {action.table}.{action.column} is not valid UTF-8") from None
-        out = self.transform(action, text)
+        out = self.transform(action, text, lookups)
         assert out is not None
         return out.encode("utf-8")
 
-    def _binary_array(self, action: ValueAction, raw: bytes) -> bytes:
+    def _binary_array(self, action: ValueAction, raw: bytes, lookups: dict[str, list[str]] | None) -> bytes:
         try:
             ndim, flags, elem_oid = _ARRAY_HEAD.unpack_from(raw, 0)
             if ndim == 0:
@@ -167,7 +180,7 @@ class Protection:
             if item is None:
                 out.append(_I32.pack(-1))
             else:
-                value = self.transform_param(single, item, True)
+                value = self.transform_param(single, item, True, lookups)
                 out.append(_I32.pack(len(value)) + value)
         return b"".join(out)
 
@@ -405,7 +418,9 @@ class CopyInRewriter:
 
     def _records(self, text: str) -> list[str]:
         if not self.csv:
-            return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+            lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+            # \r\n line ends (a data carriage return is always escaped as \r in text format)
+            return [line.removesuffix("\r") for line in lines]
         records: list[str] = []
         start = 0
         quoted = False

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
+from pgcloak.session.auditing import SessionAudit
 from pgcloak.session.protection import CopyInRewriter, DecryptionFailed, Protection, ValueRefused
 from pgcloak.sql import PASS, Plan, ValueAction, resolve_execute
 from pgcloak.wire.errors import ProtocolError
@@ -42,8 +43,15 @@ MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
 
 Q, P, B, C = ord("Q"), ord("P"), ord("B"), ord("C")
+EXECUTE, SYNC, FUNCTION_CALL = ord("E"), ord("S"), ord("F")
 COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL))
+#: With an audit trail, Execute / Sync / FunctionCall too: they pace the server's replies.
+CAPTURE_AUDITED = CAPTURE | {EXECUTE, SYNC, FUNCTION_CALL}
+AUDIT_DOWN = (
+    "the audit trail cannot be written, so statements touching protected columns are refused "
+    "(policy audit.on_audit_failure: refuse)"
+)
 # Backend messages still delivered while the rest of a failed result is dropped.
 _KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
 
@@ -55,8 +63,9 @@ def text_of(body: bytes, start: int, end: int) -> str:
 class Rewriter:
     """Per-session statement state: prepared statements, refusals, COPY."""
 
-    def __init__(self, protection: Callable[[], Protection]) -> None:
+    def __init__(self, protection: Callable[[], Protection], audit: SessionAudit | None = None) -> None:
         self._protection = protection
+        self._audit = audit
         self.statements: dict[str, tuple[Protection, Plan, str]] = {}
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
@@ -66,13 +75,27 @@ class Rewriter:
         self.last_plan: Plan | None = None
 
     # -- refusals ------------------------------------------------------------------
-    def _arm(self, sqlstate: str, message: str) -> bytes:
+    def _arm(self, sqlstate: str, message: str, routine: str | None = None) -> bytes:
         """Remember our error; return the marker the server will echo in its error."""
         if len(self._refusals) >= _MAX_REFUSALS:
             self._refusals.clear()
         marker = MARKER + str(next(_ids)).encode()
-        self._refusals[marker] = ErrorResponse.make(sqlstate, message).encode()
+        error = ErrorResponse.make(sqlstate, message)
+        if routine is not None:
+            error = ErrorResponse((*error.fields, ("R", routine)))
+        self._refusals[marker] = error.encode()
+        if self._audit is not None:
+            self._audit.refused(self.last_plan, sqlstate, message)
         return marker
+
+    def _audit_down(self, protection: Protection, plan: Plan) -> bool:
+        """on_audit_failure: refuse — no PII statement runs while the trail cannot be written."""
+        return (
+            self._audit is not None
+            and plan.touches_pii
+            and not self._audit.log.healthy
+            and protection.policy.audit.on_audit_failure == "refuse"
+        )
 
     def _refuse_query(self, sqlstate: str, message: str) -> bytes:
         return Query(self._arm(sqlstate, message).decode()).encode()
@@ -80,9 +103,9 @@ class Rewriter:
     def _refuse_parse(self, name: str, sqlstate: str, message: str) -> bytes:
         return Parse(name, self._arm(sqlstate, message).decode(), ()).encode()
 
-    def _refuse_bind(self, portal: str, sqlstate: str, message: str) -> bytes:
+    def _refuse_bind(self, portal: str, sqlstate: str, message: str, routine: str | None = None) -> bytes:
         # Binding a statement that does not exist fails at Bind, naming the marker.
-        return Bind(portal, self._arm(sqlstate, message).decode(), (), (), ()).encode()
+        return Bind(portal, self._arm(sqlstate, message, routine).decode(), (), (), ()).encode()
 
     # -- client messages -------------------------------------------------------------
     def client_message(self, kind: int, msg: bytes) -> bytes:
@@ -96,6 +119,15 @@ class Rewriter:
         if kind == C:
             self._close(msg)
             return msg
+        if kind == EXECUTE:
+            if self._audit is not None:
+                end = msg.find(b"\0", 5)
+                self._audit.execute(msg[5:end].decode("utf-8", "surrogateescape"))
+            return msg
+        if kind in (SYNC, FUNCTION_CALL):
+            if self._audit is not None:
+                self._audit.sync()
+            return msg
         return self._copy(kind, msg)
 
     def _transform(self, protection: Protection) -> Callable[[ValueAction, str | None], str | None]:
@@ -107,17 +139,30 @@ class Rewriter:
         plan, literals = protection.planner.plan_simple(sql)
         plan = self._resolve(plan)
         self.last_plan = plan
+        audit = self._audit
         if not plan.decision.allowed:
-            return self._refuse_query(plan.decision.sqlstate, plan.decision.message)
+            return self._refused_query(plan.decision.sqlstate, plan.decision.message)
+        if self._audit_down(protection, plan):
+            return self._refused_query("58000", AUDIT_DOWN)
         self._sql_level_statements(protection, plan)
         self._start_copy(protection, plan)
-        if not plan.needs_render:
-            return msg
-        try:
-            text = protection.planner.apply(plan, literals, protection.transform)
-        except ValueRefused as exc:
-            return self._refuse_query(exc.sqlstate, exc.message)
-        return Query(text).encode()
+        lookups: dict[str, list[str]] = {}
+        if plan.needs_render:
+            try:
+                text = protection.planner.apply(
+                    plan, literals, lambda action, value: protection.transform(action, value, lookups)
+                )
+            except ValueRefused as exc:
+                return self._refused_query(exc.sqlstate, exc.message)
+            msg = Query(text).encode()
+        if audit is not None:
+            audit.query(plan, lookups)
+        return msg
+
+    def _refused_query(self, sqlstate: str, message: str) -> bytes:
+        if self._audit is not None:
+            self._audit.query(None, {})  # its ReadyForQuery still comes
+        return self._refuse_query(sqlstate, message)
 
     def _resolve(self, plan: Plan) -> Plan:
         """``EXECUTE name(...)``: give its literals the actions of the prepared statement."""
@@ -157,18 +202,26 @@ class Rewriter:
         name = body[:name_end].decode("utf-8", "surrogateescape")
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
+        literals = entry.literals
+        if plan.executes:
+            # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, its
+            # literals get the actions of the session's prepared statement.
+            plan = self._resolve(plan)
+            if any(a.kind != "pass" for a in plan.literals):
+                literals = tuple(protection.planner.plan_simple(text_of(body, name_end, query_end))[1])
         self.last_plan = plan
         if not plan.decision.allowed:
             self.statements.pop(name, None)
             return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
+        self._sql_level_statements(protection, plan)
         text = entry.static
         if not self._remember(name, protection, plan, text_of(body, name_end, query_end)):
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
-        if entry.literals:
+        if literals:
             try:
-                rendered = protection.planner.apply(plan, entry.literals, protection.transform)
+                rendered = protection.planner.apply(plan, literals, protection.transform)
             except ValueRefused as exc:
                 self.statements.pop(name, None)
                 return self._refuse_parse(name, exc.sqlstate, exc.message)
@@ -184,8 +237,12 @@ class Rewriter:
         if portal_end < 0 or stmt_end < 0:
             raise ProtocolError("invalid Bind message: missing terminator")
         name = body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape")
+        audit = self._audit
+        portal = body[:portal_end].decode("utf-8", "surrogateescape") if audit is not None else ""
         entry = self.statements.get(name)
         if entry is None:
+            if audit is not None:
+                audit.bind(portal, None, {})
             return msg  # unknown to us, hence to the server too: it reports the error
         protection, plan, text = entry
         current = self._protection()
@@ -193,14 +250,26 @@ class Rewriter:
             # The policy changed since Parse: plan the same text again under the new one.
             replanned = current.planner.plan(text)
             if replanned.sql != plan.sql or not replanned.decision.allowed:
+                # PostgreSQL's own error for a cached plan gone stale (0A000 from
+                # RevalidateCachedQuery) makes drivers with a statement cache (asyncpg,
+                # pgjdbc) drop it and prepare again, instead of failing on every call.
                 return self._refuse_bind(
-                    "", "0A000", "the pgcloak policy changed since this statement was prepared; prepare it again"
+                    "", "0A000", "the pgcloak policy changed since this statement was prepared; prepare it again",
+                    routine="RevalidateCachedQuery",
                 )
             protection, plan = current, replanned
+        self.last_plan = plan
+        if self._audit_down(protection, plan):
+            if audit is not None:
+                audit.bind(portal, None, {})
+            return self._refuse_bind(portal, "58000", AUDIT_DOWN)
         if plan.copy_in is not None:
             self._start_copy(protection, plan)
         actions = plan.params
+        lookups: dict[str, list[str]] = {}
         if not any(a.kind != "pass" for a in actions):
+            if audit is not None:
+                audit.bind(portal, plan, lookups)
             return msg
         bind = Bind.decode(body)
         formats = bind.param_formats
@@ -212,9 +281,13 @@ class Rewriter:
                     out.append(value)
                     continue
                 fmt = formats[0] if len(formats) == 1 else (formats[i] if formats else 0)
-                out.append(protection.transform_param(action, value, fmt == 1))
+                out.append(protection.transform_param(action, value, fmt == 1, lookups))
         except ValueRefused as exc:
+            if audit is not None:
+                audit.bind(portal, None, {})
             return self._refuse_bind(bind.portal, exc.sqlstate, exc.message)
+        if audit is not None:
+            audit.bind(portal, plan, lookups)
         return Bind(bind.portal, bind.statement, formats, tuple(out), bind.result_formats).encode()
 
     def _close(self, msg: bytes) -> None:

@@ -18,7 +18,9 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from pgcloak.audit import AuditLog
 from pgcloak.config import ConfigError, Settings
 from pgcloak.crypto.errors import CryptoError
 from pgcloak.crypto.keyring import Keyring
@@ -61,6 +63,17 @@ def load_protection(settings: Settings, keyring: Keyring | None = None) -> Prote
     return Protection.build(policy, keyring or Keyring(load_master_key(settings)))
 
 
+def make_audit_log(settings: Settings, protection: Protection) -> AuditLog:
+    """The worker's audit trail; a relative file sink lives next to the policy file."""
+    config = protection.policy.audit
+    if config.sink.startswith("file:") and settings.policy is not None:
+        path = Path(config.sink[len("file:") :])
+        if not path.is_absolute():
+            config = config.model_copy(update={"sink": f"file:{settings.policy.parent.resolve() / path}"})
+    worker = os.environ.get("PGCLOAK_WORKER_ID")
+    return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
+
+
 class ProxyServer:
     """Listens for clients and owns their sessions."""
 
@@ -72,6 +85,8 @@ class ProxyServer:
         self.protection = load_protection(settings)
         self._policy_stamp = self._stamp()
         self._watch: asyncio.Task[None] | None = None
+        #: The audit trail (with a policy); created on the loop in start().
+        self.audit: AuditLog | None = None
         self.sessions: set[Session] = set()
         #: Sessions past their StartupMessage, counted against max_client_connections.
         self.authenticated = 0
@@ -104,6 +119,8 @@ class ProxyServer:
             )
         if self.protection is not None:
             self._watch = loop.create_task(self._watch_policy())
+            self.audit = make_audit_log(self.settings, self.protection)
+            await self.audit.start()
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
 
     def _stamp(self) -> tuple[float, int, int] | None:
@@ -167,6 +184,8 @@ class ProxyServer:
         for session in list(self.sessions):
             session.terminate(*ADMIN_SHUTDOWN)
         await asyncio.sleep(0)
+        if self.audit is not None:
+            await self.audit.aclose()  # the shutdown seal
         await self.verifiers.close()
         if self._server is not None:
             with contextlib.suppress(Exception):

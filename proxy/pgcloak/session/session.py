@@ -18,9 +18,11 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
+from pgcloak.audit import SessionInfo, connection_event
+from pgcloak.session.auditing import SessionAudit, sqlstate_of
 from pgcloak.session.endpoint import ConnectionClosed, Endpoint
 from pgcloak.session.protection import Protection
-from pgcloak.session.rewriter import CAPTURE, Rewriter
+from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, scan
@@ -75,6 +77,10 @@ class SessionError(Exception):
 class BackendRefused(ConnectionClosed):
     """PostgreSQL sent an ErrorResponse during start-up; the client already has it."""
 
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
 
 class Session:
     """State of one client connection and its backend connection."""
@@ -100,6 +106,8 @@ class Session:
         self._b2c_idle = True  # the last server chunk ended with ReadyForQuery
         self._b2c_held = b""  # an incomplete server message (protected sessions only)
         self._rewriter: Rewriter | None = None
+        self._audit: SessionAudit | None = None
+        self._audit_wait: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
 
@@ -148,6 +156,7 @@ class Session:
         if self._counted:
             self.server.authenticated -= 1
         if self.ready:
+            self._audit_connection("disconnected", reason=reason)
             log.info(
                 "session closed",
                 extra={
@@ -160,6 +169,41 @@ class Session:
                     "bytes_out": self.bytes_from_backend,
                 },
             )
+
+    def audit_info(self) -> SessionInfo:
+        worker = os.environ.get("PGCLOAK_WORKER_ID")
+        return SessionInfo(
+            session=self.id,
+            user=self.user or None,
+            database=self.database or None,
+            application_name=self.application_name or None,
+            client=self.client_addr or None,
+            worker=int(worker) if worker else None,
+        )
+
+    def _audit_connection(self, action: str, *, sqlstate: str | None = None, reason: str | None = None) -> None:
+        """Connection events are always recorded when there is an audit trail."""
+        trail = self.server.audit
+        if trail is None:
+            return
+        totals: dict[str, object] = {}
+        if action == "disconnected":
+            totals = {
+                "duration_ms": (time.monotonic() - self.started) * 1000.0,
+                "bytes_in": self.bytes_from_client,
+                "bytes_out": self.bytes_from_backend,
+                "statements": self._audit.statements if self._audit is not None else 0,
+            }
+        trail.emit(
+            connection_event(
+                self.audit_info(),
+                action=action,  # type: ignore[arg-type]
+                tls=self.client_tls,
+                sqlstate=sqlstate,
+                reason=reason,
+                **totals,  # type: ignore[arg-type]
+            )
+        )
 
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse if the client stream is at a message boundary."""
@@ -196,6 +240,8 @@ class Session:
             self._enter_relay()
         except SessionError as exc:
             self._fatal(exc.sqlstate, exc.message, exc.detail)
+            if exc.sqlstate.startswith("28"):
+                self._audit_connection("auth_failed", sqlstate=exc.sqlstate, reason=exc.message)
             log.info(
                 "session refused",
                 extra={"session": self.id, "sqlstate": exc.sqlstate, "reason": exc.message, "client": self.client_addr},
@@ -207,9 +253,12 @@ class Session:
             self._finish("protocol violation")
         except ScramError as exc:
             self._fatal(exc.sqlstate, str(exc))
+            self._audit_connection("auth_failed", sqlstate=exc.sqlstate, reason="SCRAM exchange failed")
             log.info("authentication failed", extra={"session": self.id, "user": self.user, "client": self.client_addr})
             self._finish("authentication failed")
-        except BackendRefused:
+        except BackendRefused as exc:
+            if exc.sqlstate and exc.sqlstate.startswith("28"):
+                self._audit_connection("auth_failed", sqlstate=exc.sqlstate, reason="refused by PostgreSQL")
             self._finish("refused by PostgreSQL")
         except ConnectionClosed:
             if self.backend is not None and self.backend.closed:
@@ -357,7 +406,7 @@ class Session:
     def _backend_error(self, body: bytes) -> None:
         """Forward PostgreSQL's own ErrorResponse (e.g. 28P01) and end the session."""
         self.client.write(frame(b"E", body))
-        raise BackendRefused("backend refused the session")
+        raise BackendRefused("backend refused the session", sqlstate_of(body))
 
     async def _authenticate_relay(self, startup: StartupMessage) -> None:
         """PostgreSQL authenticates the client; we carry the messages both ways.
@@ -506,8 +555,12 @@ class Session:
         self.client.relay = self._relay_client
         self.backend.relay = self._relay_backend
         if self.server.protection is not None:
-            self._rewriter = Rewriter(self._current_protection)
-            self._c2b.capture = CAPTURE
+            trail = self.server.audit
+            if trail is not None:
+                self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
+                self._audit_connection("authenticated")
+            self._rewriter = Rewriter(self._current_protection, self._audit)
+            self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
             self._relay_backend(self.backend.pending())
@@ -555,6 +608,25 @@ class Session:
             self._finish("internal error")
             return
         self.backend.transport.write(b"".join(out))
+        audit = self._audit
+        if audit is not None and audit.log.full and self._audit_wait is None:
+            self._pause_for_audit(audit)
+
+    def _pause_for_audit(self, audit: SessionAudit) -> None:
+        """on_full: block — stop reading this client until the audit queue has room."""
+        transport = self.client.transport
+        assert transport is not None
+        transport.pause_reading()
+
+        async def wait() -> None:
+            try:
+                await audit.log.wait_for_room()
+            finally:
+                self._audit_wait = None
+                if not self.client.closed and self.client.transport is not None:
+                    self.client.transport.resume_reading()
+
+        self._audit_wait = asyncio.get_running_loop().create_task(wait())
 
     def _relay_backend_protected(self, data: bytes) -> None:
         """Whole messages only, so that a stored value is never split when decrypted."""
@@ -571,6 +643,8 @@ class Session:
             return
         transport = self.client.transport
         assert transport is not None and self._rewriter is not None
+        if self._audit is not None and self._audit.pending:
+            self._audit.backend(data)
         if self._rewriter.needs_inspection(data):
             try:
                 data = self._rewriter.backend_chunk(data)
