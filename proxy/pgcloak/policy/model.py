@@ -189,6 +189,11 @@ class Audit(BaseModel):
 
     model_config = _STRICT
 
+    enabled: bool = Field(
+        default=True,
+        description="Write the audit trail. On by default; turning it off is for benchmarks and "
+        "throwaway setups, never for data a data protection officer must answer for.",
+    )
     statements: Literal["pii", "writes", "all"] = Field(
         default="pii",
         description="Which statements produce audit events: those touching PII, all writes "

@@ -119,8 +119,9 @@ class ProxyServer:
             )
         if self.protection is not None:
             self._watch = loop.create_task(self._watch_policy())
-            self.audit = make_audit_log(self.settings, self.protection)
-            await self.audit.start()
+            if self.protection.policy.audit.enabled:
+                self.audit = make_audit_log(self.settings, self.protection)
+                await self.audit.start()
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
 
     def _stamp(self) -> tuple[float, int, int] | None:
