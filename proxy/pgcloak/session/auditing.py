@@ -23,6 +23,7 @@ from pgcloak.sql import Plan
 from pgcloak.wire.framing import iter_messages
 
 _COMPLETIONS = frozenset(b"CIs")
+_MAX_PORTALS = 10_000
 _ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
 
 
@@ -75,8 +76,14 @@ class SessionAudit:
     def bind(self, portal: str, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
         if plan is None or not self._wanted(plan):
             self._portals.pop(portal, None)
-        else:
-            self._portals[portal] = (plan, lookups)
+            return
+        if portal not in self._portals and len(self._portals) >= _MAX_PORTALS:
+            # PostgreSQL drops portals at transaction end without telling us; bound ours.
+            self._portals.clear()
+        self._portals[portal] = (plan, lookups)
+
+    def close_portal(self, portal: str) -> None:
+        self._portals.pop(portal, None)
 
     def execute(self, portal: str) -> None:
         self.statements += 1

@@ -294,6 +294,8 @@ class Rewriter:
         close = Close.decode(msg[5:])
         if close.kind == "S":
             self.statements.pop(close.name, None)
+        elif self._audit is not None:
+            self._audit.close_portal(close.name)
 
     def _copy(self, kind: int, msg: bytes) -> bytes:
         rewriter = self._copy_in
