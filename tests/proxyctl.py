@@ -1,7 +1,9 @@
 """Running pgcloak for tests: in-process (own thread and event loop) or as `pgcloak run`.
 
 The in-process proxy gets its own thread so that tests can block on subprocess
-clients (psql, pgbench) without starving it.
+clients (psql, pgbench) without starving it. A client call that blocks in C while
+holding the GIL (psycopg's legacy ``conn.cancel()``) starves it anyway: test those
+against a SubprocessProxy.
 """
 
 from __future__ import annotations
