@@ -23,6 +23,7 @@ return an extra row, or a unique index refuse a second distinct value.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final, Literal
@@ -53,7 +54,10 @@ __all__ = [
 
 NormalizerName = Literal["email", "phone", "none"]
 
-_PHONE_SEPARATORS: Final = frozenset("-()./")
+#: What normalize_phone drops: whitespace (``str.isspace()``, which is what ``\s``
+#: matches in a str pattern) and - ( ) . /; for ASCII text, as bytes to delete.
+_PHONE_JUNK: Final = re.compile(r"[\s\-()./]")
+_PHONE_JUNK_ASCII: Final = bytes(code for code in range(128) if _PHONE_JUNK.match(chr(code)))
 _INDEX_ALPHABET: Final = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 )
@@ -78,11 +82,11 @@ def normalize_phone(value: str) -> str:
     """
     stripped = value.strip()
     plus = stripped.startswith("+")
-    digits = "".join(
-        c
-        for c in (stripped[1:] if plus else stripped)
-        if not (c.isspace() or c in _PHONE_SEPARATORS)
-    )
+    rest = stripped[1:] if plus else stripped
+    if rest.isascii():
+        digits = rest.encode("ascii").translate(None, _PHONE_JUNK_ASCII).decode("ascii")
+    else:
+        digits = _PHONE_JUNK.sub("", rest)
     if not (digits.isascii() and digits.isdigit()) and (digits or plus):
         raise NormalizationError(
             "value is not a phone number: only digits, one leading '+', spaces and - ( ) . / "
@@ -96,20 +100,24 @@ def normalize_none(value: str) -> str:
     return value
 
 
-NORMALIZERS: Final[Mapping[str, Callable[[str], str]]] = MappingProxyType(
-    {"email": normalize_email, "phone": normalize_phone, "none": normalize_none}
-)
+_NORMALIZERS: Final[dict[str, Callable[[str], str]]] = {
+    "email": normalize_email,
+    "phone": normalize_phone,
+    "none": normalize_none,
+}
+NORMALIZERS: Final[Mapping[str, Callable[[str], str]]] = MappingProxyType(_NORMALIZERS)
+
+
+def _normalizer(name: NormalizerName | str) -> Callable[[str], str]:
+    function = _NORMALIZERS.get(name)
+    if function is None:
+        raise ValueError(f"unknown normalizer {name!r}; expected one of {sorted(NORMALIZERS)}")
+    return function
 
 
 def normalize(value: str, normalizer: NormalizerName | str = "none") -> str:
     """Apply the named normalizer."""
-    try:
-        function = NORMALIZERS[normalizer]
-    except KeyError:
-        raise ValueError(
-            f"unknown normalizer {normalizer!r}; expected one of {sorted(NORMALIZERS)}"
-        ) from None
-    return function(value)
+    return _normalizer(normalizer)(value)
 
 
 def blind_index(
@@ -125,15 +133,16 @@ def blind_index(
     ``bytes`` are taken as UTF-8 text; with the ``none`` normalizer they are
     hashed as they are, so ``"x"`` and ``b"x"`` index the same.
     """
-    if normalizer == "none" and isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, str):
+        message = _normalizer(normalizer)(value).encode()
+    elif normalizer == "none" and isinstance(value, bytes | bytearray | memoryview):
         message = bytes(value)
     else:
-        if not isinstance(value, str):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise NormalizationError("value is not valid UTF-8 text") from None
-        message = normalize(value, normalizer).encode("utf-8")
+        try:
+            text = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise NormalizationError("value is not valid UTF-8 text") from None
+        message = _normalizer(normalizer)(text).encode()
     context = keyring.index_hmac(key_id, version).copy()
     context.update(message)
     return _b64.encode(context.finalize()[:INDEX_BYTES])

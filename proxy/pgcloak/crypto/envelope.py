@@ -49,10 +49,10 @@ nonces: keep each (key id, version) under 2^32 encryptions; rotate before.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _b64
 from ._constants import ENVELOPE_PREFIX, ENVELOPE_PREFIX_TEXT, INDEX_LENGTH, INDEX_SEPARATOR
@@ -80,27 +80,49 @@ _SEPARATOR_BYTE: Final = ord(INDEX_SEPARATOR)
 _COMPOSED_OFFSET: Final = INDEX_LENGTH + 1
 # Base64 characters covering the longest possible header before the nonce.
 _MAX_HEADER_CHARS: Final = -(-(CHECK_LENGTH + 1 + MAX_KEY_ID_LENGTH + 2) // 3) * 4
+_KEY_ID_START: Final = CHECK_LENGTH + 1
+#: ``key_id_len | key_id | version`` -> ``(key_id, version, offset of the nonce)``, for
+#: decryption. Capped like the keyring's caches (bodies come from the database).
+_parsed_headers: dict[bytes, tuple[str, int, int]] = {}
+_MAX_PARSED_HEADERS: Final = 4096
 
 
-@lru_cache(maxsize=4096)
 def _header_start(key_id: str, version: int, check_value: bytes) -> bytes:
-    """``check | key_id_len | key_id | version`` for encryption (validated once)."""
+    """``check | key_id_len | key_id | version`` for encryption."""
     encoded = key_id.encode("utf-8")
     if not 1 <= len(encoded) <= MAX_KEY_ID_LENGTH:
         raise ValueError(f"a key id is 1..{MAX_KEY_ID_LENGTH} bytes of UTF-8")
     return check_value + bytes((len(encoded),)) + encoded + version.to_bytes(2, "big")
 
 
+def _sealing(
+    keyring: Keyring, key_id: str, state: tuple[int, AESGCM]
+) -> tuple[tuple[int, AESGCM], bytes, bytes]:
+    """``(state, header start, associated data start)``, remembered by the keyring for
+    as long as ``state`` (``keyring.current_aead(key_id)``) is the current one."""
+    head = _header_start(key_id, state[0], keyring.check_value)
+    entry = (state, head, ENVELOPE_PREFIX + head)
+    cache = keyring._envelope_heads
+    if len(cache) >= keyring.max_cached:
+        cache.clear()
+    cache[key_id] = entry
+    return entry
+
+
 def encrypt(keyring: Keyring, key_id: str, plaintext: bytes) -> str:
     """Seal ``plaintext`` for column ``key_id`` under its current key version."""
-    version, aead = keyring.current_aead(key_id)
+    state = keyring.current_aead(key_id)
+    entry = keyring._envelope_heads.get(key_id)
+    if entry is None or entry[0] is not state:  # a new version gives a new state
+        entry = _sealing(keyring, key_id, state)
     nonce = _urandom(NONCE_LENGTH)
-    header = _header_start(key_id, version, keyring.check_value) + nonce
-    sealed = aead.encrypt(nonce, plaintext, ENVELOPE_PREFIX + header)
-    return ENVELOPE_PREFIX_TEXT + _b64.encode(header + sealed)
+    sealed = state[1].encrypt(nonce, plaintext, entry[2] + nonce)
+    return ENVELOPE_PREFIX_TEXT + _b64.encode(entry[1] + nonce + sealed)
 
 
 def _as_bytes(value: str | bytes | bytearray | memoryview) -> bytes:
+    if value.__class__ is bytes:
+        return value
     if isinstance(value, str):
         try:
             return value.encode("ascii")
@@ -133,12 +155,16 @@ def is_envelope(value: str | bytes | bytearray | memoryview) -> bool:
 
 def _parse_key_id_version(head: bytes) -> tuple[str, int, int]:
     """``(key_id, version, offset of the nonce)`` from the start of a body."""
-    start = CHECK_LENGTH + 1
+    start = _KEY_ID_START
     if len(head) < start:
         raise MalformedEnvelopeError("envelope header is truncated")
     end = start + head[CHECK_LENGTH]
     if end == start or len(head) < end + 2:
         raise MalformedEnvelopeError("envelope header is truncated")
+    header = head[CHECK_LENGTH : end + 2]
+    parsed = _parsed_headers.get(header)
+    if parsed is not None:
+        return parsed
     try:
         key_id = head[start:end].decode("utf-8")
     except UnicodeDecodeError:
@@ -146,7 +172,11 @@ def _parse_key_id_version(head: bytes) -> tuple[str, int, int]:
     version = int.from_bytes(head[end : end + 2], "big")
     if version == 0:
         raise MalformedEnvelopeError("envelope key version 0 is invalid")
-    return key_id, version, end + 2
+    parsed = (key_id, version, end + 2)
+    if len(_parsed_headers) >= _MAX_PARSED_HEADERS:
+        _parsed_headers.clear()
+    _parsed_headers[header] = parsed
+    return parsed
 
 
 def parse_header(envelope: str | bytes | bytearray | memoryview) -> tuple[str, int]:
@@ -183,14 +213,12 @@ def decrypt(keyring: Keyring, envelope: str | bytes | bytearray | memoryview) ->
     if len(body) < ciphertext_start + TAG_LENGTH:
         raise MalformedEnvelopeError("envelope is truncated")
     expected_check = keyring.check_value
-    found_check = body[:CHECK_LENGTH]
-    foreign = found_check != expected_check
+    foreign = not body.startswith(expected_check)
     if foreign:
         associated = ENVELOPE_PREFIX + expected_check + body[CHECK_LENGTH:ciphertext_start]
     else:
         associated = ENVELOPE_PREFIX + body[:ciphertext_start]
-    current = keyring.current_version(key_id)
-    aead = keyring.aead(key_id, version, cache=version <= current)
+    current, aead = keyring.decryption_aead(key_id, version)
     try:
         plaintext = aead.decrypt(
             body[nonce_start:ciphertext_start], body[ciphertext_start:], associated
@@ -199,7 +227,7 @@ def decrypt(keyring: Keyring, envelope: str | bytes | bytearray | memoryview) ->
         if foreign:
             raise WrongKeyError(
                 f"envelope for key id {key_id!r} was sealed under another master key "
-                f"(fingerprint {found_check.hex()}, loaded key {expected_check.hex()})"
+                f"(fingerprint {body[:CHECK_LENGTH].hex()}, loaded key {expected_check.hex()})"
             ) from None
         raise TamperedError(
             f"envelope for key id {key_id!r} version {version} failed authentication "

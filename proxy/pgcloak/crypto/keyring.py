@@ -119,6 +119,11 @@ class Keyring:
         self._aeads: dict[tuple[str, int], AESGCM] = {}
         self._current: dict[str, tuple[int, AESGCM]] = {}
         self._hmacs: dict[tuple[str, int], HMAC] = {}
+        #: key id -> HMAC context of its current index version (the blind-index hot path)
+        self._current_hmacs: dict[str, HMAC] = {}
+        #: key id -> (current_aead() state, envelope header start, associated data
+        #: start): kept here by the envelope module, valid while that state is current
+        self._envelope_heads: dict[str, tuple[tuple[int, AESGCM], bytes, bytes]] = {}
         for key_id, version in (versions or {}).items():
             self.set_current_version(key_id, version)
         for key_id, version in (index_versions or {}).items():
@@ -139,6 +144,11 @@ class Keyring:
     def fingerprint(self) -> str:
         return self._master_key.fingerprint
 
+    @property
+    def max_cached(self) -> int:
+        """Entries a cache holds before it is cleared and rebuilt from use."""
+        return self._max_cached
+
     # -- versions -----------------------------------------------------------
 
     def current_version(self, key_id: str) -> int:
@@ -149,6 +159,7 @@ class Keyring:
         _check_key_id(key_id)
         self._versions[key_id] = _check_version(version)
         self._current.pop(key_id, None)
+        self._envelope_heads.pop(key_id, None)
 
     def index_version(self, key_id: str) -> int:
         """Version of the blind-index key for ``key_id`` (column or join group)."""
@@ -157,6 +168,7 @@ class Keyring:
     def set_index_version(self, key_id: str, version: int) -> None:
         _check_key_id(key_id)
         self._index_versions[key_id] = _check_version(version)
+        self._current_hmacs.pop(key_id, None)
 
     # -- keys ---------------------------------------------------------------
 
@@ -189,7 +201,11 @@ class Keyring:
         return aead
 
     def current_aead(self, key_id: str) -> tuple[int, AESGCM]:
-        """``(current version, its AESGCM)`` for ``key_id``: the encryption hot path."""
+        """``(current version, its AESGCM)`` for ``key_id``: the encryption hot path.
+
+        The tuple is the same object until the version changes (or the cache is
+        cleared), so callers may key their own per-version data on its identity.
+        """
         state = self._current.get(key_id)
         if state is None:
             version = self.current_version(key_id)
@@ -197,7 +213,24 @@ class Keyring:
             if len(self._current) >= self._max_cached:
                 self._current.clear()
             self._current[key_id] = state
+            if self._versions.get(key_id, 1) != version:
+                # set_current_version() ran meanwhile (another thread): do not keep it
+                self._current.pop(key_id, None)
         return state
+
+    def decryption_aead(self, key_id: str, version: int) -> tuple[int, AESGCM]:
+        """``(current version, AESGCM of version)`` for opening an envelope.
+
+        A version above the current one is derived but not cached: the caller only
+        uses it to tell tampering from a newer key, then refuses the envelope.
+        """
+        state = self._current.get(key_id)
+        if state is not None and state[0] == version:
+            return state
+        current = self.current_version(key_id)
+        if version == current:
+            return self.current_aead(key_id)
+        return current, self.aead(key_id, version, cache=version <= current)
 
     def index_key(self, key_id: str, version: int | None = None) -> bytes:
         """HMAC key of the blind index for ``key_id``; current index version by default."""
@@ -207,7 +240,22 @@ class Keyring:
 
     def index_hmac(self, key_id: str, version: int | None = None) -> HMAC:
         """A keyed HMAC-SHA256 context for the blind index; ``copy()`` it, never update it."""
-        slot = (key_id, self.index_version(key_id) if version is None else version)
+        if version is None:
+            context = self._current_hmacs.get(key_id)
+            if context is None:
+                version = self.index_version(key_id)
+                context = self._index_hmac(key_id, version)
+                if len(self._current_hmacs) >= self._max_cached:
+                    self._current_hmacs.clear()
+                self._current_hmacs[key_id] = context
+                if self._index_versions.get(key_id, 1) != version:
+                    # set_index_version() ran meanwhile (another thread): do not keep it
+                    self._current_hmacs.pop(key_id, None)
+            return context
+        return self._index_hmac(key_id, version)
+
+    def _index_hmac(self, key_id: str, version: int) -> HMAC:
+        slot = (key_id, version)
         context = self._hmacs.get(slot)
         if context is None:
             context = HMAC(self.key(Purpose.IDX, *slot), hashes.SHA256())

@@ -12,6 +12,7 @@ blind-index values of lookups.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pgcloak.wire.framing import iter_messages
 _COMPLETIONS = frozenset(b"CIs")
 _MAX_PORTALS = 10_000
 _ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
+_DATA_ROW, _PORTAL_SUSPENDED = 0x44, 0x73
 
 
 @dataclass(slots=True)
@@ -38,9 +40,36 @@ class _Unit:
     started: float = field(default_factory=time.monotonic)
     rows: int | None = None
     error: str | None = None
+    #: DataRows of an Execute so far: its rows when it ends in PortalSuspended (no tag).
+    returned: int = 0
 
 
 _SYNC = _Unit(None, None, True, False)
+
+
+def event_kind(kind: str) -> str:
+    """The plan's kind as the audit schema takes it (one lowercase word, ``_`` allowed).
+
+    A simple Query holding several kinds of statements is planned as ``select+insert``;
+    the schema refuses ``+``, and an event refused by ``emit()`` here would end the
+    session after its statements ran. So: ``select_insert`` (``multi`` if too long).
+    """
+    if "+" not in kind:
+        return kind
+    joined = kind.replace("+", "_")
+    return joined if len(joined) <= 32 else "multi"
+
+
+#: sqlglot's tokenizer errors quote the statement text around the failure, literals
+#: included, and the planner's refusal message passes them on: never into the trail.
+_TOKENIZER_EXCERPT = re.compile(r"(Error tokenizing )'.*'(?=\))", re.S)
+
+
+def trail_reason(reason: str) -> str:
+    """A refusal message as the trail may hold it: without quoted statement text."""
+    if "Error tokenizing" not in reason:
+        return reason
+    return _TOKENIZER_EXCERPT.sub(r"\1(statement text withheld)", reason)
 
 
 def rows_of(tag: bytes) -> int | None:
@@ -65,7 +94,12 @@ class SessionAudit:
         return bool(self._units)
 
     def _wanted(self, plan: Plan) -> bool:
-        return should_record(self._mode, plan.audit.kind, plan.touches_pii)
+        kind = plan.audit.kind
+        if "+" not in kind:
+            return should_record(self._mode, kind, plan.touches_pii)
+        # A simple Query with several statements has the kind "select+insert": it is a
+        # write when any of its statements is one.
+        return any(should_record(self._mode, k, plan.touches_pii) for k in kind.split("+"))
 
     # -- client side ---------------------------------------------------------------------
     def query(self, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
@@ -103,9 +137,9 @@ class SessionAudit:
         self.log.emit(
             refusal_event(
                 self._info(),
-                kind=facts.kind if facts else "other",
+                kind=event_kind(facts.kind) if facts else "other",
                 fingerprint=facts.fingerprint if facts else "",
-                reason=reason,
+                reason=trail_reason(reason),
                 sqlstate=sqlstate,
                 tables=facts.tables if facts else (),
                 columns_read=facts.pii_read if facts else (),
@@ -121,10 +155,17 @@ class SessionAudit:
             if not units:
                 return
             head = units[0]
+            if kind == _DATA_ROW:
+                if head is not _SYNC and not head.simple:
+                    head.returned += 1
+                continue
             if kind in _COMPLETIONS:
                 if head is _SYNC:
                     continue
-                rows = rows_of(chunk[start:end]) if kind == _COMMAND_COMPLETE else None
+                if kind == _COMMAND_COMPLETE:
+                    rows = rows_of(chunk[start:end])
+                else:  # PortalSuspended: the rows sent so far (a client's row limit)
+                    rows = head.returned if kind == _PORTAL_SUSPENDED else None
                 if head.simple:
                     if rows is not None:
                         head.rows = (head.rows or 0) + rows
@@ -156,7 +197,7 @@ class SessionAudit:
         self.log.emit(
             statement_event(
                 self._info(),
-                kind=facts.kind,
+                kind=event_kind(facts.kind),
                 fingerprint=facts.fingerprint,
                 tables=facts.tables,
                 columns_read=facts.pii_read,

@@ -14,6 +14,7 @@ chunk without the envelope prefix or the marker is forwarded as it came.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
 from pgcloak.session.auditing import SessionAudit
 from pgcloak.session.protection import CopyInRewriter, DecryptionFailed, Protection, ValueRefused
-from pgcloak.sql import PASS, Plan, ValueAction, resolve_execute
+from pgcloak.sql import PASS, Decision, Plan, ValueAction, resolve_execute
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, iter_messages
 from pgcloak.wire.messages import (
@@ -60,6 +61,14 @@ def text_of(body: bytes, start: int, end: int) -> str:
     return body[start + 1 : end].decode("utf-8", "surrogateescape")
 
 
+def _redefined_message(name: str) -> str:
+    return (
+        f'prepared statement "{name}" was prepared again with other protected parameters while '
+        "the first definition may still exist: pgcloak cannot tell which one PostgreSQL runs; "
+        "close (DEALLOCATE) it and prepare it again"
+    )
+
+
 class Rewriter:
     """Per-session statement state: prepared statements, refusals, COPY."""
 
@@ -67,6 +76,10 @@ class Rewriter:
         self._protection = protection
         self._audit = audit
         self.statements: dict[str, tuple[Protection, Plan, str]] = {}
+        #: Named statements parsed again with other protected parameters while the
+        #: first definition may still be the server's (PostgreSQL refuses to redefine
+        #: a name, 42P05): which one a Bind reaches is unknown, so Binds are refused.
+        self._redefined: set[str] = set()
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
         self._copy_out_csv = False
@@ -167,6 +180,9 @@ class Rewriter:
     def _resolve(self, plan: Plan) -> Plan:
         """``EXECUTE name(...)``: give its literals the actions of the prepared statement."""
         if plan.executes:
+            redefined = [c.name for c in plan.executes if c.name in self._redefined]
+            if redefined:
+                return dataclasses.replace(plan, decision=Decision(False, "0A000", _redefined_message(redefined[0])))
             return resolve_execute(plan, {k: v[1] for k, v in self.statements.items()})
         return plan
 
@@ -177,8 +193,10 @@ class Rewriter:
         if plan.deallocate is not None:
             if plan.deallocate.upper() == "ALL":
                 self.statements.clear()
+                self._redefined.clear()
             else:
                 self.statements.pop(plan.deallocate, None)
+                self._redefined.discard(plan.deallocate)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -189,8 +207,19 @@ class Rewriter:
     def _remember(self, name: str, protection: Protection, plan: Plan, text: str) -> bool:
         if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
             return False
+        old = self.statements.get(name) if name else None
+        if old is not None and (old[1].params != plan.params or old[1].copy_in != plan.copy_in):
+            self._redefined.add(name)
         self.statements[name] = (protection, plan, text)
         return True
+
+    def _parse_failed(self, name: str, existed: bool) -> None:
+        """Our refusal makes this Parse fail: PostgreSQL has dropped the unnamed
+        statement before parsing, but keeps a named one it already had."""
+        if not name or not existed:
+            self.statements.pop(name, None)
+        else:
+            self._redefined.add(name)
 
     def _parse(self, msg: bytes) -> bytes:
         protection = self._protection()
@@ -210,8 +239,9 @@ class Rewriter:
             if any(a.kind != "pass" for a in plan.literals):
                 literals = tuple(protection.planner.plan_simple(text_of(body, name_end, query_end))[1])
         self.last_plan = plan
+        existed = name in self.statements
         if not plan.decision.allowed:
-            self.statements.pop(name, None)
+            self._parse_failed(name, existed)
             return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
         self._sql_level_statements(protection, plan)
         text = entry.static
@@ -223,7 +253,7 @@ class Rewriter:
             try:
                 rendered = protection.planner.apply(plan, literals, protection.transform)
             except ValueRefused as exc:
-                self.statements.pop(name, None)
+                self._parse_failed(name, existed)
                 return self._refuse_parse(name, exc.sqlstate, exc.message)
             text = rendered.encode("utf-8", "surrogateescape")
         if text is None:
@@ -244,6 +274,10 @@ class Rewriter:
             if audit is not None:
                 audit.bind(portal, None, {})
             return msg  # unknown to us, hence to the server too: it reports the error
+        if name in self._redefined:
+            if audit is not None:
+                audit.bind(portal, None, {})
+            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", _redefined_message(name))
         protection, plan, text = entry
         current = self._protection()
         if protection is not current and text:
@@ -294,6 +328,7 @@ class Rewriter:
         close = Close.decode(msg[5:])
         if close.kind == "S":
             self.statements.pop(close.name, None)
+            self._redefined.discard(close.name)
         elif self._audit is not None:
             self._audit.close_portal(close.name)
 

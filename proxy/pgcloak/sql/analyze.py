@@ -62,6 +62,8 @@ class Source:
 
     table: str | None = None
     cols: dict[str, Origin | None] = field(default_factory=dict)
+    #: A ``(VALUES ...) AS v(a, b)`` list: per column, the expression of each row.
+    values: dict[str, list[exp.Expression]] = field(default_factory=dict)
 
 
 @dataclass
@@ -237,7 +239,12 @@ class Analyzer:
             cols = self._outputs(item.this, item)
             sources[self._alias_of(item, f"#sub{id(item)}")] = Source(cols=cols)
             return
-        # VALUES lists, functions, lateral: unknown columns, never protected
+        if isinstance(item, exp.Values):
+            # its columns are never protected, but INSERT ... SELECT v.a FROM (VALUES ($1))
+            # v(a) (SQLAlchemy's insertmanyvalues) stores the values of the list
+            sources[self._alias_of(item, f"#item{id(item)}")] = Source(values=_values_columns(item))
+            return
+        # functions, lateral: unknown columns, never protected
         sources[self._alias_of(item, f"#item{id(item)}")] = Source()
 
     def _sources(self, scope: exp.Expression) -> dict[str, Source]:
@@ -339,11 +346,16 @@ class Analyzer:
         return seen
 
     def _scope_chain(self, node: exp.Expression) -> Iterator[exp.Expression]:
+        child: exp.Expr = node
         cur = node.parent
         while cur is not None:
-            if isinstance(cur, _SCOPE_TYPES):
+            # The body of INSERT ... SELECT / VALUES does not see the target table's
+            # columns (PostgreSQL resolves them in the body's own FROM, or fails).
+            if isinstance(cur, _SCOPE_TYPES) and not (
+                isinstance(cur, exp.Insert) and child is cur.args.get("expression")
+            ):
                 yield cur
-            cur = cur.parent
+            child, cur = cur, cur.parent
 
     def _resolve(self, col: exp.Column) -> Origin | _Ambiguous | None:
         name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
@@ -381,6 +393,24 @@ class Analyzer:
                 return _Ambiguous([c.name for c in candidates])
             if plain_derived:
                 return None
+        return None
+
+    def _values_column(self, col: exp.Column) -> list[exp.Expression] | None:
+        """The row expressions of a ``(VALUES ...)`` column that ``col`` names, if it does."""
+        name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
+        qual = canon(col.args.get("table")) if col.args.get("table") else ""
+        if not name or col.args.get("db"):
+            return None
+        for scope in self._scope_chain(col):
+            sources = self._sources(scope)
+            if qual:
+                src = sources.get(qual)
+                if src is not None:
+                    return src.values.get(name)
+                continue
+            found = [src.values[name] for src in sources.values() if name in src.values]
+            if found:
+                return found[0] if len(found) == 1 else None
         return None
 
     def _lookup(self, src: Source, name: str) -> Origin | None:
@@ -608,12 +638,27 @@ class Analyzer:
         self.out.touches = True
         if _is_null(value) or _is_default(value):
             return None
+        cast = _truncating_cast(value)
+        if cast is not None:
+            return (
+                f"{where} with a cast to {cast} (only text, varchar and bpchar without a length "
+                "are sure to keep the stored value whole)"
+            )
         ref = value_ref(value)
         if ref is not None:
             self._set(ref, self._action("store", origin))
             return None
         src = _unparen(value)
+        while isinstance(src, exp.Cast):  # text casts only, see _truncating_cast
+            src = _unparen(src.this)
         if isinstance(src, exp.Column):
+            rows = self._values_column(src)
+            if rows is not None:
+                for item in rows:
+                    why = self._store(item, origin, where)
+                    if why is not None:
+                        return f"{why} (in the VALUES list {src.sql('postgres')} comes from)"
+                return None
             found = self._resolve(src)
             if isinstance(found, Origin) and _copyable(found, origin):
                 return None
@@ -705,6 +750,33 @@ class Analyzer:
                 if isinstance(found, Origin):
                     self.deny(f"DISTINCT ON on protected column {found.name} is not supported: "
                               "ciphertexts of equal values differ")
+        # Duplicate elimination compares stored values, and the envelopes of equal
+        # plaintexts differ: SELECT DISTINCT and UNION / INTERSECT / EXCEPT (without ALL)
+        # over an encrypted column would silently keep duplicates.
+        dedup = "SELECT DISTINCT" if isinstance(distinct, exp.Distinct) and distinct.args.get("on") is None else None
+        node: exp.Expr = sel
+        while dedup is None and isinstance(node.parent, exp.SetOperation | exp.Subquery | exp.Paren):
+            node = node.parent
+            if isinstance(node, exp.SetOperation) and node.args.get("distinct"):
+                dedup = f"{node.key.upper()} (without ALL)"
+        if dedup is not None:
+            for name in self._randomized_outputs(sel):
+                self.deny(f"{dedup} over protected column {name} is not supported: "
+                          "ciphertexts of equal values differ")
+
+    def _randomized_outputs(self, sel: exp.Select) -> list[str]:
+        """Protected columns with an envelope (not hash-only) in a SELECT list."""
+        names: list[str] = []
+        for proj in sel.expressions:
+            inner = proj.this if isinstance(proj, exp.Alias) else proj
+            if isinstance(inner, exp.Star) or (isinstance(inner, exp.Column) and isinstance(inner.this, exp.Star)):
+                for src in self._star_sources(inner, sel):
+                    names += [o.name for o in self._source_columns(src).values() if o is not None and not o.policy.hash_only]
+            elif isinstance(inner, exp.Column):
+                found = self._resolve(inner)
+                if isinstance(found, Origin) and not found.policy.hash_only:
+                    names.append(found.name)
+        return names
 
     def _star(self, star: exp.Star) -> None:
         scope = next(self._scope_chain(star), None)
@@ -728,6 +800,37 @@ class Analyzer:
                 f"MERGE involving protected table {', '.join(protected)} is not supported: "
                 "use INSERT ... ON CONFLICT, UPDATE or DELETE"
             )
+
+
+def _values_columns(values: exp.Values) -> dict[str, list[exp.Expression]]:
+    """Column name -> expression per row of a VALUES list (``column1``... when unnamed)."""
+    rows = [row.expressions if isinstance(row, exp.Tuple) else [row] for row in values.expressions]
+    width = max((len(r) for r in rows), default=0)
+    alias = values.args.get("alias")
+    names = [canon(c) for c in alias.columns] if isinstance(alias, exp.TableAlias) else []
+    names += [f"column{i + 1}" for i in range(len(names), width)]
+    return {names[i]: [r[i] for r in rows if i < len(r)] for i in range(width)}
+
+
+#: Casts that keep a stored value whole (any other, like ``varchar(10)``, ``char`` or
+#: ``name``, could silently truncate the ciphertext the parameter is replaced by).
+_WHOLE_TEXT_TYPES = frozenset({exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR, exp.DataType.Type.BPCHAR})
+
+
+def _truncating_cast(node: exp.Expression | None) -> str | None:
+    """The SQL of a cast around a stored value that is not to a whole text type."""
+    node = _unparen(node)
+    while isinstance(node, exp.Cast):
+        to = node.args.get("to")
+        if not isinstance(to, exp.DataType):
+            return "?"
+        if to.this not in _WHOLE_TEXT_TYPES or to.expressions:
+            # (a length may be a literal slot placeholder: not shown)
+            name = to.copy()
+            name.set("expressions", [])
+            return name.sql("postgres") + ("(n)" if to.expressions else "")
+        node = _unparen(node.this)
+    return None
 
 
 def _copyable(src: Origin, dst: Origin) -> bool:

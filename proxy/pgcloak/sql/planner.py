@@ -32,7 +32,7 @@ from pgcloak.sql.analyze import (
     number_placeholder,
     string_placeholder,
 )
-from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, split_statements
+from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, scan_literals, split_statements
 from pgcloak.sql.plan import (
     ALLOW,
     PASS,
@@ -164,9 +164,21 @@ class Planner:
         """Plan for a simple Query: cached by shape; also returns the text's literals."""
         if not needs_parse(sql, self.policy):
             return _pass_for(sql), []
+        # Hit path: the literals and shape key without sqlglot's tokenizer. A miss, or
+        # a text the scanner does not fully understand, takes the tokenizing path.
+        scanned = scan_literals(sql)
+        if scanned is not None:
+            found = self._by_shape.get(scanned[1])
+            if found is not None:
+                self.hits += 1
+                return found, scanned[0]
         try:
             lexed = lex(sql)
         except LexError as exc:
+            if "$" in sql and _GLUED_PARAM.search(sql):
+                unglued = unglue_params(sql)
+                if unglued != sql:
+                    return self.plan_simple(unglued)
             if names_protected_table(sql, self.policy):
                 return _deny_plan(f"statement could not be tokenized ({exc}); refused because it names a protected table"), []
             return pass_plan(_guess_kind(sql)), []
@@ -318,6 +330,16 @@ class Planner:
         out.append(sql[pos:end])
         return out
 
+    def _truncate(self, stmt: _Stmt, text: str) -> _Stmt:
+        """TRUNCATE passes, but wiping a protected table is a write of its PII (audit)."""
+        words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z_0-9.]*", text)}
+        for table in self.policy.protected_tables():
+            if table in words or table.partition(".")[2] in words:
+                stmt.analysis.tables.add(table)
+                stmt.analysis.written.update(self.policy.key_id(table, c) for c in self.policy.columns_of(table))
+                stmt.analysis.touches = True
+        return stmt
+
     def _statement(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
         toks = lexed.tokens
         s0, e0 = toks[a].start, toks[b - 1].end + 1
@@ -354,15 +376,19 @@ class Planner:
             for i in range(a + 1, b):
                 if toks[i].text.upper() == "FOR" and any(t.text.upper() == "CURSOR" for t in toks[a:i]):
                     return self._wrapper(sql, lexed, a, i + 1, b)
+        if first == "TRUNCATE":
+            return self._truncate(simple("truncate"), text)
         if first in _PASS_KEYWORDS:
             return simple("ddl" if first in _DDL_KEYWORDS else "other")
-        if not names_protected_table(text, self.policy):
+        named = _patterns(self.policy)[1].search(text)
+        if named is None:
             return simple(_guess_kind(text))
         if first not in _QUERY_KEYWORDS:
             return simple(
                 _guess_kind(text),
-                f"{first} statement naming a protected table cannot be analyzed by pgcloak and is "
-                "refused (a function, procedure or DO block could write or read PII unseen)",
+                f"{first} statement naming a protected table ({named.group(0)}) cannot be analyzed "
+                "by pgcloak and is refused (a function, procedure or DO block could write or read "
+                "PII unseen)",
             )
         return self._query(sql, lexed, a, b)
 
@@ -427,6 +453,15 @@ class Planner:
             inner.pieces = pieces
             inner.analysis.kind = "copy_out"
             inner.copy_out = inner.analysis.touches
+            if inner.copy_out:
+                # decrypted values are escaped for the output format (CSV quoting differs)
+                words = [t.text.upper() for t in toks[close + 1 : b]]
+                inner.copy_format = _copy_format(words)
+                unsupported = _copy_out_options(words, inner.copy_format)
+                if inner.copy_format == "binary":
+                    inner.analysis.denials.append(_BINARY_COPY_OUT)
+                elif unsupported:
+                    inner.analysis.denials.append(_copy_out_denial(unsupported))
             return inner
         an = Analysis(kind="copy")
         st = _Stmt(self._verbatim(sql, lexed, s0, e0), an)
@@ -448,12 +483,7 @@ class Planner:
         direction = toks[i].text.upper() if i < b else ""
         target = toks[i + 1].text.upper() if i + 1 < b else ""
         rest = [t.text.upper() for t in toks[i + 2 : b]]
-        fmt = "text"
-        for j, word in enumerate(rest):
-            if word == "FORMAT" and j + 1 < len(rest):
-                fmt = rest[j + 1].lower()
-            elif word in ("CSV", "BINARY") and (j == 0 or rest[j - 1] != "FORMAT"):
-                fmt = word.lower()
+        fmt = _copy_format(rest)
         protected = self.policy.columns_of(table)
         an.tables.add(table)
         if not protected:
@@ -462,6 +492,13 @@ class Planner:
         if direction == "TO":
             an.kind = "copy_out"
             st.copy_out = True
+            st.copy_format = fmt
+            if any(c in protected for c in (columns or protected)):
+                unsupported = _copy_out_options(rest, fmt)
+                if fmt == "binary":
+                    an.denials.append(_BINARY_COPY_OUT)
+                elif unsupported:
+                    an.denials.append(_copy_out_denial(unsupported))
             an.read.update(f"{table}.{c}" for c in (columns or protected) if c in protected)
             return st
         an.kind = "copy_in"
@@ -479,6 +516,15 @@ class Planner:
             return st
         if "WHERE" in rest:
             an.denials.append(f"COPY {table} FROM STDIN ... WHERE is not supported for a protected table")
+            return st
+        unsupported = _copy_in_options(rest)
+        if unsupported:
+            # the stream is rewritten with the default delimiter, quoting and NULL marker:
+            # with others a protected value could slip through unencrypted
+            an.denials.append(
+                f"COPY {table} FROM STDIN with option {', '.join(unsupported)} is not supported for "
+                "a protected table (use the defaults of the text or csv format)"
+            )
             return st
         if not columns:
             an.denials.append(
@@ -657,6 +703,31 @@ def explain_text(plan: Plan) -> str:
 _PASS_BY_KIND: dict[str, Plan] = {}
 
 
+_GLUED_PARAM = re.compile(r"\$\d+[^\s\d]")
+# Skipped whole: quoted strings and identifiers, comments, dollar-quoted bodies.
+_OPAQUE_OR_PARAM = re.compile(
+    r"[Ee]'(?:[^'\\]|\\.|'')*'"
+    r"|'(?:[^']|'')*'"
+    r'|"(?:[^"]|"")*"'
+    r"|--[^\n]*"
+    r"|/\*.*?\*/"
+    r"|\$([A-Za-z_][A-Za-z_0-9]*)?\$.*?\$\1\$"
+    r"|(?<![A-Za-z_0-9$])(\$\d+)(?=[^\s\d])",
+    re.DOTALL,
+)
+
+
+def unglue_params(sql: str) -> str:
+    """``$1,$2`` -> ``$1 ,$2``: sqlglot reads ``$1,$`` as a dollar-quote tag (PostgreSQL
+    does not: a tag cannot start with a digit). A space after a parameter outside
+    strings, comments and dollar quotes means the same to PostgreSQL."""
+
+    def fix(m: re.Match[str]) -> str:
+        return m.group(0) + " " if m.group(2) else m.group(0)
+
+    return _OPAQUE_OR_PARAM.sub(fix, sql)
+
+
 def _pass_for(sql: str) -> Plan:
     """The shared pass-through plan for a statement kind (audit kind from the first word)."""
     kind = _guess_kind(sql)
@@ -755,6 +826,50 @@ def _arg_slot(toks: list[Token], lexed: Lexed, lo: int, hi: int) -> int | None:
     if toks[lo].token_type == TokenType.NULL:
         return -1
     return lexed.slot_of_token.get(lo)
+
+
+def _copy_format(words: Sequence[str]) -> str:
+    """``text``, ``csv`` or ``binary`` from the uppercased words of COPY's options."""
+    fmt = "text"
+    for j, word in enumerate(words):
+        if word == "FORMAT" and j + 1 < len(words):
+            fmt = words[j + 1].lower()
+        elif word in ("CSV", "BINARY") and (j == 0 or words[j - 1] != "FORMAT"):
+            fmt = word.lower()
+    return fmt
+
+
+_BINARY_COPY_OUT = (
+    "COPY ... TO STDOUT in binary format is not supported for protected columns (their "
+    "decrypted values would not match the field lengths): use text or csv format"
+)
+
+
+def _copy_out_options(words: Sequence[str], fmt: str) -> list[str]:
+    """COPY TO options the decrypted values are not escaped for (CSV quoting is always
+    with '"', which any CSV delimiter accepts; text escaping knows only the tab)."""
+    options = ("QUOTE", "ESCAPE") if fmt == "csv" else ("DELIMITER",)
+    return [w for w in options if w in words]
+
+
+def _copy_out_denial(options: list[str]) -> str:
+    return (
+        f"COPY ... TO STDOUT with option {', '.join(options)} is not supported for protected "
+        "columns: decrypted values are escaped for the default delimiter and quote"
+    )
+
+
+#: COPY FROM options that change how fields are split, quoted or read as NULL.
+_COPY_IN_UNSUPPORTED = ("DELIMITER", "QUOTE", "ESCAPE", "NULL", "FORCE_NULL", "FORCE_NOT_NULL", "DEFAULT")
+
+
+def _copy_in_options(words: Sequence[str]) -> list[str]:
+    """The options of a COPY FROM that the COPY rewriter does not implement."""
+    found = [w for w in _COPY_IN_UNSUPPORTED if w in words]
+    for j, word in enumerate(words):
+        if word == "ENCODING" and j + 1 < len(words) and words[j + 1].strip("'").replace("-", "") != "UTF8":
+            found.append("ENCODING")
+    return found
 
 
 def _tok_name(tok: Token) -> str:

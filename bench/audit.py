@@ -1,0 +1,517 @@
+"""Audit benchmark: what does writing the audit trail cost on a PII workload?
+
+The PII workload of ``bench/pii.py`` (insert a user, look one up by email, select one by
+id: three statements on encrypted columns per transaction) through two pgcloak
+processes that differ only in their policy's ``audit:`` section:
+
+    audit-on    audit enabled with the file sink (statements: pii, the defaults otherwise:
+                fsync every second, queue 10000, batches of 1000): every PII statement
+                is an event, chained with HMAC-SHA256 and appended to a JSON-lines file
+    audit-off   ``audit: {enabled: false}``: no trail at all
+    direct      PostgreSQL itself (not run by default; for reference)
+
+Each target has a database of its own with the same encrypted ``users`` table, seeded
+through the target. The runs are interleaved (round-robin per mode, rotating the
+first target) in the simple, extended and prepared protocols.
+
+The project's target (issue #4; printed as PASS/MISS, timings never fail the run):
+audit-on >= 0.90x audit-off in every mode. After the run the proxies are stopped
+(SIGTERM: the shutdown seal) and the trail is checked with ``pgcloak audit verify``;
+its event count is compared with the PII statements pgbench reports.
+
+    python bench/audit.py --quick          # 3 s per run, 1 round: a smoke run
+    python bench/audit.py                  # 10 s per run, 2 rounds
+    python bench/audit.py --json audit.json
+
+The exit status is 0 whatever happens (a target that fails is reported in the notes),
+130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from common import (
+    HOST,
+    BenchTarget,
+    Endpoint,
+    PgbenchResult,
+    StartError,
+    fmt_num,
+    fmt_ratio,
+    generate_master_key,
+    interleave,
+    pgbench_path,
+    print_table,
+    ratio,
+    run_pgbench,
+    scratch_dir,
+    start_postgres,
+    terminate_on_sigterm,
+    tool_version,
+)
+from pgcloak.demo.postgres import TemporaryPostgres
+from pii import (
+    MODES,
+    PII_STATEMENTS,
+    ROLE,
+    SetupError,
+    Spec,
+    check_seeded,
+    create_schema,
+    seed,
+    start_target,
+    verify_encrypted,
+    workload_script,
+)
+
+ALL_TARGETS = ("audit-on", "audit-off", "direct")
+DEFAULT_TARGETS = ("audit-on", "audit-off")
+#: audit-on / audit-off must reach this in every mode (issue #4, item 6).
+GOAL = 0.90
+#: pgbench's application_name (common.Endpoint.env): its statements, not the set-up's.
+PGBENCH_APP = "pgcloak-bench"
+
+SPECS = {
+    "audit-on": Spec(
+        "audit-on",
+        "audit_on",
+        "protect",
+        "pgcloak, users.email/phone encrypted, audit trail to a file (statements: pii)",
+    ),
+    "audit-off": Spec(
+        "audit-off",
+        "audit_off",
+        "protect",
+        "pgcloak, users.email/phone encrypted, audit: {enabled: false}",
+    ),
+    "direct": Spec("direct", "audit_direct", None, "PostgreSQL itself, plain users table"),
+}
+
+POLICY = """\
+# bench/audit.py: {key}
+version: 1
+tables:
+  public.users:
+    email: {{encrypt: true, index: exact, normalize: email}}
+    phone: {{encrypt: true, index: exact, normalize: phone}}
+roles:
+  {role}: {{read: reveal}}
+{audit}"""
+
+AUDIT_ON = 'audit:\n  statements: pii\n  sink: "file:{path}"\n'
+AUDIT_OFF = "audit:\n  enabled: false\n"
+
+
+def write_policy(key: str, scratch: Path) -> tuple[Path, Path | None]:
+    """The target's policy file and, for audit-on, the trail file it writes."""
+    trail = scratch / f"trail-{key}" / "audit.jsonl" if key == "audit-on" else None
+    audit = AUDIT_ON.format(path=trail) if trail is not None else AUDIT_OFF
+    path = scratch / f"policy-{key}.yaml"
+    path.write_text(POLICY.format(key=key, role=ROLE, audit=audit))
+    return path, trail
+
+
+# --------------------------------------------------------------------------- the trail
+
+
+def check_trail(trail: Path, master_key: str) -> dict[str, Any]:
+    """``pgcloak audit verify`` over the trail, and its events by application."""
+    files = sorted(p for p in trail.parent.glob("audit.jsonl*") if ".spill" not in p.name)
+    info: dict[str, Any] = {"files": [str(p) for p in files]}
+    if not files:
+        info["verify"] = "no audit file"
+        return info
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCLOAK_MASTER_KEY"] = master_key
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgcloak.cli", "audit", "verify", *map(str, files)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    first = (proc.stdout or proc.stderr).strip().splitlines()
+    info["verify"] = first[0] if first else f"exit {proc.returncode}"
+    info["verify_ok"] = proc.returncode == 0
+    by_app: dict[str, int] = {}
+    types: dict[str, int] = {}
+    size = 0
+    for path in files:
+        size += path.stat().st_size
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                types[record["type"]] = types.get(record["type"], 0) + 1
+                if record["type"] == "statement":
+                    app = record.get("application_name") or "-"
+                    by_app[app] = by_app.get(app, 0) + 1
+    info.update(bytes=size, records_by_type=types, statements_by_application=by_app)
+    return info
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, Any]:
+    by_key = {t.key: t for t in targets}
+
+    def tps(key: str, mode: str) -> float | None:
+        target = by_key.get(key)
+        return target.tps(mode) if target else None
+
+    print_table(
+        f"PII workload TPS  ({args.clients} clients, {args.threads} threads, "
+        f"{args.seconds:g} s x {args.rounds} round(s); ± = half the range across rounds)",
+        ["target", *MODES],
+        [[t.key, *(t.cell(m) for m in MODES)] for t in targets],
+        plain=args.plain,
+    )
+    ratio_defs = [
+        ("audit-on / audit-off", "audit-on", "audit-off"),
+        ("audit-on / direct", "audit-on", "direct"),
+        ("audit-off / direct", "audit-off", "direct"),
+    ]
+    ratios: dict[str, dict[str, float | None]] = {}
+    rows = []
+    for name, num, den in ratio_defs:
+        if num in by_key and den in by_key:
+            ratios[name] = {m: ratio(tps(num, m), tps(den, m)) for m in MODES}
+            rows.append([name, *(fmt_ratio(ratios[name][m]) for m in MODES)])
+    print_table("TPS ratios", ["ratio", *MODES], rows, plain=args.plain)
+
+    added: dict[str, float | None] = {}
+    if "audit-on" in by_key and "audit-off" in by_key:
+
+        def per_tx(key: str, mode: str) -> float | None:
+            value = tps(key, mode)
+            return None if not value else 1e6 / value
+
+        for m in MODES:
+            a, b = per_tx("audit-on", m), per_tx("audit-off", m)
+            added[m] = None if a is None or b is None else a - b
+        rows = [[t.key, *(fmt_num(per_tx(t.key, m)) for m in MODES)] for t in targets]
+        rows.append(["audit-on - audit-off", *(fmt_num(added[m]) for m in MODES)])
+        rows.append(
+            [
+                f"  per audit event (/{PII_STATEMENTS})",
+                *(fmt_num(None if added[m] is None else added[m] / PII_STATEMENTS) for m in MODES),
+            ]
+        )
+        print_table(
+            "µs per transaction = 1e6 / TPS (what the saturated bottleneck spends on one "
+            f"transaction; the difference is what the trail adds: {PII_STATEMENTS} events per "
+            "transaction)",
+            ["", *MODES],
+            rows,
+            plain=args.plain,
+        )
+
+    goals: list[dict[str, Any]] = []
+    rows = []
+    for mode in MODES:
+        value = ratio(tps("audit-on", mode), tps("audit-off", mode))
+        verdict = "n/a" if value is None else ("PASS" if value >= GOAL else "MISS")
+        goal = f"audit-on >= {GOAL:.2f}x audit-off"
+        goals.append({"goal": goal, "mode": mode, "ratio": value, "need": GOAL, "verdict": verdict})
+        rows.append([goal, mode, fmt_ratio(value), f">= {GOAL:.2f}x", verdict])
+    print_table(
+        "Project target (timings never fail the run)",
+        ["goal", "mode", "ratio", "need", "verdict"],
+        rows,
+        plain=args.plain,
+        right_align_from=2,
+    )
+    return {"ratios": ratios, "added_us_per_transaction": added, "goals": goals}
+
+
+def _progress(result: PgbenchResult, total: int, done: int) -> None:
+    if result.ok:
+        detail = f"{result.tps:>9,.0f} tps  {result.latency_ms or 0:7.3f} ms"
+        if result.failed:
+            detail += f"  {result.failed} failed"
+    else:
+        detail = f"ERROR {result.error}"
+    print(
+        f"[{done:>3}/{total}] round {result.round + 1} {result.case:<9} {result.target:<10} {detail}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _log_findings(target: BenchTarget, limit: int = 5) -> str | None:
+    """Warnings and errors the proxy logged (it runs at --log-level warning)."""
+    if target.process is None:
+        return None
+    try:
+        lines = [
+            ln for ln in target.process.log_file.read_text(errors="replace").splitlines() if ln
+        ]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    shown = "\n    ".join(ln[:300] for ln in lines[:limit])
+    more = f"\n    ... {len(lines) - limit} more line(s)" if len(lines) > limit else ""
+    return f"{target.key}: the proxy logged {len(lines)} line(s):\n    {shown}{more}"
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="The PII workload through pgcloak with the audit file sink on and off, "
+        "interleaved: TPS, ratio, and the >= 0.90x target",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="per pgbench run (default 10)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, averaged (2)")
+    parser.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
+    parser.add_argument("--threads", type=int, default=2, help="pgbench -j (default 2)")
+    parser.add_argument(
+        "--seed-rows", type=int, default=10_000, help="users seeded per target (default 10000)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of warm-up per target, split over the modes (default 3, 1 with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke run")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--plain", action="store_true", help="plain-text tables even with rich")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.rounds = 3.0, 1
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 3.0
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = sorted(set(wanted) - set(ALL_TARGETS))
+    if unknown:
+        parser.error(f"unknown target(s): {', '.join(unknown)}")
+    args.targets = [t for t in ALL_TARGETS if t in wanted]
+    if not {"audit-on", "audit-off"} <= set(args.targets):
+        parser.error("audit-on and audit-off are what this benchmark compares; keep both")
+    if min(args.seconds, args.rounds, args.clients, args.threads, args.seed_rows) < 1:
+        parser.error("--seconds, --rounds, --clients, --threads and --seed-rows must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    notes: list[str] = []
+    scratch = scratch_dir("pgcloak-bench-audit-")
+    pg: TemporaryPostgres | None = None
+    targets: list[BenchTarget] = []
+    trail: Path | None = None
+    try:
+        print("starting PostgreSQL ...", file=sys.stderr, flush=True)
+        pg = start_postgres(clients=args.clients)
+        password = secrets.token_urlsafe(16)
+        pg.create_role(ROLE, password)
+        pgbench = pgbench_path(pg)
+        master_key = generate_master_key()
+
+        print("creating databases, starting targets, seeding ...", file=sys.stderr, flush=True)
+        for key in args.targets:
+            spec = SPECS[key]
+            pg.create_database(spec.dbname, owner=ROLE)
+            direct = Endpoint(HOST, pg.port, ROLE, password, spec.dbname)
+            policy_file: Path | None = None
+            if spec.policy is not None:
+                policy_file, written = write_policy(key, scratch)
+                trail = written or trail
+            create_schema(pg, spec, policy_file)
+            try:
+                target = start_target(spec, pg, direct, policy_file, master_key, scratch)
+            except (StartError, OSError) as exc:
+                raise SetupError(f"{key} did not start: {exc}") from exc
+            targets.append(target)  # at once, so a failure below still stops it
+            try:
+                seed(target, args.seed_rows)
+                check_seeded(direct, args.seed_rows)
+                if spec.policy is not None:
+                    verify_encrypted(target.endpoint, direct)
+            except psycopg.Error as exc:
+                tail = target.process.log_tail(10) if target.process else ""
+                raise SetupError(
+                    f"{key}: setup or correctness check failed: {exc}"
+                    + (f"\nproxy log tail:\n{tail}" if tail else "")
+                ) from exc
+
+        script_files: dict[str, str] = {}
+        for mode in MODES:
+            path = scratch / f"pii-{mode}.sql"
+            path.write_text(workload_script(mode, args.seed_rows))
+            script_files[mode] = str(path)
+
+        meta: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "cpus": os.cpu_count(),
+            "loadavg_at_start": os.getloadavg(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "postgres": pg.version_string,
+            "pgbench": tool_version([pgbench, "--version"]),
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "clients": args.clients,
+            "threads": args.threads,
+            "seed_rows": args.seed_rows,
+            "targets": {t.key: t.description for t in targets},
+            "audit_on_policy_audit": AUDIT_ON.format(path="<scratch>/trail-audit-on/audit.jsonl"),
+        }
+        print(
+            f"# {meta['postgres']}; {meta['cpus']} CPUs, load "
+            f"{meta['loadavg_at_start'][0]:.2f}; {args.seed_rows:,} seeded users per target",
+            flush=True,
+        )
+        for t in targets:
+            print(f"#   {t.key:<10} {t.description}", flush=True)
+
+        def one(
+            t: BenchTarget, mode: str, round_no: int, seconds: float, case: str
+        ) -> PgbenchResult:
+            return run_pgbench(
+                pgbench,
+                t.endpoint,
+                target=t.key,
+                case=case,
+                round_no=round_no,
+                mode=mode,
+                clients=args.clients,
+                threads=args.threads,
+                seconds=seconds,
+                builtin=None,
+                scripts=[script_files[mode]],
+            )
+
+        transactions = {t.key: 0 for t in targets}
+        for t in targets:
+            for mode in MODES:
+                result = one(t, mode, 0, max(1.0, args.warmup / len(MODES)), f"warmup-{mode}")
+                transactions[t.key] += result.transactions or 0
+                if result.error:
+                    notes.append(f"{t.key}: warm-up in {mode} mode: {result.error}")
+
+        total = len(targets) * len(MODES) * args.rounds
+
+        def measured(t: BenchTarget, mode: str, round_no: int) -> PgbenchResult:
+            return one(t, mode, round_no, args.seconds, mode)
+
+        for done, (t, _mode, _round, result) in enumerate(
+            interleave(targets, MODES, args.rounds, measured), 1
+        ):
+            t.add(result)
+            transactions[t.key] += result.transactions or 0
+            _progress(result, total, done)
+
+        meta["loadavg_at_end"] = os.getloadavg()
+        summary = _report(targets, args)
+
+        # Stop the proxies (SIGTERM: drain, shutdown seal), then check the trail.
+        for t in targets:
+            if t.process is not None:
+                if not t.process.running:
+                    notes.append(
+                        f"{t.key}: process exited during the run:\n{t.process.log_tail(10)}"
+                    )
+                t.process.stop()
+        trail_info: dict[str, Any] = {}
+        if trail is not None:
+            trail_info = check_trail(trail, master_key)
+            events = trail_info.get("statements_by_application", {}).get(PGBENCH_APP, 0)
+            expected = transactions.get("audit-on", 0) * PII_STATEMENTS
+            trail_info["pgbench_events"] = events
+            trail_info["pgbench_pii_statements"] = expected
+            size = trail_info.get("bytes", 0)
+            records = sum(trail_info.get("records_by_type", {}).values())
+            print(
+                f"\nAudit trail of audit-on: {trail_info['verify']}\n"
+                f"  {records:,} records, {size / 1e6:.1f} MB ({size / max(records, 1):.0f} bytes "
+                f"per record); {events:,} statement events from pgbench for the "
+                f"{expected:,} PII statements of the transactions it counted"
+            )
+            if not trail_info.get("verify_ok"):
+                notes.append(f"audit-on: the trail did not verify: {trail_info['verify']}")
+            if events < expected:
+                notes.append(
+                    f"audit-on: {expected - events} PII statement(s) without an event: a proxy bug"
+                )
+
+        for t in targets:
+            for err in t.errors():
+                notes.append(f"{t.key}: {err}")
+            finding = _log_findings(t)
+            if finding:
+                notes.append(finding)
+        if notes:
+            print("\nNotes:")
+            for note in notes:
+                print(f"  - {note}")
+        if (os.cpu_count() or 1) <= 2:
+            print(
+                f"\n(only {os.cpu_count()} CPUs shared by pgbench, PostgreSQL and the "
+                "target: compare ratios, not absolute numbers)"
+            )
+        return {
+            "meta": meta,
+            "tps": {
+                t.key: {
+                    m: {"mean": t.tps(m), "spread": t.spread(m), "failed": t.failed(m)}
+                    for m in MODES
+                }
+                for t in targets
+            },
+            **summary,
+            "trail": trail_info,
+            "runs": [r.as_dict() for t in targets for runs in t.results.values() for r in runs],
+            "notes": notes,
+        }
+    finally:
+        print("stopping ...", file=sys.stderr, flush=True)
+        for t in reversed(targets):
+            if t.process is not None:
+                t.process.stop()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    terminate_on_sigterm()
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped", file=sys.stderr)
+        return 130
+    except (SetupError, StartError, RuntimeError, OSError, psycopg.Error) as exc:
+        print(f"\nerror: {exc}\nnothing was measured; everything stopped", file=sys.stderr)
+        return 0
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"\nresults written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
