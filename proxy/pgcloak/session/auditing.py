@@ -12,6 +12,7 @@ blind-index values of lookups.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from pgcloak.audit.events import StatementsMode
 from pgcloak.sql import Plan
 from pgcloak.wire.framing import iter_messages
 
+log = logging.getLogger("pgcloak.audit")
 _COMPLETIONS = frozenset(b"CIs")
 _MAX_PORTALS = 10_000
 _ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
@@ -89,6 +91,13 @@ class SessionAudit:
         self._portals: dict[str, tuple[Plan, dict[str, list[str]]]] = {}
         self.statements = 0
 
+    def _emit(self, event: dict[str, object]) -> None:
+        """Never let an audit problem break the client's stream: log it (no values) instead."""
+        try:
+            self.log.emit(event)
+        except Exception as exc:
+            log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+
     @property
     def pending(self) -> bool:
         return bool(self._units)
@@ -134,7 +143,7 @@ class SessionAudit:
     def refused(self, plan: Plan | None, sqlstate: str, reason: str) -> None:
         """Refusals are always recorded, whatever ``audit.statements`` says."""
         facts = plan.audit if plan is not None else None
-        self.log.emit(
+        self._emit(
             refusal_event(
                 self._info(),
                 kind=event_kind(facts.kind) if facts else "other",
@@ -194,7 +203,7 @@ class SessionAudit:
             return
         facts = unit.plan.audit
         failed = unit.error is not None
-        self.log.emit(
+        self._emit(
             statement_event(
                 self._info(),
                 kind=event_kind(facts.kind),

@@ -108,6 +108,7 @@ class Session:
         self._rewriter: Rewriter | None = None
         self._audit: SessionAudit | None = None
         self._audit_wait: asyncio.Task[None] | None = None
+        self._info: SessionInfo | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
 
@@ -171,8 +172,10 @@ class Session:
             )
 
     def audit_info(self) -> SessionInfo:
+        if self._info is not None:
+            return self._info
         worker = os.environ.get("PGCLOAK_WORKER_ID")
-        return SessionInfo(
+        info = SessionInfo(
             session=self.id,
             user=self.user or None,
             database=self.database or None,
@@ -180,6 +183,9 @@ class Session:
             client=self.client_addr or None,
             worker=int(worker) if worker else None,
         )
+        if self.ready:
+            self._info = info  # who the session is no longer changes
+        return info
 
     def _audit_connection(self, action: str, *, sqlstate: str | None = None, reason: str | None = None) -> None:
         """Connection events are always recorded when there is an audit trail."""
@@ -194,8 +200,8 @@ class Session:
                 "bytes_out": self.bytes_from_backend,
                 "statements": self._audit.statements if self._audit is not None else 0,
             }
-        trail.emit(
-            connection_event(
+        try:
+            event = connection_event(
                 self.audit_info(),
                 action=action,  # type: ignore[arg-type]
                 tls=self.client_tls,
@@ -203,7 +209,9 @@ class Session:
                 reason=reason,
                 **totals,  # type: ignore[arg-type]
             )
-        )
+            trail.emit(event)
+        except Exception as exc:
+            log.error("audit event rejected", extra={"session": self.id, "error": type(exc).__name__})
 
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse if the client stream is at a message boundary."""
