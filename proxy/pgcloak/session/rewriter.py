@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
+import struct
 from collections.abc import Callable
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
@@ -30,7 +31,6 @@ from pgcloak.wire.messages import (
     Close,
     CopyData,
     CopyFail,
-    DataRow,
     ErrorResponse,
     Parse,
     Query,
@@ -55,6 +55,46 @@ AUDIT_DOWN = (
 )
 # Backend messages still delivered while the rest of a failed result is dropped.
 _KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
+
+
+_H = struct.Struct("!h")
+_I = struct.Struct("!i")
+_NULL = _I.pack(-1)
+
+
+def _rewrite_bind_values(
+    body: bytes, pos: int, actions: tuple[ValueAction, ...], protection: Protection, lookups: dict[str, list[str]]
+) -> bytes:
+    """The Bind message with its protected values transformed, everything else spliced
+    through as it came (cheaper than decoding and re-encoding the whole message)."""
+    try:
+        (nfmt,) = _H.unpack_from(body, pos)
+        formats = struct.unpack_from(f"!{nfmt}h", body, pos + 2) if nfmt > 0 else ()
+        pos += 2 + 2 * max(nfmt, 0)
+        (nparams,) = _H.unpack_from(body, pos)
+        pos += 2
+        out = [body[:pos]]
+        for i in range(nparams):
+            (n,) = _I.unpack_from(body, pos)
+            pos += 4
+            if n < 0:
+                out.append(_NULL)
+                continue
+            if pos + n > len(body):
+                raise ProtocolError("invalid Bind message: parameter value runs past the end")
+            action = actions[i] if i < len(actions) else PASS
+            if action.kind == "pass":
+                out.append(body[pos - 4 : pos + n])
+            else:
+                fmt = formats[0] if len(formats) == 1 else (formats[i] if formats else 0)
+                value = protection.transform_param(action, body[pos : pos + n], fmt == 1, lookups)
+                out.append(_I.pack(len(value)))
+                out.append(value)
+            pos += n
+    except struct.error:
+        raise ProtocolError("invalid Bind message: truncated") from None
+    out.append(body[pos:])
+    return frame(b"B", b"".join(out))
 
 
 def text_of(body: bytes, start: int, end: int) -> str:
@@ -305,24 +345,15 @@ class Rewriter:
             if audit is not None:
                 audit.bind(portal, plan, lookups)
             return msg
-        bind = Bind.decode(body)
-        formats = bind.param_formats
-        out: list[bytes | None] = []
         try:
-            for i, value in enumerate(bind.params):
-                action = actions[i] if i < len(actions) else PASS
-                if value is None or action.kind == "pass":
-                    out.append(value)
-                    continue
-                fmt = formats[0] if len(formats) == 1 else (formats[i] if formats else 0)
-                out.append(protection.transform_param(action, value, fmt == 1, lookups))
+            rewritten = _rewrite_bind_values(body, stmt_end + 1, actions, protection, lookups)
         except ValueRefused as exc:
             if audit is not None:
                 audit.bind(portal, None, {})
-            return self._refuse_bind(bind.portal, exc.sqlstate, exc.message)
+            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), exc.sqlstate, exc.message)
         if audit is not None:
             audit.bind(portal, plan, lookups)
-        return Bind(bind.portal, bind.statement, formats, tuple(out), bind.result_formats).encode()
+        return rewritten
 
     def _close(self, msg: bytes) -> None:
         close = Close.decode(msg[5:])
@@ -392,12 +423,40 @@ class Rewriter:
         return b"".join(out)
 
     def _reveal_row(self, protection: Protection, body: bytes) -> bytes | None:
-        row = DataRow.decode(body)
+        """The DataRow with stored values decrypted; untouched values are spliced through."""
         try:
-            values = protection.reveal_row(row.values)
+            (count,) = _H.unpack_from(body, 0)
+            pos = 2
+            out = [body[:2]]
+            run = 2  # start of bytes not yet copied
+            changed = False
+            for _ in range(count):
+                (n,) = _I.unpack_from(body, pos)
+                start = pos + 4
+                if n < 0:
+                    pos = start
+                    continue
+                end = start + n
+                if end > len(body):
+                    raise ProtocolError("invalid DataRow message: value runs past the end")
+                if ENVELOPE_PREFIX in body[start:end]:
+                    value = body[start:end]
+                    plain = protection.reveal(value)
+                    if plain is not value:
+                        out.append(body[run:pos])
+                        out.append(_I.pack(len(plain)))
+                        out.append(plain)
+                        run = end
+                        changed = True
+                pos = end
+        except struct.error:
+            raise ProtocolError("invalid DataRow message: truncated") from None
         except DecryptionFailed as exc:
             return self._fail_result(exc)
-        return None if values is None else DataRow(values).encode()
+        if not changed:
+            return None
+        out.append(body[run:])
+        return frame(b"D", b"".join(out))
 
     def _reveal_copy(self, protection: Protection, body: bytes) -> bytes:
         try:
