@@ -128,3 +128,38 @@ def test_lines_round_trip_and_verify(fp: str, user: str | None, rows: int | None
     parsed = json.loads(record.line)
     assert mac_ok(KEY, parsed)
     assert parsed == record.record
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        # a dict in no particular key order, nested lookups with several keys
+        {"type": "statement", "lookups": {"z.y.x": ["b"], "a.b": ["c", "a"]}, "id": "1",
+         "fingerprint": 'SELECT "é" \\ \n\t\x00\x1f\u2028\ud7ff\U0001f600', "rows": 2**70,
+         "duration_ms": 1e-7, "worker": None, "tls": True, "pii": [], "big": 1.5e300},
+        {"ts": "t", "type": "seal", "count": 0, "reason": "shutdown", "worker": 3, "id": "x"},
+        {"type": "statement", "b": -0.0, "a": 0.1 + 0.2, "c": [1, [2, {"k": None}]]},
+    ],
+)
+def test_the_line_is_the_canonical_serialization(event: dict[str, object]) -> None:
+    record = Chain(KEY, 'w0-"quoted"\\').append(event)
+    body = {k: v for k, v in record.record.items() if k != "mac"}
+    assert record.line.encode() == canonical(body)[:-1] + f',"mac":"{record.record["mac"]}"}}'.encode()
+    assert mac_ok(KEY, json.loads(record.line))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"x": float("nan")}, {"x": float("inf")}, {"x": "\ud800"}, {"x": object()}, {"x": {1, 2}}],
+)
+def test_an_unserializable_event_leaves_the_chain_as_it_was(bad: dict[str, object]) -> None:
+    chain = Chain(KEY, "c")
+    first = chain.append(_event())
+    with pytest.raises((TypeError, ValueError)):
+        chain.append({"type": "statement", **bad})
+    cyclic: dict[str, object] = {"type": "statement"}
+    cyclic["self"] = [cyclic]
+    with pytest.raises(ValueError):
+        chain.append(cyclic)
+    second = chain.append(_event())
+    assert (chain.next_seq, second.seq, second.record["prev"]) == (3, 2, first.record["mac"])

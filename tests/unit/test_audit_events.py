@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pgcloak.audit.events import (
     COMMON_FIELDS,
+    BuiltEvent,
     InvalidEventError,
     SessionInfo,
     connection_event,
+    format_ts,
     gap_event,
+    now_ts,
     refusal_event,
     seal_event,
     should_record,
     statement_event,
     validate_event,
 )
+from pgcloak.audit.log import AuditLog
+from pgcloak.policy import Audit
 
 INFO = SessionInfo(
     session="s-1", user="app", database="appdb", application_name="psql",
@@ -191,3 +201,179 @@ def test_system_events() -> None:
 )
 def test_should_record(mode: str, kind: str, pii: bool, expected: bool) -> None:
     assert should_record(mode, kind, pii) is expected  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- vouching
+# The builders vouch for the events they make (emit() then skips validating them); an
+# event that was changed, or built from a bad argument, is validated like any dict.
+
+
+def _log(tmp_path: Path) -> AuditLog:
+    """An AuditLog that is never started: emit() only queues."""
+    return AuditLog(Audit(sink=f"file:{tmp_path}/audit.jsonl"), bytes(range(32)))
+
+
+def test_builders_vouch_for_what_they_build() -> None:
+    now = datetime.now(UTC)
+    for event in (
+        _statement(),
+        _statement(lookups={"public.users.email": [IDX], "public.users.phone": [IDX]}),
+        refusal_event(INFO, kind="select", fingerprint="x", reason="r", sqlstate="42501"),
+        connection_event(INFO, action="disconnected", tls=False, duration_ms=3.5, bytes_in=1,
+                         bytes_out=2, statements=0, ts=now),
+        statement_event(SessionInfo(session="s"), kind="insert", fingerprint="",
+                        columns_written=["public.users.email"], rows=0, sqlstate="23505"),
+    ):
+        assert isinstance(event, BuiltEvent) and event.vouched, event
+        assert list(event) == sorted(event)  # insertion order: the canonical sort is one pass
+        validate_event(event)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e.__setitem__("value", "alice@example.com"),
+        lambda e: e.__setitem__("rows", 2),
+        lambda e: e.__delitem__("rows"),
+        lambda e: e.update(value="alice@example.com"),
+        lambda e: e.setdefault("value", "alice@example.com"),
+        lambda e: e.pop("rows"),
+        lambda e: e.popitem(),
+        lambda e: e.__ior__({"value": "alice@example.com"}),
+        lambda e: e.clear(),
+    ],
+)
+def test_changing_a_built_event_withdraws_the_vouching(change: Any, tmp_path: Path) -> None:
+    event = _statement()
+    change(event)
+    assert isinstance(event, BuiltEvent) and not event.vouched
+    log = _log(tmp_path)
+    if set(event) == set(_statement()) and event.get("rows") == 2:
+        log.emit(event)  # still valid: validated, then taken
+        assert log.queue_depth == 1
+    else:
+        with pytest.raises(InvalidEventError):
+            log.emit(event)
+        assert log.queue_depth == 0 and log.metrics.emitted == 0
+
+
+def test_copies_of_a_built_event_are_plain_dicts() -> None:
+    event = _statement()
+    for copy in (dict(event), event.copy(), event | {}, {**event}):
+        assert type(copy) is dict and copy == event
+
+
+def test_a_bad_argument_is_not_vouched_for_and_emit_refuses_it(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    bad = [
+        statement_event(INFO, kind="select", fingerprint="x",
+                        lookups={"public.users.email": ["alice@example.com"]}),
+        statement_event(INFO, kind="SELECT", fingerprint="x"),
+        statement_event(INFO, kind="select", fingerprint="x", columns_read=["email"]),
+        statement_event(INFO, kind="select", fingerprint="x", rows=-1),
+        statement_event(INFO, kind="select", fingerprint="x", rows=True),
+        statement_event(INFO, kind="select", fingerprint="x", duration_ms=float("nan")),
+        statement_event(INFO, kind="select", fingerprint="x", sqlstate="bad"),
+        statement_event(INFO, kind="select", fingerprint="x", decision="maybe"),  # type: ignore[arg-type]
+        statement_event(INFO, kind="select", fingerprint="x", tables=[""]),
+        statement_event(SessionInfo(session="s", worker=-1), kind="select", fingerprint="x"),
+        statement_event(SessionInfo(session="s", user=7), kind="select", fingerprint="x"),  # type: ignore[arg-type]
+        connection_event(INFO, action="bogus", tls=True),  # type: ignore[arg-type]
+        connection_event(INFO, action="authenticated", tls=1),  # type: ignore[arg-type]
+        connection_event(INFO, action="disconnected", tls=True, bytes_in=-5),
+    ]
+    for event in bad:
+        assert isinstance(event, BuiltEvent) and not event.vouched, event
+        with pytest.raises(InvalidEventError) as info:
+            log.emit(event)
+        assert "alice" not in str(info.value)
+    assert log.queue_depth == 0 and log.metrics.emitted == 0
+
+
+def test_an_emitted_event_is_frozen(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    event = _statement()
+    log.emit(event)
+    assert isinstance(event, BuiltEvent) and not event.vouched
+    with pytest.raises(TypeError):
+        event["value"] = "alice@example.com"
+    with pytest.raises(TypeError):
+        del event["rows"]
+    with pytest.raises(TypeError):
+        event.update(rows=3)
+    assert "value" not in event and event["rows"] == 1
+    log.emit(event)  # again: validated (it still is valid) and copied
+    assert log.queue_depth == 2 and log.metrics.emitted == 2
+
+
+def _bad_or(good: st.SearchStrategy[Any], *bad: Any) -> st.SearchStrategy[Any]:
+    return st.one_of(good, st.sampled_from(bad))
+
+
+_TEXT = st.one_of(st.none(), st.text(max_size=8))
+_KEY_IDS = st.lists(
+    _bad_or(st.sampled_from(["public.users.email", "users.phone", "a.b.c.d"]),
+            "email", "", "a..b", 3, None, "x" * 70 + ".y"),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user=_bad_or(_TEXT, 1, b"app"),
+    worker=_bad_or(st.one_of(st.none(), st.integers(0, 10)), -1, True, "0"),
+    kind=_bad_or(st.sampled_from(["select", "insert", "select_insert"]), "SELECT", "", "a+b", 1),
+    fingerprint=_bad_or(st.text(max_size=10), None, 1),
+    tables=st.lists(_bad_or(st.sampled_from(["public.users", "t"]), "", 1), max_size=2),
+    read=_KEY_IDS,
+    written=_KEY_IDS,
+    pii=st.one_of(st.none(), _KEY_IDS),
+    lookups=st.one_of(
+        st.none(),
+        st.dictionaries(
+            _bad_or(st.sampled_from(["public.users.email", "users.phone"]), "email"),
+            st.lists(_bad_or(st.just(IDX), "alice@example.com", "short", 5), max_size=2),
+            max_size=2,
+        ),
+    ),
+    rows=_bad_or(st.one_of(st.none(), st.integers(0, 10**12)), -1, True, "3", 1.5),
+    decision=_bad_or(st.sampled_from(["allow", "deny"]), "maybe", None),
+    reason=_bad_or(_TEXT, 5),
+    sqlstate=_bad_or(st.sampled_from([None, "42501", "XX000"]), "bad", "4250", 42501),
+    duration_ms=_bad_or(st.one_of(st.none(), st.floats(0, 1e9), st.integers(0, 10**6)),
+                        -1.0, float("nan"), float("inf")),
+)
+def test_a_vouched_event_is_always_a_valid_one(**kw: Any) -> None:
+    info = SessionInfo(session="s", user=kw.pop("user"), worker=kw.pop("worker"))
+    kw["columns_read"], kw["columns_written"] = kw.pop("read"), kw.pop("written")
+    try:
+        event = statement_event(info, **kw)
+    except (TypeError, ValueError):  # not even buildable (e.g. float("x"), unhashable)
+        return
+    assert isinstance(event, BuiltEvent)
+    try:
+        validate_event(event)
+        valid = True
+    except InvalidEventError:
+        valid = False
+    assert valid or not event.vouched  # never vouched for an invalid event
+    assert event.vouched or not valid  # and a valid one takes the fast path
+
+
+def test_now_ts_is_utc_with_microseconds() -> None:
+    before = datetime.now(UTC)
+    ts = now_ts()
+    after = datetime.now(UTC)
+    assert TS_RE.match(ts)
+    when = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert before - timedelta(milliseconds=1) <= when <= after + timedelta(milliseconds=1)
+    assert format_ts(when) == ts
+
+
+@given(st.one_of(st.floats(0, 1e12, allow_nan=False), st.integers(0, 10**9)))
+def test_durations_are_rounded_to_microseconds(value: float) -> None:
+    event = statement_event(INFO, kind="select", fingerprint="x", duration_ms=value)
+    ms = event["duration_ms"]
+    assert type(ms) is float and abs(ms - value) <= 0.0005 + abs(value) * 1e-15
+    text = json.dumps(ms)
+    assert json.loads(text) == ms and len(text.split(".")[1].split("e")[0]) <= 3

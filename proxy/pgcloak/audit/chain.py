@@ -13,6 +13,13 @@ inserting or moving one breaks ``seq``/``prev`` of its neighbours, and nobody wi
 the key can compute a matching ``mac``. A written line is that canonical form with
 ``"mac"`` appended as the last member (one serialization per record; verifiers parse
 the JSON, so member order does not matter to them).
+
+:meth:`Chain.append` produces exactly those bytes, only faster than ``json.dumps``: it
+calls the C encoder that ``json.dumps`` itself uses, with the same settings, built
+once (no ``JSONEncoder`` per call, no circular-reference bookkeeping: a record that
+nests into itself falls back to ``json.dumps``, which refuses it), and an HMAC whose
+key schedule is computed once per chain. (The builders insert an event's keys in
+sorted order, so the encoder's sort is a single pass.)
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import json.encoder
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from pgcloak.audit.events import CHAIN_FIELDS, SealReason, seal_event, utc_now
 
@@ -48,6 +56,40 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
+
+
+def _unserializable(o: object) -> NoReturn:
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+def _make_fast_encoder() -> Callable[[Mapping[str, Any]], str]:
+    """``canonical(obj).decode()``, by the C encoder ``json.dumps`` runs, set up once."""
+    make: Any = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the _json accelerator
+        return lambda obj: canonical(obj).decode("utf-8")
+    # The arguments json.JSONEncoder.iterencode passes for sort_keys=True,
+    # separators=(",", ":"), ensure_ascii=False, allow_nan=False; markers None: no
+    # circular-reference check (a cycle recurses until RecursionError; see _serialize).
+    encoder = make(
+        None, _unserializable, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+    join = "".join
+
+    def encode(obj: Mapping[str, Any]) -> str:
+        return join(encoder(obj, 0))
+
+    return encode
+
+
+_fast_encode: Final = _make_fast_encoder()
+
+
+def _serialize(record: Mapping[str, Any]) -> str:
+    """``canonical(record)`` as text."""
+    try:
+        return _fast_encode(record)
+    except RecursionError:
+        return canonical(record).decode("utf-8")  # raises ValueError for a cycle
 
 
 def _check_key(key: bytes) -> bytes:
@@ -125,6 +167,8 @@ class Chain:
         prev: str = GENESIS,
     ) -> None:
         self._key = _check_key(key)
+        # The keyed state after the key block, copied for each record.
+        self._hmac = hmac.new(self._key, digestmod=hashlib.sha256)
         self.chain_id = chain_id
         self.worker = worker
         self.next_seq = next_seq
@@ -132,17 +176,24 @@ class Chain:
         self.since_seal = 0
 
     def append(self, event: Mapping[str, Any]) -> ChainedRecord:
-        """Chain ``event`` (which must not carry chain fields) and return the record."""
-        if any(f in event for f in CHAIN_FIELDS):
+        """Chain ``event`` (which must not carry chain fields) and return the record.
+
+        ``event`` is not modified. Raises ``ValueError``/``TypeError`` for an event that
+        cannot be serialized (NaN, a lone surrogate, a cycle, an unknown type); the chain
+        is then unchanged.
+        """
+        if "seq" in event or "chain" in event or "prev" in event or "mac" in event:
             raise ValueError("an event handed to the chain must not carry chain fields")
         record = dict(event)
         record["seq"] = self.next_seq
         record["chain"] = self.chain_id
         record["prev"] = self.prev
-        body = canonical(record)
-        mac = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+        text = _serialize(record)
+        h = self._hmac.copy()
+        h.update(text.encode("utf-8"))
+        mac = h.hexdigest()
         record["mac"] = mac
-        line = body[:-1].decode("utf-8") + ',"mac":"' + mac + '"}'
+        line = text[:-1] + ',"mac":"' + mac + '"}'
         self.next_seq += 1
         self.prev = mac
         if record.get("type") == "seal":

@@ -6,8 +6,17 @@ literal value: statements are described by their kind, a fingerprint with litera
 removed, the tables and column key ids (``"public.users.email"``) they touch, and for
 lookups the *blind-index* values searched for (keyed hashes, not PII).
 :func:`validate_event` rejects any field that is not in the schema, so a dict built by
-hand cannot smuggle one in either. The builders only assemble the dict;
-``AuditLog.emit`` validates every event (once), so a bad argument raises there.
+hand cannot smuggle one in either.
+
+The session builds an event for (almost) every statement, on the event loop, so the
+builders are the trusted fast path: they return a :class:`BuiltEvent` (a ``dict``) and
+check the arguments they were given against the same rules as :func:`validate_event`
+(the fields they make themselves, ``ts``, ``id``, ``type``, are right by construction).
+An event that passed is *vouched for*, and ``AuditLog.emit`` takes it without validating
+it again; one that did not (a bad argument) is not, so ``emit`` validates it and raises
+:class:`InvalidEventError` there, as for any dict. Changing a built event (setting,
+deleting or updating a key) withdraws the vouching, and an event handed to ``emit`` is
+frozen: it can no longer be changed at all.
 
 The chain fields (``seq``, ``chain``, ``prev``, ``mac``) are added by
 :mod:`pgcloak.audit.chain` when the event is written; events handed to the log must not
@@ -19,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,6 +43,7 @@ __all__ = [
     "LOOKUP_VALUE_PATTERN",
     "SEAL_REASONS",
     "WRITE_KINDS",
+    "BuiltEvent",
     "ConnectionAction",
     "EventType",
     "InvalidEventError",
@@ -42,10 +53,12 @@ __all__ = [
     "format_ts",
     "gap_event",
     "new_event_id",
+    "now_ts",
     "refusal_event",
     "seal_event",
     "should_record",
     "statement_event",
+    "take_vouched",
     "utc_now",
     "validate_event",
 ]
@@ -120,28 +133,198 @@ def format_ts(when: datetime) -> str:
     return when.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
+# The current second, formatted once: (seconds since the epoch, "YYYY-MM-DDTHH:MM:SS.").
+# One tuple, replaced whole, so a thread never sees a second with another's text.
+_second: tuple[int, str] = (-1, "")
+
+
+def now_ts() -> str:
+    """``format_ts(utc_now())``, cheaply: the date and time are formatted once a second."""
+    global _second
+    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _second
+    if cached[0] != sec:
+        cached = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
+        _second = cached
+    return f"{cached[1]}{us:06d}Z"
+
+
 def new_event_id() -> str:
     """A unique event id: 128 random bits as 32 hex digits."""
     return os.urandom(16).hex()
 
 
-def _base(kind: EventType, info: SessionInfo, ts: datetime | None) -> dict[str, Any]:
-    return {
-        "ts": format_ts(ts or utc_now()),
-        "id": new_event_id(),
-        "type": kind,
-        "session": info.session,
-        "user": info.user,
-        "database": info.database,
-        "application_name": info.application_name,
-        "client": info.client,
-        "worker": info.worker,
-    }
+class BuiltEvent(dict[str, Any]):
+    """An event as a builder returned it: a ``dict`` that remembers being vouched for.
+
+    A builder sets :attr:`vouched` when every argument it was given passed the checks of
+    :func:`validate_event`; ``AuditLog.emit`` then skips validating it. Any change
+    (``ev[k] = v``, ``del``, ``update``, ``pop``, ...) withdraws that, so an event
+    changed after it was built is validated like any other dict. Once handed to
+    ``emit`` it is frozen: changing it raises ``TypeError`` (the log holds it, unchanged,
+    until it is written). Copies (``dict(ev)``, ``ev | {...}``, ``ev.copy()``) are
+    plain dicts. Nested lists are not guarded: never edit a built event's insides.
+    """
+
+    __slots__ = ("_state",)
+
+    _state: int  # _UNCHECKED, _VOUCHED or _FROZEN
+
+    @property
+    def vouched(self) -> bool:
+        """Built from arguments that all passed validation, and unchanged since."""
+        return getattr(self, "_state", _UNCHECKED) == _VOUCHED
+
+    def _touch(self) -> None:
+        if getattr(self, "_state", _UNCHECKED) == _FROZEN:
+            raise TypeError("an audit event handed to AuditLog.emit() cannot be changed")
+        self._state = _UNCHECKED
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._touch()
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._touch()
+        dict.__delitem__(self, key)
+
+    def __ior__(self, other: Any) -> BuiltEvent:  # type: ignore[override,misc]
+        self._touch()
+        dict.update(self, other)
+        return self
+
+    def clear(self) -> None:
+        self._touch()
+        dict.clear(self)
+
+    def pop(self, *args: Any) -> Any:
+        self._touch()
+        return dict.pop(self, *args)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._touch()
+        return dict.popitem(self)
+
+    def setdefault(self, *args: Any) -> Any:
+        self._touch()
+        return dict.setdefault(self, *args)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._touch()
+        dict.update(self, *args, **kwargs)
+
+
+_UNCHECKED: Final = 0
+_VOUCHED: Final = 1
+_FROZEN: Final = 2
+
+
+def take_vouched(event: Mapping[str, Any]) -> bool:
+    """For ``AuditLog.emit``: freeze ``event`` and say True if a builder vouched for it.
+
+    An event vouched for is frozen, so that the log may keep it without a copy; a
+    second ``emit`` of the same object gets False (and validates it).
+    """
+    if type(event) is BuiltEvent and getattr(event, "_state", _UNCHECKED) == _VOUCHED:
+        event._state = _FROZEN
+        return True
+    return False
 
 
 def _ms(value: float | None) -> float | None:
-    # Rounded so that the value survives a round trip through jsonb unchanged.
-    return None if value is None else round(float(value), 3)
+    # Rounded to microseconds (a whole number of thousandths: its repr has at most three
+    # decimals), so that the value survives a round trip through jsonb unchanged.
+    if value is None:
+        return None
+    v = float(value)
+    if 0.0 <= v < 1e12:
+        return round(v * 1000.0) / 1000.0  # round() to an int: much cheaper than round(v, 3)
+    return round(v, 3)  # negative, huge, inf or nan: as it is (validation refuses the last)
+
+
+# --------------------------------------------------------------------------- vouching
+# What the builders check of their arguments: exactly what validate_event would check
+# of the fields made from them (the fields a builder makes itself are right by
+# construction). Strings that passed a pattern once are remembered (kinds, column key
+# ids and SQLSTATEs repeat: they come from a few plans), in bounded sets.
+
+_MEMO_MAX: Final = 4096
+_kinds_ok: set[str] = set()
+_key_ids_ok: set[str] = set()
+_sqlstates_ok: set[str] = set()
+
+
+def _matches(value: Any, pattern: re.Pattern[str], memo: set[str]) -> bool:
+    if type(value) is not str:
+        return False
+    if value in memo:
+        return True
+    if pattern.match(value) is None:
+        return False
+    if len(memo) < _MEMO_MAX:
+        memo.add(value)
+    return True
+
+
+def _info_ok(info: SessionInfo) -> bool:
+    w = info.worker
+    return (
+        type(info.session) is str
+        and (info.user is None or type(info.user) is str)
+        and (info.database is None or type(info.database) is str)
+        and (info.application_name is None or type(info.application_name) is str)
+        and (info.client is None or type(info.client) is str)
+        and (w is None or (type(w) is int and w >= 0))
+    )
+
+
+def _opt_count_ok(v: Any) -> bool:
+    return v is None or (type(v) is int and v >= 0)
+
+
+def _opt_ms_ok(v: float | None) -> bool:
+    # _ms() made it a float (or None): finite and not negative.
+    return v is None or 0.0 <= v < math.inf
+
+
+def _sqlstate_ok(v: Any) -> bool:
+    return v is None or _matches(v, _SQLSTATE_RE, _sqlstates_ok)
+
+
+def _key_ids_ok_all(values: list[Any]) -> bool:
+    memo = _key_ids_ok
+    for x in values:
+        if type(x) is not str or (x not in memo and not _matches(x, _KEY_ID_RE, memo)):
+            return False
+    return True
+
+
+def _lookups_ok(lookups: dict[Any, list[Any]]) -> bool:
+    for k, vals in lookups.items():
+        if not _matches(k, _KEY_ID_RE, _key_ids_ok):
+            return False
+        for x in vals:
+            if type(x) is not str or _LOOKUP_RE.match(x) is None:
+                return False
+    return True
+
+
+def _tables_ok(tables: list[Any]) -> bool:
+    for x in tables:  # noqa: SIM110 - a plain loop: no generator on the hot path
+        if type(x) is not str or not x:
+            return False
+    return True
+
+
+_DECISIONS: Final = ("allow", "deny")
+
+
+def _vouch(event: BuiltEvent, ok: bool) -> BuiltEvent:
+    event._state = _VOUCHED if ok else _UNCHECKED
+    return event
+
+
+# --------------------------------------------------------------------------- builders
 
 
 def connection_event(
@@ -163,24 +346,45 @@ def connection_event(
     ``disconnected``; ``reason``/``sqlstate`` say why authentication failed or why the
     session ended (an error message from the server, never a value from a statement).
     """
-    event = _base("connection", info, ts)
-    event.update(
+    ms = _ms(duration_ms)
+    # Keys in sorted order: the canonical serialization's sort is then a single pass.
+    event = BuiltEvent(
         action=action,
-        tls=tls,
-        duration_ms=_ms(duration_ms),
+        application_name=info.application_name,
         bytes_in=bytes_in,
         bytes_out=bytes_out,
-        statements=statements,
+        client=info.client,
+        database=info.database,
+        duration_ms=ms,
+        id=os.urandom(16).hex(),
         reason=reason,
+        session=info.session,
         sqlstate=sqlstate,
+        statements=statements,
+        tls=tls,
+        ts=now_ts() if ts is None else format_ts(ts),
+        type="connection",
+        user=info.user,
+        worker=info.worker,
     )
-    return event
+    return _vouch(
+        event,
+        _info_ok(info)
+        and type(action) is str
+        and action in CONNECTION_ACTIONS
+        and type(tls) is bool
+        and _opt_ms_ok(ms)
+        and _opt_count_ok(bytes_in)
+        and _opt_count_ok(bytes_out)
+        and _opt_count_ok(statements)
+        and (reason is None or type(reason) is str)
+        and _sqlstate_ok(sqlstate),
+    )
 
 
 def _statement(
     kind_of_event: Literal["statement", "refusal"],
     info: SessionInfo,
-    *,
     kind: str,
     fingerprint: str,
     tables: Iterable[str],
@@ -195,23 +399,65 @@ def _statement(
     duration_ms: float | None,
     ts: datetime | None,
 ) -> dict[str, Any]:
+    # Positional parameters: the builders call this on the session's path.
     read = list(columns_read)
     written = list(columns_written)
-    touched = sorted(set(read) | set(written)) if pii is None else list(pii)
-    event = _base(kind_of_event, info, ts)
-    event.update(
-        kind=kind,
-        fingerprint=fingerprint,
-        tables=list(tables),
+    if pii is not None:
+        touched = list(pii)
+    elif written:
+        touched = sorted({*read, *written})
+    else:
+        touched = sorted(set(read)) if len(read) > 1 else list(read)
+    if not lookups:
+        looked: dict[str, list[str]] = {}
+    elif len(lookups) == 1:
+        looked = {k: list(v) for k, v in lookups.items()}
+    else:
+        looked = {k: list(lookups[k]) for k in sorted(lookups)}
+    table_list = list(tables)
+    ms = _ms(duration_ms)
+    # Keys in sorted order: the canonical serialization's sort is then a single pass.
+    event = BuiltEvent(
+        application_name=info.application_name,
+        client=info.client,
         columns_read=read,
         columns_written=written,
-        pii=touched,
-        lookups={k: list(v) for k, v in (lookups or {}).items()},
-        rows=rows,
+        database=info.database,
         decision=decision,
+        duration_ms=ms,
+        fingerprint=fingerprint,
+        id=os.urandom(16).hex(),
+        kind=kind,
+        lookups=looked,
+        pii=touched,
         reason=reason,
+        rows=rows,
+        session=info.session,
         sqlstate=sqlstate,
-        duration_ms=_ms(duration_ms),
+        tables=table_list,
+        ts=now_ts() if ts is None else format_ts(ts),
+        type=kind_of_event,
+        user=info.user,
+        worker=info.worker,
+    )
+    event._state = (
+        _VOUCHED
+        if (
+            _info_ok(info)
+            and _matches(kind, _KIND_RE, _kinds_ok)
+            and type(fingerprint) is str
+            and _tables_ok(table_list)
+            and _key_ids_ok_all(read)
+            and _key_ids_ok_all(written)
+            and (pii is None or _key_ids_ok_all(touched))
+            and (not looked or _lookups_ok(looked))
+            and _opt_count_ok(rows)
+            and (decision == "deny" if kind_of_event == "refusal" else decision in _DECISIONS)
+            and (reason is None or type(reason) is str)
+            and _sqlstate_ok(sqlstate)
+            and _opt_ms_ok(ms)
+        )
+        else _UNCHECKED
     )
     return event
 
@@ -240,22 +486,9 @@ def statement_event(
     ``lookups`` maps a column key id to the blind-index values the statement searched.
     """
     return _statement(
-        "statement",
-        info,
-        kind=kind,
-        fingerprint=fingerprint,
-        tables=tables,
-        columns_read=columns_read,
-        columns_written=columns_written,
-        pii=pii,
-        lookups=lookups,
-        rows=rows,
-        decision=decision,
-        reason=reason,
-        sqlstate=sqlstate,
-        duration_ms=duration_ms,
-        ts=ts,
-    )
+        "statement", info, kind, fingerprint, tables, columns_read, columns_written, pii,
+        lookups, rows, decision, reason, sqlstate, duration_ms, ts,
+    )  # fmt: skip
 
 
 def refusal_event(
@@ -275,22 +508,9 @@ def refusal_event(
 ) -> dict[str, Any]:
     """A statement pgcloak refused (guard, unsupported operation, parse failure, audit down)."""
     return _statement(
-        "refusal",
-        info,
-        kind=kind,
-        fingerprint=fingerprint,
-        tables=tables,
-        columns_read=columns_read,
-        columns_written=columns_written,
-        pii=pii,
-        lookups=lookups,
-        rows=None,
-        decision="deny",
-        reason=reason,
-        sqlstate=sqlstate,
-        duration_ms=duration_ms,
-        ts=ts,
-    )
+        "refusal", info, kind, fingerprint, tables, columns_read, columns_written, pii,
+        lookups, None, "deny", reason, sqlstate, duration_ms, ts,
+    )  # fmt: skip
 
 
 def gap_event(
@@ -298,7 +518,7 @@ def gap_event(
 ) -> dict[str, Any]:
     """``count`` events dropped (``on_full: drop``) between ``first_ts`` and ``last_ts``."""
     event: dict[str, Any] = {
-        "ts": format_ts(utc_now()),
+        "ts": now_ts(),
         "id": new_event_id(),
         "type": "gap",
         "worker": worker,
@@ -313,7 +533,7 @@ def gap_event(
 def seal_event(*, reason: SealReason, count: int, worker: int | None) -> dict[str, Any]:
     """A seal: ``count`` records were chained since the previous seal of this chain."""
     event: dict[str, Any] = {
-        "ts": format_ts(utc_now()),
+        "ts": now_ts(),
         "id": new_event_id(),
         "type": "seal",
         "worker": worker,

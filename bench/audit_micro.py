@@ -1,0 +1,244 @@
+"""Micro-benchmark of the audit trail: what one event costs, from emit() to written.
+
+Prints microseconds per event; never asserts anything about the timings and always
+exits 0. On a shared, noisy machine run it a few times and keep the best of each line.
+
+    python bench/audit_micro.py                  # every case
+    python bench/audit_micro.py --events 50000   # longer end-to-end runs
+    python bench/audit_micro.py --only e2e       # cases whose name contains "e2e"
+
+Cases (the event is the PII workload's: a statement event of a lookup by e-mail, built
+as ``SessionAudit`` builds it):
+
+    build              statement_event(...): the builder, on the event loop
+    validate           validate_event(event): what emit() spends on a dict no builder vouched for
+    emit.vouched       AuditLog.emit of a built event: the event loop's share in the session
+    emit.plain         AuditLog.emit of a plain dict (validated and copied)
+    chain.append       Chain.append: serialization + HMAC (on the sink's IO thread)
+    e2e.paced.*        emit -> written through AuditLog with the file sink (defaults: fsync
+                       every second, batches of up to 1000), events emitted a few per event
+                       loop iteration at about --rate events/s, as a busy proxy does; the
+                       same loop building the same events without emitting them is the
+                       baseline subtracted (so add ``build`` for the session's whole share):
+                         loop   CPU of the event loop's thread per event: emit() and the
+                                writer task's trips
+                         total  CPU of the whole process per event, the IO thread's
+                                chaining and writing included
+                         batch  events per trip to the IO thread
+                         lag    how late the loop's timers fired (p99, max): what the
+                                IO thread's holding the GIL costs the sessions' latency
+    e2e.burst.*        the same, emitted as fast as the loop can (bigger batches)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
+
+from pgcloak.audit.chain import Chain
+from pgcloak.audit.events import SessionInfo, statement_event, validate_event
+from pgcloak.audit.log import AuditLog
+from pgcloak.policy import Audit
+
+KEY = bytes(range(32))
+EMAIL = "public.users.email"
+PHONE = "public.users.phone"
+FINGERPRINT = "SELECT id, email, phone FROM users WHERE email = $1"
+INDEX = "mV3cX0pQyqJ8rM2tTq9oXw"  # shaped like a blind-index value
+
+
+def info() -> SessionInfo:
+    return SessionInfo(
+        session="3f9c2a1b7d6e4f50",
+        user="bench",
+        database="audit_on",
+        application_name="pgcloak-bench",
+        client="127.0.0.1:53124",
+        worker=None,
+    )
+
+
+def build() -> dict[str, Any]:
+    return statement_event(
+        info(),
+        kind="select",
+        fingerprint=FINGERPRINT,
+        tables=("public.users",),
+        columns_read=(EMAIL, PHONE),
+        columns_written=(),
+        lookups={EMAIL: [INDEX]},
+        rows=1,
+        duration_ms=0.4321,
+    )
+
+
+def best_of(fn: Callable[[], object], repeat: int, number: int = 2000) -> float:
+    """µs per call: the best of ``repeat`` timed batches."""
+    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
+
+
+def config(directory: Path) -> Audit:
+    return Audit(sink=f"file:{directory}/audit.jsonl")
+
+
+class _NullSinkLog:
+    """Counts how many trips the writer makes (patched onto one AuditLog)."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.trips = 0
+        original = log._deliver
+
+        async def counting(items: list[Any]) -> None:
+            self.trips += 1
+            await original(items)
+
+        log._deliver = counting  # type: ignore[method-assign]
+
+
+async def _produce(n: int, per_tick: int, rate: float | None, log: AuditLog | None) -> list[float]:
+    """Build ``n`` events, ``per_tick`` per loop iteration, at about ``rate`` events/s, and
+    emit them to ``log`` (or drop them: the baseline). Returns how late (seconds) each
+    paced wake-up was: the event loop's lag."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    lags: list[float] = []
+    sent = 0
+    while sent < n:
+        for _ in range(per_tick):
+            event = build()
+            if log is not None:
+                log.emit(event)
+                if log.full:
+                    await log.wait_for_room()
+            sent += 1
+        if rate is not None:
+            due = start + sent / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                lags.append(max(0.0, loop.time() - due))
+            else:
+                await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0)
+    return lags
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _e2e(n: int, per_tick: int, rate: float | None, directory: Path) -> dict[str, float]:
+    main = threading.get_ident()
+    assert main == threading.main_thread().ident
+    # The same loop building the events but not emitting them: what building, pacing
+    # and the loop cost by themselves.
+    t0 = time.thread_time()
+    base_lags = await _produce(n, per_tick, rate, None)
+    idle = time.thread_time() - t0
+
+    log = AuditLog(config(directory), KEY)
+    probe = _NullSinkLog(log)
+    await log.start()
+    await log.flush()
+    p0, t0, w0 = time.process_time(), time.thread_time(), time.perf_counter()
+    lags = await _produce(n, per_tick, rate, log)
+    await log.flush()
+    p1, t1, w1 = time.process_time(), time.thread_time(), time.perf_counter()
+    await log.aclose()
+    assert log.metrics.written >= n and log.metrics.lost == 0, log.metrics
+    return {
+        "loop": max(0.0, (t1 - t0) - idle) / n * 1e6,
+        "total": max(0.0, (p1 - p0) - idle) / n * 1e6,
+        "batch": n / max(1, probe.trips),
+        "wall": (w1 - w0) / n * 1e6,
+        "lag99": _pct(lags, 0.99) * 1e6,
+        "lagmax": _pct(lags, 1.0) * 1e6,
+        "base_lag99": _pct(base_lags, 0.99) * 1e6,
+        "base_lagmax": _pct(base_lags, 1.0) * 1e6,
+    }
+
+
+def run_e2e(name: str, n: int, per_tick: int, rate: float | None, rounds: int) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="pgcloak-audit-micro-") as tmp:
+            try:
+                import uvloop
+
+                result = uvloop.run(_e2e(n, per_tick, rate, Path(tmp)))
+            except ImportError:
+                result = asyncio.run(_e2e(n, per_tick, rate, Path(tmp)))
+        for k, v in result.items():
+            best[k] = v if k not in best else (max(best[k], v) if k == "batch" else min(best[k], v))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=50, help="timed batches per micro case")
+    parser.add_argument("--events", type=int, default=20000, help="events per end-to-end run")
+    parser.add_argument("--rate", type=float, default=4000.0, help="events/s of the paced run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="end-to-end runs per case (best kept)"
+    )
+    parser.add_argument("--only", default="", help="only cases whose name contains this")
+    args = parser.parse_args(argv)
+
+    def want(name: str) -> bool:
+        return args.only in name
+
+    rows: list[tuple[str, str]] = []
+
+    def show(name: str, value: str) -> None:
+        rows.append((name, value))
+        print(f"{name:28s} {value}", flush=True)
+
+    event = build()
+    if want("build"):
+        show("build", f"{best_of(build, args.repeat):8.2f} µs")
+    if want("validate"):
+        show("validate", f"{best_of(lambda: validate_event(event), args.repeat):8.2f} µs")
+    if want("emit"):
+        with tempfile.TemporaryDirectory(prefix="pgcloak-audit-micro-") as tmp:
+            cfg = Audit(sink=f"file:{tmp}/audit.jsonl", queue_size=10**9)
+            log = AuditLog(cfg, KEY)  # never started: emit() only queues
+            events = [build() for _ in range(2000 * args.repeat)]
+            it = iter(events)
+            show("emit.vouched", f"{best_of(lambda: log.emit(next(it)), args.repeat):8.2f} µs")
+            plain = dict(event)
+            show("emit.plain", f"{best_of(lambda: log.emit(plain), args.repeat):8.2f} µs")
+    if want("chain"):
+        chain = Chain(KEY, "w0-bench")
+        show("chain.append", f"{best_of(lambda: chain.append(event), args.repeat):8.2f} µs")
+    for name, per_tick, rate in (("e2e.paced", 3, args.rate), ("e2e.burst", 20, None)):
+        if not want(name):
+            continue
+        r = run_e2e(name, args.events, per_tick, rate, args.rounds)
+        show(f"{name}.loop", f"{r['loop']:8.2f} µs/event on the event loop")
+        show(f"{name}.total", f"{r['total']:8.2f} µs/event CPU, all threads")
+        show(f"{name}.batch", f"{r['batch']:8.1f} events per trip to the IO thread")
+        if rate is not None:
+            show(
+                f"{name}.lag",
+                f"{r['lag99']:8.0f} µs p99, {r['lagmax']:.0f} µs max: how late the loop's timers "
+                f"fired (without audit: {r['base_lag99']:.0f} µs p99, {r['base_lagmax']:.0f} µs max)",
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
