@@ -107,6 +107,12 @@ class ProxyServer:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.protection is not None:
+            # The trail is up before the first client can connect.
+            if self.protection.policy.audit.enabled:
+                self.audit = make_audit_log(self.settings, self.protection)
+                await self.audit.start()
+            self._watch = loop.create_task(self._watch_policy())
         if sock is not None:
             self._server = await loop.create_server(self._accept, sock=sock, backlog=1024)
         else:
@@ -117,11 +123,6 @@ class ProxyServer:
                 backlog=1024,
                 reuse_address=True,
             )
-        if self.protection is not None:
-            self._watch = loop.create_task(self._watch_policy())
-            if self.protection.policy.audit.enabled:
-                self.audit = make_audit_log(self.settings, self.protection)
-                await self.audit.start()
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
 
     def _stamp(self) -> tuple[float, int, int] | None:
