@@ -199,7 +199,6 @@ def test_pg8000_wrong_password_is_28p01(pg: TemporaryPostgres) -> None:
 
 
 def test_server_runs_unprivileged(pg: TemporaryPostgres) -> None:
-    backend_pid = int(pg.run_sql("SELECT pg_backend_pid()"))
     assert pg.pid is not None
     if os.geteuid() != 0:
         assert _uid_of(pg.pid) == os.geteuid()
@@ -207,7 +206,11 @@ def test_server_runs_unprivileged(pg: TemporaryPostgres) -> None:
     server_uid = pwd.getpwnam(pg.os_user).pw_uid
     assert server_uid != 0
     assert _uid_of(pg.pid) == server_uid
-    assert _uid_of(backend_pid) == server_uid
+    # Keep the session open while reading its backend's /proc entry (psql's would be gone).
+    with psycopg.connect(pg.dsn(password=pg.password)) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        assert _uid_of(int(row[0])) == server_uid
     assert pg.data_dir.stat().st_uid == server_uid
     key = pg.tls_files.server_key.stat()
     assert key.st_uid == server_uid
