@@ -124,7 +124,7 @@ class Rewriter:
         self._copy_in: CopyInRewriter | None = None
         self._copy_out_csv = False
         self._dropping = False
-        #: Plans of the statements seen, for the audit trail (a later issue).
+        #: The statement being handled: what a refusal's audit event describes.
         self.last_plan: Plan | None = None
 
     # -- refusals ------------------------------------------------------------------
@@ -182,9 +182,6 @@ class Rewriter:
                 self._audit.sync()
             return msg
         return self._copy(kind, msg)
-
-    def _transform(self, protection: Protection) -> Callable[[ValueAction, str | None], str | None]:
-        return protection.transform
 
     def _query(self, msg: bytes) -> bytes:
         protection = self._protection()

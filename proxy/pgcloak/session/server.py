@@ -93,7 +93,6 @@ class ProxyServer:
         #: Seeds the fake salts of mock SCRAM exchanges for unknown roles.
         self.mock_secret = os.urandom(32)
         self._server: asyncio.Server | None = None
-        self._stopped: asyncio.Event | None = None
 
     @property
     def port(self) -> int:
@@ -106,7 +105,6 @@ class ProxyServer:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
         if self.protection is not None:
             # The trail is up before the first client can connect.
             if self.protection.policy.audit.enabled:
@@ -192,8 +190,6 @@ class ProxyServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
-        if self._stopped is not None:
-            self._stopped.set()
         log.info("stopped")
 
 
