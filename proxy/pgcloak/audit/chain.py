@@ -28,12 +28,16 @@ import hashlib
 import hmac
 import json
 import json.encoder
+import os
 import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from pgcloak.audit.events import CHAIN_FIELDS, SealReason, seal_event, utc_now
+
+if TYPE_CHECKING:
+    from pgcloak.audit.templates import PendingStatement
 
 __all__ = [
     "GENESIS",
@@ -44,6 +48,7 @@ __all__ = [
     "compute_mac",
     "mac_ok",
     "make_chain_id",
+    "serialize",
 ]
 
 #: ``prev`` of the first record of every chain.
@@ -69,7 +74,7 @@ def _make_fast_encoder() -> Callable[[Mapping[str, Any]], str]:
         return lambda obj: canonical(obj).decode("utf-8")
     # The arguments json.JSONEncoder.iterencode passes for sort_keys=True,
     # separators=(",", ":"), ensure_ascii=False, allow_nan=False; markers None: no
-    # circular-reference check (a cycle recurses until RecursionError; see _serialize).
+    # circular-reference check (a cycle recurses until RecursionError; see serialize).
     encoder = make(
         None, _unserializable, json.encoder.encode_basestring, None, ":", ",", True, False, False
     )
@@ -82,9 +87,11 @@ def _make_fast_encoder() -> Callable[[Mapping[str, Any]], str]:
 
 
 _fast_encode: Final = _make_fast_encoder()
+#: JSON text of a str as the canonical encoder writes it.
+_json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
 
-def _serialize(record: Mapping[str, Any]) -> str:
+def serialize(record: Mapping[str, Any]) -> str:
     """``canonical(record)`` as text."""
     try:
         return _fast_encode(record)
@@ -123,23 +130,31 @@ def make_chain_id(worker: int | None, started: datetime | None = None) -> str:
 
 
 class ChainedRecord:
-    """One chained record: the full dict and its line (JSON, no newline)."""
+    """One chained record: its line (JSON, no newline) and what sinks index it by.
 
-    __slots__ = ("line", "record")
+    ``record`` (the parsed dict) is made on first use: templated statement records are
+    rendered straight to text, and only a sink that stores fields (none on the hot path)
+    or a test ever asks for the dict.
+    """
 
-    def __init__(self, record: dict[str, Any], line: str) -> None:
-        self.record = record
+    __slots__ = ("_record", "chain", "line", "mac", "seq", "ts", "type")
+
+    def __init__(
+        self, line: str, *, seq: int, chain: str, mac: str, ts: str, type: str, record: dict[str, Any] | None = None
+    ) -> None:
         self.line = line
+        self.seq = seq
+        self.chain = chain
+        self.mac = mac
+        self.ts = ts
+        self.type = type
+        self._record = record
 
     @property
-    def seq(self) -> int:
-        seq: int = self.record["seq"]
-        return seq
-
-    @property
-    def chain(self) -> str:
-        chain: str = self.record["chain"]
-        return chain
+    def record(self) -> dict[str, Any]:
+        if self._record is None:
+            self._record = json.loads(self.line)
+        return self._record
 
     @classmethod
     def from_line(cls, line: str) -> ChainedRecord:
@@ -147,7 +162,37 @@ class ChainedRecord:
         record = json.loads(line)
         if not isinstance(record, dict) or any(f not in record for f in CHAIN_FIELDS):
             raise ValueError("not a chained audit record")
-        return cls(record, line.rstrip("\n"))
+        return cls._of(record, line.rstrip("\n"))
+
+    @classmethod
+    def _of(cls, record: dict[str, Any], line: str) -> ChainedRecord:
+        return cls(
+            line,
+            seq=record["seq"],
+            chain=record["chain"],
+            mac=record["mac"],
+            ts=str(record.get("ts", "")),
+            type=str(record.get("type", "")),
+            record=record,
+        )
+
+
+class _EventIds:
+    """Random 128-bit event ids (32 hex digits), drawn from the OS a few thousand at a time."""
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def next(self) -> str:
+        pos = self._pos
+        if pos >= len(self._hex):
+            self._hex = os.urandom(16 * 256).hex()
+            pos = 0
+        self._pos = pos + 32
+        return self._hex[pos : pos + 32]
 
 
 class Chain:
@@ -174,6 +219,8 @@ class Chain:
         self.next_seq = next_seq
         self.prev = prev
         self.since_seal = 0
+        self._chain_json = _json_string(chain_id)
+        self._ids = _EventIds()
 
     def append(self, event: Mapping[str, Any]) -> ChainedRecord:
         """Chain ``event`` (which must not carry chain fields) and return the record.
@@ -188,7 +235,7 @@ class Chain:
         record["seq"] = self.next_seq
         record["chain"] = self.chain_id
         record["prev"] = self.prev
-        text = _serialize(record)
+        text = serialize(record)
         h = self._hmac.copy()
         h.update(text.encode("utf-8"))
         mac = h.hexdigest()
@@ -200,7 +247,22 @@ class Chain:
             self.since_seal = 0
         else:
             self.since_seal += 1
-        return ChainedRecord(record, line)
+        return ChainedRecord._of(record, line)
+
+    def append_pending(self, pending: PendingStatement) -> ChainedRecord:
+        """Chain a templated statement event (what ``append`` would make of its dict)."""
+        seq = self.next_seq
+        text = pending.template.render(
+            seq=seq, chain=self._chain_json, prev=self.prev, event_id=self._ids.next(), pending=pending
+        )
+        h = self._hmac.copy()
+        h.update(text.encode("utf-8"))
+        mac = h.hexdigest()
+        self.next_seq = seq + 1
+        self.prev = mac
+        self.since_seal += 1
+        line = text[:-1] + ',"mac":"' + mac + '"}'
+        return ChainedRecord(line, seq=seq, chain=self.chain_id, mac=mac, ts=pending.ts, type="statement")
 
     def seal(self, reason: SealReason) -> ChainedRecord:
         """Append a seal record (``periodic``, ``rotation`` or ``shutdown``)."""

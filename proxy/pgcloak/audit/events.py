@@ -52,11 +52,13 @@ __all__ = [
     "connection_event",
     "format_ts",
     "gap_event",
+    "lookups_ok",
     "new_event_id",
     "now_ts",
     "refusal_event",
     "seal_event",
     "should_record",
+    "sqlstate_ok",
     "statement_event",
     "take_vouched",
     "utc_now",
@@ -287,7 +289,8 @@ def _opt_ms_ok(v: float | None) -> bool:
     return v is None or 0.0 <= v < math.inf
 
 
-def _sqlstate_ok(v: Any) -> bool:
+def sqlstate_ok(v: Any) -> bool:
+    """None, or a SQLSTATE: five digits or capital letters."""
     return v is None or _matches(v, _SQLSTATE_RE, _sqlstates_ok)
 
 
@@ -299,7 +302,8 @@ def _key_ids_ok_all(values: list[Any]) -> bool:
     return True
 
 
-def _lookups_ok(lookups: dict[Any, list[Any]]) -> bool:
+def lookups_ok(lookups: Mapping[Any, list[Any]]) -> bool:
+    """Column key ids mapped to blind-index values (never anything shaped like PII)."""
     for k, vals in lookups.items():
         if not _matches(k, _KEY_ID_RE, _key_ids_ok):
             return False
@@ -378,7 +382,7 @@ def connection_event(
         and _opt_count_ok(bytes_out)
         and _opt_count_ok(statements)
         and (reason is None or type(reason) is str)
-        and _sqlstate_ok(sqlstate),
+        and sqlstate_ok(sqlstate),
     )
 
 
@@ -450,11 +454,11 @@ def _statement(
             and _key_ids_ok_all(read)
             and _key_ids_ok_all(written)
             and (pii is None or _key_ids_ok_all(touched))
-            and (not looked or _lookups_ok(looked))
+            and (not looked or lookups_ok(looked))
             and _opt_count_ok(rows)
             and (decision == "deny" if kind_of_event == "refusal" else decision in _DECISIONS)
             and (reason is None or type(reason) is str)
-            and _sqlstate_ok(sqlstate)
+            and sqlstate_ok(sqlstate)
             and _opt_ms_ok(ms)
         )
         else _UNCHECKED

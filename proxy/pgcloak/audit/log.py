@@ -11,14 +11,17 @@ asyncio.
 
 Cost on the event loop: ``emit()`` is an append. The writer lets a batch gather for
 ``linger`` seconds (default 50 ms) after the first event, less if ``batch_size`` events
-are queued, the queue is full, or a flush or close is waiting; then it hands the whole
-batch to the sink's IO thread in one trip, where the records are serialized, MAC'd and
-written (:meth:`Sink.write_prepared`). A trip to the thread and back costs far more than
-chaining one event, so the trips are what the linger saves: at a few thousand events a
-second, a hundred or more events share one. The price: an event waits up to ``linger``
-in memory before it is written (what an fsync interval of a second leaves at risk
-anyway is much more). The chain is still one sequence: the writer hands over one batch
-at a time, in order, and only the writer's trips touch the chain.
+are queued, the queue is full, or a flush or close is waiting; then it chains the batch
+(seq, prev, HMAC) on the event loop, a few hundred records per turn of the loop, and
+hands the lines to the sink's IO thread in one trip, where they are written. Chaining
+is done on the loop because a second thread running Python competes for the GIL: the
+event loop then waits for it whenever it wakes for IO, which cost sessions more than
+the chaining itself (measured: bench/audit.py). Session statement events arrive as
+:class:`~pgcloak.audit.templates.PendingStatement` (``emit_statement``): their static
+fields were serialized once per session and plan, so chaining one is filling in ten
+values and an HMAC. The price of batching: an event waits up to ``linger`` in memory
+before it is written (what an fsync interval of a second leaves at risk anyway is much
+more). The chain is one sequence: only the writer task touches it.
 
 Queue full: with ``on_full: block`` the event is still accepted and :attr:`AuditLog.full`
 turns True until the writer drains below half the queue; the session should stop
@@ -32,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -44,6 +46,7 @@ from typing import Any
 from pgcloak.audit.chain import Chain, ChainedRecord, make_chain_id
 from pgcloak.audit.events import SealReason, gap_event, take_vouched, utc_now, validate_event
 from pgcloak.audit.sinks import Sink, SinkError, SpillError, SpillFile, make_sink, spill_path_for
+from pgcloak.audit.templates import PendingStatement
 from pgcloak.policy import Audit
 
 __all__ = ["AuditLog", "AuditMetrics"]
@@ -52,8 +55,8 @@ log = logging.getLogger("pgcloak.audit")
 
 #: ``_wake_at`` while the writer is not waiting: emit() never wakes it.
 _NEVER = 1 << 62
-#: Records chained on the IO thread between two offers of the GIL to the event loop.
-_YIELD_EVERY = 32
+#: Records chained per turn of the event loop (a few hundred microseconds of work).
+_CHAIN_SLICE = 128
 
 
 @dataclass(slots=True)
@@ -82,8 +85,9 @@ class _Gap:
         self.first = self.last = when
 
 
-#: What the queue and a batch hold: events, gap markers, and (in a batch) seal reasons.
-_Item = dict[str, Any] | _Gap | str
+#: What the queue and a batch hold: events, templated statement events, gap markers,
+#: and (in a batch) seal reasons.
+_Item = dict[str, Any] | PendingStatement | _Gap | str
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -129,7 +133,7 @@ class AuditLog:
         self.close_timeout = close_timeout
         self.linger = linger
         self._drop = config.on_full == "drop"
-        self._queue: deque[dict[str, Any] | _Gap] = deque()
+        self._queue: deque[dict[str, Any] | PendingStatement | _Gap] = deque()
         self._full = False
         self._room = asyncio.Event()
         self._room.set()
@@ -138,7 +142,6 @@ class AuditLog:
         self._wake_at = _NEVER
         self._batch_at = max(1, min(config.batch_size, config.queue_size))
         self._flushes = 0
-        self._loop_thread = threading.get_ident()  # start() sets it: the loop's thread
         self._idle = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -190,6 +193,13 @@ class AuditLog:
         if not take_vouched(event):
             validate_event(event)
             event = dict(event)
+        self._enqueue(event)  # type: ignore[arg-type]  # a dict: a BuiltEvent or a copy
+
+    def emit_statement(self, pending: PendingStatement) -> None:
+        """Queue a templated statement event (checked when it was made); never blocks."""
+        self._enqueue(pending)
+
+    def _enqueue(self, item: dict[str, Any] | PendingStatement) -> None:
         self.metrics.emitted += 1
         if self._closing:
             self.metrics.dropped += 1
@@ -208,7 +218,7 @@ class AuditLog:
             else:
                 queue.append(_Gap(now))  # one marker past the bound, then counted in it
             return
-        queue.append(event)  # type: ignore[arg-type]  # a dict: a BuiltEvent or a copy
+        queue.append(item)
         depth = len(queue)
         if depth >= self.queue_size and not self._full and not self._drop:
             self._full = True
@@ -232,7 +242,6 @@ class AuditLog:
         """
         if self._task is not None:
             raise RuntimeError("AuditLog already started")
-        self._loop_thread = threading.get_ident()
         await self.spill.open()
         if self.spill.has_data:
             log.info(
@@ -327,19 +336,13 @@ class AuditLog:
         return items
 
     def _chain_into(self, items: list[_Item], out: list[ChainedRecord]) -> None:
-        """Chain ``items`` in order (on the sink's IO thread, mostly).
-
-        Off the loop's thread, the GIL is offered back every few records: a thread that
-        holds it makes the event loop wait up to the interpreter's switch interval (5 ms)
-        when it wakes for IO, and a big batch would be a stall for every session.
-        """
+        """Chain ``items`` in order (on the event loop; see :meth:`_chain`)."""
         chain, append = self.chain, out.append
-        yield_gil = threading.get_ident() != self._loop_thread
-        for n, item in enumerate(items, 1):
-            if yield_gil and n % _YIELD_EVERY == 0:
-                time.sleep(0)  # releases the GIL: a waiting event loop takes it
+        for item in items:
             try:
-                if isinstance(item, dict):
+                if type(item) is PendingStatement:
+                    append(chain.append_pending(item))
+                elif isinstance(item, dict):
                     append(chain.append(item))
                 elif isinstance(item, _Gap):
                     event = gap_event(
@@ -357,6 +360,15 @@ class AuditLog:
                     "audit event cannot be serialized; dropped",
                     extra={"error": type(exc).__name__},
                 )
+
+    async def _chain(self, items: list[_Item]) -> list[ChainedRecord]:
+        """Chain a batch on the loop, a slice per turn, so sessions run in between."""
+        out: list[ChainedRecord] = []
+        for start in range(0, len(items), _CHAIN_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self._chain_into(items[start : start + _CHAIN_SLICE], out)
+        return out
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -426,39 +438,29 @@ class AuditLog:
 
     async def _deliver(self, items: list[_Item]) -> None:
         """Chain ``items`` and hand the records to the sink, or to the spill while the sink
-        fails; keep order.
-
-        The records are made once, by whichever trip gets there first (the sink's or the
-        spill's IO thread, mostly), and then kept until one of them takes them.
-        """
-        prepared: list[ChainedRecord] | None = None
-
-        def prepare() -> list[ChainedRecord]:
-            nonlocal prepared
-            if prepared is None:
-                prepared = []
-                self._chain_into(items, prepared)
-            return prepared
+        fails; keep order. The records are made once, then kept until one of them takes
+        them."""
+        records = await self._chain(items)
 
         while True:
             if time.monotonic() >= self._retry_at or not (self._failing or self.spill.has_data):
                 try:
                     if self.spill.has_data:
                         await self._replay()
-                    await self.sink.write_prepared(prepare)
-                    self.metrics.written += len(prepare())
+                    await self.sink.write(records)
+                    self.metrics.written += len(records)
                     self._ok()
                     return
                 except Exception as exc:  # any sink failure: spill and retry
                     self._fail(exc)
             try:
-                await self.spill.append_prepared(prepare)
-                self.metrics.spilled += len(prepare())
+                await self.spill.append(records)
+                self.metrics.spilled += len(records)
                 return
             except SpillError as exc:
                 now = time.monotonic()
                 if self._closing and now >= self._close_deadline:
-                    lost = len(prepare())
+                    lost = len(records)
                     self.metrics.lost += lost
                     log.error(
                         "audit records lost at shutdown: the sink and the spill file both fail",

@@ -5,11 +5,8 @@ private thread per sink (so order is kept and the event loop never waits on a di
 the PostgreSQL sink uses asyncpg on the loop. Every failure surfaces as
 :class:`SinkError`, whose message never contains a password.
 
-:meth:`Sink.write_prepared` takes a batch as a function that makes its records (the
-log's chaining: serialization and HMAC): the file and stream sinks call it on their IO
-thread, right before the write, so a batch costs the event loop one trip to the thread
-and none of the per-record work; the PostgreSQL sink calls it on a private thread, then
-COPYs on the loop. :meth:`SpillFile.append_prepared` does the same for the spill.
+A batch of records (chained by the log on the event loop) costs the loop one trip to
+the sink's IO thread, where its lines are joined and written.
 
 Also here: :class:`SpillFile`, the bounded, fsync'd JSON-lines file that holds records
 while a sink fails, and the readers the CLI uses (files, gzip'd files, the table).
@@ -66,8 +63,6 @@ DEFAULT_TABLE: Final = "pgcloak_audit"
 FsyncPolicy = Literal["always", "interval", "never"]
 _TABLE_RE: Final = re.compile(r"^(?:([A-Za-z_][A-Za-z0-9_]{0,62})\.)?([A-Za-z_][A-Za-z0-9_]{0,62})\Z")
 _T = TypeVar("_T")
-#: Makes a batch's records; may be called more than once (it returns the same records).
-Prepare = Callable[[], Sequence[ChainedRecord]]
 
 
 class SinkError(Exception):
@@ -174,15 +169,6 @@ class Sink(ABC):
     async def write(self, records: Sequence[ChainedRecord]) -> None:
         """Write ``records`` in order, all or nothing as far as possible."""
 
-    async def write_prepared(self, prepare: Prepare) -> None:
-        """Write the records ``prepare()`` makes, as :meth:`write` would.
-
-        Sinks with an IO thread call ``prepare`` there, just before writing; this default
-        calls it on the loop. ``prepare`` may be called again by the caller afterwards
-        (it returns the same records), e.g. to spill them when this raises.
-        """
-        await self.write(prepare())
-
     def rotation_due(self) -> bool:
         return False
 
@@ -279,22 +265,14 @@ class FileSink(Sink):
         self._size = before + len(data)
         self._dirty = self.fsync != "always"
 
+    def _encode_and_write_blocking(self, records: Sequence[ChainedRecord]) -> None:
+        self._write_blocking(_encode(records))
+
     async def write(self, records: Sequence[ChainedRecord]) -> None:
         if not records:
             return
         try:
-            await self._io.run(self._write_blocking, _encode(records))
-        except OSError as exc:
-            raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
-
-    def _prepare_and_write_blocking(self, prepare: Prepare) -> None:
-        data = _encode(prepare())
-        if data:
-            self._write_blocking(data)
-
-    async def write_prepared(self, prepare: Prepare) -> None:
-        try:
-            await self._io.run(self._prepare_and_write_blocking, prepare)
+            await self._io.run(self._encode_and_write_blocking, records)
         except OSError as exc:
             raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
 
@@ -401,17 +379,6 @@ class StreamSink(Sink):
         except OSError as exc:
             raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
 
-    def _prepare_and_write_blocking(self, prepare: Prepare) -> None:
-        data = _encode(prepare())
-        if data:
-            _write_all(self._fd, data)
-
-    async def write_prepared(self, prepare: Prepare) -> None:
-        try:
-            await self._io.run(self._prepare_and_write_blocking, prepare)
-        except OSError as exc:
-            raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
-
     async def close(self) -> None:
         self._io.shutdown()
 
@@ -461,8 +428,8 @@ def _qualified(schema: str | None, table: str) -> str:
     return f'"{schema}"."{table}"' if schema else f'"{table}"'
 
 
-def _ts(record: dict[str, Any]) -> datetime:
-    return datetime.strptime(record["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+def _ts(ts: str) -> datetime:
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 class PostgresSink(Sink):
@@ -487,7 +454,6 @@ class PostgresSink(Sink):
         self.command_timeout = command_timeout
         self.create_table = create_table
         self._conn: Any = None
-        self._prep = _Worker("pgcloak-audit-pg")
 
     @property
     def table(self) -> str:
@@ -537,7 +503,7 @@ class PostgresSink(Sink):
 
     async def _copy(self, conn: Any, records: Sequence[ChainedRecord]) -> None:
         rows = [
-            (r.seq, r.chain, _ts(r.record), r.record["type"], r.line, r.record["mac"])
+            (r.seq, r.chain, _ts(r.ts), r.type, r.line, r.mac)
             for r in records
         ]
         await conn.copy_records_to_table(
@@ -564,10 +530,6 @@ class PostgresSink(Sink):
             await self._drop()
             raise self._error("write failed", exc) from exc
 
-    async def write_prepared(self, prepare: Prepare) -> None:
-        # The records are made on a private thread; the COPY runs on the loop.
-        await self.write(await self._prep.run(prepare))
-
     async def _last_seqs(self, conn: Any, chains: Collection[str]) -> dict[str, int]:
         rows = await conn.fetch(
             f"SELECT chain, max(seq) AS seq FROM {self.table} "
@@ -585,7 +547,6 @@ class PostgresSink(Sink):
             raise self._error("cannot read back", exc) from exc
 
     async def close(self) -> None:
-        self._prep.shutdown()
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -672,19 +633,6 @@ class SpillFile:
         self._check_room(data)
         try:
             await self._io.run(self._append_blocking, data)
-        except OSError as exc:
-            raise SpillError(f"spill file {self.path}: {exc.strerror or exc}") from exc
-
-    def _prepare_and_append_blocking(self, prepare: Prepare) -> None:
-        data = _encode(prepare())
-        if data:
-            self._check_room(data)
-            self._append_blocking(data)
-
-    async def append_prepared(self, prepare: Prepare) -> None:
-        """:meth:`append` the records ``prepare()`` makes, made on the spill's IO thread."""
-        try:
-            await self._io.run(self._prepare_and_append_blocking, prepare)
         except OSError as exc:
             raise SpillError(f"spill file {self.path}: {exc.strerror or exc}") from exc
 

@@ -8,45 +8,68 @@ with ReadyForQuery. So every Execute and Query is queued in order — statements
 are not recorded as ``None`` placeholders — and the server's replies pop the queue.
 Nothing here ever sees a literal value: events get the plan's fingerprint and the
 blind-index values of lookups.
+
+Cost: this runs for every statement of an audited session, so the static part of each
+plan's events is serialized once per session (:class:`StatementTemplate`), a
+completed statement is queued as the few values that change, and the server's replies
+are walked with a plain loop over message headers.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
-from pgcloak.audit.events import StatementsMode
+from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
+from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
 from pgcloak.sql import Plan
-from pgcloak.wire.framing import iter_messages
 
 log = logging.getLogger("pgcloak.audit")
-_COMPLETIONS = frozenset(b"CIs")
 _MAX_PORTALS = 10_000
+#: Templates kept per session (plans are cached by the planner, so few are distinct).
+_MAX_TEMPLATES = 512
 _ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
 _DATA_ROW, _PORTAL_SUSPENDED = 0x44, 0x73
+#: An Execute's or a Query's statement ended: CommandComplete, EmptyQueryResponse,
+#: PortalSuspended.
+_COMPLETIONS = frozenset(b"CIs")
+_LENGTH = struct.Struct("!I")
 
 
-@dataclass(slots=True)
+class _Slow:
+    """A plan whose events cannot be templated: built and validated one by one."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+
+#: How a plan's events are made: a template, the slow way, or None (not recorded).
+_Recipe = StatementTemplate | _Slow | None
+
+
 class _Unit:
-    """A Query, an Execute, or (plan None, simple True) a Sync / FunctionCall marker."""
+    """A Query or an Execute waiting for the server's reply."""
 
-    plan: Plan | None
-    lookups: dict[str, list[str]] | None
-    simple: bool
-    record: bool
-    started: float = field(default_factory=time.monotonic)
-    rows: int | None = None
-    error: str | None = None
-    #: DataRows of an Execute so far: its rows when it ends in PortalSuspended (no tag).
-    returned: int = 0
+    __slots__ = ("error", "lookups", "recipe", "rows", "simple", "started")
+
+    def __init__(self, recipe: _Recipe, lookups: dict[str, list[str]] | None, simple: bool) -> None:
+        self.recipe = recipe
+        self.lookups = lookups
+        self.simple = simple
+        self.started = time.monotonic()
+        self.rows: int | None = None
+        self.error: str | None = None
 
 
-_SYNC = _Unit(None, None, True, False)
+#: A Sync or FunctionCall: answered by one ReadyForQuery.
+_SYNC = _Unit(None, None, True)
 
 
 def event_kind(kind: str) -> str:
@@ -88,7 +111,11 @@ class SessionAudit:
         self._info = info
         self._mode: StatementsMode = mode
         self._units: deque[_Unit] = deque()
-        self._portals: dict[str, tuple[Plan, dict[str, list[str]]]] = {}
+        self._portals: dict[str, tuple[_Recipe, dict[str, list[str]] | None]] = {}
+        self._recipes: dict[int, tuple[Plan, _Recipe]] = {}
+        #: DataRows since the last completion: an Execute's rows when it ends in
+        #: PortalSuspended (which has no tag to count from).
+        self._returned = 0
         self.statements = 0
 
     def _emit(self, event: dict[str, object]) -> None:
@@ -110,20 +137,46 @@ class SessionAudit:
         # write when any of its statements is one.
         return any(should_record(self._mode, k, plan.touches_pii) for k in kind.split("+"))
 
+    def _recipe(self, plan: Plan) -> _Recipe:
+        """How ``plan``'s events are made in this session (cached by plan identity)."""
+        found = self._recipes.get(id(plan))
+        if found is not None and found[0] is plan:
+            return found[1]
+        recipe: _Recipe = None
+        if self._wanted(plan):
+            facts = plan.audit
+            try:
+                recipe = StatementTemplate(
+                    self._info(),
+                    kind=event_kind(facts.kind),
+                    fingerprint=facts.fingerprint,
+                    tables=facts.tables,
+                    columns_read=facts.pii_read,
+                    columns_written=facts.pii_written,
+                )
+            except (InvalidEventError, ValueError):
+                recipe = _Slow(plan)  # emit() will validate, refuse and log each event
+        if len(self._recipes) >= _MAX_TEMPLATES:
+            self._recipes.clear()
+        self._recipes[id(plan)] = (plan, recipe)  # the plan is kept: its id stays its own
+        return recipe
+
     # -- client side ---------------------------------------------------------------------
     def query(self, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
         """A simple Query sent to the server (None: a refused one, recorded as a refusal)."""
         self.statements += 1
-        self._units.append(_Unit(plan, lookups, True, plan is not None and self._wanted(plan)))
+        recipe = self._recipe(plan) if plan is not None else None
+        self._units.append(_Unit(recipe, lookups or None, True))
 
     def bind(self, portal: str, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
-        if plan is None or not self._wanted(plan):
+        recipe = self._recipe(plan) if plan is not None else None
+        if recipe is None:
             self._portals.pop(portal, None)
             return
         if portal not in self._portals and len(self._portals) >= _MAX_PORTALS:
             # PostgreSQL drops portals at transaction end without telling us; bound ours.
             self._portals.clear()
-        self._portals[portal] = (plan, lookups)
+        self._portals[portal] = (recipe, lookups or None)
 
     def close_portal(self, portal: str) -> None:
         self._portals.pop(portal, None)
@@ -132,9 +185,9 @@ class SessionAudit:
         self.statements += 1
         found = self._portals.get(portal)
         if found is None:
-            self._units.append(_Unit(None, None, False, False))
+            self._units.append(_Unit(None, None, False))
         else:
-            self._units.append(_Unit(found[0], found[1], False, True))
+            self._units.append(_Unit(found[0], found[1], False))
 
     def sync(self) -> None:
         """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
@@ -160,35 +213,37 @@ class SessionAudit:
     def backend(self, chunk: bytes) -> None:
         """Complete queued statements from a chunk of whole server messages."""
         units = self._units
-        for kind, start, end in iter_messages(chunk):
-            if not units:
-                return
-            head = units[0]
+        unpack = _LENGTH.unpack_from
+        returned = self._returned
+        pos, size = 0, len(chunk)
+        while pos < size and units:
+            kind = chunk[pos]
+            end = pos + 1 + unpack(chunk, pos + 1)[0]
             if kind == _DATA_ROW:
-                if head is not _SYNC and not head.simple:
-                    head.returned += 1
-                continue
-            if kind in _COMPLETIONS:
-                if head is _SYNC:
-                    continue
-                if kind == _COMMAND_COMPLETE:
-                    rows = rows_of(chunk[start:end])
-                else:  # PortalSuspended: the rows sent so far (a client's row limit)
-                    rows = head.returned if kind == _PORTAL_SUSPENDED else None
-                if head.simple:
-                    if rows is not None:
-                        head.rows = (head.rows or 0) + rows
-                    continue
-                units.popleft()
-                head.rows = rows
-                self._complete(head)
+                returned += 1
+            elif kind in _COMPLETIONS:
+                head = units[0]
+                if head is not _SYNC:
+                    if kind == _COMMAND_COMPLETE:
+                        rows = rows_of(chunk[pos + 5 : end])
+                    else:  # PortalSuspended: the rows sent so far (a client's row limit)
+                        rows = returned if kind == _PORTAL_SUSPENDED else None
+                    if head.simple:
+                        if rows is not None:
+                            head.rows = (head.rows or 0) + rows
+                    else:
+                        units.popleft()
+                        head.rows = rows
+                        self._complete(head)
+                returned = 0
             elif kind == _ERROR:
-                if head is _SYNC:
-                    continue
-                head.error = sqlstate_of(chunk[start:end]) or "XX000"
-                if not head.simple:
-                    units.popleft()
-                    self._complete(head)
+                head = units[0]
+                if head is not _SYNC:
+                    head.error = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
+                    if not head.simple:
+                        units.popleft()
+                        self._complete(head)
+                returned = 0
             elif kind == _READY:
                 # Executes still queued were skipped after an error in their batch.
                 while units and units[0] is not _SYNC and not units[0].simple:
@@ -197,11 +252,26 @@ class SessionAudit:
                     done = units.popleft()
                     if done is not _SYNC:
                         self._complete(done)
+                returned = 0
+            pos = end
+        self._returned = returned
 
     def _complete(self, unit: _Unit) -> None:
-        if not unit.record or unit.plan is None:
+        recipe = unit.recipe
+        if recipe is None:
             return
-        facts = unit.plan.audit
+        try:
+            if type(recipe) is StatementTemplate:
+                duration = (time.monotonic() - unit.started) * 1000.0
+                self.log.emit_statement(
+                    PendingStatement(recipe, now_ts(), duration, unit.rows, unit.error, unit.lookups)
+                )
+                return
+        except Exception as exc:
+            log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+            return
+        assert isinstance(recipe, _Slow)
+        facts = recipe.plan.audit
         failed = unit.error is not None
         self._emit(
             statement_event(
@@ -211,9 +281,9 @@ class SessionAudit:
                 tables=facts.tables,
                 columns_read=facts.pii_read,
                 columns_written=facts.pii_written,
-                lookups=unit.lookups or None,
+                lookups=unit.lookups,
                 rows=None if failed else unit.rows,
-                reason="failed in PostgreSQL" if failed else None,
+                reason=FAILED_REASON if failed else None,
                 sqlstate=unit.error,
                 duration_ms=(time.monotonic() - unit.started) * 1000.0,
             )

@@ -1,0 +1,174 @@
+"""Statement events serialized once per (session, plan) and completed per event.
+
+A busy session records most of its statements, and building a 21-field dict per event,
+then copying and serializing it again in the chain, cost more than proxying the
+statement itself. Yet of a statement event only ten fields change from one execution
+to the next (``ts``, ``id``, ``rows``, ``duration_ms``, ``lookups``, ``reason``,
+``sqlstate`` and the chain's ``seq``, ``chain``, ``prev``); the rest is the session's
+and the plan's. A :class:`StatementTemplate` validates those static fields once (with
+the same builder and rules as :func:`~pgcloak.audit.events.statement_event`),
+serializes them once with the chain's canonical encoder, and keeps ``%s`` slots for
+the ten. :class:`PendingStatement` is what a session emits: the template and the
+values of one execution, checked against the same rules as the builder checks them.
+:meth:`StatementTemplate.render` then fills the slots, producing exactly the canonical
+text ``Chain.append`` would make of the equivalent dict (tested byte for byte), so
+``verify`` and every reader of the trail see no difference.
+
+Pure (no IO).
+"""
+
+from __future__ import annotations
+
+import json.encoder
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+from pgcloak.audit.chain import serialize
+from pgcloak.audit.events import (
+    InvalidEventError,
+    SessionInfo,
+    lookups_ok,
+    sqlstate_ok,
+    statement_event,
+    validate_event,
+)
+
+__all__ = ["FAILED_REASON", "PendingStatement", "StatementTemplate", "json_string"]
+
+#: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
+FAILED_REASON: Final = "failed in PostgreSQL"
+
+#: The fields filled in per event, in the canonical (sorted) order of their slots.
+_SLOTS: Final = ("chain", "duration_ms", "id", "lookups", "prev", "reason", "rows", "seq", "sqlstate", "ts")
+
+#: JSON text of a str, as the canonical encoder writes it (ensure_ascii=False).
+json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+_FAILED_JSON: Final = json_string(FAILED_REASON)
+
+
+def _sentinel(i: int) -> str:
+    # A NUL is escaped by the encoder, so the slot is found as ``"\u0000<i>\u0000"``;
+    # a static value with that text in it makes the template refuse (checked below).
+    return f"\0{i}\0"
+
+
+class StatementTemplate:
+    """The canonical text of one session's statement events for one plan, with slots.
+
+    Raises :class:`~pgcloak.audit.events.InvalidEventError` for arguments the builder
+    would not vouch for, and ``ValueError`` for a static value that contains a slot's
+    marker (the caller then builds its events the slow way).
+    """
+
+    __slots__ = ("_format", "kind")
+
+    def __init__(
+        self,
+        info: SessionInfo,
+        *,
+        kind: str,
+        fingerprint: str,
+        tables: Iterable[str] = (),
+        columns_read: Iterable[str] = (),
+        columns_written: Iterable[str] = (),
+    ) -> None:
+        sample = statement_event(
+            info,
+            kind=kind,
+            fingerprint=fingerprint,
+            tables=tables,
+            columns_read=columns_read,
+            columns_written=columns_written,
+        )
+        if not getattr(sample, "vouched", False):
+            validate_event(sample)  # names the bad field
+            raise InvalidEventError("statement event: invalid template")
+        record: dict[str, Any] = dict(sample)
+        for i, name in enumerate(_SLOTS):
+            record[name] = _sentinel(i)
+        text = serialize(record).replace("%", "%%")
+        last = -1
+        for i in range(len(_SLOTS)):
+            marker = json_string(_sentinel(i))
+            at = text.find(marker)
+            if at <= last or text.count(marker) != 1:
+                raise ValueError("a static audit field holds a template marker")
+            text = text.replace(marker, "%s")
+            last = at
+        self._format = text
+        self.kind = kind
+
+    def render(
+        self,
+        *,
+        seq: int,
+        chain: str,
+        prev: str,
+        event_id: str,
+        pending: PendingStatement,
+    ) -> str:
+        """The canonical text (no ``mac``) of ``pending`` as record ``seq`` of a chain.
+
+        ``chain`` is the chain id as JSON text (:func:`json_string`); ``prev`` and
+        ``event_id`` are hex digits.
+        """
+        p = pending
+        ms = p.duration_ms
+        rows = p.rows
+        sqlstate = p.sqlstate
+        lookups = p.lookups
+        looked = serialize(lookups) if lookups else "{}"
+        return self._format % (
+            chain,
+            "null" if ms is None else repr(ms),
+            f'"{event_id}"',
+            looked,
+            f'"{prev}"',
+            "null" if sqlstate is None else _FAILED_JSON,
+            "null" if rows is None else str(rows),
+            str(seq),
+            "null" if sqlstate is None else f'"{sqlstate}"',
+            f'"{p.ts}"',
+        )
+
+
+class PendingStatement:
+    """One execution of a templated statement, waiting in the log's queue for the chain.
+
+    The constructor checks the per-event values as the builder would (no value of a
+    statement can reach the trail through them: ``lookups`` holds blind-index values
+    only, ``sqlstate`` five characters, ``rows`` and ``duration_ms`` numbers) and
+    raises :class:`~pgcloak.audit.events.InvalidEventError` otherwise. A statement
+    with a ``sqlstate`` failed in PostgreSQL; its ``rows`` are then not recorded.
+    """
+
+    __slots__ = ("duration_ms", "lookups", "rows", "sqlstate", "template", "ts")
+
+    def __init__(
+        self,
+        template: StatementTemplate,
+        ts: str,
+        duration_ms: float | None,
+        rows: int | None,
+        sqlstate: str | None,
+        lookups: dict[str, list[str]] | None,
+    ) -> None:
+        if duration_ms is not None:
+            if not 0.0 <= duration_ms < 1e12:  # also refuses NaN
+                raise InvalidEventError("statement event: invalid value for field 'duration_ms'")
+            # Whole microseconds, as the builder rounds them (survives jsonb unchanged).
+            duration_ms = round(duration_ms * 1000.0) / 1000.0
+        if sqlstate is not None:
+            rows = None
+            if not sqlstate_ok(sqlstate):
+                raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
+        if rows is not None and not (type(rows) is int and rows >= 0):
+            raise InvalidEventError("statement event: invalid value for field 'rows'")
+        if lookups and not lookups_ok(lookups):
+            raise InvalidEventError("statement event: invalid value for field 'lookups'")
+        self.template = template
+        self.ts = ts
+        self.duration_ms = duration_ms
+        self.rows = rows
+        self.sqlstate = sqlstate
+        self.lookups = lookups
