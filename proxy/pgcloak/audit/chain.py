@@ -212,8 +212,11 @@ class Chain:
         prev: str = GENESIS,
     ) -> None:
         self._key = _check_key(key)
-        # The keyed state after the key block, copied for each record.
-        self._hmac = hmac.new(self._key, digestmod=hashlib.sha256)
+        # HMAC (RFC 2104) from two SHA-256 states keyed once, copied for each record:
+        # the same MAC as hmac.new(key, text, sha256), without its Python wrapper.
+        block = (hashlib.sha256(self._key).digest() if len(self._key) > 64 else self._key).ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block)).copy
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block)).copy
         self.chain_id = chain_id
         self.worker = worker
         self.next_seq = next_seq
@@ -236,9 +239,7 @@ class Chain:
         record["chain"] = self.chain_id
         record["prev"] = self.prev
         text = serialize(record)
-        h = self._hmac.copy()
-        h.update(text.encode("utf-8"))
-        mac = h.hexdigest()
+        mac = self._mac(text)
         record["mac"] = mac
         line = text[:-1] + ',"mac":"' + mac + '"}'
         self.next_seq += 1
@@ -255,14 +256,23 @@ class Chain:
         text = pending.template.render(
             seq=seq, chain=self._chain_json, prev=self.prev, event_id=self._ids.next(), pending=pending
         )
-        h = self._hmac.copy()
-        h.update(text.encode("utf-8"))
-        mac = h.hexdigest()
+        inner = self._inner()
+        inner.update(text.encode("utf-8"))
+        outer = self._outer()
+        outer.update(inner.digest())
+        mac = outer.hexdigest()
         self.next_seq = seq + 1
         self.prev = mac
         self.since_seal += 1
         line = text[:-1] + ',"mac":"' + mac + '"}'
         return ChainedRecord(line, seq=seq, chain=self.chain_id, mac=mac, ts=pending.ts, type="statement")
+
+    def _mac(self, text: str) -> str:
+        inner = self._inner()
+        inner.update(text.encode("utf-8"))
+        outer = self._outer()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
     def seal(self, reason: SealReason) -> ChainedRecord:
         """Append a seal record (``periodic``, ``rotation`` or ``shutdown``)."""

@@ -7,8 +7,8 @@ to the next (``ts``, ``id``, ``rows``, ``duration_ms``, ``lookups``, ``reason``,
 ``sqlstate`` and the chain's ``seq``, ``chain``, ``prev``); the rest is the session's
 and the plan's. A :class:`StatementTemplate` validates those static fields once (with
 the same builder and rules as :func:`~pgcloak.audit.events.statement_event`),
-serializes them once with the chain's canonical encoder, and keeps ``%s`` slots for
-the ten. :class:`PendingStatement` is what a session emits: the template and the
+serializes them once with the chain's canonical encoder, and keeps slots for the
+ten. :class:`PendingStatement` is what a session emits: the template and the
 values of one execution, checked against the same rules as the builder checks them.
 :meth:`StatementTemplate.render` then fills the slots, producing exactly the canonical
 text ``Chain.append`` would make of the equivalent dict (tested byte for byte), so
@@ -60,7 +60,7 @@ class StatementTemplate:
     marker (the caller then builds its events the slow way).
     """
 
-    __slots__ = ("_format", "kind")
+    __slots__ = ("_parts", "kind")
 
     def __init__(
         self,
@@ -86,16 +86,16 @@ class StatementTemplate:
         record: dict[str, Any] = dict(sample)
         for i, name in enumerate(_SLOTS):
             record[name] = _sentinel(i)
-        text = serialize(record).replace("%", "%%")
-        last = -1
+        text = serialize(record)
+        parts: list[str] = []
         for i in range(len(_SLOTS)):
             marker = json_string(_sentinel(i))
-            at = text.find(marker)
-            if at <= last or text.count(marker) != 1:
+            if text.count(marker) != 1:
                 raise ValueError("a static audit field holds a template marker")
-            text = text.replace(marker, "%s")
-            last = at
-        self._format = text
+            before, text = text.split(marker)
+            parts.append(before)
+        parts.append(text)
+        self._parts = tuple(parts)
         self.kind = kind
 
     def render(
@@ -117,19 +117,25 @@ class StatementTemplate:
         rows = p.rows
         sqlstate = p.sqlstate
         lookups = p.lookups
-        looked = serialize(lookups) if lookups else "{}"
-        return self._format % (
-            chain,
-            "null" if ms is None else repr(ms),
-            f'"{event_id}"',
-            looked,
-            f'"{prev}"',
-            "null" if sqlstate is None else _FAILED_JSON,
-            "null" if rows is None else str(rows),
-            str(seq),
-            "null" if sqlstate is None else f'"{sqlstate}"',
-            f'"{p.ts}"',
-        )
+        t = self._parts
+        # One join over the static parts and the slots (cheaper than %-formatting
+        # a ~700-character string): chain, duration_ms, id, lookups, prev, reason,
+        # rows, seq, sqlstate, ts.
+        return "".join(
+            (
+                t[0], chain,
+                t[1], "null" if ms is None else repr(ms),
+                t[2], '"', event_id, '"',
+                t[3], serialize(lookups) if lookups else "{}",
+                t[4], '"', prev, '"',
+                t[5], "null" if sqlstate is None else _FAILED_JSON,
+                t[6], "null" if rows is None else str(rows),
+                t[7], str(seq),
+                t[8], "null" if sqlstate is None else '"' + sqlstate + '"',
+                t[9], '"', p.ts, '"',
+                t[10],
+            )
+        )  # fmt: skip
 
 
 class PendingStatement:

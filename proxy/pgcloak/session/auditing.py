@@ -70,6 +70,9 @@ class _Unit:
 
 #: A Sync or FunctionCall: answered by one ReadyForQuery.
 _SYNC = _Unit(None, None, True)
+#: A Query / an Execute that is not recorded (its fields are written, never read).
+_SKIP_QUERY = _Unit(None, None, True)
+_SKIP_EXECUTE = _Unit(None, None, False)
 
 
 def event_kind(kind: str) -> str:
@@ -97,12 +100,6 @@ def trail_reason(reason: str) -> str:
     return _TOKENIZER_EXCERPT.sub(r"\1(statement text withheld)", reason)
 
 
-def rows_of(tag: bytes) -> int | None:
-    """Rows from a CommandComplete tag: ``SELECT 3``, ``INSERT 0 1``, ``UPDATE 2``..."""
-    last = tag.rstrip(b"\0").rsplit(b" ", 1)[-1]
-    return int(last) if last.isdigit() else None
-
-
 class SessionAudit:
     """Queues one session's statements and emits their events when they complete."""
 
@@ -111,7 +108,8 @@ class SessionAudit:
         self._info = info
         self._mode: StatementsMode = mode
         self._units: deque[_Unit] = deque()
-        self._portals: dict[str, tuple[_Recipe, dict[str, list[str]] | None]] = {}
+        #: Portal name (as sent) -> how its Executes are recorded.
+        self._portals: dict[bytes, tuple[StatementTemplate | _Slow, dict[str, list[str]] | None]] = {}
         self._recipes: dict[int, tuple[Plan, _Recipe]] = {}
         #: DataRows since the last completion: an Execute's rows when it ends in
         #: PortalSuspended (which has no tag to count from).
@@ -166,9 +164,9 @@ class SessionAudit:
         """A simple Query sent to the server (None: a refused one, recorded as a refusal)."""
         self.statements += 1
         recipe = self._recipe(plan) if plan is not None else None
-        self._units.append(_Unit(recipe, lookups or None, True))
+        self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True))
 
-    def bind(self, portal: str, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
+    def bind(self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
         recipe = self._recipe(plan) if plan is not None else None
         if recipe is None:
             self._portals.pop(portal, None)
@@ -178,14 +176,14 @@ class SessionAudit:
             self._portals.clear()
         self._portals[portal] = (recipe, lookups or None)
 
-    def close_portal(self, portal: str) -> None:
+    def close_portal(self, portal: bytes) -> None:
         self._portals.pop(portal, None)
 
-    def execute(self, portal: str) -> None:
+    def execute(self, portal: bytes) -> None:
         self.statements += 1
         found = self._portals.get(portal)
         if found is None:
-            self._units.append(_Unit(None, None, False))
+            self._units.append(_SKIP_EXECUTE)
         else:
             self._units.append(_Unit(found[0], found[1], False))
 
@@ -223,26 +221,37 @@ class SessionAudit:
                 returned += 1
             elif kind in _COMPLETIONS:
                 head = units[0]
-                if head is not _SYNC:
-                    if kind == _COMMAND_COMPLETE:
-                        rows = rows_of(chunk[pos + 5 : end])
-                    else:  # PortalSuspended: the rows sent so far (a client's row limit)
-                        rows = returned if kind == _PORTAL_SUSPENDED else None
-                    if head.simple:
-                        if rows is not None:
-                            head.rows = (head.rows or 0) + rows
-                    else:
+                if head.recipe is None:  # not recorded (or a Sync): only keep in step
+                    if not head.simple:
+                        units.popleft()
+                elif kind == _COMMAND_COMPLETE:
+                    tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1", "UPDATE 2"...
+                    count = tag[tag.rfind(b" ") + 1 :]
+                    rows = int(count) if count.isdigit() else None
+                    if not head.simple:
                         units.popleft()
                         head.rows = rows
                         self._complete(head)
+                    elif rows is not None:
+                        head.rows = (head.rows or 0) + rows
+                else:  # PortalSuspended: the rows sent so far (a client's row limit)
+                    rows = returned if kind == _PORTAL_SUSPENDED else None
+                    if not head.simple:
+                        units.popleft()
+                        head.rows = rows
+                        self._complete(head)
+                    elif rows is not None:
+                        head.rows = (head.rows or 0) + rows
                 returned = 0
             elif kind == _ERROR:
                 head = units[0]
                 if head is not _SYNC:
-                    head.error = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
                     if not head.simple:
                         units.popleft()
-                        self._complete(head)
+                    if head.recipe is not None:
+                        head.error = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
+                        if not head.simple:
+                            self._complete(head)
                 returned = 0
             elif kind == _READY:
                 # Executes still queued were skipped after an error in their batch.
@@ -250,7 +259,7 @@ class SessionAudit:
                     units.popleft()
                 if units:
                     done = units.popleft()
-                    if done is not _SYNC:
+                    if done.recipe is not None:
                         self._complete(done)
                 returned = 0
             pos = end

@@ -174,8 +174,7 @@ class Rewriter:
             return msg
         if kind == EXECUTE:
             if self._audit is not None:
-                end = msg.find(b"\0", 5)
-                self._audit.execute(msg[5:end].decode("utf-8", "surrogateescape"))
+                self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             return msg
         if kind in (SYNC, FUNCTION_CALL):
             if self._audit is not None:
@@ -305,7 +304,7 @@ class Rewriter:
             raise ProtocolError("invalid Bind message: missing terminator")
         name = body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape")
         audit = self._audit
-        portal = body[:portal_end].decode("utf-8", "surrogateescape") if audit is not None else ""
+        portal = body[:portal_end]
         entry = self.statements.get(name)
         if entry is None:
             if audit is not None:
@@ -333,7 +332,7 @@ class Rewriter:
         if self._audit_down(protection, plan):
             if audit is not None:
                 audit.bind(portal, None, {})
-            return self._refuse_bind(portal, "58000", AUDIT_DOWN)
+            return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), "58000", AUDIT_DOWN)
         if plan.copy_in is not None:
             self._start_copy(protection, plan)
         actions = plan.params
@@ -358,7 +357,7 @@ class Rewriter:
             self.statements.pop(close.name, None)
             self._redefined.discard(close.name)
         elif self._audit is not None:
-            self._audit.close_portal(close.name)
+            self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
 
     def _copy(self, kind: int, msg: bytes) -> bytes:
         rewriter = self._copy_in

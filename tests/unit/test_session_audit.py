@@ -1,0 +1,181 @@
+"""SessionAudit: statement events completed from the server's replies, in order.
+
+Pure: real Rewriter and planner, real message bytes; the log is a recorder that keeps
+what the session hands it (the AuditLog itself is tested with its sinks elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from pgcloak.audit.chain import Chain
+from pgcloak.audit.events import SessionInfo
+from pgcloak.audit.templates import PendingStatement
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import MasterKey
+from pgcloak.policy import parse_policy
+from pgcloak.session.auditing import SessionAudit
+from pgcloak.session.protection import Protection
+from pgcloak.session.rewriter import Rewriter
+from pgcloak.wire.messages import (
+    Bind,
+    BindComplete,
+    CommandComplete,
+    DataRow,
+    EmptyQueryResponse,
+    ErrorResponse,
+    Execute,
+    Parse,
+    ParseComplete,
+    PortalSuspended,
+    Query,
+    ReadyForQuery,
+    Sync,
+)
+
+POLICY = """
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+audit:
+  statements: pii
+"""
+INFO = SessionInfo(session="1-1", user="app", database="db", application_name="t", client="127.0.0.1:1")
+B, E, S, P, Q = ord("B"), ord("E"), ord("S"), ord("P"), ord("Q")
+
+
+class Recorder:
+    """Stands in for AuditLog: chains what it is given, so events are read back as JSON."""
+
+    full = False
+    healthy = True
+
+    def __init__(self) -> None:
+        self.chain = Chain(bytes(32), "c")
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(dict(event))
+
+    def emit_statement(self, pending: PendingStatement) -> None:
+        self.events.append(json.loads(self.chain.append_pending(pending).line))
+
+
+@pytest.fixture
+def session() -> tuple[Rewriter, SessionAudit, Recorder]:
+    protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
+    recorder = Recorder()
+    audit = SessionAudit(recorder, lambda: INFO, "pii")  # type: ignore[arg-type]
+    return Rewriter(lambda: protection, audit), audit, recorder
+
+
+def _send(rw: Rewriter, *messages: Any) -> None:
+    for m in messages:
+        data = m.encode()
+        rw.client_message(data[0], data)
+
+
+def _reply(audit: SessionAudit, *messages: Any, split: bool = False) -> None:
+    chunks = [m.encode() for m in messages]
+    if split:  # one message per chunk, as a slow server might send them
+        for c in chunks:
+            audit.backend(c)
+    else:
+        audit.backend(b"".join(chunks))
+
+
+def _prepare(rw: Rewriter, audit: SessionAudit, name: str, sql: str) -> None:
+    _send(rw, Parse(name, sql))
+    _reply(audit, ParseComplete())
+
+
+LOOKUP = "SELECT id FROM users WHERE email = $1"
+PLAIN = "SELECT 1 FROM other WHERE id = $1"
+INSERT = "INSERT INTO users (email) VALUES ($1)"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_pipeline_events_carry_rows_and_errors_in_order(
+    session: tuple[Rewriter, SessionAudit, Recorder], split: bool
+) -> None:
+    rw, audit, rec = session
+    _prepare(rw, audit, "look", LOOKUP)
+    _prepare(rw, audit, "plain", PLAIN)
+    _prepare(rw, audit, "ins", INSERT)
+    # One batch: a lookup (2 rows), an unrecorded statement, an insert that fails, and
+    # a lookup after it that the server skips (aborted until Sync): no event for it.
+    _send(
+        rw,
+        Bind("", "look", (), (b"alice@example.com",), ()), Execute(""),
+        Bind("", "plain", (), (b"7",), ()), Execute(""),
+        Bind("", "ins", (), (b"bob@example.com",), ()), Execute(""),
+        Bind("", "look", (), (b"carol@example.com",), ()), Execute(""),
+        Sync(),
+    )  # fmt: skip
+    _reply(
+        audit,
+        BindComplete(), DataRow((b"1",)), DataRow((b"2",)), CommandComplete("SELECT 2"),
+        BindComplete(), DataRow((b"1",)), CommandComplete("SELECT 1"),
+        BindComplete(), ErrorResponse.make("23505", "duplicate"),
+        ReadyForQuery("E"),
+        split=split,
+    )  # fmt: skip
+    assert not audit.pending
+    assert [(e["kind"], e["rows"], e["sqlstate"]) for e in rec.events] == [
+        ("select", 2, None),
+        ("insert", None, "23505"),
+    ]
+    lookup, failed = rec.events
+    assert lookup["lookups"]["public.users.email"][0] != "alice@example.com"
+    assert len(lookup["lookups"]["public.users.email"][0]) == 22
+    assert failed["reason"] == "failed in PostgreSQL"
+    assert all(e["duration_ms"] >= 0 for e in rec.events)
+    assert "alice" not in json.dumps(rec.events) and "bob@" not in json.dumps(rec.events)
+
+
+def test_portal_suspended_counts_the_rows_sent(session: tuple[Rewriter, SessionAudit, Recorder]) -> None:
+    rw, audit, rec = session
+    _prepare(rw, audit, "look", LOOKUP)
+    _send(rw, Bind("cur", "look", (), (b"a@example.com",), ()), Execute("cur", 2), Execute("cur", 2), Sync())
+    _reply(
+        audit,
+        BindComplete(), DataRow((b"1",)), DataRow((b"2",)), PortalSuspended(),
+        DataRow((b"3",)), CommandComplete("SELECT 1"), ReadyForQuery("T"),
+    )  # fmt: skip
+    assert [e["rows"] for e in rec.events] == [2, 1]
+
+
+def test_simple_query_sums_its_statements_and_records_failures(
+    session: tuple[Rewriter, SessionAudit, Recorder],
+) -> None:
+    rw, audit, rec = session
+    _send(rw, Query("SELECT email FROM users WHERE id = 1; SELECT email FROM users WHERE id = 2"))
+    _send(rw, Query("SELECT 1"))  # names no protected column: not recorded in "pii" mode
+    _send(rw, Query("SELECT email FROM users WHERE id = 3"))
+    _send(rw, Query(""))
+    _reply(
+        audit,
+        DataRow((None,)), CommandComplete("SELECT 1"), DataRow((None,)), DataRow((None,)),
+        CommandComplete("SELECT 2"), ReadyForQuery("I"),
+        DataRow((b"1",)), CommandComplete("SELECT 1"), ReadyForQuery("I"),
+        ErrorResponse.make("57014", "canceled"), ReadyForQuery("I"),
+        EmptyQueryResponse(), ReadyForQuery("I"),
+        split=True,
+    )  # fmt: skip
+    assert [(e["rows"], e["sqlstate"]) for e in rec.events] == [(3, None), (None, "57014")]
+    assert not audit.pending
+
+
+def test_a_session_reuses_one_template_per_plan(session: tuple[Rewriter, SessionAudit, Recorder]) -> None:
+    rw, audit, rec = session
+    _prepare(rw, audit, "look", LOOKUP)
+    for _ in range(3):
+        _send(rw, Bind("", "look", (), (b"a@example.com",), ()), Execute(""), Sync())
+        _reply(audit, BindComplete(), CommandComplete("SELECT 0"), ReadyForQuery("I"))
+    assert len(audit._recipes) == 1
+    assert len({e["id"] for e in rec.events}) == 3
+    assert [e["seq"] for e in rec.events] == [1, 2, 3]
