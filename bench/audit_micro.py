@@ -7,26 +7,31 @@ exits 0. On a shared, noisy machine run it a few times and keep the best of each
     python bench/audit_micro.py --events 50000   # longer end-to-end runs
     python bench/audit_micro.py --only e2e       # cases whose name contains "e2e"
 
-Cases (the event is the PII workload's: a statement event of a lookup by e-mail, built
-as ``SessionAudit`` builds it):
+Cases (the event is the PII workload's: a statement event of a lookup by e-mail, as
+``SessionAudit`` makes it):
 
-    build              statement_event(...): the builder, on the event loop
+    pending            PendingStatement(template, now_ts(), ...): what a session does per
+                       completed statement (the template is made once per session and plan)
+    chain.pending      Chain.append_pending: the template's slots filled + HMAC (on the loop,
+                       in the writer's batches)
+    build              statement_event(...): the dict builder (refusals; plans whose events
+                       cannot be templated)
     validate           validate_event(event): what emit() spends on a dict no builder vouched for
-    emit.vouched       AuditLog.emit of a built event: the event loop's share in the session
+    emit.vouched       AuditLog.emit of a built event
     emit.plain         AuditLog.emit of a plain dict (validated and copied)
-    chain.append       Chain.append: serialization + HMAC (on the sink's IO thread)
-    e2e.paced.*        emit -> written through AuditLog with the file sink (defaults: fsync
-                       every second, batches of up to 1000), events emitted a few per event
-                       loop iteration at about --rate events/s, as a busy proxy does; the
-                       same loop building the same events without emitting them is the
-                       baseline subtracted (so add ``build`` for the session's whole share):
-                         loop   CPU of the event loop's thread per event: emit() and the
-                                writer task's trips
-                         total  CPU of the whole process per event, the IO thread's
-                                chaining and writing included
+    chain.append       Chain.append of a dict: serialization + HMAC
+    e2e.paced.*        emit_statement -> written through AuditLog with the file sink
+                       (defaults: fsync every second, batches of up to 1000), events emitted a
+                       few per event loop iteration at about --rate events/s, as a busy proxy
+                       does; the same loop making the same events without emitting them is
+                       the baseline subtracted (so add ``pending`` for the session's share):
+                         loop   CPU of the event loop's thread per event: emit, chaining and
+                                the writer task's trips
+                         total  CPU of the whole process per event, the IO thread's writes
+                                included
                          batch  events per trip to the IO thread
-                         lag    how late the loop's timers fired (p99, max): what the
-                                IO thread's holding the GIL costs the sessions' latency
+                         lag    how late the loop's timers fired (p99, max): what chaining a
+                                batch on the loop costs the sessions' latency
     e2e.burst.*        the same, emitted as fast as the loop can (bigger batches)
 """
 
@@ -46,8 +51,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
 from pgcloak.audit.chain import Chain
-from pgcloak.audit.events import SessionInfo, statement_event, validate_event
+from pgcloak.audit.events import SessionInfo, now_ts, statement_event, validate_event
 from pgcloak.audit.log import AuditLog
+from pgcloak.audit.templates import PendingStatement, StatementTemplate
 from pgcloak.policy import Audit
 
 KEY = bytes(range(32))
@@ -80,6 +86,15 @@ def build() -> dict[str, Any]:
         rows=1,
         duration_ms=0.4321,
     )
+
+
+TEMPLATE = StatementTemplate(
+    info(), kind="select", fingerprint=FINGERPRINT, tables=("public.users",), columns_read=(EMAIL, PHONE)
+)
+
+
+def pending() -> PendingStatement:
+    return PendingStatement(TEMPLATE, now_ts(), 0.4321, 1, None, {EMAIL: [INDEX]})
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int = 2000) -> float:
@@ -115,9 +130,9 @@ async def _produce(n: int, per_tick: int, rate: float | None, log: AuditLog | No
     sent = 0
     while sent < n:
         for _ in range(per_tick):
-            event = build()
+            event = pending()
             if log is not None:
-                log.emit(event)
+                log.emit_statement(event)
                 if log.full:
                     await log.wait_for_room()
             sent += 1
@@ -207,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, value))
         print(f"{name:28s} {value}", flush=True)
 
+    if want("pending"):
+        show("pending", f"{best_of(pending, args.repeat):8.2f} µs")
+    if want("chain.pending"):
+        chain = Chain(KEY, "w0-bench")
+        one = pending()
+        show("chain.pending", f"{best_of(lambda: chain.append_pending(one), args.repeat):8.2f} µs")
     event = build()
     if want("build"):
         show("build", f"{best_of(build, args.repeat):8.2f} µs")
@@ -221,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             show("emit.vouched", f"{best_of(lambda: log.emit(next(it)), args.repeat):8.2f} µs")
             plain = dict(event)
             show("emit.plain", f"{best_of(lambda: log.emit(plain), args.repeat):8.2f} µs")
-    if want("chain"):
+    if want("chain.append"):
         chain = Chain(KEY, "w0-bench")
         show("chain.append", f"{best_of(lambda: chain.append(event), args.repeat):8.2f} µs")
     for name, per_tick, rate in (("e2e.paced", 3, args.rate), ("e2e.burst", 20, None)):

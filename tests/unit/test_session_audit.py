@@ -17,9 +17,10 @@ from pgcloak.audit.templates import PendingStatement
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import MasterKey
 from pgcloak.policy import parse_policy
-from pgcloak.session.auditing import SessionAudit
+from pgcloak.session.auditing import REPLY_ENDS, SessionAudit
 from pgcloak.session.protection import Protection
 from pgcloak.session.rewriter import Rewriter
+from pgcloak.wire.framing import scan_marked
 from pgcloak.wire.messages import (
     Bind,
     BindComplete,
@@ -79,13 +80,20 @@ def _send(rw: Rewriter, *messages: Any) -> None:
         rw.client_message(data[0], data)
 
 
+def _feed(audit: SessionAudit, chunk: bytes) -> None:
+    """What the session does with a chunk of whole server messages."""
+    end, marks, tail_rows = scan_marked(chunk, 1 << 30, REPLY_ENDS)
+    assert end == len(chunk)
+    audit.backend(chunk, marks, tail_rows)
+
+
 def _reply(audit: SessionAudit, *messages: Any, split: bool = False) -> None:
     chunks = [m.encode() for m in messages]
     if split:  # one message per chunk, as a slow server might send them
         for c in chunks:
-            audit.backend(c)
+            _feed(audit, c)
     else:
-        audit.backend(b"".join(chunks))
+        _feed(audit, b"".join(chunks))
 
 
 def _prepare(rw: Rewriter, audit: SessionAudit, name: str, sql: str) -> None:
@@ -137,16 +145,20 @@ def test_pipeline_events_carry_rows_and_errors_in_order(
     assert "alice" not in json.dumps(rec.events) and "bob@" not in json.dumps(rec.events)
 
 
-def test_portal_suspended_counts_the_rows_sent(session: tuple[Rewriter, SessionAudit, Recorder]) -> None:
+@pytest.mark.parametrize("split", [False, True])
+def test_portal_suspended_counts_the_rows_sent(
+    session: tuple[Rewriter, SessionAudit, Recorder], split: bool
+) -> None:
     rw, audit, rec = session
     _prepare(rw, audit, "look", LOOKUP)
-    _send(rw, Bind("cur", "look", (), (b"a@example.com",), ()), Execute("cur", 2), Execute("cur", 2), Sync())
+    _send(rw, Bind("cur", "look", (), (b"a@example.com",), ()), Execute("cur", 3), Execute("cur", 3), Sync())
     _reply(
         audit,
-        BindComplete(), DataRow((b"1",)), DataRow((b"2",)), PortalSuspended(),
-        DataRow((b"3",)), CommandComplete("SELECT 1"), ReadyForQuery("T"),
+        BindComplete(), DataRow((b"1",)), DataRow((b"2",)), DataRow((b"3",)), PortalSuspended(),
+        DataRow((b"4",)), CommandComplete("SELECT 1"), ReadyForQuery("T"),
+        split=split,  # split: the rows arrive in chunks of their own, before the tag
     )  # fmt: skip
-    assert [e["rows"] for e in rec.events] == [2, 1]
+    assert [e["rows"] for e in rec.events] == [3, 1]
 
 
 def test_simple_query_sums_its_statements_and_records_failures(

@@ -15,6 +15,7 @@ from pgcloak.wire.framing import (
     frame,
     iter_messages,
     scan,
+    scan_marked,
     startup_packet_length,
 )
 
@@ -143,3 +144,33 @@ def test_any_chunking_yields_the_same_messages(
         del buf[:end]
     assert got == parts
     assert not buf
+
+
+_KINDS = st.sampled_from([b"D", b"C", b"Z", b"2", b"T", b"E", b"N"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(_KINDS, st.binary(max_size=12)), max_size=12),
+    st.integers(0, 5),
+)
+def test_scan_marked_lists_what_a_full_walk_finds(messages: list[tuple[bytes, bytes]], cut: int) -> None:
+    whole = b"".join(frame(t, body) for t, body in messages)
+    buf = whole[: len(whole) - cut] if cut else whole
+    marked = frozenset(b"CZE")
+    end, marks, tail = scan_marked(buf, DEFAULT_MAX_MESSAGE, marked)
+    assert end == scan(buf, DEFAULT_MAX_MESSAGE)
+    expected = []
+    rows = 0
+    for kind, start, stop in iter_messages(buf, 0, end):
+        if kind == ord("D"):
+            rows += 1
+        elif kind in marked:
+            expected.append((kind, start - 5, stop, rows))
+            rows = 0
+    assert (marks, tail) == (expected, rows)
+
+
+def test_scan_marked_refuses_a_bad_length_like_scan() -> None:
+    with pytest.raises(ProtocolError):
+        scan_marked(frame(b"C", b"SELECT 1\x00") + header(b"D", 2), DEFAULT_MAX_MESSAGE, frozenset(b"C"))

@@ -12,14 +12,13 @@ blind-index values of lookups.
 Cost: this runs for every statement of an audited session, so the static part of each
 plan's events is serialized once per session (:class:`StatementTemplate`), a
 completed statement is queued as the few values that change, and the server's replies
-are walked with a plain loop over message headers.
+are not walked again: the session's boundary walk lists where each reply ends.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,17 +27,17 @@ from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, s
 from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
 from pgcloak.sql import Plan
+from pgcloak.wire.framing import Mark
 
 log = logging.getLogger("pgcloak.audit")
 _MAX_PORTALS = 10_000
 #: Templates kept per session (plans are cached by the planner, so few are distinct).
 _MAX_TEMPLATES = 512
 _ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
-_DATA_ROW, _PORTAL_SUSPENDED = 0x44, 0x73
-#: An Execute's or a Query's statement ended: CommandComplete, EmptyQueryResponse,
-#: PortalSuspended.
-_COMPLETIONS = frozenset(b"CIs")
-_LENGTH = struct.Struct("!I")
+_PORTAL_SUSPENDED = 0x73
+#: The server messages that end a statement's or a batch's reply: CommandComplete,
+#: EmptyQueryResponse, PortalSuspended, ErrorResponse, ReadyForQuery.
+REPLY_ENDS = frozenset(b"CIsEZ")
 
 
 class _Slow:
@@ -208,41 +207,26 @@ class SessionAudit:
         )
 
     # -- server side ---------------------------------------------------------------------
-    def backend(self, chunk: bytes) -> None:
-        """Complete queued statements from a chunk of whole server messages."""
+    def backend(self, chunk: bytes, marks: list[Mark], tail_rows: int) -> None:
+        """Complete queued statements from the server's replies in ``chunk``.
+
+        ``marks`` and ``tail_rows`` are what :func:`~pgcloak.wire.framing.scan_marked`
+        found with :data:`REPLY_ENDS` (the session's boundary walk, so no second one).
+        """
         units = self._units
-        unpack = _LENGTH.unpack_from
         returned = self._returned
-        pos, size = 0, len(chunk)
-        while pos < size and units:
-            kind = chunk[pos]
-            end = pos + 1 + unpack(chunk, pos + 1)[0]
-            if kind == _DATA_ROW:
-                returned += 1
-            elif kind in _COMPLETIONS:
-                head = units[0]
-                if head.recipe is None:  # not recorded (or a Sync): only keep in step
-                    if not head.simple:
-                        units.popleft()
-                elif kind == _COMMAND_COMPLETE:
-                    tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1", "UPDATE 2"...
-                    count = tag[tag.rfind(b" ") + 1 :]
-                    rows = int(count) if count.isdigit() else None
-                    if not head.simple:
-                        units.popleft()
-                        head.rows = rows
-                        self._complete(head)
-                    elif rows is not None:
-                        head.rows = (head.rows or 0) + rows
-                else:  # PortalSuspended: the rows sent so far (a client's row limit)
-                    rows = returned if kind == _PORTAL_SUSPENDED else None
-                    if not head.simple:
-                        units.popleft()
-                        head.rows = rows
-                        self._complete(head)
-                    elif rows is not None:
-                        head.rows = (head.rows or 0) + rows
-                returned = 0
+        for kind, pos, end, rows_before in marks:
+            if not units:
+                break
+            returned += rows_before
+            if kind == _READY:
+                # Executes still queued were skipped after an error in their batch.
+                while units and units[0] is not _SYNC and not units[0].simple:
+                    units.popleft()
+                if units:
+                    done = units.popleft()
+                    if done.recipe is not None:
+                        self._complete(done)
             elif kind == _ERROR:
                 head = units[0]
                 if head is not _SYNC:
@@ -252,18 +236,26 @@ class SessionAudit:
                         head.error = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
                         if not head.simple:
                             self._complete(head)
-                returned = 0
-            elif kind == _READY:
-                # Executes still queued were skipped after an error in their batch.
-                while units and units[0] is not _SYNC and not units[0].simple:
-                    units.popleft()
-                if units:
-                    done = units.popleft()
-                    if done.recipe is not None:
-                        self._complete(done)
-                returned = 0
-            pos = end
-        self._returned = returned
+            else:  # CommandComplete, EmptyQueryResponse, PortalSuspended
+                head = units[0]
+                if head.recipe is None:  # not recorded (or a Sync): only keep in step
+                    if not head.simple:
+                        units.popleft()
+                else:
+                    if kind == _COMMAND_COMPLETE:
+                        tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1"...
+                        count = tag[tag.rfind(b" ") + 1 :]
+                        rows: int | None = int(count) if count.isdigit() else None
+                    else:  # PortalSuspended: the rows sent so far (a client's row limit)
+                        rows = returned if kind == _PORTAL_SUSPENDED else None
+                    if not head.simple:
+                        units.popleft()
+                        head.rows = rows
+                        self._complete(head)
+                    elif rows is not None:
+                        head.rows = (head.rows or 0) + rows
+            returned = 0
+        self._returned = returned + tail_rows
 
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe

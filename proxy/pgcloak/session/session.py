@@ -19,13 +19,13 @@ import time
 from typing import TYPE_CHECKING
 
 from pgcloak.audit import SessionInfo, connection_event
-from pgcloak.session.auditing import SessionAudit, sqlstate_of
+from pgcloak.session.auditing import REPLY_ENDS, SessionAudit, sqlstate_of
 from pgcloak.session.endpoint import ConnectionClosed, Endpoint
 from pgcloak.session.protection import Protection
 from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import frame, scan
+from pgcloak.wire.framing import frame, scan, scan_marked
 from pgcloak.wire.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -641,7 +641,11 @@ class Session:
         self.bytes_from_backend += len(data)
         if self._b2c_held:
             data = self._b2c_held + data
-        end = scan(data, 1 << 31)
+        audit = self._audit
+        if audit is not None and audit.pending:
+            end, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+        else:
+            end, marks = scan(data, 1 << 31), None
         if end < len(data):
             self._b2c_held = data[end:]
             data = data[:end]
@@ -651,8 +655,9 @@ class Session:
             return
         transport = self.client.transport
         assert transport is not None and self._rewriter is not None
-        if self._audit is not None and self._audit.pending:
-            self._audit.backend(data)
+        if marks is not None:
+            assert audit is not None
+            audit.backend(data, marks, tail_rows)
         if self._rewriter.needs_inspection(data):
             try:
                 data = self._rewriter.backend_chunk(data)

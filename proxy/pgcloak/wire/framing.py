@@ -46,6 +46,42 @@ def scan(buf: bytes | bytearray | memoryview, max_message: int) -> int:
     return pos
 
 
+#: One listed message of :func:`scan_marked`: (type, start, end, DataRows before it).
+Mark = tuple[int, int, int, int]
+_DATA_ROW = 0x44
+
+
+def scan_marked(
+    buf: bytes | bytearray | memoryview, max_message: int, marked: frozenset[int]
+) -> tuple[int, list[Mark], int]:
+    """:func:`scan`, also listing the complete messages whose type is in ``marked``.
+
+    Returns ``(end, marks, rows)``: ``end`` as :func:`scan` returns it; for each marked
+    message ``(type, start, end, n)`` where ``n`` counts the DataRows since the previous
+    marked message (or the start); ``rows`` the DataRows after the last one. A session
+    that follows the server's replies (the audit trail) then needs no second walk.
+    """
+    pos = 0
+    n = len(buf)
+    marks: list[Mark] = []
+    rows = 0
+    while n - pos >= 5:
+        length = _unpack_len(buf, pos + 1)[0]
+        if length < 4 or length > max_message:
+            raise ProtocolError.bad_length(buf[pos : pos + 1], length, max_message)
+        end = pos + 1 + length
+        if end > n:
+            break
+        t = buf[pos]
+        if t == _DATA_ROW:
+            rows += 1
+        elif t in marked:
+            marks.append((t, pos, end, rows))
+            rows = 0
+        pos = end
+    return pos, marks, rows
+
+
 def iter_messages(
     buf: bytes | bytearray | memoryview, start: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, int, int]]:
