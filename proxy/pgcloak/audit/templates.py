@@ -47,8 +47,8 @@ _FAILED_JSON: Final = json_string(FAILED_REASON)
 
 
 def _sentinel(i: int) -> str:
-    # A NUL is escaped by the encoder, so the slot is found as ``"\u0000<i>\u0000"``;
-    # a static value with that text in it makes the template refuse (checked below).
+    # Encoded, a slot reads ``"\u0000<i>\u0000"`` with its quotes, which no encoded
+    # static value can contain (its quotes are escaped); still checked below.
     return f"\0{i}\0"
 
 
@@ -56,11 +56,11 @@ class StatementTemplate:
     """The canonical text of one session's statement events for one plan, with slots.
 
     Raises :class:`~pgcloak.audit.events.InvalidEventError` for arguments the builder
-    would not vouch for, and ``ValueError`` for a static value that contains a slot's
-    marker (the caller then builds its events the slow way).
+    would not vouch for, and ``ValueError`` if the slots cannot be found exactly once
+    each (defensive; the caller then builds its events the slow way).
     """
 
-    __slots__ = ("_parts", "kind")
+    __slots__ = ("_parts",)
 
     def __init__(
         self,
@@ -96,7 +96,6 @@ class StatementTemplate:
             parts.append(before)
         parts.append(text)
         self._parts = tuple(parts)
-        self.kind = kind
 
     def render(
         self,
