@@ -493,7 +493,13 @@ async def test_burst_against_a_stalled_sink_blocks_the_clients_and_loses_nothing
             finally:
                 sink.resume()
             await asyncio.wait_for(burst, WAIT)
-            assert done[0] == 200 and not log.full
+            assert done[0] == 200
+            # The last replies' events may fill the queue once more just before the
+            # clients see those replies; the writer then drains it (asynchronously).
+            deadline = time.monotonic() + WAIT
+            while log.full:
+                assert time.monotonic() < deadline, "the queue stayed full after the burst"
+                await asyncio.sleep(0.005)
             a.stop()
             assert log.metrics.dropped == 0
     finally:
