@@ -5,7 +5,7 @@ returned or affected and the duration. The server answers in order: each Execute
 exactly one of CommandComplete / EmptyQueryResponse / PortalSuspended / ErrorResponse
 (or none, when an earlier error makes it skip to Sync), and each simple Query ends
 with ReadyForQuery. So every Execute and Query is queued in order — statements that
-are not recorded as ``None`` placeholders — and the server's replies pop the queue.
+are not recorded as shared placeholders — and the server's replies pop the queue.
 Nothing here ever sees a literal value: events get the plan's fingerprint and the
 blind-index values of lookups.
 
