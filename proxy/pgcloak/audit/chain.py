@@ -140,7 +140,14 @@ class ChainedRecord:
     __slots__ = ("_record", "chain", "line", "mac", "seq", "ts", "type")
 
     def __init__(
-        self, line: str, *, seq: int, chain: str, mac: str, ts: str, type: str, record: dict[str, Any] | None = None
+        self,
+        line: str,
+        seq: int,
+        chain: str,
+        mac: str,
+        ts: str,
+        type: str,
+        record: dict[str, Any] | None = None,
     ) -> None:
         self.line = line
         self.seq = seq
@@ -253,9 +260,7 @@ class Chain:
     def append_pending(self, pending: PendingStatement) -> ChainedRecord:
         """Chain a templated statement event (what ``append`` would make of its dict)."""
         seq = self.next_seq
-        text = pending.template.render(
-            seq=seq, chain=self._chain_json, prev=self.prev, event_id=self._ids.next(), pending=pending
-        )
+        text = pending.template.render(seq, self._chain_json, self.prev, self._ids.next(), pending)
         inner = self._inner()
         inner.update(text.encode("utf-8"))
         outer = self._outer()
@@ -265,7 +270,7 @@ class Chain:
         self.prev = mac
         self.since_seal += 1
         line = text[:-1] + ',"mac":"' + mac + '"}'
-        return ChainedRecord(line, seq=seq, chain=self.chain_id, mac=mac, ts=pending.ts, type="statement")
+        return ChainedRecord(line, seq, self.chain_id, mac, pending.ts, "statement")
 
     def _mac(self, text: str) -> str:
         inner = self._inner()

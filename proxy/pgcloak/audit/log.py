@@ -134,7 +134,10 @@ class AuditLog:
         self.linger = linger
         self._drop = config.on_full == "drop"
         self._queue: deque[dict[str, Any] | PendingStatement | _Gap] = deque()
-        self._full = False
+        #: True from the moment the queue reaches ``queue_size`` until it drains to half,
+        #: only with ``on_full: block`` (with ``drop`` the session never needs to pause).
+        #: An attribute, not a property: sessions read it after every chunk they forward.
+        self.full = False
         self._room = asyncio.Event()
         self._room.set()
         # The writer waits on _waiter; emit() resolves it once the queue holds _wake_at.
@@ -155,14 +158,6 @@ class AuditLog:
         self._warned_closed = False
 
     # ------------------------------------------------------------------ session side
-
-    @property
-    def full(self) -> bool:
-        """True from the moment the queue reaches ``queue_size`` until it drains to half.
-
-        Only with ``on_full: block`` (with ``drop`` the session never needs to pause).
-        """
-        return self._full
 
     @property
     def healthy(self) -> bool:
@@ -220,8 +215,8 @@ class AuditLog:
             return
         queue.append(item)
         depth = len(queue)
-        if depth >= self.queue_size and not self._full and not self._drop:
-            self._full = True
+        if depth >= self.queue_size and not self.full and not self._drop:
+            self.full = True
             self._room.clear()
             self._wake()
         if depth >= self._wake_at:
@@ -229,7 +224,7 @@ class AuditLog:
 
     async def wait_for_room(self) -> None:
         """Return once the queue is no longer full (at once if it is not)."""
-        if self._full:
+        if self.full:
             await self._room.wait()
 
     # ------------------------------------------------------------------ lifecycle
@@ -319,7 +314,7 @@ class AuditLog:
             self._wake_at = _NEVER
 
     def _urgent(self) -> bool:
-        return self._closing or self._full or self._flushes > 0
+        return self._closing or self.full or self._flushes > 0
 
     def _take(self, limit: int) -> list[_Item]:
         queue = self._queue
@@ -330,8 +325,8 @@ class AuditLog:
         else:
             popleft = queue.popleft
             items = [popleft() for _ in range(limit)]
-        if self._full and len(queue) <= self.low_water:
-            self._full = False
+        if self.full and len(queue) <= self.low_water:
+            self.full = False
             self._room.set()
         return items
 
@@ -340,7 +335,7 @@ class AuditLog:
         chain, append = self.chain, out.append
         for item in items:
             try:
-                if type(item) is PendingStatement:
+                if isinstance(item, PendingStatement):
                     append(chain.append_pending(item))
                 elif isinstance(item, dict):
                     append(chain.append(item))

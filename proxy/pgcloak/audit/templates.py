@@ -98,13 +98,7 @@ class StatementTemplate:
         self._parts = tuple(parts)
 
     def render(
-        self,
-        *,
-        seq: int,
-        chain: str,
-        prev: str,
-        event_id: str,
-        pending: PendingStatement,
+        self, seq: int, chain: str, prev: str, event_id: str, pending: PendingStatement, /
     ) -> str:
         """The canonical text (no ``mac``) of ``pending`` as record ``seq`` of a chain.
 
@@ -140,11 +134,14 @@ class StatementTemplate:
 class PendingStatement:
     """One execution of a templated statement, waiting in the log's queue for the chain.
 
-    The constructor checks the per-event values as the builder would (no value of a
-    statement can reach the trail through them: ``lookups`` holds blind-index values
-    only, ``sqlstate`` five characters, ``rows`` and ``duration_ms`` numbers) and
-    raises :class:`~pgcloak.audit.events.InvalidEventError` otherwise. A statement
-    with a ``sqlstate`` failed in PostgreSQL; its ``rows`` are then not recorded.
+    Every value is checked as the builder would check it (no value of a statement can
+    reach the trail through them: ``lookups`` holds blind-index values only,
+    ``sqlstate`` five characters, ``rows`` and ``duration_ms`` numbers), raising
+    :class:`~pgcloak.audit.events.InvalidEventError` otherwise. A statement with a
+    ``sqlstate`` failed in PostgreSQL; its ``rows`` are then not recorded.
+
+    A session may make one when the statement is sent (:meth:`start`) and fill in the
+    rest when it ends (:meth:`finish`): the same checks, one object per statement.
     """
 
     __slots__ = ("duration_ms", "lookups", "rows", "sqlstate", "template", "ts")
@@ -158,6 +155,18 @@ class PendingStatement:
         sqlstate: str | None,
         lookups: dict[str, list[str]] | None,
     ) -> None:
+        self.start(template, lookups)
+        self.finish(ts, duration_ms, rows, sqlstate)
+
+    def start(self, template: StatementTemplate, lookups: dict[str, list[str]] | None) -> None:
+        """What is known when the statement is sent: its template and its lookups."""
+        if lookups and not lookups_ok(lookups):
+            raise InvalidEventError("statement event: invalid value for field 'lookups'")
+        self.template = template
+        self.lookups = lookups or None
+
+    def finish(self, ts: str, duration_ms: float | None, rows: int | None, sqlstate: str | None) -> None:
+        """What is known when it ended: when, how long, the rows, or how it failed."""
         if duration_ms is not None:
             if not 0.0 <= duration_ms < 1e12:  # also refuses NaN
                 raise InvalidEventError("statement event: invalid value for field 'duration_ms'")
@@ -167,13 +176,9 @@ class PendingStatement:
             rows = None
             if not sqlstate_ok(sqlstate):
                 raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
-        if rows is not None and not (type(rows) is int and rows >= 0):
+        elif rows is not None and not (type(rows) is int and rows >= 0):
             raise InvalidEventError("statement event: invalid value for field 'rows'")
-        if lookups and not lookups_ok(lookups):
-            raise InvalidEventError("statement event: invalid value for field 'lookups'")
-        self.template = template
         self.ts = ts
         self.duration_ms = duration_ms
         self.rows = rows
         self.sqlstate = sqlstate
-        self.lookups = lookups

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
-from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
+from pgcloak.audit.events import InvalidEventError, StatementsMode, lookups_ok, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
 from pgcloak.sql import Plan
 from pgcloak.wire.framing import Mark
@@ -53,18 +53,26 @@ class _Slow:
 _Recipe = StatementTemplate | _Slow | None
 
 
-class _Unit:
-    """A Query or an Execute waiting for the server's reply."""
+class _Unit(PendingStatement):
+    """A Query or an Execute waiting for the server's reply; when it ends, the very
+    object goes to the log (for a templated plan), so a statement costs one object."""
 
-    __slots__ = ("error", "lookups", "recipe", "rows", "simple", "started")
+    __slots__ = ("recipe", "simple", "started")
 
     def __init__(self, recipe: _Recipe, lookups: dict[str, list[str]] | None, simple: bool) -> None:
         self.recipe = recipe
-        self.lookups = lookups
         self.simple = simple
         self.started = time.monotonic()
-        self.rows: int | None = None
-        self.error: str | None = None
+        self.rows = None
+        self.sqlstate = None
+        self.lookups = lookups
+        if type(recipe) is StatementTemplate:
+            # PendingStatement.start(), inline: this runs for every recorded statement.
+            if lookups and not lookups_ok(lookups):  # not blind-index values: never recorded
+                log.error("audit event rejected", extra={"error": "InvalidEventError", "detail": "lookups"})
+                self.recipe = None
+            else:
+                self.template = recipe
 
 
 #: A Sync or FunctionCall: answered by one ReadyForQuery.
@@ -139,6 +147,9 @@ class SessionAudit:
         found = self._recipes.get(id(plan))
         if found is not None and found[0] is plan:
             return found[1]
+        return self._new_recipe(plan)
+
+    def _new_recipe(self, plan: Plan) -> _Recipe:
         recipe: _Recipe = None
         if self._wanted(plan):
             facts = plan.audit
@@ -166,7 +177,10 @@ class SessionAudit:
         self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True))
 
     def bind(self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
-        recipe = self._recipe(plan) if plan is not None else None
+        recipe: _Recipe = None
+        if plan is not None:
+            found = self._recipes.get(id(plan))  # _recipe(), inline: once per Bind
+            recipe = found[1] if found is not None and found[0] is plan else self._new_recipe(plan)
         if recipe is None:
             self._portals.pop(portal, None)
             return
@@ -233,7 +247,7 @@ class SessionAudit:
                     if not head.simple:
                         units.popleft()
                     if head.recipe is not None:
-                        head.error = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
+                        head.sqlstate = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
                         if not head.simple:
                             self._complete(head)
             else:  # CommandComplete, EmptyQueryResponse, PortalSuspended
@@ -259,21 +273,19 @@ class SessionAudit:
 
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe
-        if recipe is None:
-            return
-        try:
-            if type(recipe) is StatementTemplate:
+        if type(recipe) is StatementTemplate:
+            try:
                 duration = (time.monotonic() - unit.started) * 1000.0
-                self.log.emit_statement(
-                    PendingStatement(recipe, now_ts(), duration, unit.rows, unit.error, unit.lookups)
-                )
-                return
-        except Exception as exc:
-            log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+                unit.finish(now_ts(), duration, unit.rows, unit.sqlstate)
+                self.log.emit_statement(unit)
+            except Exception as exc:
+                log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+            return
+        if recipe is None:
             return
         assert isinstance(recipe, _Slow)
         facts = recipe.plan.audit
-        failed = unit.error is not None
+        failed = unit.sqlstate is not None
         self._emit(
             statement_event(
                 self._info(),
@@ -285,7 +297,7 @@ class SessionAudit:
                 lookups=unit.lookups,
                 rows=None if failed else unit.rows,
                 reason=FAILED_REASON if failed else None,
-                sqlstate=unit.error,
+                sqlstate=unit.sqlstate,
                 duration_ms=(time.monotonic() - unit.started) * 1000.0,
             )
         )

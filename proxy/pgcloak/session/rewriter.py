@@ -163,15 +163,9 @@ class Rewriter:
     # -- client messages -------------------------------------------------------------
     def client_message(self, kind: int, msg: bytes) -> bytes:
         """The bytes to send to the server in place of one captured client message."""
-        if kind == Q:
-            return self._query(msg)
-        if kind == P:
-            return self._parse(msg)
+        # Most frequent first: an extended-protocol statement is Bind, Execute, Sync.
         if kind == B:
             return self._bind(msg)
-        if kind == C:
-            self._close(msg)
-            return msg
         if kind == EXECUTE:
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
@@ -179,6 +173,13 @@ class Rewriter:
         if kind in (SYNC, FUNCTION_CALL):
             if self._audit is not None:
                 self._audit.sync()
+            return msg
+        if kind == Q:
+            return self._query(msg)
+        if kind == P:
+            return self._parse(msg)
+        if kind == C:
+            self._close(msg)
             return msg
         return self._copy(kind, msg)
 
