@@ -154,3 +154,16 @@ def test_percent_and_braces_in_static_fields_survive() -> None:
     template = StatementTemplate(INFO, kind="select", fingerprint=odd, tables=[string.punctuation])
     record = Chain(KEY, "c").append_pending(PendingStatement(template, TS, None, None, None, None)).record
     assert (record["fingerprint"], record["tables"]) == (odd, [string.punctuation])
+
+
+@pytest.mark.parametrize("key", [bytes(range(16)), bytes(range(64)), bytes(range(80))])
+def test_the_chain_mac_is_hmac_sha256_for_any_key_length(key: bytes) -> None:
+    # Keys over the 64-byte block are hashed first (RFC 2104), as hmac.new does.
+    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
+    chain = Chain(key, "c")
+    for record in (
+        chain.append_pending(PendingStatement(template, TS, 1.0, 1, None, None)),
+        chain.seal("shutdown"),
+    ):
+        assert mac_ok(key, json.loads(record.line))
+        assert not mac_ok(bytes(32), json.loads(record.line))
