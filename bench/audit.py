@@ -167,6 +167,14 @@ def check_trail(trail: Path, master_key: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- reporting
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _divide(a: float | None, b: float) -> float | None:
+    return None if a is None else a / b
+
+
 def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, Any]:
     by_key = {t.key: t for t in targets}
 
@@ -221,6 +229,29 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
             plain=args.plain,
         )
 
+    cpu: dict[str, dict[str, float | None]] = {
+        t.key: {m: t.cpu_us_per_tx(m) for m in MODES} for t in targets if t.process is not None
+    }
+    if "audit-on" in cpu and "audit-off" in cpu:
+        on, off = cpu["audit-on"], cpu["audit-off"]
+        diff = {m: _minus(on[m], off[m]) for m in MODES}
+        rows = [[key, *(fmt_num(cpu[key][m]) for m in MODES)] for key in cpu]
+        rows.append(["audit-on - audit-off", *(fmt_num(diff[m]) for m in MODES)])
+        rows.append(
+            [
+                f"  per audit event (/{PII_STATEMENTS})",
+                *(fmt_num(_divide(diff[m], PII_STATEMENTS)) for m in MODES),
+            ]
+        )
+        rows.append(["audit-off / audit-on", *(fmt_ratio(ratio(off[m], on[m])) for m in MODES)])
+        print_table(
+            "pgcloak's own CPU per transaction, µs (user + system, all its threads; steadier "
+            "than TPS on a shared machine)",
+            ["", *MODES],
+            rows,
+            plain=args.plain,
+        )
+
     goals: list[dict[str, Any]] = []
     rows = []
     for mode in MODES:
@@ -236,7 +267,12 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
         plain=args.plain,
         right_align_from=2,
     )
-    return {"ratios": ratios, "added_us_per_transaction": added, "goals": goals}
+    return {
+        "ratios": ratios,
+        "added_us_per_transaction": added,
+        "cpu_us_per_transaction": cpu,
+        "goals": goals,
+    }
 
 
 def _progress(result: PgbenchResult, total: int, done: int) -> None:
@@ -415,7 +451,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         total = len(targets) * len(MODES) * args.rounds
 
         def measured(t: BenchTarget, mode: str, round_no: int) -> PgbenchResult:
-            return one(t, mode, round_no, args.seconds, mode)
+            before = t.process.cpu_seconds() if t.process else None
+            result = one(t, mode, round_no, args.seconds, mode)
+            after = t.process.cpu_seconds() if t.process else None
+            if before is not None and after is not None:
+                result.cpu_seconds = after - before
+            return result
 
         for done, (t, _mode, _round, result) in enumerate(
             interleave(targets, MODES, args.rounds, measured), 1

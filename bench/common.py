@@ -232,6 +232,16 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU (user + system) used so far by the processes of this target's group.
+
+        Pre-forked workers included (they share the group). Far steadier than TPS on a
+        small shared machine: what the target itself spends, whatever the others do.
+        """
+        if self.proc is None:
+            return None
+        return group_cpu_seconds(self.proc.pid)
+
     def stop(self, grace: float = 10.0) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
@@ -248,6 +258,26 @@ class ManagedProcess:
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5.0)
+
+
+def group_cpu_seconds(pgid: int) -> float | None:
+    """Summed utime + stime of the live processes in process group ``pgid`` (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    found = False
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ")": state ppid pgrp ... utime (12th) stime (13th).
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+            found = True
+    return total / tick if found else None
 
 
 def terminate_on_sigterm() -> None:
@@ -277,6 +307,8 @@ class PgbenchResult:
     returncode: int = 0
     error: str | None = None
     seconds: float = 0.0
+    #: CPU seconds (user + system, every process of the target) spent during the run.
+    cpu_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -416,6 +448,17 @@ class BenchTarget:
 
     def tps(self, case: str) -> float | None:
         return mean_or_none([r.tps if r.ok else None for r in self.results.get(case, [])])
+
+    def cpu_us_per_tx(self, case: str) -> float | None:
+        """The target's own CPU per transaction (µs), mean over the rounds."""
+        return mean_or_none(
+            [
+                r.cpu_seconds * 1e6 / r.transactions
+                if r.ok and r.cpu_seconds is not None and r.transactions
+                else None
+                for r in self.results.get(case, [])
+            ]
+        )
 
     def latency_ms(self, case: str) -> float | None:
         return mean_or_none([r.latency_ms if r.ok else None for r in self.results.get(case, [])])
