@@ -191,3 +191,19 @@ def test_a_session_reuses_one_template_per_plan(session: tuple[Rewriter, Session
     assert len(audit._recipes) == 1
     assert len({e["id"] for e in rec.events}) == 3
     assert [e["seq"] for e in rec.events] == [1, 2, 3]
+
+
+def test_lookups_that_are_not_blind_index_values_never_reach_the_trail(
+    session: tuple[Rewriter, SessionAudit, Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last line of defence: a lookup value shaped like PII (a bug upstream) makes
+    the statement unrecorded and logged, never written."""
+    rw, audit, rec = session
+    _prepare(rw, audit, "look", LOOKUP)
+    plan = rw.statements["look"][1]
+    audit.bind(b"", plan, {"public.users.email": ["alice@example.com"]})
+    audit.execute(b"")
+    audit.sync()
+    _reply(audit, BindComplete(), CommandComplete("SELECT 0"), ReadyForQuery("I"))
+    assert rec.events == [] and not audit.pending
+    assert "audit event rejected" in caplog.text and "alice" not in caplog.text

@@ -77,7 +77,8 @@ class _Unit(PendingStatement):
 
 #: A Sync or FunctionCall: answered by one ReadyForQuery.
 _SYNC = _Unit(None, None, True)
-#: A Query / an Execute that is not recorded (its fields are written, never read).
+#: A Query / an Execute that is not recorded (kept in step with the replies, never
+#: completed, never written to).
 _SKIP_QUERY = _Unit(None, None, True)
 _SKIP_EXECUTE = _Unit(None, None, False)
 
