@@ -46,6 +46,7 @@ __all__ = [
     "ChainedRecord",
     "canonical",
     "compute_mac",
+    "json_string",
     "mac_ok",
     "make_chain_id",
     "serialize",
@@ -87,8 +88,8 @@ def _make_fast_encoder() -> Callable[[Mapping[str, Any]], str]:
 
 
 _fast_encode: Final = _make_fast_encoder()
-#: JSON text of a str as the canonical encoder writes it.
-_json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
+#: JSON text of a str as the canonical encoder writes it (ensure_ascii=False).
+json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 
 
 def serialize(record: Mapping[str, Any]) -> str:
@@ -229,7 +230,7 @@ class Chain:
         self.next_seq = next_seq
         self.prev = prev
         self.since_seal = 0
-        self._chain_json = _json_string(chain_id)
+        self._chain_json = json_string(chain_id)
         self._ids = _EventIds()
 
     def append(self, event: Mapping[str, Any]) -> ChainedRecord:
@@ -261,11 +262,7 @@ class Chain:
         """Chain a templated statement event (what ``append`` would make of its dict)."""
         seq = self.next_seq
         text = pending.template.render(seq, self._chain_json, self.prev, self._ids.next(), pending)
-        inner = self._inner()
-        inner.update(text.encode("utf-8"))
-        outer = self._outer()
-        outer.update(inner.digest())
-        mac = outer.hexdigest()
+        mac = self._mac(text)
         self.next_seq = seq + 1
         self.prev = mac
         self.since_seal += 1

@@ -19,11 +19,10 @@ Pure (no IO).
 
 from __future__ import annotations
 
-import json.encoder
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Final
 
-from pgcloak.audit.chain import serialize
+from pgcloak.audit.chain import json_string, serialize
 from pgcloak.audit.events import (
     InvalidEventError,
     SessionInfo,
@@ -33,7 +32,7 @@ from pgcloak.audit.events import (
     validate_event,
 )
 
-__all__ = ["FAILED_REASON", "PendingStatement", "StatementTemplate", "json_string"]
+__all__ = ["FAILED_REASON", "PendingStatement", "StatementTemplate"]
 
 #: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
 FAILED_REASON: Final = "failed in PostgreSQL"
@@ -41,8 +40,6 @@ FAILED_REASON: Final = "failed in PostgreSQL"
 #: The fields filled in per event, in the canonical (sorted) order of their slots.
 _SLOTS: Final = ("chain", "duration_ms", "id", "lookups", "prev", "reason", "rows", "seq", "sqlstate", "ts")
 
-#: JSON text of a str, as the canonical encoder writes it (ensure_ascii=False).
-json_string: Final[Callable[[str], str]] = json.encoder.encode_basestring
 _FAILED_JSON: Final = json_string(FAILED_REASON)
 
 

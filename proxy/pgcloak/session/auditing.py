@@ -22,11 +22,12 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypedDict
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
-from pgcloak.audit.events import InvalidEventError, StatementsMode, lookups_ok, now_ts
+from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
-from pgcloak.sql import Plan
+from pgcloak.sql import AuditFacts, Plan
 from pgcloak.wire.framing import Mark
 
 log = logging.getLogger("pgcloak.audit")
@@ -67,12 +68,11 @@ class _Unit(PendingStatement):
         self.sqlstate = None
         self.lookups = lookups
         if type(recipe) is StatementTemplate:
-            # PendingStatement.start(), inline: this runs for every recorded statement.
-            if lookups and not lookups_ok(lookups):  # not blind-index values: never recorded
-                log.error("audit event rejected", extra={"error": "InvalidEventError", "detail": "lookups"})
+            try:
+                self.start(recipe, lookups)
+            except InvalidEventError as exc:  # not blind-index values: never recorded
+                log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
                 self.recipe = None
-            else:
-                self.template = recipe
 
 
 #: A Sync or FunctionCall: answered by one ReadyForQuery.
@@ -99,6 +99,29 @@ def event_kind(kind: str) -> str:
 #: sqlglot's tokenizer errors quote the statement text around the failure, literals
 #: included, and the planner's refusal message passes them on: never into the trail.
 _TOKENIZER_EXCERPT = re.compile(r"(Error tokenizing )'.*'(?=\))", re.S)
+
+
+class _Described(TypedDict):
+    kind: str
+    fingerprint: str
+    tables: tuple[str, ...]
+    columns_read: tuple[str, ...]
+    columns_written: tuple[str, ...]
+
+
+#: What a refusal of a statement that could not be planned says of it.
+_UNPLANNED = _Described(kind="other", fingerprint="", tables=(), columns_read=(), columns_written=())
+
+
+def _described(facts: AuditFacts) -> _Described:
+    """What every statement or refusal event says of its plan (templates, slow path, refusals)."""
+    return _Described(
+        kind=event_kind(facts.kind),
+        fingerprint=facts.fingerprint,
+        tables=facts.tables,
+        columns_read=facts.pii_read,
+        columns_written=facts.pii_written,
+    )
 
 
 def trail_reason(reason: str) -> str:
@@ -153,16 +176,8 @@ class SessionAudit:
     def _new_recipe(self, plan: Plan) -> _Recipe:
         recipe: _Recipe = None
         if self._wanted(plan):
-            facts = plan.audit
             try:
-                recipe = StatementTemplate(
-                    self._info(),
-                    kind=event_kind(facts.kind),
-                    fingerprint=facts.fingerprint,
-                    tables=facts.tables,
-                    columns_read=facts.pii_read,
-                    columns_written=facts.pii_written,
-                )
+                recipe = StatementTemplate(self._info(), **_described(plan.audit))
             except (InvalidEventError, ValueError):
                 recipe = _Slow(plan)  # emit() will validate, refuse and log each event
         if len(self._recipes) >= _MAX_TEMPLATES:
@@ -207,18 +222,9 @@ class SessionAudit:
 
     def refused(self, plan: Plan | None, sqlstate: str, reason: str) -> None:
         """Refusals are always recorded, whatever ``audit.statements`` says."""
-        facts = plan.audit if plan is not None else None
+        described = _described(plan.audit) if plan is not None else _UNPLANNED
         self._emit(
-            refusal_event(
-                self._info(),
-                kind=event_kind(facts.kind) if facts else "other",
-                fingerprint=facts.fingerprint if facts else "",
-                reason=trail_reason(reason),
-                sqlstate=sqlstate,
-                tables=facts.tables if facts else (),
-                columns_read=facts.pii_read if facts else (),
-                columns_written=facts.pii_written if facts else (),
-            )
+            refusal_event(self._info(), reason=trail_reason(reason), sqlstate=sqlstate, **described)
         )
 
     # -- server side ---------------------------------------------------------------------
@@ -285,16 +291,11 @@ class SessionAudit:
         if recipe is None:
             return
         assert isinstance(recipe, _Slow)
-        facts = recipe.plan.audit
         failed = unit.sqlstate is not None
         self._emit(
             statement_event(
                 self._info(),
-                kind=event_kind(facts.kind),
-                fingerprint=facts.fingerprint,
-                tables=facts.tables,
-                columns_read=facts.pii_read,
-                columns_written=facts.pii_written,
+                **_described(recipe.plan.audit),
                 lookups=unit.lookups,
                 rows=None if failed else unit.rows,
                 reason=FAILED_REASON if failed else None,
