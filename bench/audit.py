@@ -130,7 +130,7 @@ def write_policy(key: str, scratch: Path) -> tuple[Path, Path | None]:
 
 def check_trail(trail: Path, master_key: str) -> dict[str, Any]:
     """``pgcloak audit verify`` over the trail, and its events by application."""
-    files = sorted(p for p in trail.parent.glob("audit.jsonl*") if ".spill" not in p.name)
+    files = sorted(p for p in trail.parent.glob("audit*.jsonl*") if ".spill" not in p.name)
     info: dict[str, Any] = {"files": [str(p) for p in files]}
     if not files:
         info["verify"] = "no audit file"
@@ -184,7 +184,10 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
 
     print_table(
         f"PII workload TPS  ({args.clients} clients, {args.threads} threads, "
-        f"{args.seconds:g} s x {args.rounds} round(s); ± = half the range across rounds)",
+        f"{args.seconds:g} s x {args.rounds} round(s)"
+        + (f", pgbench -R {args.rate}" if args.rate else "")
+        + (f", pgcloak --workers {args.workers}" if args.workers > 1 else "")
+        + "; ± = half the range across rounds)",
         ["target", *MODES],
         [[t.key, *(t.cell(m) for m in MODES)] for t in targets],
         plain=args.plain,
@@ -203,7 +206,7 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
     print_table("TPS ratios", ["ratio", *MODES], rows, plain=args.plain)
 
     added: dict[str, float | None] = {}
-    if "audit-on" in by_key and "audit-off" in by_key:
+    if "audit-on" in by_key and "audit-off" in by_key and not args.rate:
 
         def per_tx(key: str, mode: str) -> float | None:
             value = tps(key, mode)
@@ -256,7 +259,10 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
     rows = []
     for mode in MODES:
         value = ratio(tps("audit-on", mode), tps("audit-off", mode))
-        verdict = "n/a" if value is None else ("PASS" if value >= GOAL else "MISS")
+        if args.rate:  # both targets run at the same fixed rate: TPS says nothing
+            verdict = "n/a (pgbench -R)"
+        else:
+            verdict = "n/a" if value is None else ("PASS" if value >= GOAL else "MISS")
         goal = f"audit-on >= {GOAL:.2f}x audit-off"
         goals.append({"goal": goal, "mode": mode, "ratio": value, "need": GOAL, "verdict": verdict})
         rows.append([goal, mode, fmt_ratio(value), f">= {GOAL:.2f}x", verdict])
@@ -327,6 +333,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="seconds of warm-up per target, split over the modes (default 3, 1 with --quick)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pgcloak run --workers for both targets (default 1: the proxy's one event loop "
+        "is then the serial stage every statement passes)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="pgbench -R: a fixed rate in transactions per second, below saturation; TPS "
+        "ratios are then meaningless, but pgcloak's CPU per transaction is steadier",
+    )
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke run")
     parser.add_argument(
         "--targets",
@@ -347,8 +367,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.targets = [t for t in ALL_TARGETS if t in wanted]
     if not {"audit-on", "audit-off"} <= set(args.targets):
         parser.error("audit-on and audit-off are what this benchmark compares; keep both")
-    if min(args.seconds, args.rounds, args.clients, args.threads, args.seed_rows) < 1:
-        parser.error("--seconds, --rounds, --clients, --threads and --seed-rows must be >= 1")
+    if min(args.seconds, args.rounds, args.clients, args.threads, args.seed_rows, args.workers) < 1:
+        parser.error(
+            "--seconds, --rounds, --clients, --threads, --seed-rows and --workers must be >= 1"
+        )
     return args
 
 
@@ -377,7 +399,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 trail = written or trail
             create_schema(pg, spec, policy_file)
             try:
-                target = start_target(spec, pg, direct, policy_file, master_key, scratch)
+                target = start_target(
+                    spec, pg, direct, policy_file, master_key, scratch, workers=args.workers
+                )
             except (StartError, OSError) as exc:
                 raise SetupError(f"{key} did not start: {exc}") from exc
             targets.append(target)  # at once, so a failure below still stops it
@@ -438,6 +462,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seconds=seconds,
                 builtin=None,
                 scripts=[script_files[mode]],
+                extra_args=["-R", str(args.rate)] if args.rate else (),
             )
 
         transactions = {t.key: 0 for t in targets}

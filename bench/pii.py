@@ -370,6 +370,7 @@ def start_target(
     policy_file: Path | None,
     master_key: str,
     scratch: Path,
+    workers: int = 1,
 ) -> BenchTarget:
     if spec.key == "direct":
         return BenchTarget(spec.key, f"PostgreSQL {pg.version}, plain users table", direct)
@@ -381,8 +382,9 @@ def start_target(
         env["PGCLOAK_MASTER_KEY"] = master_key
     proc = ManagedProcess(
         spec.key,
-        pgcloak_argv(port, pg.port, extra=extra),
+        pgcloak_argv(port, pg.port, workers=workers, extra=extra),
         port=port,
+        listeners=workers,
         log_file=scratch / f"{spec.key}.log",
         env=env,
     ).start()
