@@ -716,6 +716,26 @@ def test_fingerprint_stable(planner: Planner) -> None:
     assert "'a'" not in p1.audit.fingerprint and "?" in p1.audit.fingerprint
 
 
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("select id, phone from users where email = $1", "select id, phone from users where email = $1"),
+        (
+            "INSERT INTO users(email,phone) VALUES ( 'a@x.org' , $2 )  ON CONFLICT (email) DO NOTHING",
+            "INSERT INTO users (email, phone) VALUES (?, $2) ON CONFLICT (email) DO NOTHING",
+        ),
+        (
+            "select u . email , count(*)::int from public.users u where u.id in (1,2) -- note\n;",
+            "select u.email, count (*)::int from public.users u where u.id in (?, ?);",
+        ),
+    ],
+)
+def test_fingerprint_reads_like_sql_whatever_the_spacing(planner: Planner, sql: str, expected: str) -> None:
+    # What the audit trail shows an investigator: literals gone, parameters as $n,
+    # and the same text however the application spaced its statement.
+    assert planner.plan(sql).audit.fingerprint == expected
+
+
 def test_explain_text(planner: Planner) -> None:
     text = explain_text(planner.plan("select * from users where email = $1"))
     assert "decision: allow" in text and "left(email, 22)" in text and "$1: lookup public.users.email" in text

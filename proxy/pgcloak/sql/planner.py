@@ -102,11 +102,23 @@ def fingerprint(sql: str) -> str:
     return _fingerprint(lexed, sql)
 
 
+#: Fingerprint spacing: one space between tokens, except after these and before those,
+#: so a fingerprint reads like SQL ("users.email = $1", "VALUES (?, ?)", "x::int") and
+#: is the same whatever the statement's own spacing was.
+_TIGHT_AFTER = frozenset(("(", "[", ".", "::", "$"))
+_TIGHT_BEFORE = frozenset((")", "]", ",", ";", ".", "::"))
+
+
 def _fingerprint(lexed: Lexed, sql: str) -> str:
     out: list[str] = []
+    prev = "("  # no space before the first token
     for i, tok in enumerate(lexed.tokens):
-        out.append("?" if i in lexed.slot_of_token else sql[tok.start : tok.end + 1])
-    return " ".join(out)
+        text = "?" if i in lexed.slot_of_token else sql[tok.start : tok.end + 1]
+        if prev not in _TIGHT_AFTER and text not in _TIGHT_BEFORE:
+            out.append(" ")
+        out.append(text)
+        prev = text
+    return "".join(out)
 
 
 Piece = str | int  # template text, or a literal slot index
