@@ -94,7 +94,7 @@ def names_protected_table(sql: str, policy: Policy) -> bool:
 
 
 def fingerprint(sql: str) -> str:
-    """Statement text with literals replaced by ``?`` and whitespace/comments dropped."""
+    """Statement text with literals replaced by ``?``, comments dropped and spacing normalized."""
     try:
         lexed = lex(sql)
     except LexError:
