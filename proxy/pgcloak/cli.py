@@ -148,25 +148,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_policy_ddl(args: argparse.Namespace) -> int:
     from pgcloak.crypto.blind_index import INDEX_LENGTH
     from pgcloak.policy import load_policy
+    from pgcloak.policy.names import InvalidName, split_identifiers
+    from pgcloak.policy.names import quote_ident as q
 
     policy = load_policy(args.file)
-    unique = {u.lower() for u in args.unique}
+    try:  # spelled as in SQL: users.email, crm."Contacts"."Email"
+        unique = {split_identifiers(u, what="--unique column") for u in args.unique}
+    except InvalidName as exc:
+        print(f"pgcloak policy ddl: {exc}", file=sys.stderr)
+        return 2
     for table in sorted(policy.protected_tables()):
-        name = table.partition(".")[2]
+        schema, _, name = table.partition(".")
+        qualified = f"{q(schema)}.{q(name)}"
         print(f"-- {table}")
         for column, col in policy.columns_of(table).items():
-            print(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE text;  -- stored values are longer than the plaintext")
+            print(f"ALTER TABLE {qualified} ALTER COLUMN {q(column)} TYPE text;  -- stored values are longer than the plaintext")
             if col.index == "exact":
-                is_unique = f"{table}.{column}" in unique or f"{name}.{column}" in unique
+                is_unique = (schema, name, column) in unique or (name, column) in unique
                 kind = "UNIQUE INDEX" if is_unique else "INDEX"
                 print(
-                    f"CREATE {kind} IF NOT EXISTS {name}_{column}_pgcloak_idx "
-                    f"ON {table} ((left({column}, {INDEX_LENGTH})));"
+                    f"CREATE {kind} IF NOT EXISTS {q(f'{name}_{column}_pgcloak_idx')} "
+                    f"ON {qualified} ((left({q(column)}, {INDEX_LENGTH})));"
                 )
                 if is_unique:
                     print(
-                        f"-- then drop the old UNIQUE constraint on {column} (ciphertext is randomized, so it "
-                        f"means nothing now), e.g.: ALTER TABLE {table} DROP CONSTRAINT {name}_{column}_key;"
+                        f"-- then drop the old UNIQUE constraint on {q(column)} (ciphertext is randomized, so it "
+                        f"means nothing now), e.g.: ALTER TABLE {qualified} DROP CONSTRAINT {q(f'{name}_{column}_key')};"
                     )
         print()
     return 0
@@ -260,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     ddl = policy.add_parser("ddl", help="print the DDL the protected columns need (expression indexes)")
     ddl.add_argument("file", type=Path)
     ddl.add_argument(
-        "--unique", action="append", default=[], metavar="TABLE.COLUMN", help="index carries uniqueness"
+        "--unique",
+        action="append",
+        default=[],
+        metavar="[SCHEMA.]TABLE.COLUMN",
+        help='the index carries uniqueness; names as in SQL (crm."Contacts"."Email")',
     )
     ddl.set_defaults(func=cmd_policy_ddl)
 

@@ -75,9 +75,27 @@ def _bad_name_reason(text: str, what: str) -> str:
     )
 
 
+#: PostgreSQL's keywords that cannot be a table, column or index name unquoted (the
+#: "reserved" and "reserved (can be function or type)" ones of the SQL Key Words
+#: appendix of the PostgreSQL manual).
+_RESERVED = frozenset(
+    """all analyse analyze and any array as asc asymmetric authorization binary both case
+    cast check collate collation column concurrently constraint create cross
+    current_catalog current_date current_role current_schema current_time
+    current_timestamp current_user default deferrable desc distinct do else end except
+    false fetch for foreign freeze from full grant group having ilike in initially inner
+    intersect into is isnull join lateral leading left like limit localtime
+    localtimestamp natural not notnull null offset on only or order outer overlaps
+    placing primary references returning right select session_user similar some
+    symmetric system_user table tablesample then to trailing true union unique user
+    using variadic verbose when where window with""".split()  # noqa: SIM905 - a word list reads best as text
+)
+
+
 def quote_ident(name: str) -> str:
-    """Spell a canonical name so that :func:`split_identifiers` gives it back."""
-    if _PLAIN.match(name):
+    """Spell a canonical name as SQL takes it: bare when it reads back the same
+    (lowercase, not a reserved word), in double quotes otherwise."""
+    if _PLAIN.match(name) and name not in _RESERVED:
         return name
     return '"' + name.replace('"', '""') + '"'
 

@@ -1,0 +1,81 @@
+"""`pgcloak policy ddl`: names spelled so that PostgreSQL reads back the policy's tables.
+
+The integration fixtures (encryption_fixtures.policy_ddl) run this output against a real
+server, mixed-case schema included; here, the spelling rules one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+from pgcloak import cli
+from pgcloak.policy.names import quote_ident, split_identifiers
+
+POLICY = """\
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+  crm."Contacts":
+    '"Email"': {encrypt: true, index: exact}
+  public."order":
+    user: {encrypt: true, index: exact}
+    note: {encrypt: true}
+"""
+
+
+def ddl(tmp_path: Path, *unique: str) -> tuple[int, str]:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = cli.main(["policy", "ddl", str(path), *(a for u in unique for a in ("--unique", u))])
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "spelled"),
+    [
+        ("users", "users"),
+        ("Contacts", '"Contacts"'),
+        ("user", '"user"'),  # reserved: a bare `user` is CURRENT_USER
+        ("order", '"order"'),
+        ("email_2$", "email_2$"),
+        ('say "hi"', '"say ""hi"""'),
+    ],
+)
+def test_quote_ident_reads_back_as_the_same_name(name: str, spelled: str) -> None:
+    assert quote_ident(name) == spelled
+    assert split_identifiers(spelled, what="column") == (name,)
+
+
+def test_mixed_case_and_reserved_names_are_quoted(tmp_path: Path) -> None:
+    code, text = ddl(tmp_path)
+    assert code == 0
+    assert 'ALTER TABLE crm."Contacts" ALTER COLUMN "Email" TYPE text;' in text
+    assert 'CREATE INDEX IF NOT EXISTS "Contacts_Email_pgcloak_idx" ON crm."Contacts" ((left("Email", 22)));' in text
+    assert 'ALTER TABLE public."order" ALTER COLUMN "user" TYPE text;' in text
+    assert 'ON public."order" ((left("user", 22)));' in text
+    # Plain names stay bare; a column with no index gets no index.
+    assert "CREATE INDEX IF NOT EXISTS users_email_pgcloak_idx ON public.users ((left(email, 22)));" in text
+    assert "note_pgcloak_idx" not in text
+
+
+def test_unique_takes_names_as_sql_spells_them(tmp_path: Path) -> None:
+    code, text = ddl(tmp_path, 'crm."Contacts"."Email"', "USERS.Email")
+    assert code == 0
+    assert 'CREATE UNIQUE INDEX IF NOT EXISTS "Contacts_Email_pgcloak_idx"' in text
+    assert "CREATE UNIQUE INDEX IF NOT EXISTS users_email_pgcloak_idx" in text  # unquoted: folded
+    assert 'DROP CONSTRAINT "Contacts_Email_key"' in text
+    # Unquoted, Contacts.Email folds to contacts.email: not the mixed-case table.
+    code, text = ddl(tmp_path, "crm.Contacts.Email")
+    assert code == 0 and "UNIQUE" not in text
+
+
+def test_a_malformed_unique_name_is_an_error(tmp_path: Path) -> None:
+    code, text = ddl(tmp_path, 'users."email')
+    assert code == 2 and "--unique column" in text
