@@ -42,6 +42,7 @@ version: 1
 tables:
   public.users:
     email: {encrypt: true, index: exact, normalize: email}
+default_read: reveal
 audit:
   statements: pii
 """

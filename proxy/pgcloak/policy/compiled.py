@@ -63,7 +63,7 @@ class _RoleRule:
 class ReadView:
     """Read decisions for one set of roles; compute once per session and reuse."""
 
-    __slots__ = ("_by_key", "_by_table", "_default")
+    __slots__ = ("_by_key", "_by_table", "_default", "reveals_all")
 
     def __init__(
         self, by_key: dict[str, Decision], by_table: dict[str, Decision], default: Decision
@@ -71,6 +71,10 @@ class ReadView:
         self._by_key = by_key
         self._by_table = by_table
         self._default = default
+        #: Every value is revealed: the result path then needs no per-value decision.
+        self.reveals_all = default == "reveal" and all(
+            d == "reveal" for d in (*by_key.values(), *by_table.values())
+        )
 
     def decision(self, key_id: str) -> Decision:
         """``reveal``, ``mask`` or ``deny`` for values encrypted under ``key_id``."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pgcloak.crypto.blind_index import INDEX_LENGTH, blind_index, compose
-from pgcloak.crypto.envelope import ENVELOPE_PREFIX, decrypt, encrypt
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, decrypt, encrypt, parse_header
 from pgcloak.crypto.errors import (
     CryptoError,
     MalformedEnvelopeError,
@@ -22,7 +22,7 @@ from pgcloak.crypto.errors import (
     WrongKeyError,
 )
 from pgcloak.crypto.keyring import Keyring
-from pgcloak.policy import Policy
+from pgcloak.policy import Policy, ReadView, mask_value
 from pgcloak.sql import Literal, Plan, Planner, ValueAction
 
 _I32 = struct.Struct("!i")
@@ -51,6 +51,19 @@ class DecryptionFailed(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.sqlstate = "XX001"  # data_corrupted
+        self.message = message
+
+
+class ReadDenied(Exception):
+    """A stored value the session's roles may not read (policy decision ``deny``)."""
+
+    def __init__(self, key_id: str) -> None:
+        message = (
+            f"permission denied for protected column {key_id}: "
+            "the pgcloak policy does not let this role read it"
+        )
+        super().__init__(message)
+        self.sqlstate = "42501"  # insufficient_privilege
         self.message = message
 
 
@@ -185,40 +198,58 @@ class Protection:
         return b"".join(out)
 
     # -- values coming out ------------------------------------------------------------
-    def reveal(self, value: bytes) -> bytes:
-        """Plaintext of a stored value that carries an envelope; other values unchanged."""
+    def reveal(self, value: bytes, view: ReadView | None = None) -> bytes:
+        """What the session gets for a stored value that carries an envelope: its
+        plaintext, or its masked form, or :class:`ReadDenied`, as ``view`` decides by the
+        envelope's key id (None: reveal everything). Other values come back unchanged."""
         if ENVELOPE_PREFIX not in value:
             return value
+        decision = "reveal"
+        if view is not None:
+            try:
+                key_id = parse_header(value)[0]
+            except MalformedEnvelopeError:
+                return value  # ordinary text that merely contains the prefix
+            decision = view.decision(key_id)
+            if decision == "deny":
+                raise ReadDenied(key_id)
         try:
-            return decrypt(self.keyring, value)
+            plain = decrypt(self.keyring, value)
         except MalformedEnvelopeError:
-            return value  # ordinary text that merely contains the prefix
+            return value
         except WrongKeyError:
             raise DecryptionFailed(
                 "a stored value could not be decrypted: it was encrypted under a different master key"
             ) from None
         except CryptoError:
             raise DecryptionFailed("a stored value failed authentication: the ciphertext was altered") from None
+        if decision == "mask":
+            column = self.policy.column_for_key_id(key_id)
+            text = plain.decode("utf-8", "replace")
+            return mask_value(text, column.normalize if column is not None else "none").encode("utf-8")
+        return plain
 
-    def reveal_row(self, values: tuple[bytes | None, ...]) -> tuple[bytes | None, ...] | None:
-        """A DataRow's values with envelopes decrypted, or None when nothing changed."""
+    def reveal_row(
+        self, values: tuple[bytes | None, ...], view: ReadView | None = None
+    ) -> tuple[bytes | None, ...] | None:
+        """A DataRow's values as :meth:`reveal` gives them, or None when nothing changed."""
         changed = False
         out: list[bytes | None] = []
         for v in values:
             if v is not None and ENVELOPE_PREFIX in v:
-                nv = self.reveal(v)
+                nv = self.reveal(v, view)
                 changed = changed or nv is not v
                 out.append(nv)
             else:
                 out.append(v)
         return tuple(out) if changed else None
 
-    def reveal_copy_row(self, row: bytes, csv: bool) -> bytes:
-        """A COPY TO STDOUT row (text or CSV) with each stored value replaced by its
-        plaintext, escaped for the format (envelopes themselves never need escaping)."""
+    def reveal_copy_row(self, row: bytes, csv: bool, view: ReadView | None = None) -> bytes:
+        """A COPY TO STDOUT row (text or CSV) with each stored value replaced as
+        :meth:`reveal` decides, escaped for the format (envelopes never need escaping)."""
 
         def replace(m: re.Match[bytes]) -> bytes:
-            plain = self.reveal(m.group(0))
+            plain = self.reveal(m.group(0), view)
             if not csv:
                 return _copy_text_escape(plain)
             start, end = m.span()

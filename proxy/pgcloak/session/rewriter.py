@@ -21,8 +21,15 @@ import struct
 from collections.abc import Callable
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
+from pgcloak.policy import ReadView
 from pgcloak.session.auditing import SessionAudit
-from pgcloak.session.protection import CopyInRewriter, DecryptionFailed, Protection, ValueRefused
+from pgcloak.session.protection import (
+    CopyInRewriter,
+    DecryptionFailed,
+    Protection,
+    ReadDenied,
+    ValueRefused,
+)
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, resolve_execute
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, iter_messages
@@ -55,6 +62,11 @@ AUDIT_DOWN = (
 )
 # Backend messages still delivered while the rest of a failed result is dropped.
 _KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
+DATA_ROW, ERROR, READY = ord("D"), ord("E"), ord("Z")
+#: Server messages that end one statement's rows (max_pii_rows counts per statement):
+#: CommandComplete, EmptyQueryResponse, ErrorResponse, ReadyForQuery. Not
+#: PortalSuspended: a portal fetched in pieces is still one statement.
+_ROWS_END = frozenset(b"CIEZ")
 
 
 _H = struct.Struct("!h")
@@ -112,9 +124,20 @@ def _redefined_message(name: str) -> str:
 class Rewriter:
     """Per-session statement state: prepared statements, refusals, COPY."""
 
-    def __init__(self, protection: Callable[[], Protection], audit: SessionAudit | None = None) -> None:
+    def __init__(
+        self,
+        protection: Callable[[], Protection],
+        audit: SessionAudit | None = None,
+        roles: frozenset[str] = frozenset(),
+    ) -> None:
         self._protection = protection
         self._audit = audit
+        #: The session user's own role and every role it is a member of: what the
+        #: policy's read decisions are made for.
+        self.roles = roles
+        self._view: tuple[Protection | None, ReadView | None] = (None, None)
+        #: Rows carrying stored values in the current statement's result (max_pii_rows).
+        self._pii_rows = 0
         self.statements: dict[str, tuple[Protection, Plan, str]] = {}
         #: Named statements parsed again with other protected parameters while the
         #: first definition may still be the server's (PostgreSQL refuses to redefine
@@ -160,6 +183,31 @@ class Rewriter:
         # Binding a statement that does not exist fails at Bind, naming the marker.
         return Bind(portal, self._arm(sqlstate, message, routine).decode(), (), (), ()).encode()
 
+    # -- read decisions --------------------------------------------------------------
+    def _read_view(self, protection: Protection) -> ReadView | None:
+        """The session's read decisions under ``protection``'s policy (None: reveal all)."""
+        cached, view = self._view
+        if cached is not protection:
+            view = protection.policy.read_view(self.roles)
+            if view.reveals_all:
+                view = None
+            self._view = (protection, view)
+        return view
+
+    def _denied_read(self, protection: Protection, plan: Plan) -> ReadDenied | None:
+        """A statement returning a column this session may not read is refused before it
+        runs, like a column privilege; values the planner cannot see (views, functions)
+        are decided again by their envelopes in the result."""
+        if not plan.audit.pii_read:
+            return None
+        view = self._read_view(protection)
+        if view is None:
+            return None
+        for key_id in plan.audit.pii_read:
+            if view.decision(key_id) == "deny":
+                return ReadDenied(key_id)
+        return None
+
     # -- client messages -------------------------------------------------------------
     def client_message(self, kind: int, msg: bytes) -> bytes:
         """The bytes to send to the server in place of one captured client message."""
@@ -192,6 +240,9 @@ class Rewriter:
         audit = self._audit
         if not plan.decision.allowed:
             return self._refused_query(plan.decision.sqlstate, plan.decision.message)
+        denied = self._denied_read(protection, plan)
+        if denied is not None:
+            return self._refused_query(denied.sqlstate, denied.message)
         if self._audit_down(protection, plan):
             return self._refused_query("58000", AUDIT_DOWN)
         self._sql_level_statements(protection, plan)
@@ -280,6 +331,10 @@ class Rewriter:
         if not plan.decision.allowed:
             self._parse_failed(name, existed)
             return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
+        denied = self._denied_read(protection, plan)
+        if denied is not None:
+            self._parse_failed(name, existed)
+            return self._refuse_parse(name, denied.sqlstate, denied.message)
         self._sql_level_statements(protection, plan)
         text = entry.static
         if not self._remember(name, protection, plan, text_of(body, name_end, query_end)):
@@ -329,6 +384,12 @@ class Rewriter:
                     routine="RevalidateCachedQuery",
                 )
             protection, plan = current, replanned
+            denied = self._denied_read(protection, plan)
+            if denied is not None:
+                self.last_plan = plan
+                if audit is not None:
+                    audit.bind(portal, None, {})
+                return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), denied.sqlstate, denied.message)
         self.last_plan = plan
         if self._audit_down(protection, plan):
             if audit is not None:
@@ -383,11 +444,20 @@ class Rewriter:
 
     # -- server messages ---------------------------------------------------------------
     def needs_inspection(self, chunk: bytes) -> bool:
-        return self._dropping or ENVELOPE_PREFIX in chunk or (bool(self._refusals) and MARKER in chunk)
+        return (
+            self._dropping
+            or self._pii_rows > 0
+            or ENVELOPE_PREFIX in chunk
+            or (bool(self._refusals) and MARKER in chunk)
+        )
 
     def backend_chunk(self, chunk: bytes) -> bytes:
-        """Complete server messages with envelopes decrypted and our errors put back."""
+        """Complete server messages with stored values decided (revealed, masked or
+        refused), rows with stored values counted against ``max_pii_rows``, and our
+        errors put back."""
         protection = self._protection()
+        view = self._read_view(protection)
+        limit = protection.policy.guards.max_pii_rows
         out: list[bytes] = []
         run = 0
         for kind, start, end in iter_messages(chunk):
@@ -395,18 +465,32 @@ class Rewriter:
             replacement: bytes | None = None
             if self._dropping:
                 if kind in _KEEP_WHILE_DROPPING:
-                    if kind == ord("Z"):
+                    if kind == READY:
                         self._dropping = False
+                        self._pii_rows = 0
                     continue
                 replacement = b""
-            elif kind == ord("D") and ENVELOPE_PREFIX in chunk[start:end]:
-                replacement = self._reveal_row(protection, chunk[start:end])
-            elif kind == COPY_DATA and ENVELOPE_PREFIX in chunk[start:end]:
-                replacement = self._reveal_copy(protection, chunk[start:end])
-            elif kind == ord("E") and MARKER in chunk[start:end]:
-                m = _MARKER_ID.search(chunk, start, end)
-                if m is not None:
-                    replacement = self._refusals.pop(MARKER + m.group(1), None)
+            elif kind in (DATA_ROW, COPY_DATA):
+                if ENVELOPE_PREFIX not in chunk[start:end]:
+                    continue
+                self._pii_rows += 1
+                if limit is not None and self._pii_rows > limit:
+                    replacement = self._fail_result(
+                        "54000",
+                        f"more than {limit} rows with protected values in one result: refused by "
+                        "the pgcloak policy (guards.max_pii_rows); narrow the query or page it",
+                        refusal=True,
+                    )
+                elif kind == DATA_ROW:
+                    replacement = self._reveal_row(protection, view, chunk[start:end])
+                else:
+                    replacement = self._reveal_copy(protection, view, chunk[start:end])
+            elif kind in _ROWS_END:
+                self._pii_rows = 0
+                if kind == ERROR and MARKER in chunk[start:end]:
+                    m = _MARKER_ID.search(chunk, start, end)
+                    if m is not None:
+                        replacement = self._refusals.pop(MARKER + m.group(1), None)
             if replacement is None:
                 continue
             if head > run:
@@ -419,8 +503,8 @@ class Rewriter:
             out.append(chunk[run:])
         return b"".join(out)
 
-    def _reveal_row(self, protection: Protection, body: bytes) -> bytes | None:
-        """The DataRow with stored values decrypted; untouched values are spliced through."""
+    def _reveal_row(self, protection: Protection, view: ReadView | None, body: bytes) -> bytes | None:
+        """The DataRow with stored values decided; untouched values are spliced through."""
         try:
             (count,) = _H.unpack_from(body, 0)
             pos = 2
@@ -438,7 +522,7 @@ class Rewriter:
                     raise ProtocolError("invalid DataRow message: value runs past the end")
                 if ENVELOPE_PREFIX in body[start:end]:
                     value = body[start:end]
-                    plain = protection.reveal(value)
+                    plain = protection.reveal(value, view)
                     if plain is not value:
                         out.append(body[run:pos])
                         out.append(_I.pack(len(plain)))
@@ -449,19 +533,28 @@ class Rewriter:
         except struct.error:
             raise ProtocolError("invalid DataRow message: truncated") from None
         except DecryptionFailed as exc:
-            return self._fail_result(exc)
+            return self._fail_result(exc.sqlstate, exc.message)
+        except ReadDenied as exc:
+            return self._fail_result(exc.sqlstate, exc.message, refusal=True)
         if not changed:
             return None
         out.append(body[run:])
         return frame(b"D", b"".join(out))
 
-    def _reveal_copy(self, protection: Protection, body: bytes) -> bytes:
+    def _reveal_copy(self, protection: Protection, view: ReadView | None, body: bytes) -> bytes:
         try:
-            return CopyData(protection.reveal_copy_row(body, self._copy_out_csv)).encode()
+            return CopyData(protection.reveal_copy_row(body, self._copy_out_csv, view)).encode()
         except DecryptionFailed as exc:
-            return self._fail_result(exc)
+            return self._fail_result(exc.sqlstate, exc.message)
+        except ReadDenied as exc:
+            return self._fail_result(exc.sqlstate, exc.message, refusal=True)
 
-    def _fail_result(self, exc: DecryptionFailed) -> bytes:
-        """Never hand out garbage: the rest of this result is dropped up to ReadyForQuery."""
+    def _fail_result(self, sqlstate: str, message: str, *, refusal: bool = False) -> bytes:
+        """Never hand out garbage or what the policy refuses: the rest of this result is
+        dropped up to ReadyForQuery. A refusal by the policy is recorded in the trail (the
+        statement it cut short is not known here, only that it was cut)."""
         self._dropping = True
-        return ErrorResponse.make(exc.sqlstate, exc.message).encode()
+        self._pii_rows = 0
+        if refusal and self._audit is not None:
+            self._audit.refused(None, sqlstate, message)
+        return ErrorResponse.make(sqlstate, message).encode()

@@ -31,7 +31,9 @@ from pgcloak.wire.messages import (
     AuthenticationSASL,
     AuthenticationSASLContinue,
     AuthenticationSASLFinal,
+    DataRow,
     NegotiateProtocolVersion,
+    Query,
     SASLInitialResponse,
     SASLResponse,
     error_response,
@@ -56,6 +58,10 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 _SSL_REQUEST = SSLRequest().encode()
 _TERMINATE = b"X\x00\x00\x00\x04"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
+_MEMBER_ROLES_SQL = (
+    "SELECT rolname FROM pg_catalog.pg_roles "
+    "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER')"
+)
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -111,6 +117,8 @@ class Session:
         self._info: SessionInfo | None = None
         self._task: asyncio.Task[None] | None = None
         self._counted = False
+        #: The login role and the roles it is a member of (asked at start-up, with a policy).
+        self.roles: frozenset[str] = frozenset()
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -535,14 +543,50 @@ class Session:
         return tls_server_end_point(cert) if cert else None
 
     async def _until_ready(self) -> None:
-        """Forward ParameterStatus, BackendKeyData and notices until ReadyForQuery."""
+        """Forward ParameterStatus, BackendKeyData and notices until ReadyForQuery.
+
+        With a policy, the session's roles are asked before the client gets that
+        ReadyForQuery, so its first statement is already decided for them.
+        """
         while True:
             t, body = await self._read_backend()
+            if t == ord("Z") and self.server.protection is not None:
+                self.roles = await self._member_roles()
             self.client.write(frame(bytes((t,)), body))
             if t == ord("Z"):
                 return
             if t == ord("E"):
                 raise BackendRefused("backend refused the session")
+
+    async def _member_roles(self) -> frozenset[str]:
+        """The session user's role and every role it is a member of (superusers: all), as
+        PostgreSQL knows them now: what the policy's read decisions combine.
+
+        Asked once per session on its own connection (the roles are the login's, so a
+        ``SET ROLE`` cannot widen them). If PostgreSQL answers with an error, the session
+        gets its own role only, the most restrictive choice.
+        """
+        assert self.backend is not None
+        self.backend.write(Query(_MEMBER_ROLES_SQL).encode())
+        roles: set[str] = set()
+        failed = False
+        while True:
+            t, body = await self._read_backend()
+            if t == ord("D"):
+                row = DataRow.decode(body).values
+                if row and row[0] is not None:
+                    roles.add(row[0].decode("utf-8", "surrogateescape"))
+            elif t == ord("E"):
+                failed = True
+            elif t == ord("S"):
+                self.client.write(frame(b"S", body))  # a setting the client must know of
+            elif t == ord("Z"):
+                break
+        if failed:
+            log.warning("could not read role memberships; deciding for the login role alone",
+                        extra={"session": self.id, "user": self.user})
+            return frozenset({self.user})
+        return frozenset(roles) | {self.user}
 
     # -- relay --------------------------------------------------------------------------
     def _enter_relay(self) -> None:
@@ -567,7 +611,7 @@ class Session:
             if trail is not None:
                 self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
                 self._audit_connection("authenticated")
-            self._rewriter = Rewriter(self._current_protection, self._audit)
+            self._rewriter = Rewriter(self._current_protection, self._audit, self.roles)
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():

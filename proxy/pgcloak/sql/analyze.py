@@ -79,6 +79,8 @@ class Analysis:
     written: set[str] = field(default_factory=set)
     touches: bool = False
     max_param: int = 0
+    #: Refusals by the policy's guards (not by what ciphertext cannot do): SQLSTATE 42501.
+    guard_denials: list[str] = field(default_factory=list)
 
 
 def canon(ident: exp.Expression | str | None) -> str:
@@ -172,7 +174,31 @@ class Analyzer:
             self._column(col)
         for star in tree.find_all(exp.Star):
             self._star(star)
+        if self.policy.guards.unbounded_select == "deny":
+            self._unbounded_check(tree)
         return self.out
+
+    def _unbounded_check(self, tree: exp.Expr) -> None:
+        """guards.unbounded_select: refuse a SELECT that returns encrypted columns with no
+        WHERE, LIMIT or FETCH anywhere in it (a dump of every row, most likely by mistake;
+        guards.max_pii_rows is the hard cap on what one statement returns)."""
+        if not isinstance(tree, exp.Select | exp.SetOperation | exp.Subquery):
+            return
+        if tree.find(exp.Where, exp.Limit, exp.Fetch) is not None:
+            return
+        names: list[str] = []
+        for sel in tree.find_all(exp.Select):
+            node: exp.Expr = sel
+            while node is not tree and isinstance(node.parent, exp.SetOperation | exp.Subquery | exp.Paren):
+                node = node.parent
+            if node is tree:  # its rows are the statement's result
+                names += [n for n in self._randomized_outputs(sel) if n not in names]
+        if names:
+            self.out.guard_denials.append(
+                f"SELECT of protected column{'s' if len(names) > 1 else ''} {', '.join(names)} "
+                "with neither WHERE nor LIMIT: "
+                "refused by the pgcloak policy (guards.unbounded_select: deny)"
+            )
 
     def deny(self, message: str) -> None:
         if message not in self.out.denials:

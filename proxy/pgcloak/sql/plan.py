@@ -69,6 +69,8 @@ class Decision:
 ALLOW = Decision(True)
 #: SQLSTATE feature_not_supported: what every refusal of the planner uses.
 FEATURE_NOT_SUPPORTED = "0A000"
+#: SQLSTATE insufficient_privilege: a refusal by the policy's guards.
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def deny(message: str, sqlstate: str = FEATURE_NOT_SUPPORTED) -> Decision:

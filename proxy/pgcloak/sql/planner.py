@@ -35,6 +35,7 @@ from pgcloak.sql.analyze import (
 from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, scan_literals, split_statements
 from pgcloak.sql.plan import (
     ALLOW,
+    INSUFFICIENT_PRIVILEGE,
     PASS,
     AuditFacts,
     ExecuteCall,
@@ -279,6 +280,7 @@ class Planner:
         if expected != len(lexed.literals):
             return _deny_plan("internal error: literal slots lost", fp)
         denials: list[str] = []
+        guard_denials: list[str] = []
         literal_actions: list[ValueAction] = [PASS] * len(lexed.literals)
         param_actions: dict[int, ValueAction] = {}
         max_param = 0
@@ -290,6 +292,7 @@ class Planner:
         for st in stmts:
             an = st.analysis
             denials.extend(d for d in an.denials if d not in denials)
+            guard_denials.extend(d for d in an.guard_denials if d not in guard_denials)
             for (kind, n), action in an.actions.items():
                 if kind == "s":
                     literal_actions[n] = action
@@ -305,7 +308,12 @@ class Planner:
         edited = any(st.edited for st in stmts)
         template = tuple(segments)
         sql_out = _join_template(template) if edited else None
-        decision = ALLOW if not denials else deny("; ".join(denials))
+        if denials:
+            decision = deny("; ".join(denials))
+        elif guard_denials:
+            decision = deny("; ".join(guard_denials), INSUFFICIENT_PRIVILEGE)
+        else:
+            decision = ALLOW
         prepare = next((st.prepare for st in stmts if st.prepare is not None), None)
         copy_st = next((st for st in stmts if st.copy_format is not None or st.copy_out), None)
         return Plan(
