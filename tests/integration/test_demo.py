@@ -54,6 +54,16 @@ def test_demo_walkthrough(tmp_path: Path) -> None:
         assert found.stdout.strip() == "Alice|alice@example.com|078-05-1120"
         refused = _psql(proxied, "SELECT * FROM users WHERE email LIKE 'a%'")
         assert refused.returncode != 0 and "LIKE" in refused.stderr and "email" in refused.stderr
+        dump = _psql(proxied, "SELECT * FROM users")
+        assert dump.returncode != 0 and "unbounded_select" in dump.stderr
+
+        support = re.findall(r"psql '(postgresql://support:support@127\.0\.0\.1:\d+/demo)'", text)
+        assert support == [f"postgresql://support:support@127.0.0.1:{port}/demo"]
+        masked = _psql(support[0], "SELECT name, email, phone FROM users WHERE email = 'alice@example.com'")
+        assert masked.stdout.strip() == "Alice|a***@example.com|****99", masked.stderr
+        denied = _psql(support[0], "SELECT ssn FROM users WHERE email = 'alice@example.com'")
+        assert denied.returncode != 0 and "permission denied" in denied.stderr
+        assert "078-05" not in denied.stdout + denied.stderr
 
         stored = _psql(direct, "SELECT email, ssn FROM users WHERE name = 'Alice'").stdout.strip()
         email, ssn = stored.split("|")

@@ -17,7 +17,12 @@ DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
 DEMO_DB = "demo"
 
-#: The demo's policy: users.email and users.phone encrypted with blind indexes, ssn encrypted.
+#: A second login, for the help desk: reads masked values, never the SSN.
+SUPPORT_USER = "support"
+SUPPORT_PASSWORD = "support"
+
+#: The demo's policy: users.email and users.phone encrypted with blind indexes, ssn
+#: encrypted; the application reads everything, the help desk masked values only.
 DEMO_POLICY = """\
 version: 1
 tables:
@@ -25,7 +30,14 @@ tables:
     email: {encrypt: true, index: exact, normalize: email}
     phone: {encrypt: true, index: exact, normalize: phone}
     ssn:   {encrypt: true}
-default_read: reveal
+default_read: deny            # a role not listed gets no protected value
+roles:
+  demo: {read: reveal}        # the application
+  support:                    # the help desk
+    read: {users.email: mask, users.phone: mask, users.ssn: deny}
+guards:
+  unbounded_select: deny      # SELECT of protected columns with no WHERE / LIMIT
+  max_pii_rows: 1000          # rows with protected values per statement
 """
 
 DEMO_SCHEMA = """\
@@ -33,6 +45,7 @@ CREATE TABLE users (id serial PRIMARY KEY, name text, email text, phone text, ss
 CREATE UNIQUE INDEX users_email_pgcloak_idx ON users ((left(email, 22)));
 CREATE INDEX users_phone_pgcloak_idx ON users ((left(phone, 22)));
 ALTER TABLE users OWNER TO demo;
+GRANT SELECT ON users TO support;
 """
 
 WALKTHROUGH = """\
@@ -42,8 +55,13 @@ Try, through pgcloak:
        VALUES ('Alice', 'alice@example.com', '+1 555 010 9999', '078-05-1120');
   SELECT * FROM users WHERE email = 'ALICE@example.com';   -- found by its blind index
   SELECT * FROM users WHERE email LIKE 'a%';                -- refused: no LIKE on ciphertext
+  SELECT * FROM users;                                      -- refused: a dump of every row
 
-then read the same row directly from PostgreSQL: only ciphertext is stored.
+then read the same row directly from PostgreSQL: only ciphertext is stored, and
+as the help desk (the support login below) through pgcloak:
+
+  SELECT name, email, phone FROM users WHERE email = 'alice@example.com';  -- masked
+  SELECT ssn FROM users WHERE email = 'alice@example.com';                 -- permission denied
 """
 
 
@@ -65,6 +83,7 @@ def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
     server.start()
     try:
         server.create_login(DEMO_USER, DEMO_PASSWORD, DEMO_DB)
+        server.create_role(SUPPORT_USER, SUPPORT_PASSWORD)
         server.run_sql(DEMO_SCHEMA, dbname=DEMO_DB)
         policy = server.base_dir / "demo-policy.yaml"
         policy.write_text(DEMO_POLICY)
@@ -102,6 +121,9 @@ def _serve(
         if policy is not None:
             print(f"Protected by {policy}:\n\n{DEMO_POLICY}", file=sys.stderr)
             print(WALKTHROUGH, file=sys.stderr)
+        if policy is not None:
+            support = f"{SUPPORT_USER}:{SUPPORT_PASSWORD}@{settings.listen_host}:{proxy.port}/{dbname}"
+            print(f"The help desk, through pgcloak:\n\n  psql 'postgresql://{support}'\n", file=sys.stderr)
         if direct:
             print(f"PostgreSQL itself (bypassing pgcloak):\n\n  {direct}\n", file=sys.stderr)
         print("Press Ctrl-C to stop.", file=sys.stderr)
