@@ -139,10 +139,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pgcloak.policy import load_policy
     from pgcloak.sql import Planner, explain_text
 
-    planner = Planner(load_policy(args.policy), index_length=INDEX_LENGTH)
-    plan = planner.plan(args.sql)
+    policy = load_policy(args.policy)
+    plan = Planner(policy, index_length=INDEX_LENGTH).plan(args.sql)
     print(explain_text(plan))
-    return 0 if plan.decision.allowed else 1
+    allowed = plan.decision.allowed
+    if args.role:
+        # What a session whose login holds these roles gets (memberships included).
+        view = policy.read_view(args.role)
+        print(f"as {', '.join(args.role)}:")
+        for key_id in plan.audit.pii_read:
+            decision = view.decision(key_id)
+            print(f"  {key_id}: {decision}")
+            if decision == "deny":
+                allowed = False
+        if allowed:
+            print("  allowed; values of other protected columns in the result are decided by their key ids")
+        else:
+            print("  refused (SQLSTATE 42501)" if plan.decision.allowed else "  refused (see above)")
+    return 0 if allowed else 1
 
 
 def cmd_policy_ddl(args: argparse.Namespace) -> int:
@@ -278,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="show how pgcloak plans a statement (no connection)")
     explain.add_argument("sql")
     explain.add_argument("--policy", type=Path, required=True)
+    explain.add_argument(
+        "--role",
+        action="append",
+        default=[],
+        metavar="ROLE",
+        help="also show the read decisions for a login holding ROLE (repeat for each role it is a member of)",
+    )
     explain.set_defaults(func=cmd_explain)
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)

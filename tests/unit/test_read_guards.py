@@ -8,8 +8,13 @@ rows carrying stored values.
 
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 import pytest
 
+from pgcloak import cli
 from pgcloak.crypto.blind_index import blind_index, compose
 from pgcloak.crypto.envelope import encrypt
 from pgcloak.crypto.keyring import Keyring
@@ -227,3 +232,26 @@ def test_no_limit_when_the_policy_sets_none() -> None:
     email = _stored(protection, "email", "erin@example.com", "email")
     chunk = b"".join(DataRow((email,)).encode() for _ in range(50)) + CommandComplete("SELECT 50").encode()
     assert [type(m) for m in _messages(rw.backend_chunk(chunk))].count(DataRow) == 50
+
+
+# -- pgcloak explain --role ------------------------------------------------------------------
+
+
+def _explain(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["explain", *argv, "--policy", str(policy)])
+    return code, out.getvalue()
+
+
+def test_explain_shows_the_decisions_for_roles(tmp_path: Path) -> None:
+    code, text = _explain(tmp_path, "SELECT email, ssn FROM users WHERE id = 1", "--role", "support")
+    assert code == 1
+    assert "public.users.email: mask" in text and "public.users.ssn: deny" in text
+    assert "refused (SQLSTATE 42501)" in text
+    code, text = _explain(tmp_path, "SELECT email, ssn FROM users WHERE id = 1", "--role", "support", "--role", "app_rw")
+    assert code == 0 and "public.users.ssn: reveal" in text
+    code, text = _explain(tmp_path, "SELECT email FROM users WHERE id = 1")
+    assert code == 0 and "as " not in text  # no role asked: the plan only
