@@ -255,3 +255,19 @@ def test_explain_shows_the_decisions_for_roles(tmp_path: Path) -> None:
     assert code == 0 and "public.users.ssn: reveal" in text
     code, text = _explain(tmp_path, "SELECT email FROM users WHERE id = 1")
     assert code == 0 and "as " not in text  # no role asked: the plan only
+
+
+def test_stored_values_inside_composites_are_refused_unless_revealed(protection: Protection) -> None:
+    email = _stored(protection, "email", "fay@example.com", "email")
+    ssn = _stored(protection, "ssn", "078-05-1120")
+    record = b"(1," + email + b"," + ssn + b")"
+    as_json = b'{"id":1,"email":"' + email + b'"}'
+    support = protection.policy.read_view({"support"})
+    with pytest.raises(ReadDenied) as denied:
+        protection.reveal(record, support)
+    assert "public.users.ssn" in denied.value.message and "inside" not in denied.value.message
+    with pytest.raises(ReadDenied) as masked:
+        protection.reveal(as_json, support)
+    assert "public.users.email inside a row" in masked.value.message
+    # A role that may read them in clear gets the composite as stored (not decrypted).
+    assert protection.reveal(record, protection.policy.read_view({"app_rw"})) == record

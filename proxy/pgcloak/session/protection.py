@@ -57,11 +57,17 @@ class DecryptionFailed(Exception):
 class ReadDenied(Exception):
     """A stored value the session's roles may not read (policy decision ``deny``)."""
 
-    def __init__(self, key_id: str) -> None:
+    def __init__(self, key_id: str, *, masked_inside: bool = False) -> None:
         message = (
             f"permission denied for protected column {key_id}: "
             "the pgcloak policy does not let this role read it"
         )
+        if masked_inside:
+            message = (
+                f"permission denied for protected column {key_id} inside a row, array or JSON "
+                "value: the pgcloak policy lets this role read it masked, and only a column's "
+                "own value can be masked; select the column itself"
+            )
         super().__init__(message)
         self.sqlstate = "42501"  # insufficient_privilege
         self.message = message
@@ -209,7 +215,8 @@ class Protection:
             try:
                 key_id = parse_header(value)[0]
             except MalformedEnvelopeError:
-                return value  # ordinary text that merely contains the prefix
+                self._check_nested(value, view)
+                return value  # ordinary text, or stored values inside a composite
             decision = view.decision(key_id)
             if decision == "deny":
                 raise ReadDenied(key_id)
@@ -228,6 +235,24 @@ class Protection:
             text = plain.decode("utf-8", "replace")
             return mask_value(text, column.normalize if column is not None else "none").encode("utf-8")
         return plain
+
+    def _check_nested(self, value: bytes, view: ReadView) -> None:
+        """Stored values inside a larger value (``SELECT u FROM users u``, ``row_to_json``,
+        arrays) stay as they are stored, so only a role that may read them in clear gets
+        them: anyone else is refused, which :class:`ReadDenied` says."""
+        masked: str | None = None
+        for m in _STORED.finditer(value):
+            try:
+                key_id = parse_header(m.group(0))[0]
+            except MalformedEnvelopeError:
+                continue
+            decision = view.decision(key_id)
+            if decision == "deny":
+                raise ReadDenied(key_id)
+            if decision == "mask" and masked is None:
+                masked = key_id
+        if masked is not None:
+            raise ReadDenied(masked, masked_inside=True)
 
     def reveal_row(
         self, values: tuple[bytes | None, ...], view: ReadView | None = None
