@@ -1019,6 +1019,12 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
     # the allowed statements are there too, as statements
     statements = [r for r in records if r["type"] == "statement"]
     assert {r["application_name"] for r in statements} >= {"rp-audit-agent", "rp-audit-writer"}
+    # ... saying which columns the session got masked: the agent's email, none of the writer's
+    by_app = {(r["application_name"], r["fingerprint"]): r for r in statements}
+    agent_read = by_app[("rp-audit-agent", "SELECT email FROM users WHERE email = $1")]
+    assert (agent_read["columns_read"], agent_read["masked"]) == ([EMAIL], [EMAIL])
+    writer_read = by_app[("rp-audit-writer", "SELECT phone FROM users WHERE phone = $1")]
+    assert (writer_read["columns_read"], writer_read["masked"]) == (["public.users.phone"], [])
     # no plaintext value anywhere in the trail
     text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
     leaked = [v for v in PLAINTEXTS if v in text]

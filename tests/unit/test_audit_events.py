@@ -58,9 +58,10 @@ def test_statement_event_has_exactly_the_documented_fields() -> None:
     event = _statement()
     assert set(event) == set(COMMON_FIELDS) | {
         "kind", "fingerprint", "tables", "columns_read", "columns_written", "pii",
-        "lookups", "rows", "decision", "reason", "sqlstate", "duration_ms",
+        "masked", "lookups", "rows", "decision", "reason", "sqlstate", "duration_ms",
     }
     assert event["type"] == "statement"
+    assert event["masked"] == []  # every column read was revealed
     assert TS_RE.match(event["ts"])
     assert re.fullmatch(r"[0-9a-f]{32}", event["id"])
     assert event["pii"] == ["public.users.email"]  # defaults to columns read + written
@@ -149,6 +150,8 @@ def test_lookups_only_take_blind_index_shaped_values(plaintext: str) -> None:
         ("kind", "SELECT"),
         ("columns_read", ["email"]),  # not a key id
         ("columns_read", "public.users.email"),  # not a list
+        ("masked", ["email"]),  # not a key id
+        ("masked", None),
         ("tables", [""]),
         ("sqlstate", "bad"),
         ("ts", "2024-05-01 12:00:00"),

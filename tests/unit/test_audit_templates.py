@@ -49,6 +49,7 @@ def _expected(info: SessionInfo, pending: PendingStatement, facts: dict[str, obj
     fingerprint=text,
     read=st.lists(key_id, max_size=3),
     written=st.lists(key_id, max_size=2),
+    masked=st.lists(key_id, max_size=2),
     tables=st.lists(st.sampled_from(["public.users", "a.b%c", 'x."y{}"']), max_size=2),
     rows=st.none() | st.integers(0, 10**12),
     sqlstate=st.none() | st.sampled_from(["23505", "XX000", "40P01"]),
@@ -65,6 +66,7 @@ def test_render_is_the_canonical_record(
     fingerprint: str,
     read: list[str],
     written: list[str],
+    masked: list[str],
     tables: list[str],
     rows: int | None,
     sqlstate: str | None,
@@ -78,6 +80,7 @@ def test_render_is_the_canonical_record(
         "tables": tables,
         "columns_read": read,
         "columns_written": written,
+        "masked": masked,
     }
     template = StatementTemplate(info, **facts)  # type: ignore[arg-type]
     pending = PendingStatement(template, TS, duration, rows, sqlstate, looked)

@@ -177,6 +177,9 @@ def _text_line(event: dict[str, Any], how: str, verified: bool | None) -> str:
         f"rows={g('rows')}",
         f"match={how}",
     ]
+    masked = event.get("masked")
+    if isinstance(masked, list) and masked:
+        parts.append("masked=" + ",".join(str(m) for m in masked))
     if verified is False:
         parts.append("MAC-INVALID")
     return "  ".join(parts) + f"\n    {g('fingerprint')}"

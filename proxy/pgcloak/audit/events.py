@@ -395,6 +395,7 @@ def _statement(
     columns_read: Iterable[str],
     columns_written: Iterable[str],
     pii: Iterable[str] | None,
+    masked: Iterable[str],
     lookups: Mapping[str, Iterable[str]] | None,
     rows: int | None,
     decision: Literal["allow", "deny"],
@@ -419,6 +420,7 @@ def _statement(
     else:
         looked = {k: list(lookups[k]) for k in sorted(lookups)}
     table_list = list(tables)
+    masked_list = list(masked)
     ms = _ms(duration_ms)
     # Keys in sorted order: the canonical serialization's sort is then a single pass.
     event = BuiltEvent(
@@ -433,6 +435,7 @@ def _statement(
         id=os.urandom(16).hex(),
         kind=kind,
         lookups=looked,
+        masked=masked_list,
         pii=touched,
         reason=reason,
         rows=rows,
@@ -454,6 +457,7 @@ def _statement(
             and _key_ids_ok_all(read)
             and _key_ids_ok_all(written)
             and (pii is None or _key_ids_ok_all(touched))
+            and _key_ids_ok_all(masked_list)
             and (not looked or lookups_ok(looked))
             and _opt_count_ok(rows)
             and (decision == "deny" if kind_of_event == "refusal" else decision in _DECISIONS)
@@ -475,6 +479,7 @@ def statement_event(
     columns_read: Iterable[str] = (),
     columns_written: Iterable[str] = (),
     pii: Iterable[str] | None = None,
+    masked: Iterable[str] = (),
     lookups: Mapping[str, Iterable[str]] | None = None,
     rows: int | None = None,
     decision: Literal["allow", "deny"] = "allow",
@@ -487,11 +492,13 @@ def statement_event(
 
     ``fingerprint`` is the normalized text with literals removed; ``columns_*`` and
     ``pii`` are column key ids (``pii`` defaults to every column read or written);
-    ``lookups`` maps a column key id to the blind-index values the statement searched.
+    ``masked`` the columns read that the session's roles get masked (the policy's read
+    decision ``mask``; the others read are revealed); ``lookups`` maps a column key id
+    to the blind-index values the statement searched.
     """
     return _statement(
         "statement", info, kind, fingerprint, tables, columns_read, columns_written, pii,
-        lookups, rows, decision, reason, sqlstate, duration_ms, ts,
+        masked, lookups, rows, decision, reason, sqlstate, duration_ms, ts,
     )  # fmt: skip
 
 
@@ -506,6 +513,7 @@ def refusal_event(
     columns_read: Iterable[str] = (),
     columns_written: Iterable[str] = (),
     pii: Iterable[str] | None = None,
+    masked: Iterable[str] = (),
     lookups: Mapping[str, Iterable[str]] | None = None,
     duration_ms: float | None = None,
     ts: datetime | None = None,
@@ -513,7 +521,7 @@ def refusal_event(
     """A statement pgcloak refused (guard, unsupported operation, parse failure, audit down)."""
     return _statement(
         "refusal", info, kind, fingerprint, tables, columns_read, columns_written, pii,
-        lookups, None, "deny", reason, sqlstate, duration_ms, ts,
+        masked, lookups, None, "deny", reason, sqlstate, duration_ms, ts,
     )  # fmt: skip
 
 
@@ -659,7 +667,7 @@ def _check_statement(e: Mapping[str, Any]) -> None:
     v = e["tables"]
     if type(v) is not list or not all(type(x) is str and x for x in v):
         raise _Bad("tables")
-    for name in ("columns_read", "columns_written", "pii"):
+    for name in ("columns_read", "columns_written", "pii", "masked"):
         _key_ids(e, name)
     v = e["lookups"]
     if type(v) is not dict:
@@ -704,6 +712,7 @@ _STATEMENT_FIELDS: Final = (
     "columns_read",
     "columns_written",
     "pii",
+    "masked",
     "lookups",
     "rows",
     "decision",

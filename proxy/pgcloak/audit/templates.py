@@ -68,6 +68,7 @@ class StatementTemplate:
         tables: Iterable[str] = (),
         columns_read: Iterable[str] = (),
         columns_written: Iterable[str] = (),
+        masked: Iterable[str] = (),
     ) -> None:
         sample = statement_event(
             info,
@@ -76,6 +77,7 @@ class StatementTemplate:
             tables=tables,
             columns_read=columns_read,
             columns_written=columns_written,
+            masked=masked,
         )
         if not getattr(sample, "vouched", False):
             validate_event(sample)  # names the bad field

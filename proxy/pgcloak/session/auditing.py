@@ -107,13 +107,14 @@ class _Described(TypedDict):
     tables: tuple[str, ...]
     columns_read: tuple[str, ...]
     columns_written: tuple[str, ...]
+    masked: tuple[str, ...]
 
 
 #: What a refusal of a statement that could not be planned says of it.
-_UNPLANNED = _Described(kind="other", fingerprint="", tables=(), columns_read=(), columns_written=())
+_UNPLANNED = _Described(kind="other", fingerprint="", tables=(), columns_read=(), columns_written=(), masked=())
 
 
-def _described(facts: AuditFacts) -> _Described:
+def _described(facts: AuditFacts, masked: tuple[str, ...]) -> _Described:
     """What every statement or refusal event says of its plan (templates, slow path, refusals)."""
     return _Described(
         kind=event_kind(facts.kind),
@@ -121,7 +122,12 @@ def _described(facts: AuditFacts) -> _Described:
         tables=facts.tables,
         columns_read=facts.pii_read,
         columns_written=facts.pii_written,
+        masked=masked,
     )
+
+
+def _nothing_masked(plan: Plan) -> tuple[str, ...]:
+    return ()
 
 
 def trail_reason(reason: str) -> str:
@@ -146,6 +152,9 @@ class SessionAudit:
         #: PortalSuspended (which has no tag to count from).
         self._returned = 0
         self.statements = 0
+        #: The columns a plan reads that this session gets masked (the rewriter knows the
+        #: session's read decisions); static per plan, so part of its template.
+        self.masked_of: Callable[[Plan], tuple[str, ...]] = _nothing_masked
 
     def _emit(self, event: dict[str, object]) -> None:
         """Never let an audit problem break the client's stream: log it (no values) instead."""
@@ -177,7 +186,7 @@ class SessionAudit:
         recipe: _Recipe = None
         if self._wanted(plan):
             try:
-                recipe = StatementTemplate(self._info(), **_described(plan.audit))
+                recipe = StatementTemplate(self._info(), **_described(plan.audit, self.masked_of(plan)))
             except (InvalidEventError, ValueError):
                 recipe = _Slow(plan)  # emit() will validate, refuse and log each event
         if len(self._recipes) >= _MAX_TEMPLATES:
@@ -222,7 +231,7 @@ class SessionAudit:
 
     def refused(self, plan: Plan | None, sqlstate: str, reason: str) -> None:
         """Refusals are always recorded, whatever ``audit.statements`` says."""
-        described = _described(plan.audit) if plan is not None else _UNPLANNED
+        described = _described(plan.audit, self.masked_of(plan)) if plan is not None else _UNPLANNED
         self._emit(
             refusal_event(self._info(), reason=trail_reason(reason), sqlstate=sqlstate, **described)
         )
@@ -295,7 +304,7 @@ class SessionAudit:
         self._emit(
             statement_event(
                 self._info(),
-                **_described(recipe.plan.audit),
+                **_described(recipe.plan.audit, self.masked_of(recipe.plan)),
                 lookups=unit.lookups,
                 rows=None if failed else unit.rows,
                 reason=FAILED_REASON if failed else None,

@@ -194,6 +194,13 @@ class Rewriter:
             self._view = (protection, view)
         return view
 
+    def masked_columns(self, plan: Plan) -> tuple[str, ...]:
+        """The columns ``plan`` reads that this session gets masked (for the audit trail)."""
+        view = self._read_view(self._protection())
+        if view is None or not plan.audit.pii_read:
+            return ()
+        return tuple(k for k in plan.audit.pii_read if view.decision(k) == "mask")
+
     def _denied_read(self, protection: Protection, plan: Plan) -> ReadDenied | None:
         """A statement returning a column this session may not read is refused before it
         runs, like a column privilege; values the planner cannot see (views, functions)

@@ -612,6 +612,8 @@ class Session:
                 self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
                 self._audit_connection("authenticated")
             self._rewriter = Rewriter(self._current_protection, self._audit, self.roles)
+            if self._audit is not None:
+                self._audit.masked_of = self._rewriter.masked_columns
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
