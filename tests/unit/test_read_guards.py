@@ -271,3 +271,21 @@ def test_stored_values_inside_composites_are_refused_unless_revealed(protection:
     assert "public.users.email inside a row" in masked.value.message
     # A role that may read them in clear gets the composite as stored (not decrypted).
     assert protection.reveal(record, protection.policy.read_view({"app_rw"})) == record
+
+
+def test_a_denied_column_cannot_be_searched_either(protection: Protection) -> None:
+    """Else a lookup would tell a role denied the SSN whether someone has a given one."""
+    policy = parse_policy(POLICY.replace("    ssn: {encrypt: true}", "    ssn: {encrypt: true, index: exact}"))
+    indexed = Protection.build(policy, KEYRING)
+    rw = Rewriter(lambda: indexed, roles=frozenset({"support"}))
+    for msg in (
+        Query("SELECT id FROM users WHERE ssn = '078-05-1120'"),
+        Parse("", "DELETE FROM users WHERE ssn = $1", ()),
+    ):
+        sent = rw.client_message(ord("Q") if isinstance(msg, Query) else ord("P"), msg.encode())
+        assert b"078-05" not in sent and b"pgcloak_refused_" in sent
+        error = _refusal(rw, sent)
+        assert error.code == "42501" and "nor search by it" in error.message
+    # Masked columns can still be searched: the agent finds a customer by email.
+    ok = Query("SELECT id FROM users WHERE email = 'x@example.com'").encode()
+    assert b"pgcloak_refused_" not in rw.client_message(ord("Q"), ok)

@@ -57,10 +57,10 @@ class DecryptionFailed(Exception):
 class ReadDenied(Exception):
     """A stored value the session's roles may not read (policy decision ``deny``)."""
 
-    def __init__(self, key_id: str, *, masked_inside: bool = False) -> None:
+    def __init__(self, key_id: str, *, masked_inside: bool = False, searched: bool = False) -> None:
         message = (
             f"permission denied for protected column {key_id}: "
-            "the pgcloak policy does not let this role read it"
+            f"the pgcloak policy does not let this role read it{', nor search by it' if searched else ''}"
         )
         if masked_inside:
             message = (

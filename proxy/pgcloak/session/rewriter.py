@@ -202,10 +202,11 @@ class Rewriter:
         return tuple(k for k in plan.audit.pii_read if view.decision(k) == "mask")
 
     def _denied_read(self, protection: Protection, plan: Plan) -> ReadDenied | None:
-        """A statement returning a column this session may not read is refused before it
-        runs, like a column privilege; values the planner cannot see (views, functions)
-        are decided again by their envelopes in the result."""
-        if not plan.audit.pii_read:
+        """A statement returning or searching by a column this session may not read is
+        refused before it runs, like a column privilege (a lookup would tell whether a
+        value exists); values the planner cannot see (views, functions) are decided again
+        by their envelopes in the result."""
+        if not plan.touches_pii:
             return None
         view = self._read_view(protection)
         if view is None:
@@ -213,6 +214,9 @@ class Rewriter:
         for key_id in plan.audit.pii_read:
             if view.decision(key_id) == "deny":
                 return ReadDenied(key_id)
+        for action in (*plan.params, *plan.literals):
+            if action.kind == "lookup" and action.key_id is not None and view.decision(action.key_id) == "deny":
+                return ReadDenied(action.key_id, searched=True)
         return None
 
     # -- client messages -------------------------------------------------------------
