@@ -15,7 +15,9 @@ from pgcloak.crypto.errors import CryptoError
 from pgcloak.policy import PolicyError
 
 if TYPE_CHECKING:
+    from pgcloak.admin.http import AdminServer
     from pgcloak.crypto.keys import MasterKey
+    from pgcloak.session.server import ProxyServer
 
 # Settings that must not be given on a command line (visible in `ps`).
 _NO_FLAG = {"auth_password", "master_key"}
@@ -44,7 +46,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     setup_logging(settings.log_format, settings.log_level)
-    return run(settings)
+    return run(settings, services=[_admin_service] if settings.admin_listen else [])
+
+
+def _admin_service(server: ProxyServer, worker: int | None) -> AdminServer:
+    """The admin endpoints of one worker: worker i listens on admin_listen's port + i."""
+    from pgcloak.admin.http import AdminServer
+    from pgcloak.config import split_host_port
+
+    assert server.settings.admin_listen is not None
+    host, port = split_host_port(server.settings.admin_listen)
+    if port and worker:
+        port += worker
+    return AdminServer(host, port, server, worker)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -67,6 +67,11 @@ class Settings(BaseModel):
     connect_timeout: float = Field(10.0, gt=0)
     max_message_size: int = Field(256 * 1024 * 1024, ge=1024)
     workers: int = Field(1, ge=1, le=64)
+    admin_listen: str | None = Field(
+        None,
+        description="HOST:PORT serving /healthz, /readyz and /metrics (off when unset; with "
+        "--workers N, worker i serves PORT+i)",
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -74,6 +79,13 @@ class Settings(BaseModel):
     @classmethod
     def _check_listen(cls, v: str) -> str:
         split_host_port(v)
+        return v
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _check_admin_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v)
         return v
 
     @field_validator("backend")

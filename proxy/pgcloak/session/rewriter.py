@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
@@ -129,9 +130,12 @@ class Rewriter:
         protection: Callable[[], Protection],
         audit: SessionAudit | None = None,
         roles: frozenset[str] = frozenset(),
+        refusals: Counter[str] | None = None,
     ) -> None:
         self._protection = protection
         self._audit = audit
+        #: Refusals by SQLSTATE, shared by the server's sessions (its /metrics).
+        self._refused: Counter[str] = refusals if refusals is not None else Counter()
         #: The session user's own role and every role it is a member of: what the
         #: policy's read decisions are made for.
         self.roles = roles
@@ -160,6 +164,7 @@ class Rewriter:
         if routine is not None:
             error = ErrorResponse((*error.fields, ("R", routine)))
         self._refusals[marker] = error.encode()
+        self._refused[sqlstate] += 1
         if self._audit is not None:
             self._audit.refused(self.last_plan, sqlstate, message)
         return marker
@@ -566,6 +571,8 @@ class Rewriter:
         statement it cut short is not known here, only that it was cut)."""
         self._dropping = True
         self._pii_rows = 0
-        if refusal and self._audit is not None:
-            self._audit.refused(None, sqlstate, message)
+        if refusal:
+            self._refused[sqlstate] += 1
+            if self._audit is not None:
+                self._audit.refused(None, sqlstate, message)
         return ErrorResponse.make(sqlstate, message).encode()

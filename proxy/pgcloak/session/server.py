@@ -17,8 +17,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from pgcloak.audit import AuditLog
 from pgcloak.config import ConfigError, Settings
@@ -74,8 +76,23 @@ def make_audit_log(settings: Settings, protection: Protection) -> AuditLog:
     return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
 
 
+class Service(Protocol):
+    """Something that runs beside the proxy in its process (the admin endpoints)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+#: Makes a service for a server; the second argument is the worker id (None: one process).
+ServiceFactory = Callable[["ProxyServer", int | None], Service]
+
+
 class ProxyServer:
-    """Listens for clients and owns their sessions."""
+    """Listens for clients and owns their sessions.
+
+    Also what the admin endpoints read (``pgcloak.admin.metrics.ProxyState``): counters
+    kept here are bumped once per session or per refusal, never per message.
+    """
 
     def __init__(self, settings: Settings, tls: TlsContexts | None = None) -> None:
         self.settings = settings
@@ -93,6 +110,15 @@ class ProxyServer:
         #: Seeds the fake salts of mock SCRAM exchanges for unknown roles.
         self.mock_secret = os.urandom(32)
         self._server: asyncio.Server | None = None
+        self.services: list[Service] = []
+        self.connections_total = 0
+        self._bytes_in_closed = 0
+        self._bytes_out_closed = 0
+        #: Refusals by SQLSTATE (statements and results), shared with every session.
+        self.refusals: Counter[str] = Counter()
+        #: Policy file edits by result: "applied" or "refused".
+        self.policy_reloads: Counter[str] = Counter()
+        self._draining = False
 
     @property
     def port(self) -> int:
@@ -101,7 +127,42 @@ class ProxyServer:
         return int(sock.getsockname()[1])
 
     def _accept(self) -> asyncio.Protocol:
+        self.connections_total += 1
         return Session(self).client
+
+    def count_closed(self, session: Session) -> None:
+        """Fold a finished session's byte counts into the totals."""
+        self._bytes_in_closed += session.bytes_from_client
+        self._bytes_out_closed += session.bytes_from_backend
+
+    # -- what the admin endpoints read ------------------------------------------------
+    @property
+    def connections_active(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_in_closed + sum(s.bytes_from_client for s in self.sessions)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes_out_closed + sum(s.bytes_from_backend for s in self.sessions)
+
+    @property
+    def policy_fingerprint(self) -> str | None:
+        return self.protection.policy.fingerprint if self.protection is not None else None
+
+    @property
+    def audit_state(self) -> AuditLog | None:
+        return self.audit
+
+    @property
+    def accepting(self) -> bool:
+        return self._server is not None and self._server.is_serving() and not self._draining
+
+    @property
+    def refuses_when_audit_down(self) -> bool:
+        return self.protection is not None and self.protection.policy.audit.on_audit_failure == "refuse"
 
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +183,8 @@ class ProxyServer:
                 reuse_address=True,
             )
         log.info("listening", extra={"address": f"{self.settings.listen_host}:{self.port}"})
+        for service in self.services:
+            await service.start()
 
     def _stamp(self) -> tuple[float, int, int] | None:
         if self.settings.policy is None:
@@ -141,10 +204,12 @@ class ProxyServer:
             policy: Policy = load_policy(self.settings.policy)
         except PolicyError as exc:
             log.error("policy edit refused, still serving the previous policy", extra={"reason": str(exc)})
+            self.policy_reloads["refused"] += 1
             return False
         if policy.fingerprint == self.protection.policy.fingerprint:
             return False
         self.protection = Protection.build(policy, self.protection.keyring)
+        self.policy_reloads["applied"] += 1
         log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
         return True
 
@@ -172,6 +237,7 @@ class ProxyServer:
     async def shutdown(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let sessions finish, then end the rest with 57P01."""
         timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        self._draining = True  # /readyz says no from now on
         if self._server is not None:
             self._server.close()
         if self._watch is not None:
@@ -190,6 +256,9 @@ class ProxyServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        for service in self.services:
+            with contextlib.suppress(Exception):
+                await service.close()
         log.info("stopped")
 
 
@@ -211,11 +280,16 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(settings: Settings, on_ready: Callable[[int], None] | None = None) -> int:
-    """Serve in this process (workers=1) or in N forked workers sharing the port."""
+def run(
+    settings: Settings,
+    on_ready: Callable[[int], None] | None = None,
+    services: Sequence[ServiceFactory] = (),
+) -> int:
+    """Serve in this process (workers=1) or in N forked workers sharing the port;
+    ``services`` run beside the proxy in each worker (the admin endpoints)."""
     install_event_loop_policy()
     if settings.workers == 1:
-        return _run_worker(settings, None, on_ready)
+        return _run_worker(settings, None, on_ready, services, None)
     # Reserve the port (it may be 0) with a bound, non-listening SO_REUSEPORT socket;
     # each worker binds its own listening socket to the same port.
     reserve = _reuseport_socket(settings.listen_host, settings.listen_port)
@@ -229,7 +303,7 @@ def run(settings: Settings, on_ready: Callable[[int], None] | None = None) -> in
             os.environ["PGCLOAK_WORKER_ID"] = str(worker)
             code = 1
             try:
-                code = _run_worker(settings, sock, None)
+                code = _run_worker(settings, sock, None, services, worker)
             finally:
                 os._exit(code)
         children.append(pid)
@@ -256,9 +330,16 @@ def run(settings: Settings, on_ready: Callable[[int], None] | None = None) -> in
     return status
 
 
-def _run_worker(settings: Settings, sock: socket.socket | None, on_ready: Callable[[int], None] | None) -> int:
+def _run_worker(
+    settings: Settings,
+    sock: socket.socket | None,
+    on_ready: Callable[[int], None] | None,
+    services: Sequence[ServiceFactory],
+    worker: int | None,
+) -> int:
     async def main() -> None:
         server = ProxyServer(settings)
+        server.services.extend(make(server, worker) for make in services)
         if sock is not None:
             sock.listen(1024)
         loop = asyncio.get_running_loop()

@@ -162,6 +162,7 @@ class Session:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.server.sessions.discard(self)
+        self.server.count_closed(self)
         if self._counted:
             self.server.authenticated -= 1
         if self.ready:
@@ -611,7 +612,7 @@ class Session:
             if trail is not None:
                 self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
                 self._audit_connection("authenticated")
-            self._rewriter = Rewriter(self._current_protection, self._audit, self.roles)
+            self._rewriter = Rewriter(self._current_protection, self._audit, self.roles, self.server.refusals)
             if self._audit is not None:
                 self._audit.masked_of = self._rewriter.masked_columns
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
