@@ -24,7 +24,8 @@ tables:
     email: {encrypt: true, index: exact, normalize: email}
     phone: {encrypt: true, index: exact, normalize: phone}
     ssn: {encrypt: true}
-# These tests are about what works on ciphertext, not about the guards (test_read_guards.py).
+# These tests are about what works on ciphertext, not about who reads what (test_read_guards.py).
+default_read: reveal
 guards: {unbounded_select: allow}
 """
 
