@@ -90,6 +90,8 @@ class AdminServer:
                 ("connection", "close"),
                 ("cache-control", "no-store"),
             ]
+            if status == 405:
+                headers.append(("allow", "GET, HEAD"))
             out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
             if method != "HEAD":
                 out += conn.send(h11.Data(data=body)) or b""
@@ -105,13 +107,19 @@ class AdminServer:
 
 
 async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    """The request head, or None if the client went away first."""
+    """The request head, or None if the client went away first. A head over
+    ``_MAX_HEAD`` bytes is refused however the bytes arrive (h11 checks its bound only
+    while the head is incomplete)."""
+    received = 0
     while True:
         event = conn.next_event()
         if isinstance(event, h11.Request):
             return event
         if event is h11.NEED_DATA:
             data = await reader.read(4096)
+            received += len(data)
+            if received > _MAX_HEAD:
+                raise h11.RemoteProtocolError("request head too large", 431)
             conn.receive_data(data)  # b"" marks the end of the stream
             continue
         return None  # ConnectionClosed or PAUSED

@@ -86,9 +86,15 @@ class ProxyCollector(Collector):
             "pgcloak_client_connections_accepted", "Client connections accepted", value=s.connections_total
         )
         yield CounterMetricFamily(
-            "pgcloak_client_bytes_received", "Bytes received from clients", value=s.bytes_received
+            "pgcloak_client_bytes_received",
+            "Bytes received from clients after authentication",
+            value=s.bytes_received,
         )
-        yield CounterMetricFamily("pgcloak_client_bytes_sent", "Bytes sent to clients", value=s.bytes_sent)
+        yield CounterMetricFamily(
+            "pgcloak_client_bytes_sent",
+            "Bytes sent to clients after authentication (results as decrypted or masked)",
+            value=s.bytes_sent,
+        )
         refusals = CounterMetricFamily(
             "pgcloak_refusals",
             "Statements and results pgcloak refused, by SQLSTATE (0A000 unsupported on ciphertext, "

@@ -133,7 +133,7 @@ class ProxyServer:
     def count_closed(self, session: Session) -> None:
         """Fold a finished session's byte counts into the totals."""
         self._bytes_in_closed += session.bytes_from_client
-        self._bytes_out_closed += session.bytes_from_backend
+        self._bytes_out_closed += session.bytes_to_client
 
     # -- what the admin endpoints read ------------------------------------------------
     @property
@@ -146,7 +146,7 @@ class ProxyServer:
 
     @property
     def bytes_sent(self) -> int:
-        return self._bytes_out_closed + sum(s.bytes_from_backend for s in self.sessions)
+        return self._bytes_out_closed + sum(s.bytes_to_client for s in self.sessions)
 
     @property
     def policy_fingerprint(self) -> str | None:

@@ -108,6 +108,8 @@ class Session:
         self.closing = False
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
+        #: What the client was sent in the relay phase (decrypted, masked, refused).
+        self.bytes_to_client = 0
         self._c2b = Splitter(max_message=self.settings.max_message_size)
         self._b2c_idle = True  # the last server chunk ended with ReadyForQuery
         self._b2c_held = b""  # an incomplete server message (protected sessions only)
@@ -713,6 +715,7 @@ class Session:
                 self._fatal("XX000", "pgcloak internal error; the session is closed")
                 self._finish("internal error")
                 return
+        self.bytes_to_client += len(data)
         transport.write(data)
 
     def _relay_backend(self, data: bytes) -> None:
@@ -724,6 +727,7 @@ class Session:
         instead of walking every header.
         """
         self.bytes_from_backend += len(data)
+        self.bytes_to_client += len(data)
         self.client.transport.write(data)  # type: ignore[union-attr]
         self._b2c_idle = data[-6:-1] == _READY_HEAD
 
