@@ -17,6 +17,7 @@ from pgcloak.policy import PolicyError
 if TYPE_CHECKING:
     from pgcloak.admin.http import AdminServer
     from pgcloak.crypto.keys import MasterKey
+    from pgcloak.inject.mutate import InjectorConfig
     from pgcloak.session.server import ProxyServer
 
 # Settings that must not be given on a command line (visible in `ps`).
@@ -146,6 +147,73 @@ def cmd_keys_combine(args: argparse.Namespace) -> int:
         _write_secret(args.out, text)
         print(f"wrote {args.out} (mode 0600)", file=sys.stderr)
     return 0
+
+
+def _injector_config(args: argparse.Namespace) -> InjectorConfig:
+    import yaml
+    from pydantic import ValidationError
+
+    from pgcloak.inject.mutate import InjectorConfig
+
+    data: dict[str, object] = {}
+    if args.config is not None:
+        loaded = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of injector settings")
+        data.update(loaded)
+    if args.image:
+        data["image"] = args.image
+    try:
+        return InjectorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"injector settings: {exc}") from None
+
+
+def cmd_inject_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from pgcloak.config import split_host_port
+    from pgcloak.inject.server import InjectorServer, tls_context
+    from pgcloak.logs import setup_logging
+    from pgcloak.session.server import install_event_loop_policy
+
+    config = _injector_config(args)
+    setup_logging("json" if args.log_json else "text", "info")
+    host, port = split_host_port(args.listen)
+    tls = tls_context(args.tls_cert, args.tls_key)
+    install_event_loop_policy()
+
+    async def main() -> None:
+        server = InjectorServer(host, port, tls, config)
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_inject_mutate(args: argparse.Namespace) -> int:
+    """Answer an AdmissionReview from a file: what the webhook would do, without a cluster."""
+    import json
+
+    from pgcloak.inject.mutate import mutate
+
+    config = _injector_config(args)
+    try:
+        review = json.loads(Path(args.review).read_text() if args.review != "-" else sys.stdin.read())
+        if not isinstance(review, dict):
+            raise ValueError("not a JSON object")
+        answer = mutate(review, config)
+    except ValueError as exc:
+        raise ConfigError(f"{args.review}: expected an AdmissionReview (admission.k8s.io/v1): {exc}") from None
+    print(json.dumps(answer, indent=2))
+    return 0 if answer["response"]["allowed"] else 1
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -302,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
         help='the index carries uniqueness; names as in SQL (crm."Contacts"."Email")',
     )
     ddl.set_defaults(func=cmd_policy_ddl)
+
+    inject = sub.add_parser("inject", help="Kubernetes sidecar injection (a mutating admission webhook)")
+    inject_sub = inject.add_subparsers(dest="inject_command", required=True)
+    serve = inject_sub.add_parser("serve", help="serve the webhook over HTTPS (POST /mutate)")
+    serve.add_argument("--listen", default="0.0.0.0:8443", help="HOST:PORT (default 0.0.0.0:8443)")
+    serve.add_argument("--tls-cert", type=Path, required=True, help="PEM certificate the API server trusts")
+    serve.add_argument("--tls-key", type=Path, required=True)
+    serve.add_argument("--log-json", action="store_true", help="JSON log lines")
+    dry = inject_sub.add_parser("mutate", help="answer an AdmissionReview from a file ('-': stdin), no cluster")
+    dry.add_argument("review")
+    for p in (serve, dry):
+        p.add_argument("--image", help="pgcloak image for the sidecar (or 'image' in --config)")
+        p.add_argument("--config", type=Path, default=None, help="YAML injector settings")
+    serve.set_defaults(func=cmd_inject_serve)
+    dry.set_defaults(func=cmd_inject_mutate)
 
     explain = sub.add_parser("explain", help="show how pgcloak plans a statement (no connection)")
     explain.add_argument("sql")

@@ -13,22 +13,14 @@ import asyncio
 import contextlib
 import logging
 
-import h11
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pgcloak.admin.metrics import ProxyState, make_registry, readiness
+from pgcloak.httpd import TEXT, Reply, Request, serve_connection
 
 __all__ = ["AdminServer"]
 
 log = logging.getLogger("pgcloak.admin")
-#: Seconds a client has to send its request.
-_DEADLINE = 5.0
-_MAX_HEAD = 16 * 1024
-_TEXT = "text/plain; charset=utf-8"
-_BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
-    b"content-length: 12\r\nconnection: close\r\n\r\nbad request\n"
-)
 
 
 class AdminServer:
@@ -47,7 +39,7 @@ class AdminServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self._port, reuse_address=True)
+        self._server = await asyncio.start_server(self._serve, self.host, self._port, reuse_address=True)
         log.info("admin listening", extra={"address": f"{self.host}:{self.port}"})
 
     async def close(self) -> None:
@@ -59,67 +51,20 @@ class AdminServer:
     def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         """``(status, content type, body)`` for one request (no IO; tests call it too)."""
         if method not in ("GET", "HEAD"):
-            return 405, _TEXT, b"method not allowed\n"
+            return 405, TEXT, b"method not allowed\n"
         path = path.split("?", 1)[0]
         if path == "/healthz":
-            return 200, _TEXT, b"ok\n"
+            return 200, TEXT, b"ok\n"
         if path == "/readyz":
             ready, why = readiness(self._state)
-            return (200 if ready else 503), _TEXT, (why + "\n").encode()
+            return (200 if ready else 503), TEXT, (why + "\n").encode()
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
-        return 404, _TEXT, b"not found: try /healthz, /readyz or /metrics\n"
+        return 404, TEXT, b"not found: try /healthz, /readyz or /metrics\n"
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        try:
-            try:
-                async with asyncio.timeout(_DEADLINE):
-                    request = await _read_request(conn, reader)
-            except h11.RemoteProtocolError:
-                writer.write(_BAD_REQUEST)  # malformed or oversized head: h11 cannot answer it
-                await writer.drain()
-                return
-            if request is None:
-                return
-            method = request.method.decode("ascii", "replace")
-            status, ctype, body = self.route(method, request.target.decode("ascii", "replace"))
-            headers = [
-                ("content-type", ctype),
-                ("content-length", str(len(body))),
-                ("connection", "close"),
-                ("cache-control", "no-store"),
-            ]
-            if status == 405:
-                headers.append(("allow", "GET, HEAD"))
-            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-            if method != "HEAD":
-                out += conn.send(h11.Data(data=body)) or b""
-            out += conn.send(h11.EndOfMessage()) or b""
-            writer.write(out)
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _answer(self, request: Request) -> Reply:
+        status, ctype, body = self.route(request.method, request.path)
+        return Reply(status, ctype, body, (("allow", "GET, HEAD"),) if status == 405 else ())
 
-
-async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    """The request head, or None if the client went away first. A head over
-    ``_MAX_HEAD`` bytes is refused however the bytes arrive (h11 checks its bound only
-    while the head is incomplete)."""
-    received = 0
-    while True:
-        event = conn.next_event()
-        if isinstance(event, h11.Request):
-            return event
-        if event is h11.NEED_DATA:
-            data = await reader.read(4096)
-            received += len(data)
-            if received > _MAX_HEAD:
-                raise h11.RemoteProtocolError("request head too large", 431)
-            conn.receive_data(data)  # b"" marks the end of the stream
-            continue
-        return None  # ConnectionClosed or PAUSED
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(reader, writer, self._answer)
