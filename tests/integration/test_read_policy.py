@@ -682,26 +682,27 @@ async def test_result_time_deny_with_asyncpg_extended_protocol(env: RoleEnv) -> 
 
 def test_deny_covers_envelopes_inside_composite_values(env: RoleEnv) -> None:
     """A whole-row reference or row_to_json() carries the stored values inside one text
-    value; the planner does not see the column, the envelope is still in the result.
-    A role denied the column must get 42501, not the envelope (nor its blind index)."""
+    value. On a protected table the planner refuses it for everyone (0A000: the values
+    would come back encrypted). Through a view it cannot see into, the envelope is still
+    in the result: a role denied the column gets 42501, not the envelope (nor its blind
+    index)."""
     alice = env.id(ALICE)
     with env.psy(AGENT) as agent:
         for sql in (
             "SELECT row_to_json(s) FROM user_ssn s WHERE id = %s",
             "SELECT s FROM user_ssn s WHERE id = %s",
-            "SELECT u FROM users u WHERE id = %s",
-            "SELECT row_to_json(u) FROM users u WHERE id = %s",
             "SELECT ARRAY[ssn] FROM user_ssn WHERE id = %s",
         ):
             refused(agent, sql, (alice,), "42501", "permission denied", SSN)
             assert agent.execute("SELECT name FROM users WHERE id = %s", (alice,)).fetchone() == ("Alice",)
     with env.psy(OUTSIDER) as outsider:
-        for sql in (
-            "SELECT u FROM users u WHERE id = %s",
-            "SELECT row_to_json(p) FROM user_pii p WHERE id = %s",
-        ):
-            refused(outsider, sql, (alice,), "42501", "permission denied")
-            assert outsider.execute("SELECT name FROM users WHERE id = %s", (alice,)).fetchone() == ("Alice",)
+        refused(outsider, "SELECT row_to_json(p) FROM user_pii p WHERE id = %s", (alice,), "42501", "permission denied")
+        assert outsider.execute("SELECT name FROM users WHERE id = %s", (alice,)).fetchone() == ("Alice",)
+    for who in (AGENT, OUTSIDER, WRITER):
+        with env.psy(who) as conn:
+            for sql in ("SELECT u FROM users u WHERE id = %s", "SELECT row_to_json(u) FROM users u WHERE id = %s"):
+                refused(conn, sql, (alice,), "0A000", "whole-row reference", EMAIL)
+            assert conn.execute("SELECT count(u) FROM users u WHERE id = %s", (alice,)).fetchone() == (1,)
 
 
 def test_a_result_cut_short_in_a_batch_is_an_error_for_the_client_only(env: RoleEnv) -> None:

@@ -289,3 +289,34 @@ def test_a_denied_column_cannot_be_searched_either(protection: Protection) -> No
     # Masked columns can still be searched: the agent finds a customer by email.
     ok = Query("SELECT id FROM users WHERE email = 'x@example.com'").encode()
     assert b"pgcloak_refused_" not in rw.client_message(ord("Q"), ok)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT u FROM users u WHERE id = 1",
+        "SELECT row_to_json(u) FROM users u WHERE id = 1",
+        "SELECT users FROM users WHERE id = 1",
+        "SELECT s FROM (SELECT email FROM users WHERE id = 1) s",
+    ],
+)
+def test_whole_row_references_to_encrypted_columns_are_refused(protection: Protection, sql: str) -> None:
+    """Only a column's own value can be decrypted: a row as one value would come back encrypted."""
+    plan = protection.planner.plan(sql)
+    assert not plan.decision.allowed and plan.decision.sqlstate == "0A000"
+    assert "whole-row reference" in plan.decision.message and "public.users.email" in plan.decision.message
+    assert "public.users.email" in plan.audit.pii_read  # the trail says what it tried to read
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT count(u) FROM users u",
+        "SELECT id FROM users u WHERE u IS NOT NULL LIMIT 1",
+        "SELECT u.name FROM users u WHERE id = 1",
+        "SELECT x FROM generate_series(1, 3) x",
+        "SELECT o FROM orders o",
+    ],
+)
+def test_other_row_references_pass(protection: Protection, sql: str) -> None:
+    assert protection.planner.plan(sql).decision.allowed

@@ -523,6 +523,8 @@ class Analyzer:
             )
             return
         if found is None:
+            if not is_target and not col.args.get("table"):
+                self._whole_row(col)
             return
         origin = found
         self.out.touches = True
@@ -533,6 +535,31 @@ class Analyzer:
         why = self._use(col, node, parent, origin)
         if why is not None:
             self.deny(f"{why} on protected column {origin.name} is not supported: {_reason(why)}")
+
+    def _whole_row(self, col: exp.Column) -> None:
+        """``SELECT u FROM users u``, ``row_to_json(u)``: a name that is no column but a
+        FROM item is the whole row, as one composite value. Its encrypted values would
+        come back as stored (only a column's own value can be decrypted), so it is
+        refused; ``count(u)`` and ``u IS NULL`` return no value and pass."""
+        if isinstance(col.parent, exp.Count | exp.Is):
+            return
+        name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
+        for scope in self._scope_chain(col):
+            src = self._sources(scope).get(name)
+            if src is None:
+                continue
+            encrypted = sorted(
+                o.name for o in self._source_columns(src).values() if o is not None and not o.policy.hash_only
+            )
+            if encrypted:
+                self.out.touches = True
+                self.out.read.update(encrypted)
+                self.deny(
+                    f"a whole-row reference to {name} is not supported: its protected column"
+                    f"{'s' if len(encrypted) > 1 else ''} {', '.join(encrypted)} would come back "
+                    "encrypted; select the columns themselves"
+                )
+            return
 
     def _set_target(self, col: exp.Column) -> tuple[bool, Origin | _Ambiguous | None]:
         """SET col = ... in UPDATE or ON CONFLICT DO UPDATE: the target table's column."""
