@@ -9,44 +9,21 @@ costs nothing. GET and HEAD only: nothing here changes the proxy.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pgcloak.admin.metrics import ProxyState, make_registry, readiness
-from pgcloak.httpd import TEXT, Reply, Request, serve_connection
+from pgcloak.httpd import TEXT, HttpServer, Reply, Request
 
 __all__ = ["AdminServer"]
 
-log = logging.getLogger("pgcloak.admin")
 
-
-class AdminServer:
+class AdminServer(HttpServer):
     """Serves the admin endpoints for one proxy process (one worker)."""
 
     def __init__(self, host: str, port: int, state: ProxyState, worker: int | None = None) -> None:
-        self.host = host
-        self._port = port
+        super().__init__("admin", host, port, self._answer)
         self._state = state
         self._registry = make_registry(state, worker)
-        self._server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self._port, reuse_address=True)
-        log.info("admin listening", extra={"address": f"{self.host}:{self.port}"})
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
     def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         """``(status, content type, body)`` for one request (no IO; tests call it too)."""
@@ -65,6 +42,3 @@ class AdminServer:
     async def _answer(self, request: Request) -> Reply:
         status, ctype, body = self.route(request.method, request.path)
         return Reply(status, ctype, body, (("allow", "GET, HEAD"),) if status == 405 else ())
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._answer)

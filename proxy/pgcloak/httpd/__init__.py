@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import h11
 
-__all__ = ["Handler", "Reply", "Request", "serve_connection"]
+__all__ = ["Handler", "HttpServer", "Reply", "Request", "serve_connection"]
+
+log = logging.getLogger("pgcloak.httpd")
 
 _BAD_REQUEST = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
@@ -48,6 +52,57 @@ Handler = Callable[[Request], Awaitable[Reply]]
 
 class _TooLarge(Exception):
     pass
+
+
+class HttpServer:
+    """A listener answering each connection with :func:`serve_connection`."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        handler: Handler,
+        *,
+        tls: ssl.SSLContext | None = None,
+        max_body: int = 0,
+        deadline: float = 5.0,
+    ) -> None:
+        self.name = name
+        self.host = host
+        self._port = port
+        self._handler = handler
+        self._tls = tls
+        self._max_body = max_body
+        self._deadline = deadline
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve,
+            self.host,
+            self._port,
+            ssl=self._tls,
+            ssl_handshake_timeout=self._deadline if self._tls is not None else None,
+            reuse_address=True,
+        )
+        log.info(f"{self.name} listening", extra={"address": f"{self.host}:{self.port}"})
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(
+            reader, writer, self._handler, max_body=self._max_body, deadline=self._deadline
+        )
 
 
 async def serve_connection(

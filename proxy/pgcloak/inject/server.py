@@ -8,14 +8,12 @@ bytes. A request that is not an AdmissionReview gets 400 and a log line; the web
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import ssl
 from pathlib import Path
 
-from pgcloak.httpd import TEXT, Reply, Request, serve_connection
+from pgcloak.httpd import TEXT, HttpServer, Reply, Request
 from pgcloak.inject.mutate import InjectorConfig, mutate
 
 __all__ = ["InjectorServer", "tls_context"]
@@ -33,35 +31,12 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
-class InjectorServer:
+class InjectorServer(HttpServer):
     """Answers ``POST /mutate`` (and ``GET /healthz``) over HTTPS."""
 
     def __init__(self, host: str, port: int, tls: ssl.SSLContext, config: InjectorConfig) -> None:
-        self.host = host
-        self._port = port
-        self._tls = tls
+        super().__init__("injector", host, port, self._answer, tls=tls, max_body=_MAX_BODY, deadline=10.0)
         self.config = config
-        self._server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve, self.host, self._port, ssl=self._tls, reuse_address=True, ssl_handshake_timeout=5.0
-        )
-        log.info("injector listening", extra={"address": f"{self.host}:{self.port}"})
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._answer, max_body=_MAX_BODY, deadline=10.0)
 
     async def _answer(self, request: Request) -> Reply:
         if request.path == "/healthz" and request.method in ("GET", "HEAD"):
