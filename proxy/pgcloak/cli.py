@@ -174,18 +174,27 @@ def cmd_inject_serve(args: argparse.Namespace) -> int:
     import signal
 
     from pgcloak.config import split_host_port
-    from pgcloak.inject.server import InjectorServer, tls_context
+    from pgcloak.inject.server import CERT_POLL, InjectorServer, ServingCertificate
     from pgcloak.logs import setup_logging
     from pgcloak.session.server import install_event_loop_policy
 
     config = _injector_config(args)
     setup_logging("json" if args.log_json else "text", "info")
     host, port = split_host_port(args.listen)
-    tls = tls_context(args.tls_cert, args.tls_key)
+    # --tls-cert/--tls-key are re-read when they change (a renewed certificate); how
+    # often they are looked at is a hidden knob, for tests.
+    poll_text = os.environ.get("PGCLOAK_INJECT_CERT_POLL_SECONDS", str(CERT_POLL))
+    try:
+        poll = float(poll_text)
+    except ValueError:
+        poll = -1.0
+    if not 0 < poll <= 3600:
+        raise ConfigError(f"PGCLOAK_INJECT_CERT_POLL_SECONDS: expected seconds in (0, 3600], got {poll_text!r}")
+    certificate = ServingCertificate(args.tls_cert, args.tls_key, poll=poll)
     install_event_loop_policy()
 
     async def main() -> None:
-        server = InjectorServer(host, port, tls, config)
+        server = InjectorServer(host, port, certificate, config)
         await server.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

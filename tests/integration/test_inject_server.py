@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
+import logging
+import os
 import signal
 import socket
 import ssl
@@ -13,8 +16,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +52,7 @@ REVIEW = {
 
 
 class Injector:
-    def __init__(self, port: int, tls: TlsFiles, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, port: int, tls: TlsFiles, proc: subprocess.Popen[bytes] | None, log: Path) -> None:
         self.port, self.tls, self.proc, self.log = port, tls, proc, log
         self.context = ssl.create_default_context(cafile=str(tls.ca_cert))
 
@@ -66,10 +70,9 @@ class Injector:
             return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
-    base = tmp_path_factory.mktemp("inject")
-    tls = make_tls_files(base / "tls")
+@contextlib.contextmanager
+def _serving(base: Path, tls: TlsFiles, env: dict[str, str] | None = None) -> Iterator[Injector]:
+    """`pgcloak inject serve` on a free port with ``tls``'s server certificate."""
     port = free_port()
     log = base / "inject.log"
     with open(log, "wb") as out:
@@ -80,22 +83,30 @@ def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
                 "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
                 "--image", "registry.example/pgcloak:1.0",
             ],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:
-        assert proc.poll() is None, log.read_text()
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
     try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
         yield Injector(port, tls, proc, log)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, log.read_text()
+
+
+@pytest.fixture(scope="module")
+def injector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Injector]:
+    base = tmp_path_factory.mktemp("inject")
+    with _serving(base, make_tls_files(base / "tls")) as running:
+        yield running
 
 
 def test_a_review_gets_the_sidecar_patch(injector: Injector) -> None:
@@ -158,3 +169,94 @@ def test_dry_run_from_a_file(tmp_path: Path) -> None:
     assert patch[0]["value"][0]["image"] == "pgcloak:dev"
     done = subprocess.run([*cmd[:-2]], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "image" in done.stderr  # the image is required
+
+
+def _handshake(port: int, cafile: Path) -> bool:
+    """Whether a client trusting only ``cafile`` completes a TLS handshake with the injector."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    try:
+        with socket.create_connection(("127.0.0.1", port), 5) as raw, context.wrap_socket(raw, server_hostname="localhost"):
+            return True
+    except ssl.SSLCertVerificationError:
+        return False
+
+
+def _until(condition: Callable[[], bool], what: str, log: Path, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def test_a_renewed_certificate_serves_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews the certificate under the running injector: new connections get
+    the new pair once both files are in place; a half-replaced pair (a certificate with
+    the old key) does not load, and the old certificate serves on meanwhile."""
+    old = make_tls_files(tmp_path / "old")
+    new = make_tls_files(tmp_path / "new")  # a different CA: only the new pair passes with it
+    with _serving(tmp_path, old, {"PGCLOAK_INJECT_CERT_POLL_SECONDS": "0.1"}) as injector:
+        assert _handshake(injector.port, old.ca_cert) and not _handshake(injector.port, new.ca_cert)
+        # The certificate first (what a non-atomic update looks like half way).
+        os.replace(new.server_cert, old.server_cert)
+        _until(lambda: "certificate reload failed" in injector.log.read_text(), "no failed reload logged", injector.log)
+        assert _handshake(injector.port, old.ca_cert) and not _handshake(injector.port, new.ca_cert)
+        assert injector.request("/mutate", json.dumps(REVIEW).encode())[0] == 200
+        # Then the key: the pair loads and serves the next connection.
+        os.replace(new.server_key, old.server_key)
+        _until(lambda: _handshake(injector.port, new.ca_cert), "the new certificate is not served", injector.log)
+        assert not _handshake(injector.port, old.ca_cert)
+        injector.context = ssl.create_default_context(cafile=str(new.ca_cert))
+        assert injector.request("/mutate", json.dumps(REVIEW).encode())[0] == 200
+        assert "certificate reloaded" in injector.log.read_text()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _nested(100_000),  # json.loads: RecursionError
+        b'{"apiVersion": ' + _nested(100_000) + b', "request": {"uid": "1"}}',
+        b'{"request": {"uid": "1", "operation": "CREATE", "object": {"metadata": {"annotations": ["a"]}}}}',
+        b'{"request": {"uid": "1", "operation": "CREATE", "object": {"metadata": {"annotations": "a: b"}}}}',
+        b'{"request": {"uid": "1", "operation": "CREATE", "object": {"metadata": '
+        b'{"labels": {"pgcloak.dev/inject": "true"}}, "spec": []}}}',
+        b'{"request": {"uid": "1", "operation": "CREATE", "object": {"metadata": '
+        b'{"labels": {"pgcloak.dev/inject": "true"}}, "spec": {"containers": {}}}}}',
+    ],
+)
+def test_malformed_reviews_are_answered_400(injector: Injector, body: bytes) -> None:
+    """An answer, not a dropped connection; and the server serves on."""
+    assert injector.request("/mutate", body) == (400, b"expected an AdmissionReview (admission.k8s.io/v1)\n")
+    assert injector.request("/mutate", json.dumps(REVIEW).encode())[0] == 200
+
+
+async def test_an_unexpected_failure_is_a_500_without_the_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the injector is answered (500, plain text) and logged by type and place,
+    never by its message, which could quote the pod."""
+    import pgcloak.inject.server as module
+    from pgcloak.inject.mutate import InjectorConfig
+
+    def broken(review: dict[str, Any], config: InjectorConfig) -> dict[str, Any]:
+        raise KeyError(review["request"]["object"]["metadata"]["annotations"]["pgcloak.dev/backend"])
+
+    monkeypatch.setattr(module, "mutate", broken)
+    tls = make_tls_files(tmp_path / "tls")
+    server = module.InjectorServer(
+        "127.0.0.1", 0, module.ServingCertificate(tls.server_cert, tls.server_key), InjectorConfig(image="x")
+    )
+    await server.start()
+    try:
+        injector = Injector(server.port, tls, None, tmp_path / "unused.log")
+        with caplog.at_level(logging.INFO, logger="pgcloak.inject"):
+            status, body = await asyncio.to_thread(injector.request, "/mutate", json.dumps(REVIEW).encode())
+    finally:
+        await server.close()
+    assert status == 500 and body == b"the injector failed on this request; see its log\n"
+    failed = [r for r in caplog.records if r.getMessage() == "injector failed"]
+    assert len(failed) == 1 and failed[0].__dict__["error"] == "KeyError"
+    assert "db.shop.svc" not in caplog.text and all("db.shop.svc" not in str(r.__dict__) for r in caplog.records)

@@ -36,6 +36,7 @@ What is checked, always on both sides (through pgcloak, and directly on PostgreS
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -703,6 +704,23 @@ def test_deny_covers_envelopes_inside_composite_values(env: RoleEnv) -> None:
             for sql in ("SELECT u FROM users u WHERE id = %s", "SELECT row_to_json(u) FROM users u WHERE id = %s"):
                 refused(conn, sql, (alice,), "0A000", "whole-row reference", EMAIL)
             assert conn.execute("SELECT count(u) FROM users u WHERE id = %s", (alice,)).fetchone() == (1,)
+
+
+async def test_a_copy_in_after_a_cut_short_result_does_not_hang(env: RoleEnv) -> None:
+    """The client is told its Query failed at the refused result and waits for
+    ReadyForQuery; the server reaches the COPY FROM STDIN after it and waits for data.
+    pgcloak ends that COPY for the client (CopyFail), so both go on."""
+    alice = env.id(ALICE)
+    conn = await env.apg(AGENT)
+    try:
+        await conn.execute("CREATE TEMP TABLE copied (x int)")
+        for cut in (f"SELECT ssn FROM user_ssn WHERE id = {alice}", "SELECT email FROM user_pii WHERE id > 0"):
+            with pytest.raises(asyncpg.PostgresError) as info:
+                await asyncio.wait_for(conn.execute(f"{cut}; COPY copied FROM STDIN"), 20)
+            assert info.value.sqlstate in ("42501", "54000"), info.value
+            assert await asyncio.wait_for(conn.fetchval("SELECT count(*) FROM copied"), 20) == 0
+    finally:
+        await conn.close()
 
 
 def test_a_result_cut_short_in_a_batch_is_an_error_for_the_client_only(env: RoleEnv) -> None:

@@ -1,21 +1,25 @@
 """The Kubernetes examples agree with the code: the app's pod gets its sidecar, the policy
-it mounts is valid, and the webhook, Service and injector point at one another."""
+it mounts is valid, the webhook, Service and injector point at one another, and the
+webhook selects the app's pod. Also: the Docker build context is what the Dockerfile copies."""
 
 from __future__ import annotations
 
 import base64
 import copy
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import yaml
 
-from pgcloak.inject.mutate import InjectorConfig, mutate
+from pgcloak.inject.mutate import INJECT_LABEL, InjectorConfig, mutate
 from pgcloak.policy import parse_policy
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "kubernetes"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "kubernetes"
 
 
 def _docs(name: str) -> list[dict[str, Any]]:
@@ -28,16 +32,23 @@ def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found[0]
 
 
-def test_the_app_pod_gets_a_sidecar_with_its_policy_and_key() -> None:
-    docs = _docs("app.yaml")
-    policy_map = _one(docs, "ConfigMap")
-    parse_policy(policy_map["data"]["policy.yaml"])  # raises if the example policy is invalid
-    deployment = _one(docs, "Deployment")
-    template = deployment["spec"]["template"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"], "spec": template["spec"]}
+def _app_pod() -> dict[str, Any]:
+    template = _one(_docs("app.yaml"), "Deployment")["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"], "spec": template["spec"]}
+
+
+def _admit(pod: dict[str, Any]) -> dict[str, Any]:
     review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
               "request": {"uid": "1", "kind": {"kind": "Pod"}, "operation": "CREATE", "object": pod}}  # fmt: skip
-    response = mutate(review, InjectorConfig(image="pgcloak:test"))["response"]
+    response: dict[str, Any] = mutate(review, InjectorConfig(image="pgcloak:test"))["response"]
+    return response
+
+
+def test_the_app_pod_gets_a_sidecar_with_its_policy_and_key() -> None:
+    policy_map = _one(_docs("app.yaml"), "ConfigMap")
+    parse_policy(policy_map["data"]["policy.yaml"])  # raises if the example policy is invalid
+    pod = _app_pod()
+    response = _admit(pod)
     assert response["allowed"] is True, response
     after = jsonpatch.apply_patch(copy.deepcopy(pod), json.loads(base64.b64decode(response["patch"])))
     sidecar = after["spec"]["initContainers"][0]
@@ -66,3 +77,97 @@ def test_the_webhook_reaches_the_injector() -> None:
     # The injector's serving certificate names the Service the API server calls.
     cert = _one(docs, "Certificate")
     assert f"{client['name']}.{client['namespace']}.svc" in cert["spec"]["dnsNames"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_the_webhook_selects_only_pods_that_opt_in_by_label() -> None:
+    """objectSelector: pods without the opt-in label never reach the injector, so an
+    injector outage (failurePolicy: Fail) cannot hold them back; the app's pod has it."""
+    webhook = _one(_docs("injector.yaml"), "MutatingWebhookConfiguration")["webhooks"][0]
+    selector = webhook["objectSelector"]
+    pod = _app_pod()
+    labels = pod["metadata"]["labels"]
+    assert _selects(selector, labels)
+    assert labels[INJECT_LABEL] == "true"
+    # Selected because of the opt-in label, not because of other labels.
+    assert not _selects(selector, {k: v for k, v in labels.items() if k != INJECT_LABEL})
+    assert not _selects(selector, {"app": "other"})
+    # And the label alone is what opts the example pod in (it carries no inject annotation).
+    assert INJECT_LABEL not in pod["metadata"].get("annotations", {})
+    without = copy.deepcopy(pod)
+    del without["metadata"]["labels"][INJECT_LABEL]
+    response = _admit(without)
+    assert response["allowed"] is True and "patch" not in response
+
+
+def _dockerignore() -> list[tuple[bool, re.Pattern[str]]]:
+    """.dockerignore's patterns as (negated, regex), in Docker's syntax: ``**`` any
+    directories, ``*`` and ``?`` within one path segment; a pattern matching a directory
+    covers everything under it."""
+    rules = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip().strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((negated, re.compile(regex)))
+    return rules
+
+
+def _ignored(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    parts = path.split("/")
+    ignored = False
+    for negated, regex in rules:
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            ignored = not negated
+    return ignored
+
+
+def test_the_docker_build_context_is_what_the_dockerfile_copies() -> None:
+    rules = _dockerignore()
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    needed = [p.strip("/") for line in copied for p in line.split()]
+    assert sorted(needed) == ["README.md", "proxy", "pyproject.toml"]
+    kept = ["pyproject.toml", "README.md"]
+    for dirpath, dirnames, filenames in os.walk(ROOT / "proxy"):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info")]
+        kept += [str(Path(dirpath, f).relative_to(ROOT)) for f in filenames if not f.endswith(".pyc")]
+    assert "proxy/pgcloak/__init__.py" in kept and "proxy/pgcloak/py.typed" in kept
+    assert [p for p in kept if _ignored(p, rules)] == []
+    left_out = [
+        ".git/HEAD", ".mypy_cache/3.11/x.json", ".ruff_cache/CACHEDIR.TAG", ".pytest_cache/README.md",
+        "__pycache__/x.pyc", "proxy/pgcloak/__pycache__/cli.cpython-311.pyc", "proxy/pgcloak/sql/__pycache__/a.pyc",
+        "proxy/pgcloak.egg-info/PKG-INFO", "pgcloak.egg-info/PKG-INFO", "build/lib/pgcloak/cli.py",
+        "dist/pgcloak-0.1.0.whl", "tests/unit/test_examples.py", "bench/passthrough.py",
+    ]  # fmt: skip
+    assert [p for p in left_out if not _ignored(p, rules)] == []

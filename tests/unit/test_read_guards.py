@@ -24,6 +24,7 @@ from pgcloak.session.protection import Protection, ReadDenied
 from pgcloak.session.rewriter import Rewriter
 from pgcloak.wire.framing import iter_messages
 from pgcloak.wire.messages import (
+    Bind,
     CommandComplete,
     CopyData,
     DataRow,
@@ -298,6 +299,8 @@ def test_a_denied_column_cannot_be_searched_either(protection: Protection) -> No
         "SELECT row_to_json(u) FROM users u WHERE id = 1",
         "SELECT users FROM users WHERE id = 1",
         "SELECT s FROM (SELECT email FROM users WHERE id = 1) s",
+        "SELECT concat(u.*) FROM users u WHERE id = 1",
+        "SELECT row_to_json(u.*) FROM users u WHERE id = 1",
     ],
 )
 def test_whole_row_references_to_encrypted_columns_are_refused(protection: Protection, sql: str) -> None:
@@ -312,6 +315,8 @@ def test_whole_row_references_to_encrypted_columns_are_refused(protection: Prote
     "sql",
     [
         "SELECT count(u) FROM users u",
+        "SELECT count(u.*) FROM users u",
+        "SELECT u.* FROM users u WHERE id = 1",
         "SELECT id FROM users u WHERE u IS NOT NULL LIMIT 1",
         "SELECT u.name FROM users u WHERE id = 1",
         "SELECT x FROM generate_series(1, 3) x",
@@ -320,3 +325,56 @@ def test_whole_row_references_to_encrypted_columns_are_refused(protection: Prote
 )
 def test_other_row_references_pass(protection: Protection, sql: str) -> None:
     assert protection.planner.plan(sql).decision.allowed
+
+
+def test_a_prepared_lookup_on_a_denied_column_is_refused_at_prepare(protection: Protection) -> None:
+    """PREPARE's own $n are the EXECUTE's: its lookups count, not only the outer text's."""
+    rw = Rewriter(lambda: protection, roles=frozenset({"outsider"}))  # default_read: deny
+    sent = rw.client_message(ord("Q"), Query("PREPARE p AS SELECT id, name FROM users WHERE email = $1").encode())
+    error = _refusal(rw, sent)
+    assert error.code == "42501" and "public.users.email" in error.message
+    # so a Bind to it finds nothing to run
+    assert b"pgcloak_refused_" in rw.client_message(ord("B"), Bind("", "p", (), (b"alice@example.com",), ()).encode())
+
+
+def test_every_bind_is_checked_against_the_current_decisions() -> None:
+    """A statement prepared while its column was readable is refused once a policy edit
+    denies it, also when it was prepared with SQL (no text to plan again)."""
+    before = Protection.build(parse_policy(POLICY), KEYRING)
+    after = Protection.build(parse_policy(POLICY.replace("users.email: mask", "users.email: deny")), KEYRING)
+    current = [before]
+    rw = Rewriter(lambda: current[0], roles=frozenset({"support"}))
+    rw.client_message(ord("Q"), Query("PREPARE p AS SELECT id FROM users WHERE email = $1").encode())
+    rw.client_message(ord("P"), Parse("s", "SELECT email FROM users WHERE id = $1", ()).encode())
+    bind_p = Bind("", "p", (), (b"alice@example.com",), ()).encode()
+    bind_s = Bind("", "s", (), (b"1",), ()).encode()
+    assert b"pgcloak_refused_" not in rw.client_message(ord("B"), bind_p)
+    assert rw.client_message(ord("B"), bind_s) == bind_s
+    current[0] = after
+    for bind in (bind_p, bind_s):
+        sent = rw.client_message(ord("B"), bind)
+        assert b"pgcloak_refused_" in sent and b"alice@" not in sent
+
+
+def test_a_copy_in_after_a_refused_result_is_ended_for_the_server(protection: Protection) -> None:
+    """The client was told its batch failed and waits for ReadyForQuery; a later COPY
+    FROM STDIN of the batch would leave the server waiting for data: pgcloak ends it."""
+    rw = Rewriter(lambda: protection, roles=frozenset({"support"}))
+    ssn = _stored(protection, "ssn", "078-05-1120")
+    chunk = DataRow((ssn,)).encode() + CommandComplete("SELECT 1").encode() + b"G\x00\x00\x00\x07\x00\x00\x00"
+    msgs = _messages(rw.backend_chunk(chunk))
+    assert [type(m) for m in msgs] == [ErrorResponse]  # the CopyInResponse is not the client's business
+    assert len(rw.to_server) == 1 and rw.to_server[0][:1] == b"f"  # CopyFail
+    # The server's error for the failed COPY and its ReadyForQuery: only the latter passes.
+    after = ErrorResponse.make("57014", "COPY from stdin failed").encode() + ReadyForQuery("I").encode()
+    assert [type(m) for m in _messages(rw.backend_chunk(after))] == [ReadyForQuery]
+
+
+def test_an_envelope_followed_by_more_text_is_decided_like_a_composite(protection: Protection) -> None:
+    """The first envelope parses, the whole value does not decrypt: what is inside still counts."""
+    email = _stored(protection, "email", "gil@example.com", "email")
+    ssn = _stored(protection, "ssn", "078-05-1120")
+    value = email + b"A" * 400 + b" " + ssn
+    with pytest.raises(ReadDenied) as denied:
+        protection.reveal(value, protection.policy.read_view({"support"}))
+    assert "public.users.ssn" in denied.value.message

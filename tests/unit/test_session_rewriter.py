@@ -199,3 +199,47 @@ def test_text_arrays_round_trip(text: str, items: list[str | None]) -> None:
 def test_nested_text_array_is_refused() -> None:
     with pytest.raises(ValueRefused):
         parse_text_array("{{a},{b}}")
+
+
+# -- SQL-level PREPARE / EXECUTE: the registry follows every statement of a text ------------
+
+
+def _sent_sql(rewriter: Rewriter, sql: str) -> str:
+    return Query.decode(rewriter.client_message(ord("Q"), Query(sql).encode())[5:]).sql
+
+
+def test_every_prepare_of_a_text_is_registered(rewriter: Rewriter, protection: Protection) -> None:
+    """Only the first used to be: EXECUTE of the second then sent its values in clear."""
+    _sent_sql(rewriter, "PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    sent = _sent_sql(rewriter, "EXECUTE ins('mallory@example.com', '999-99-9999')")
+    assert "mallory" not in sent and "999-99" not in sent
+    assert decrypt(protection.keyring, sent.split("'")[1]) == b"mallory@example.com"
+    # The same through the protocol: Bind to the SQL-level name transforms its values.
+    bind = Bind("", "ins", (), (b"eve@example.com", b"111-11-1111"), ()).encode()
+    out = Bind.decode(rewriter.client_message(ord("B"), bind)[5:])
+    assert out.params[0] is not None and b"eve@" not in out.params[0]
+    # DEALLOCATE in a text with other statements is followed too.
+    _sent_sql(rewriter, "SELECT 1; DEALLOCATE ins")
+    assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE ins('x@example.com', '1')")
+
+
+def test_execute_of_a_statement_prepared_in_the_same_text(rewriter: Rewriter, protection: Protection) -> None:
+    sent = _sent_sql(
+        rewriter, "PREPARE ins2 AS INSERT INTO users (email) VALUES ($1); EXECUTE ins2('oscar@example.com')"
+    )
+    assert "oscar" not in sent
+    stored = sent.split("'")[1]
+    assert decrypt(protection.keyring, stored) == b"oscar@example.com"
+
+
+def test_unknown_statement_names_are_refused_as_postgresql_does(rewriter: Rewriter) -> None:
+    """A statement prepared some way pgcloak did not see must not run with raw values."""
+    sent = rewriter.client_message(ord("B"), Bind("", "nobody", (), (b"alice@example.com",), ()).encode())
+    assert b"alice@" not in sent and b"pgcloak_refused_" in sent
+    marker = Bind.decode(sent[5:]).statement
+    server = ErrorResponse.make("26000", f'prepared statement "{marker}" does not exist').encode()
+    msgs = [decode_backend(t, o[s:e]) for o in [rewriter.backend_chunk(server)] for t, s, e in iter_messages(o)]
+    assert isinstance(msgs[0], ErrorResponse)
+    assert (msgs[0].code, msgs[0].message) == ("26000", 'prepared statement "nobody" does not exist')
+    assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE nobody('alice@example.com')")
+    assert "alice@" not in _sent_sql(rewriter, "EXECUTE nobody('alice@example.com')")

@@ -1,25 +1,36 @@
 """Kubernetes sidecar injection, the pure half: an AdmissionReview in, its answer out.
 
-A pod opts in with annotations; the answer is a JSONPatch that adds pgcloak as a
-sidecar listening on the pod's loopback, so the application's connection string only
-changes host and port (``127.0.0.1:6432``), and its database traffic is encrypted and
-audited before it leaves the pod. No IO here: :mod:`pgcloak.inject.server` serves it.
+A pod opts in with a label; the answer is a JSONPatch that adds pgcloak as a sidecar
+listening on the pod's loopback, so the application's connection string only changes
+host and port (``127.0.0.1:6432``), and its database traffic is encrypted and audited
+before it leaves the pod. No IO here: :mod:`pgcloak.inject.server` serves it.
 
-Annotations (``pgcloak.dev/`` prefix):
+The opt-in is ``pgcloak.dev/inject: "true"`` as a *label* (what the webhook's
+``objectSelector`` selects, so pods without it never reach the injector and an injector
+outage cannot block them) or, for a webhook registered without that selector, as an
+annotation; either one opts the pod in, and nothing else is looked at without one.
 
-* ``inject: "true"`` opts the pod in; nothing else is looked at without it.
+Annotations (``pgcloak.dev/`` prefix) configure the sidecar:
+
 * ``backend``: the PostgreSQL server, ``postgresql://host:port`` (required).
 * ``policy-configmap``: ConfigMap holding the policy as ``policy.yaml`` (required).
 * ``master-key-secret``: Secret holding the base64 master key as ``master-key``
   (required; handed over in ``PGCLOAK_MASTER_KEY``, never in arguments).
 * ``listen-port`` (6432), ``admin-port`` (9187), ``backend-tls-mode`` (prefer).
 
-A pod that opts in without the required annotations is refused, not started without
-its proxy: an application meant to run behind pgcloak must never talk to the database
-directly by accident. The sidecar is a native sidecar (an init container that keeps
-running, Kubernetes 1.29+), so it is up before the application and its init containers
-(migrations included) start; ``native_sidecar: false`` adds an ordinary container
-instead, for older clusters.
+A pod that opts in but cannot get a working, private sidecar is refused, not started
+without its proxy: an application meant to run behind pgcloak must never talk to the
+database directly by accident. That covers missing or invalid annotations, a volume
+name or a declared container port the sidecar needs, ``hostNetwork`` (the sidecar's
+``127.0.0.1`` listener would be the node's loopback, open to every host-network pod)
+and ``shareProcessNamespace``/``hostPID`` (other processes could read the sidecar's
+environment, which holds the master key). A review that is not shaped like one (a
+``spec`` that is not an object, annotations given as a list, ...) raises ValueError.
+
+The sidecar is a native sidecar (an init container that keeps running, Kubernetes
+1.29+), so it is up before the application and its init containers (migrations
+included) start; ``native_sidecar: false`` adds an ordinary container instead, for
+older clusters.
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ANNOTATION_PREFIX", "InjectorConfig", "mutate", "sidecar_patch"]
+__all__ = ["ANNOTATION_PREFIX", "INJECT_LABEL", "InjectorConfig", "mutate", "sidecar_patch"]
 
 ANNOTATION_PREFIX = "pgcloak.dev/"
+#: The opt-in, as a label (preferred: the webhook's objectSelector) or an annotation.
+INJECT_LABEL = ANNOTATION_PREFIX + "inject"
 CONTAINER_NAME = "pgcloak"
 STATUS_ANNOTATION = ANNOTATION_PREFIX + "status"
 POLICY_DIR = "/etc/pgcloak/policy"
@@ -42,6 +55,12 @@ STATE_DIR = "/var/lib/pgcloak"
 _PORT_RE = re.compile(r"^[1-9][0-9]{0,4}$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS subdomain (ConfigMap/Secret)
 _TLS_MODES = frozenset({"disable", "prefer", "require", "verify-ca", "verify-full"})
+#: Pod-level settings under which the sidecar's secrets or listener are not the pod's own.
+_SHARED = (
+    ("hostNetwork", "its 127.0.0.1 listener would be the node's loopback, reachable from other host-network pods"),
+    ("shareProcessNamespace", "other containers could read the sidecar's environment, which holds the master key"),
+    ("hostPID", "processes outside the pod could read the sidecar's environment, which holds the master key"),
+)
 
 
 class InjectorConfig(BaseModel):
@@ -64,13 +83,29 @@ class Refused(Exception):
 
 
 def mutate(review: Mapping[str, Any], config: InjectorConfig) -> dict[str, Any]:
-    """The AdmissionReview answering ``review`` (admission.k8s.io/v1)."""
+    """The AdmissionReview answering ``review`` (admission.k8s.io/v1).
+
+    Raises ValueError for anything not shaped like an AdmissionReview of a pod (the
+    server answers 400); a well-formed pod that cannot have pgcloak is refused in the
+    answer (``allowed: false``)."""
+    try:
+        return _mutate(review, config)
+    except RecursionError:  # a structure nested too deeply to walk (or print)
+        raise ValueError("the review is nested too deeply") from None
+
+
+def _mutate(review: Mapping[str, Any], config: InjectorConfig) -> dict[str, Any]:
     request = review.get("request")
     if not isinstance(request, Mapping) or not isinstance(request.get("uid"), str):
         raise ValueError("not an AdmissionReview request: no request.uid")
+    api_version = review.get("apiVersion", "admission.k8s.io/v1")
+    if not isinstance(api_version, str):
+        raise ValueError("apiVersion is not a string")
     response: dict[str, Any] = {"uid": request["uid"], "allowed": True}
-    pod = request.get("object")
-    if request.get("operation", "CREATE") == "CREATE" and isinstance(pod, Mapping) and _is_pod(request):
+    if request.get("operation", "CREATE") == "CREATE" and _is_pod(request):
+        pod = request.get("object")
+        if not isinstance(pod, Mapping):
+            raise ValueError("request.object is not a pod")
         try:
             patch = sidecar_patch(pod, config)
         except Refused as exc:
@@ -80,11 +115,7 @@ def mutate(review: Mapping[str, Any], config: InjectorConfig) -> dict[str, Any]:
             if patch:
                 response["patchType"] = "JSONPatch"
                 response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
-    return {
-        "apiVersion": review.get("apiVersion", "admission.k8s.io/v1"),
-        "kind": "AdmissionReview",
-        "response": response,
-    }
+    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
 
 
 def _is_pod(request: Mapping[str, Any]) -> bool:
@@ -92,23 +123,67 @@ def _is_pod(request: Mapping[str, Any]) -> bool:
     return not isinstance(kind, Mapping) or kind.get("kind", "Pod") == "Pod"
 
 
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` as a JSON object (absent: empty); ValueError for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} is not an object")
+    return value
+
+
+def _objects(value: Any, where: str) -> list[Mapping[str, Any]]:
+    """``value`` as a JSON list of objects (absent: empty); ValueError for anything else."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, Mapping) for item in value):
+        raise ValueError(f"{where} is not a list of objects")
+    return value
+
+
+def _opted_in(labels: Mapping[str, Any], annotations: Mapping[str, Any]) -> bool:
+    """Whether the label or the annotation ``pgcloak.dev/inject`` is "true"."""
+    opted = False
+    for where, values in (("label", labels), ("annotation", annotations)):
+        value = values.get(INJECT_LABEL)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where} {INJECT_LABEL} is not a string")
+        opted = opted or (value or "").strip().lower() == "true"
+    return opted
+
+
 def sidecar_patch(pod: Mapping[str, Any], config: InjectorConfig) -> list[dict[str, Any]]:
     """JSONPatch operations adding the sidecar to ``pod`` ([] when not asked for or
-    already there); raises :class:`Refused` for an opt-in without what pgcloak needs."""
-    metadata = pod.get("metadata") or {}
-    annotations: Mapping[str, Any] = metadata.get("annotations") or {}
-    if str(annotations.get(ANNOTATION_PREFIX + "inject", "")).lower() != "true":
+    already there); raises :class:`Refused` for an opt-in without what pgcloak needs,
+    ValueError for a pod that is not shaped like one."""
+    metadata = _object(pod.get("metadata"), "metadata")
+    annotations = _object(metadata.get("annotations"), "metadata.annotations")
+    labels = _object(metadata.get("labels"), "metadata.labels")
+    if not _opted_in(labels, annotations):
         return []
-    spec = pod.get("spec") or {}
-    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    spec = _object(pod.get("spec"), "spec")
+    init_containers = _objects(spec.get("initContainers"), "spec.initContainers")
+    containers = [*init_containers, *_objects(spec.get("containers"), "spec.containers")]
+    existing_volumes = _objects(spec.get("volumes"), "spec.volumes")
+    for field, why in _SHARED:
+        if spec.get(field) is True:
+            raise Refused(f"a pod with spec.{field}: true cannot have the pgcloak sidecar: {why}")
     if STATUS_ANNOTATION in annotations or any(c.get("name") == CONTAINER_NAME for c in containers):
         return []  # already injected (a re-invocation of the webhook)
     settings = _settings(annotations)
+    for name in ("listen-port", "admin-port"):
+        port = int(settings[name])
+        for other in containers:
+            if port in _declared_ports(other):
+                raise Refused(
+                    f"container {_label(other.get('name'))} already declares port {port} "
+                    f"(the sidecar's {ANNOTATION_PREFIX}{name}); choose another with that annotation"
+                )
     container = _container(settings, config)
     ops: list[dict[str, Any]] = []
     if config.native_sidecar:
         container["restartPolicy"] = "Always"
-        if spec.get("initContainers"):
+        if init_containers:
             ops.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
         else:
             ops.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
@@ -118,27 +193,44 @@ def sidecar_patch(pod: Mapping[str, Any], config: InjectorConfig) -> list[dict[s
         {"name": "pgcloak-policy", "configMap": {"name": settings["policy-configmap"]}},
         {"name": "pgcloak-state", "emptyDir": {}},
     ]
-    taken = {v.get("name") for v in spec.get("volumes") or []}
-    clash = taken & {v["name"] for v in volumes}
+    taken = {v.get("name") for v in existing_volumes if isinstance(v.get("name"), str)}
+    clash = [name for name in ("pgcloak-policy", "pgcloak-state") if name in taken]
     if clash:
-        raise Refused(f"the pod already has a volume named {sorted(clash)[0]}")
-    if spec.get("volumes"):
+        raise Refused(f"the pod already has a volume named {clash[0]}")
+    if existing_volumes:
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
     else:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
-    if metadata.get("annotations"):
+    if annotations:
         ops.append({"op": "add", "path": "/metadata/annotations/" + _pointer(STATUS_ANNOTATION), "value": "injected"})
     else:
         ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS_ANNOTATION: "injected"}})
     return ops
 
 
+def _declared_ports(container: Mapping[str, Any]) -> set[int]:
+    declared: set[int] = set()
+    for port in _objects(container.get("ports"), "a container's ports"):
+        number = port.get("containerPort")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ValueError("a containerPort is not a number")
+        declared.add(number)
+    return declared
+
+
+def _label(name: Any) -> str:
+    """A container name for a message: quoted, bounded."""
+    return json.dumps(name[:63] if isinstance(name, str) else "(unnamed)")
+
+
 def _settings(annotations: Mapping[str, Any]) -> dict[str, str]:
     def get(name: str, default: str | None = None) -> str:
         value = annotations.get(ANNOTATION_PREFIX + name, default)
-        if value is None or not str(value).strip():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"annotation {ANNOTATION_PREFIX}{name} is not a string")
+        if value is None or not value.strip():
             raise Refused(f"annotation {ANNOTATION_PREFIX}{name} is required")
-        return str(value).strip()
+        return value.strip()
 
     settings = {
         "backend": get("backend"),

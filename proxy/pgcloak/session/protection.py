@@ -223,6 +223,8 @@ class Protection:
         try:
             plain = decrypt(self.keyring, value)
         except MalformedEnvelopeError:
+            if view is not None:  # an envelope followed by more text: a composite
+                self._check_nested(value, view)
             return value
         except WrongKeyError:
             raise DecryptionFailed(

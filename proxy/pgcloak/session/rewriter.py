@@ -63,6 +63,10 @@ AUDIT_DOWN = (
 )
 # Backend messages still delivered while the rest of a failed result is dropped.
 _KEEP_WHILE_DROPPING = frozenset(b"ZNAS")
+#: CopyInResponse, CopyBothResponse: the server waits for COPY data the client, told
+#: the batch failed, will never send.
+_COPY_WAITS = frozenset(b"GW")
+_COPY_FAIL_DROPPED = CopyFail("pgcloak refused an earlier result of this batch").encode()
 DATA_ROW, ERROR, READY = ord("D"), ord("E"), ord("Z")
 #: Server messages that end one statement's rows (max_pii_rows counts per statement):
 #: CommandComplete, EmptyQueryResponse, ErrorResponse, ReadyForQuery. Not
@@ -114,6 +118,10 @@ def text_of(body: bytes, start: int, end: int) -> str:
     return body[start + 1 : end].decode("utf-8", "surrogateescape")
 
 
+def _unknown_message(name: str) -> str:
+    return f'prepared statement "{name}" does not exist'
+
+
 def _redefined_message(name: str) -> str:
     return (
         f'prepared statement "{name}" was prepared again with other protected parameters while '
@@ -142,6 +150,8 @@ class Rewriter:
         self._view: tuple[Protection | None, ReadView | None] = (None, None)
         #: Rows carrying stored values in the current statement's result (max_pii_rows).
         self._pii_rows = 0
+        #: Messages for the server that the session sends after :meth:`backend_chunk`.
+        self.to_server: list[bytes] = []
         self.statements: dict[str, tuple[Protection, Plan, str]] = {}
         #: Named statements parsed again with other protected parameters while the
         #: first definition may still be the server's (PostgreSQL refuses to redefine
@@ -155,8 +165,10 @@ class Rewriter:
         self.last_plan: Plan | None = None
 
     # -- refusals ------------------------------------------------------------------
-    def _arm(self, sqlstate: str, message: str, routine: str | None = None) -> bytes:
-        """Remember our error; return the marker the server will echo in its error."""
+    def _arm(self, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True) -> bytes:
+        """Remember our error; return the marker the server will echo in its error.
+        ``refusal``: a refusal by pgcloak (counted and audited), not an error PostgreSQL
+        would have given anyway."""
         if len(self._refusals) >= _MAX_REFUSALS:
             self._refusals.clear()
         marker = MARKER + str(next(_ids)).encode()
@@ -164,9 +176,10 @@ class Rewriter:
         if routine is not None:
             error = ErrorResponse((*error.fields, ("R", routine)))
         self._refusals[marker] = error.encode()
-        self._refused[sqlstate] += 1
-        if self._audit is not None:
-            self._audit.refused(self.last_plan, sqlstate, message)
+        if refusal:
+            self._refused[sqlstate] += 1
+            if self._audit is not None:
+                self._audit.refused(self.last_plan, sqlstate, message)
         return marker
 
     def _audit_down(self, protection: Protection, plan: Plan) -> bool:
@@ -184,9 +197,11 @@ class Rewriter:
     def _refuse_parse(self, name: str, sqlstate: str, message: str) -> bytes:
         return Parse(name, self._arm(sqlstate, message).decode(), ()).encode()
 
-    def _refuse_bind(self, portal: str, sqlstate: str, message: str, routine: str | None = None) -> bytes:
+    def _refuse_bind(
+        self, portal: str, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True
+    ) -> bytes:
         # Binding a statement that does not exist fails at Bind, naming the marker.
-        return Bind(portal, self._arm(sqlstate, message, routine).decode(), (), (), ()).encode()
+        return Bind(portal, self._arm(sqlstate, message, routine, refusal=refusal).decode(), (), (), ()).encode()
 
     # -- read decisions --------------------------------------------------------------
     def _read_view(self, protection: Protection) -> ReadView | None:
@@ -216,12 +231,16 @@ class Rewriter:
         view = self._read_view(protection)
         if view is None:
             return None
-        for key_id in plan.audit.pii_read:
-            if view.decision(key_id) == "deny":
-                return ReadDenied(key_id)
-        for action in (*plan.params, *plan.literals):
-            if action.kind == "lookup" and action.key_id is not None and view.decision(action.key_id) == "deny":
-                return ReadDenied(action.key_id, searched=True)
+        for one in (plan, *(inner for _, inner in plan.named if inner is not None)):
+            for key_id in one.audit.pii_read:
+                if view.decision(key_id) == "deny":
+                    return ReadDenied(key_id)
+            for action in (*one.params, *one.literals):
+                if action.kind != "lookup":
+                    continue
+                key_id = action.key_id or f"{action.table}.{action.column}"
+                if view.decision(key_id) == "deny":
+                    return ReadDenied(key_id, searched=True)
         return None
 
     # -- client messages -------------------------------------------------------------
@@ -282,25 +301,36 @@ class Rewriter:
         return self._refuse_query(sqlstate, message)
 
     def _resolve(self, plan: Plan) -> Plan:
-        """``EXECUTE name(...)``: give its literals the actions of the prepared statement."""
-        if plan.executes:
-            redefined = [c.name for c in plan.executes if c.name in self._redefined]
-            if redefined:
-                return dataclasses.replace(plan, decision=Decision(False, "0A000", _redefined_message(redefined[0])))
-            return resolve_execute(plan, {k: v[1] for k, v in self.statements.items()})
-        return plan
+        """``EXECUTE name(...)``: give its literals the actions of the prepared statement
+        (one this session prepared before, or one the same text prepares). A name this
+        session never saw prepared is refused as PostgreSQL would (26000): its values
+        would otherwise reach the server untransformed."""
+        if not plan.executes:
+            return plan
+        redefined = [c.name for c in plan.executes if c.name in self._redefined]
+        if redefined:
+            return dataclasses.replace(plan, decision=Decision(False, "0A000", _redefined_message(redefined[0])))
+        known = {k: v[1] for k, v in self.statements.items()}
+        for name, inner in plan.named:
+            if inner is not None:
+                known[name] = inner
+        unknown = [c.name for c in plan.executes if c.name not in known]
+        if unknown:
+            return dataclasses.replace(plan, decision=Decision(False, "26000", _unknown_message(unknown[0])))
+        return resolve_execute(plan, known)
 
     def _sql_level_statements(self, protection: Protection, plan: Plan) -> None:
-        """Track SQL-level PREPARE / DEALLOCATE (same namespace as protocol-level names)."""
-        if plan.prepare is not None:
-            self._remember(plan.prepare[0], protection, plan.prepare[1], "")
-        if plan.deallocate is not None:
-            if plan.deallocate.upper() == "ALL":
+        """Track SQL-level PREPARE / DEALLOCATE (same namespace as protocol-level names),
+        every one of the text, in order."""
+        for name, inner in plan.named:
+            if inner is not None:
+                self._remember(name, protection, inner, "")
+            elif name.upper() == "ALL":
                 self.statements.clear()
                 self._redefined.clear()
             else:
-                self.statements.pop(plan.deallocate, None)
-                self._redefined.discard(plan.deallocate)
+                self.statements.pop(name, None)
+                self._redefined.discard(name)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -379,9 +409,15 @@ class Rewriter:
         portal = body[:portal_end]
         entry = self.statements.get(name)
         if entry is None:
+            # Unknown to us: refused as PostgreSQL refuses a name it does not know, so a
+            # statement prepared some way we did not see never runs with raw values.
+            # (Usually the Parse before it failed, and the server skips this Bind anyway:
+            # PostgreSQL's own error, not a refusal to count or record.)
             if audit is not None:
                 audit.bind(portal, None, {})
-            return msg  # unknown to us, hence to the server too: it reports the error
+            return self._refuse_bind(
+                portal.decode("utf-8", "surrogateescape"), "26000", _unknown_message(name), refusal=False
+            )
         if name in self._redefined:
             if audit is not None:
                 audit.bind(portal, None, {})
@@ -400,13 +436,12 @@ class Rewriter:
                     routine="RevalidateCachedQuery",
                 )
             protection, plan = current, replanned
-            denied = self._denied_read(protection, plan)
-            if denied is not None:
-                self.last_plan = plan
-                if audit is not None:
-                    audit.bind(portal, None, {})
-                return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), denied.sqlstate, denied.message)
         self.last_plan = plan
+        denied = self._denied_read(current, plan)  # today's decisions, whenever it was planned
+        if denied is not None:
+            if audit is not None:
+                audit.bind(portal, None, {})
+            return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), denied.sqlstate, denied.message)
         if self._audit_down(protection, plan):
             if audit is not None:
                 audit.bind(portal, None, {})
@@ -485,6 +520,10 @@ class Rewriter:
                         self._dropping = False
                         self._pii_rows = 0
                     continue
+                if kind in _COPY_WAITS:
+                    # A later COPY FROM STDIN of the batch: end it, or the server waits
+                    # for data while the client waits for ReadyForQuery.
+                    self.to_server.append(_COPY_FAIL_DROPPED)
                 replacement = b""
             elif kind in (DATA_ROW, COPY_DATA):
                 if ENVELOPE_PREFIX not in chunk[start:end]:

@@ -62,6 +62,14 @@ _MEMBER_ROLES_SQL = (
     "SELECT rolname FROM pg_catalog.pg_roles "
     "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER')"
 )
+#: PostgreSQL 16 split membership into INHERIT and SET options (and gives a CREATEROLE
+#: user an ADMIN-only membership in the roles it creates): the roles that count are those
+#: whose privileges the login has or can take on with SET ROLE.
+_MEMBER_ROLES_SQL_16 = (
+    "SELECT rolname FROM pg_catalog.pg_roles "
+    "WHERE pg_catalog.pg_has_role(session_user, oid, 'USAGE') "
+    "OR pg_catalog.pg_has_role(session_user, oid, 'SET')"
+)
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -121,6 +129,7 @@ class Session:
         self._counted = False
         #: The login role and the roles it is a member of (asked at start-up, with a policy).
         self.roles: frozenset[str] = frozenset()
+        self._server_version = ""
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -553,6 +562,8 @@ class Session:
         """
         while True:
             t, body = await self._read_backend()
+            if t == ord("S") and body.startswith(b"server_version\0"):
+                self._server_version = body[len(b"server_version\0") :].rstrip(b"\0").decode("ascii", "replace")
             if t == ord("Z") and self.server.protection is not None:
                 self.roles = await self._member_roles()
             self.client.write(frame(bytes((t,)), body))
@@ -570,7 +581,9 @@ class Session:
         gets its own role only, the most restrictive choice.
         """
         assert self.backend is not None
-        self.backend.write(Query(_MEMBER_ROLES_SQL).encode())
+        major = self._server_version.split(".", 1)[0].split(" ", 1)[0]
+        sql = _MEMBER_ROLES_SQL_16 if major.isdigit() and int(major) >= 16 else _MEMBER_ROLES_SQL
+        self.backend.write(Query(sql).encode())
         roles: set[str] = set()
         failed = False
         while True:
@@ -637,6 +650,8 @@ class Session:
         assert backend is not None and backend.transport is not None
         if segments is None:
             backend.transport.write(data)
+            if self._rewriter is not None and self._rewriter.to_server:
+                self._flush_to_server()  # held while the client was mid-message
         else:
             self._client_segments(segments)
 
@@ -665,9 +680,21 @@ class Session:
             self._finish("internal error")
             return
         self.backend.transport.write(b"".join(out))
+        if rewriter.to_server:
+            self._flush_to_server()
         audit = self._audit
         if audit is not None and audit.log.full and self._audit_wait is None:
             self._pause_for_audit(audit)
+
+    def _flush_to_server(self) -> None:
+        """Send the rewriter's own messages for the server, between two of the client's
+        (the client may be half-way through a message; then after it)."""
+        rewriter = self._rewriter
+        if rewriter is None or not rewriter.to_server or not self._c2b.at_boundary:
+            return
+        assert self.backend is not None
+        self.backend.write(b"".join(rewriter.to_server))
+        rewriter.to_server.clear()
 
     def _pause_for_audit(self, audit: SessionAudit) -> None:
         """on_full: block — stop reading this client until the audit queue has room."""
@@ -715,6 +742,8 @@ class Session:
                 self._fatal("XX000", "pgcloak internal error; the session is closed")
                 self._finish("internal error")
                 return
+            if self._rewriter.to_server:
+                self._flush_to_server()
         self.bytes_to_client += len(data)
         transport.write(data)
 

@@ -512,6 +512,10 @@ class Analyzer:
 
     def _column(self, col: exp.Column) -> None:
         if isinstance(col.this, exp.Star):
+            # u.* in a select list is expanded into columns (see _star); anywhere else
+            # (concat(u.*), row_to_json(u.*)) it is the whole row as one value.
+            if col.args.get("table") and not isinstance(col.parent, exp.Select | exp.Returning):
+                self._whole_row(col, canon(col.args.get("table")))
             return
         is_target, found = self._set_target(col)
         if not is_target:
@@ -536,14 +540,15 @@ class Analyzer:
         if why is not None:
             self.deny(f"{why} on protected column {origin.name} is not supported: {_reason(why)}")
 
-    def _whole_row(self, col: exp.Column) -> None:
+    def _whole_row(self, col: exp.Column, name: str | None = None) -> None:
         """``SELECT u FROM users u``, ``row_to_json(u)``: a name that is no column but a
         FROM item is the whole row, as one composite value. Its encrypted values would
         come back as stored (only a column's own value can be decrypted), so it is
         refused; ``count(u)`` and ``u IS NULL`` return no value and pass."""
         if isinstance(col.parent, exp.Count | exp.Is):
             return
-        name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
+        if name is None:
+            name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
         for scope in self._scope_chain(col):
             src = self._sources(scope).get(name)
             if src is None:

@@ -138,6 +138,10 @@ class Plan:
     #: ``PREPARE name AS ...``: the name and the inner statement's plan (its params
     #: are what a later ``EXECUTE name(...)`` applies to its arguments).
     prepare: tuple[str, Plan] | None = None
+    #: Every SQL-level ``PREPARE name AS ...`` (name, plan) and ``DEALLOCATE name``
+    #: (name, None) of the text, in order: the session's registry must follow all of
+    #: them, or a statement it does not know would run with values it never saw.
+    named: tuple[tuple[str, Plan | None], ...] = ()
     #: ``EXECUTE name(...)`` calls in this text; resolve with :func:`resolve_execute`.
     executes: tuple[ExecuteCall, ...] = ()
     #: ``DEALLOCATE name`` (``"ALL"`` for DEALLOCATE ALL): forget the session's entry.

@@ -315,6 +315,12 @@ class Planner:
         else:
             decision = ALLOW
         prepare = next((st.prepare for st in stmts if st.prepare is not None), None)
+        named: list[tuple[str, Plan | None]] = []
+        for st in stmts:
+            if st.prepare is not None:
+                named.append(st.prepare)
+            elif st.deallocate:
+                named.append((st.deallocate, None))
         copy_st = next((st for st in stmts if st.copy_format is not None or st.copy_out), None)
         return Plan(
             decision=decision,
@@ -333,6 +339,7 @@ class Planner:
             copy_format=copy_st.copy_format if copy_st else None,
             template=template,
             prepare=prepare,
+            named=tuple(named),
             executes=tuple(c for st in stmts for c in st.executes),
             deallocate=next((st.deallocate for st in stmts if st.deallocate), None),
             copy_out=any(st.copy_out for st in stmts),
