@@ -244,3 +244,32 @@ def test_refusal_in_transaction_and_pipeline(env: EncEnv, conn):
         c3 = conn.execute("SELECT email FROM users WHERE email = %s", (before,))
         c4 = conn.execute("SELECT 42")
     assert c3.fetchone() == (before,) and c4.fetchone() == (42,)
+
+
+def test_every_sql_level_prepare_of_a_query_string_is_followed(env: EncEnv, conn) -> None:
+    """A second PREPARE in one query string, and an EXECUTE of a statement the same
+    string prepares, get their values encrypted like any other (review finding: they
+    once reached PostgreSQL in clear); a name pgcloak never saw prepared is refused."""
+    first, second = unique("prep2"), unique("prepexec")
+    conn.execute(
+        b"PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)",
+        prepare=False,
+    )
+    conn.execute(f"EXECUTE ins('{first}', '999-99-9999')".encode(), prepare=False)
+    conn.execute(
+        f"PREPARE ins2 AS INSERT INTO users (email) VALUES ($1); EXECUTE ins2('{second}')".encode(),
+        prepare=False,
+    )
+    # Through pgcloak: plaintext; in PostgreSQL: ciphertext and the blind index.
+    got = conn.execute("SELECT email, ssn FROM users WHERE email = %s", (first,)).fetchone()
+    assert got == (first, "999-99-9999")
+    stored = env.stored_users("left(email, 22) = %s", env.index_of(USERS, "email", first), columns="email, ssn")
+    assert len(stored) == 1
+    env.assert_stored(stored[0][0], first)
+    env.assert_stored(stored[0][1], "999-99-9999", USERS, "ssn")
+    stored = env.stored_users("left(email, 22) = %s", env.index_of(USERS, "email", second))
+    assert len(stored) == 1
+    env.assert_stored(stored[0][0], second)
+    with pytest.raises(errors.InvalidSqlStatementName):  # 26000
+        conn.execute(b"EXECUTE nobody('x@example.com')", prepare=False)
+    conn.execute(b"DEALLOCATE ALL", prepare=False)
