@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from pgcloak.inject.mutate import InjectorConfig
     from pgcloak.session.server import ProxyServer
 
+NOBODY_READS = (
+    "no role may read the protected columns (default_read: deny and no roles: entry); "
+    "add one for the application's PostgreSQL role, e.g. roles: {app: {read: reveal}}"
+)
+
 # Settings that must not be given on a command line (visible in `ps`).
 _NO_FLAG = {"auth_password", "master_key"}
 
@@ -81,6 +86,8 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
             continue
         tables = ", ".join(sorted(policy.protected_tables())) or "none"
         print(f"{path}: OK (protected tables: {tables}; fingerprint {policy.fingerprint[:12]})")
+        if policy.nobody_reads:
+            print(f"{path}: note: {NOBODY_READS}", file=sys.stderr)
     return status
 
 

@@ -378,3 +378,17 @@ def test_an_envelope_followed_by_more_text_is_decided_like_a_composite(protectio
     with pytest.raises(ReadDenied) as denied:
         protection.reveal(value, protection.policy.read_view({"support"}))
     assert "public.users.ssn" in denied.value.message
+
+
+def test_validate_notes_a_policy_nobody_may_read(tmp_path: Path) -> None:
+    """default_read: deny with no roles: is safe and almost always a forgotten roles: entry."""
+    lonely = tmp_path / "lonely.yaml"
+    lonely.write_text("version: 1\ntables:\n  users:\n    email: {}\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(POLICY)
+    for path, noted in ((lonely, True), (listed, False)):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert cli.main(["policy", "validate", str(path)]) == 0
+        assert "OK" in out.getvalue()
+        assert ("no role may read the protected columns" in err.getvalue()) is noted

@@ -236,6 +236,12 @@ class Policy:
             self._views[listed] = view
         return view
 
+    @property
+    def nobody_reads(self) -> bool:
+        """Protected columns, ``default_read: deny`` and no role listed: every read of a
+        protected value is refused (safe, and almost always a forgotten ``roles:``)."""
+        return bool(self._protected) and self.default_read == "deny" and not self._role_rules
+
     def read_decision(self, roles: Iterable[str], key_id: str) -> Decision:
         """``reveal``, ``mask`` or ``deny``: the most permissive the roles allow (see module doc)."""
         return self.read_view(roles).decision(key_id)

@@ -62,6 +62,11 @@ def load_protection(settings: Settings, keyring: Keyring | None = None) -> Prote
         policy = load_policy(settings.policy)
     except PolicyError as exc:
         raise ConfigError(f"policy refused: {exc}") from None
+    if policy.nobody_reads:
+        log.warning(
+            "no role may read the protected columns (default_read: deny and no roles: entry): "
+            "every read of a protected value will be refused"
+        )
     return Protection.build(policy, keyring or Keyring(load_master_key(settings)))
 
 
