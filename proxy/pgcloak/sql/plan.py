@@ -135,20 +135,27 @@ class Plan:
     copy_format: str | None = None
     #: Segments around literal slots: ``len(template) == len(literals) + 1``.
     template: tuple[str, ...] | None = None
-    #: ``PREPARE name AS ...``: the name and the inner statement's plan (its params
-    #: are what a later ``EXECUTE name(...)`` applies to its arguments).
-    prepare: tuple[str, Plan] | None = None
-    #: Every SQL-level ``PREPARE name AS ...`` (name, plan) and ``DEALLOCATE name``
-    #: (name, None) of the text, in order: the session's registry must follow all of
-    #: them, or a statement it does not know would run with values it never saw.
+    #: Every SQL-level ``PREPARE name AS ...`` (name, the inner statement's plan, whose
+    #: params are what a later ``EXECUTE name(...)`` applies to its arguments) and
+    #: ``DEALLOCATE name`` (name, None; ``"ALL"`` for DEALLOCATE ALL) of the text, in
+    #: order: the session's registry must follow all of them, or a statement it does not
+    #: know would run with values it never saw.
     named: tuple[tuple[str, Plan | None], ...] = ()
     #: ``EXECUTE name(...)`` calls in this text; resolve with :func:`resolve_execute`.
     executes: tuple[ExecuteCall, ...] = ()
-    #: ``DEALLOCATE name`` (``"ALL"`` for DEALLOCATE ALL): forget the session's entry.
-    deallocate: str | None = None
     #: COPY ... TO STDOUT of a protected table or query over one.
     copy_out: bool = False
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def prepare(self) -> tuple[str, Plan] | None:
+        """The text's first ``PREPARE``: (name, inner plan)."""
+        return next(((name, inner) for name, inner in self.named if inner is not None), None)
+
+    @property
+    def deallocate(self) -> str | None:
+        """The text's first ``DEALLOCATE`` name."""
+        return next((name for name, inner in self.named if inner is None), None)
 
     @property
     def execute(self) -> str | None:

@@ -314,7 +314,6 @@ class Planner:
             decision = deny("; ".join(guard_denials), INSUFFICIENT_PRIVILEGE)
         else:
             decision = ALLOW
-        prepare = next((st.prepare for st in stmts if st.prepare is not None), None)
         named: list[tuple[str, Plan | None]] = []
         for st in stmts:
             if st.prepare is not None:
@@ -338,10 +337,8 @@ class Planner:
             copy_in=copy_st.copy_in if copy_st else None,
             copy_format=copy_st.copy_format if copy_st else None,
             template=template,
-            prepare=prepare,
             named=tuple(named),
             executes=tuple(c for st in stmts for c in st.executes),
-            deallocate=next((st.deallocate for st in stmts if st.deallocate), None),
             copy_out=any(st.copy_out for st in stmts),
         )
 
@@ -710,8 +707,9 @@ def explain_text(plan: Plan) -> str:
             lines.append(f"  field {n}: {action.describe()}")
     if plan.copy_out:
         lines.append("COPY TO STDOUT: envelopes in the stream are decrypted per key id")
-    if plan.prepare is not None:
-        name, inner = plan.prepare
+    for name, inner in plan.named:
+        if inner is None:
+            continue
         lines.append(f"PREPARE {name}: parameters")
         for n, action in enumerate(inner.params, start=1):
             lines.append(f"  ${n}: {action.describe()}")
