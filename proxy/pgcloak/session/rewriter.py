@@ -177,10 +177,14 @@ class Rewriter:
             error = ErrorResponse((*error.fields, ("R", routine)))
         self._refusals[marker] = error.encode()
         if refusal:
-            self._refused[sqlstate] += 1
-            if self._audit is not None:
-                self._audit.refused(self.last_plan, sqlstate, message)
+            self._record_refusal(self.last_plan, sqlstate, message)
         return marker
+
+    def _record_refusal(self, plan: Plan | None, sqlstate: str, message: str) -> None:
+        """Count a refusal (the /metrics) and put it in the audit trail."""
+        self._refused[sqlstate] += 1
+        if self._audit is not None:
+            self._audit.refused(plan, sqlstate, message)
 
     def _audit_down(self, protection: Protection, plan: Plan) -> bool:
         """on_audit_failure: refuse — no PII statement runs while the trail cannot be written."""
@@ -611,7 +615,5 @@ class Rewriter:
         self._dropping = True
         self._pii_rows = 0
         if refusal:
-            self._refused[sqlstate] += 1
-            if self._audit is not None:
-                self._audit.refused(None, sqlstate, message)
+            self._record_refusal(None, sqlstate, message)
         return ErrorResponse.make(sqlstate, message).encode()
