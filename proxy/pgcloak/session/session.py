@@ -116,8 +116,8 @@ class Session:
         self.closing = False
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
-        #: What the client was sent in the relay phase (decrypted, masked, refused).
-        self.bytes_to_client = 0
+        #: What a protected session sent its client (decrypted, masked, refused).
+        self._bytes_rewritten = 0
         self._c2b = Splitter(max_message=self.settings.max_message_size)
         self._b2c_idle = True  # the last server chunk ended with ReadyForQuery
         self._b2c_held = b""  # an incomplete server message (protected sessions only)
@@ -130,6 +130,12 @@ class Session:
         #: The login role and the roles it is a member of (asked at start-up, with a policy).
         self.roles: frozenset[str] = frozenset()
         self._server_version = ""
+
+    @property
+    def bytes_to_client(self) -> int:
+        """What the client was sent in the relay phase: the server's bytes as they came
+        in an unprotected session, after decryption, masks and refusals in a protected one."""
+        return self._bytes_rewritten if self._rewriter is not None else self.bytes_from_backend
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -744,7 +750,7 @@ class Session:
                 return
             if self._rewriter.to_server:
                 self._flush_to_server()
-        self.bytes_to_client += len(data)
+        self._bytes_rewritten += len(data)
         transport.write(data)
 
     def _relay_backend(self, data: bytes) -> None:
@@ -756,7 +762,6 @@ class Session:
         instead of walking every header.
         """
         self.bytes_from_backend += len(data)
-        self.bytes_to_client += len(data)
         self.client.transport.write(data)  # type: ignore[union-attr]
         self._b2c_idle = data[-6:-1] == _READY_HEAD
 
