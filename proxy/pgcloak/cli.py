@@ -235,7 +235,7 @@ def cmd_inject_mutate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from pgcloak.crypto.blind_index import INDEX_LENGTH
     from pgcloak.policy import load_policy
-    from pgcloak.sql import Planner, explain_text
+    from pgcloak.sql import Planner, explain_text, read_denial
 
     policy = load_policy(args.policy)
     plan = Planner(policy, index_length=INDEX_LENGTH).plan(args.sql)
@@ -246,14 +246,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
         view = policy.read_view(args.role)
         print(f"as {', '.join(args.role)}:")
         for key_id in plan.audit.pii_read:
-            decision = view.decision(key_id)
-            print(f"  {key_id}: {decision}")
-            if decision == "deny":
-                allowed = False
-        if allowed:
+            print(f"  {key_id}: {view.decision(key_id)}")
+        denied = read_denial(plan, view.decision)  # what the session refuses, the same way
+        if denied is not None:
+            allowed = False
+            if plan.decision.allowed:
+                how = "searched by" if denied[1] else "read"
+                print(f"  refused (SQLSTATE 42501): {denied[0]} may not be {how}")
+        if not plan.decision.allowed:
+            print("  refused (see above)")
+        elif allowed:
             print("  allowed; values of other protected columns in the result are decided by their key ids")
-        else:
-            print("  refused (SQLSTATE 42501)" if plan.decision.allowed else "  refused (see above)")
     return 0 if allowed else 1
 
 

@@ -256,6 +256,9 @@ def test_explain_shows_the_decisions_for_roles(tmp_path: Path) -> None:
     assert code == 0 and "public.users.ssn: reveal" in text
     code, text = _explain(tmp_path, "SELECT email FROM users WHERE id = 1")
     assert code == 0 and "as " not in text  # no role asked: the plan only
+    # A search by a denied column is refused too, as the session refuses it.
+    code, text = _explain(tmp_path, "SELECT id FROM users WHERE email = 'x@example.com'", "--role", "outsider")
+    assert code == 1 and "public.users.email may not be searched by" in text
 
 
 def test_stored_values_inside_composites_are_refused_unless_revealed(protection: Protection) -> None:

@@ -31,7 +31,7 @@ from pgcloak.session.protection import (
     ReadDenied,
     ValueRefused,
 )
-from pgcloak.sql import PASS, Decision, Plan, ValueAction, resolve_execute
+from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial, resolve_execute
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, iter_messages
 from pgcloak.wire.messages import (
@@ -233,19 +233,8 @@ class Rewriter:
         if not plan.touches_pii:
             return None
         view = self._read_view(protection)
-        if view is None:
-            return None
-        for one in (plan, *(inner for _, inner in plan.named if inner is not None)):
-            for key_id in one.audit.pii_read:
-                if view.decision(key_id) == "deny":
-                    return ReadDenied(key_id)
-            for action in (*one.params, *one.literals):
-                if action.kind != "lookup":
-                    continue
-                key_id = action.key_id or f"{action.table}.{action.column}"
-                if view.decision(key_id) == "deny":
-                    return ReadDenied(key_id, searched=True)
-        return None
+        found = read_denial(plan, view.decision) if view is not None else None
+        return ReadDenied(found[0], searched=found[1]) if found is not None else None
 
     # -- client messages -------------------------------------------------------------
     def client_message(self, kind: int, msg: bytes) -> bytes:

@@ -17,6 +17,7 @@ from pgcloak.sql.plan import (
     Literal,
     Plan,
     ValueAction,
+    read_denial,
 )
 from pgcloak.sql.planner import (
     Planner,
@@ -41,5 +42,6 @@ __all__ = [
     "names_protected_table",
     "needs_parse",
     "quote_literal",
+    "read_denial",
     "resolve_execute",
 ]

@@ -7,6 +7,7 @@ holds no literal values, only what to do with them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal as TLiteral
 
@@ -173,6 +174,22 @@ def pass_plan(kind: str = "other", fingerprint: str = "") -> Plan:
 
 
 PASS_PLAN = pass_plan()
+
+
+def read_denial(plan: Plan, decide: Callable[[str], str]) -> tuple[str, bool] | None:
+    """The first protected column ``plan`` reads (select list, ``RETURNING``, ``*``) or
+    searches by (a lookup tells whether a value exists), its PREPAREs' statements
+    included, for which ``decide(key_id)`` is ``"deny"``: ``(key id, searched)``."""
+    for one in (plan, *(inner for _, inner in plan.named if inner is not None)):
+        for key_id in one.audit.pii_read:
+            if decide(key_id) == "deny":
+                return key_id, False
+        for action in (*one.params, *one.literals):
+            if action.kind == "lookup":
+                key_id = action.key_id or f"{action.table}.{action.column}"
+                if decide(key_id) == "deny":
+                    return key_id, True
+    return None
 
 
 def denied_plan(message: str, kind: str = "other", fingerprint: str = "") -> Plan:
