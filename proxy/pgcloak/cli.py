@@ -236,9 +236,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from pgcloak.crypto.blind_index import INDEX_LENGTH
     from pgcloak.policy import load_policy
     from pgcloak.sql import Planner, explain_text, read_denial
+    from pgcloak.sql.search_path import parse_setting
 
     policy = load_policy(args.policy)
-    plan = Planner(policy, index_length=INDEX_LENGTH).plan(args.sql)
+    path = parse_setting(args.search_path, args.user)
+    plan = Planner(policy, index_length=INDEX_LENGTH, search_path=path).plan(args.sql)
     print(explain_text(plan))
     allowed = plan.decision.allowed
     if args.role:
@@ -415,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE",
         help="also show the read decisions for a login holding ROLE (repeat for each role it is a member of)",
     )
+    explain.add_argument(
+        "--search-path",
+        default="public",
+        metavar="SCHEMAS",
+        help="the session's search_path, as SHOW search_path prints it: unqualified table names "
+        "mean the first of these schemas where the policy protects them (default: public)",
+    )
+    explain.add_argument("--user", default="", help='what "$user" in --search-path stands for')
     explain.set_defaults(func=cmd_explain)
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="audit_command", required=True)

@@ -94,6 +94,7 @@ class Policy:
         "_key_id",
         "_prefilter",
         "_protected",
+        "_protected_schemas",
         "_role_rules",
         "_views",
         "audit",
@@ -152,6 +153,7 @@ class Policy:
             for column, policy in cols.items():
                 self._by_key_id[f"{qualified}.{column}"] = policy
         self._protected = frozenset(tables)
+        self._protected_schemas = frozenset(q.partition(".")[0] for q in tables)
         prefilter: set[str] = set()
         for qualified in tables:
             bare = qualified.partition(".")[2].lower()
@@ -170,6 +172,10 @@ class Policy:
     def protected_tables(self) -> frozenset[str]:
         """Qualified canonical names (``public.users``) of tables with protected columns."""
         return self._protected
+
+    def protected_schemas(self) -> frozenset[str]:
+        """The schemas of :meth:`protected_tables`."""
+        return self._protected_schemas
 
     def table_names_for_prefilter(self) -> frozenset[str]:
         """Lowercase bare table names, for a substring test on lowercased SQL text.

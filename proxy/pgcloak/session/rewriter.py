@@ -31,7 +31,9 @@ from pgcloak.session.protection import (
     ReadDenied,
     ValueRefused,
 )
+from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial, resolve_execute
+from pgcloak.sql.search_path import SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, iter_messages
 from pgcloak.wire.messages import (
@@ -139,8 +141,14 @@ class Rewriter:
         audit: SessionAudit | None = None,
         roles: frozenset[str] = frozenset(),
         refusals: Counter[str] | None = None,
+        search_path: SessionSearchPath | None = None,
     ) -> None:
         self._protection = protection
+        #: The session's search_path, which the planner resolves table names by: the
+        #: changes this session's statements make are followed here.
+        self._search_path = search_path
+        #: Prepared statements whose text changes the search_path (applied at each Bind).
+        self._path_changes: dict[str, SearchPathChange] = {}
         self._audit = audit
         #: Refusals by SQLSTATE, shared by the server's sessions (its /metrics).
         self._refused: Counter[str] = refusals if refusals is not None else Counter()
@@ -268,6 +276,9 @@ class Rewriter:
         audit = self._audit
         if not plan.decision.allowed:
             return self._refused_query(plan.decision.sqlstate, plan.decision.message)
+        change = search_path_change(sql) if self._search_path is not None else None
+        if change is not None and change.kind == "refuse":
+            return self._refused_query("0A000", change.message)
         denied = self._denied_read(protection, plan)
         if denied is not None:
             return self._refused_query(denied.sqlstate, denied.message)
@@ -286,6 +297,9 @@ class Rewriter:
             msg = Query(text).encode()
         if audit is not None:
             audit.query(plan, lookups)
+        if change is not None:
+            assert self._search_path is not None
+            self._search_path.apply(change)  # the statements after it are planned for it
         return msg
 
     def _refused_query(self, sqlstate: str, message: str) -> bytes:
@@ -374,6 +388,15 @@ class Rewriter:
         if denied is not None:
             self._parse_failed(name, existed)
             return self._refuse_parse(name, denied.sqlstate, denied.message)
+        if self._search_path is not None:
+            change = search_path_change(text_of(body, name_end, query_end))
+            if change is not None and change.kind == "refuse":
+                self._parse_failed(name, existed)
+                return self._refuse_parse(name, "0A000", change.message)
+            if change is not None:
+                self._path_changes[name] = change
+            elif self._path_changes:
+                self._path_changes.pop(name, None)
         self._sql_level_statements(protection, plan)
         text = entry.static
         if not self._remember(name, protection, plan, text_of(body, name_end, query_end)):
@@ -418,14 +441,16 @@ class Rewriter:
         protection, plan, text = entry
         current = self._protection()
         if protection is not current and text:
-            # The policy changed since Parse: plan the same text again under the new one.
+            # The policy or the search_path changed since Parse: plan the text again.
             replanned = current.planner.plan(text)
             if replanned.sql != plan.sql or not replanned.decision.allowed:
                 # PostgreSQL's own error for a cached plan gone stale (0A000 from
                 # RevalidateCachedQuery) makes drivers with a statement cache (asyncpg,
                 # pgjdbc) drop it and prepare again, instead of failing on every call.
                 return self._refuse_bind(
-                    "", "0A000", "the pgcloak policy changed since this statement was prepared; prepare it again",
+                    "", "0A000",
+                    "the pgcloak policy changed (or the session's search_path) since this "
+                    "statement was prepared; prepare it again",
                     routine="RevalidateCachedQuery",
                 )
             protection, plan = current, replanned
@@ -439,6 +464,11 @@ class Rewriter:
             if audit is not None:
                 audit.bind(portal, None, {})
             return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), "58000", AUDIT_DOWN)
+        if self._path_changes:
+            change = self._path_changes.get(name)
+            if change is not None:
+                assert self._search_path is not None
+                self._search_path.apply(change)  # refused ones were refused at Parse
         if plan.copy_in is not None:
             self._start_copy(protection, plan)
         actions = plan.params
@@ -461,6 +491,7 @@ class Rewriter:
         close = Close.decode(msg[5:])
         if close.kind == "S":
             self.statements.pop(close.name, None)
+            self._path_changes.pop(close.name, None)
             self._redefined.discard(close.name)
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))

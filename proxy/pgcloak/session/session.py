@@ -24,6 +24,7 @@ from pgcloak.session.endpoint import ConnectionClosed, Endpoint
 from pgcloak.session.protection import Protection
 from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
+from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, scan, scan_marked
 from pgcloak.wire.messages import (
@@ -58,18 +59,25 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 _SSL_REQUEST = SSLRequest().encode()
 _TERMINATE = b"X\x00\x00\x00\x04"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
-_MEMBER_ROLES_SQL = (
-    "SELECT rolname FROM pg_catalog.pg_roles "
-    "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER')"
+#: What a protected session asks at start-up: its roles ('r' rows) and its search_path
+#: ('s', one row).
+_SESSION_FACTS_SQL = (
+    "SELECT 'r', rolname FROM pg_catalog.pg_roles "
+    "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER') "
+    "UNION ALL SELECT 's', pg_catalog.current_setting('search_path')"
 )
 #: PostgreSQL 16 split membership into INHERIT and SET options (and gives a CREATEROLE
 #: user an ADMIN-only membership in the roles it creates): the roles that count are those
 #: whose privileges the login has or can take on with SET ROLE.
-_MEMBER_ROLES_SQL_16 = (
-    "SELECT rolname FROM pg_catalog.pg_roles "
+_SESSION_FACTS_SQL_16 = (
+    "SELECT 'r', rolname FROM pg_catalog.pg_roles "
     "WHERE pg_catalog.pg_has_role(session_user, oid, 'USAGE') "
-    "OR pg_catalog.pg_has_role(session_user, oid, 'SET')"
+    "OR pg_catalog.pg_has_role(session_user, oid, 'SET') "
+    "UNION ALL SELECT 's', pg_catalog.current_setting('search_path')"
 )
+#: A CommandComplete "COMMIT": the transaction block it ends took effect.
+_COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"
+_IDLE = ord("I")
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -129,6 +137,9 @@ class Session:
         self._counted = False
         #: The login role and the roles it is a member of (asked at start-up, with a policy).
         self.roles: frozenset[str] = frozenset()
+        #: The schemas unqualified table names mean (asked at start-up, then followed).
+        self.search_path = SessionSearchPath("", None)
+        self._protections: tuple[Protection | None, tuple[str, ...], Protection | None] = (None, (), None)
         self._server_version = ""
 
     @property
@@ -571,33 +582,40 @@ class Session:
             if t == ord("S") and body.startswith(b"server_version\0"):
                 self._server_version = body[len(b"server_version\0") :].rstrip(b"\0").decode("ascii", "replace")
             if t == ord("Z") and self.server.protection is not None:
-                self.roles = await self._member_roles()
+                self.roles, setting = await self._session_facts()
+                self.search_path = SessionSearchPath(self.user, setting)
             self.client.write(frame(bytes((t,)), body))
             if t == ord("Z"):
                 return
             if t == ord("E"):
                 raise BackendRefused("backend refused the session")
 
-    async def _member_roles(self) -> frozenset[str]:
+    async def _session_facts(self) -> tuple[frozenset[str], str | None]:
         """The session user's role and every role it is a member of (superusers: all), as
-        PostgreSQL knows them now: what the policy's read decisions combine.
+        PostgreSQL knows them now: what the policy's read decisions combine; and the
+        session's ``search_path`` setting.
 
         Asked once per session on its own connection (the roles are the login's, so a
         ``SET ROLE`` cannot widen them). If PostgreSQL answers with an error, the session
-        gets its own role only, the most restrictive choice.
+        gets its own role only, the most restrictive choice, and the default path.
         """
         assert self.backend is not None
         major = self._server_version.split(".", 1)[0].split(" ", 1)[0]
-        sql = _MEMBER_ROLES_SQL_16 if major.isdigit() and int(major) >= 16 else _MEMBER_ROLES_SQL
+        sql = _SESSION_FACTS_SQL_16 if major.isdigit() and int(major) >= 16 else _SESSION_FACTS_SQL
         self.backend.write(Query(sql).encode())
         roles: set[str] = set()
+        setting: str | None = None
         failed = False
         while True:
             t, body = await self._read_backend()
             if t == ord("D"):
                 row = DataRow.decode(body).values
-                if row and row[0] is not None:
-                    roles.add(row[0].decode("utf-8", "surrogateescape"))
+                if len(row) == 2 and row[0] is not None and row[1] is not None:
+                    value = row[1].decode("utf-8", "surrogateescape")
+                    if row[0] == b"r":
+                        roles.add(value)
+                    else:
+                        setting = value
             elif t == ord("E"):
                 failed = True
             elif t == ord("S"):
@@ -607,8 +625,8 @@ class Session:
         if failed:
             log.warning("could not read role memberships; deciding for the login role alone",
                         extra={"session": self.id, "user": self.user})
-            return frozenset({self.user})
-        return frozenset(roles) | {self.user}
+            return frozenset({self.user}), None
+        return frozenset(roles) | {self.user}, setting
 
     # -- relay --------------------------------------------------------------------------
     def _enter_relay(self) -> None:
@@ -633,7 +651,9 @@ class Session:
             if trail is not None:
                 self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
                 self._audit_connection("authenticated")
-            self._rewriter = Rewriter(self._current_protection, self._audit, self.roles, self.server.refusals)
+            self._rewriter = Rewriter(
+                self._current_protection, self._audit, self.roles, self.server.refusals, self.search_path
+            )
             if self._audit is not None:
                 self._audit.masked_of = self._rewriter.masked_columns
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
@@ -662,9 +682,16 @@ class Session:
             self._client_segments(segments)
 
     def _current_protection(self) -> Protection:
+        """The server's protection (reloads swap it) planned for this session's search_path."""
         protection = self.server.protection
         assert protection is not None
-        return protection
+        path = self.search_path.current
+        base, known, found = self._protections
+        if base is protection and known is path and found is not None:
+            return found
+        found = protection.for_search_path(path)
+        self._protections = (protection, path, found)
+        return found
 
     def _client_segments(self, segments: list[Segment]) -> None:
         assert self.backend is not None and self.backend.transport is not None
@@ -752,6 +779,11 @@ class Session:
                 self._flush_to_server()
         self._bytes_rewritten += len(data)
         transport.write(data)
+        if data[-6:-1] == _READY_HEAD:
+            status = data[-1]
+            path = self.search_path
+            if path.in_transaction or status != _IDLE:  # nothing to follow in autocommit
+                path.ready(status, status == _IDLE and _COMMIT_DONE in data)
 
     def _relay_backend(self, data: bytes) -> None:
         """Unprotected sessions: the server's bytes go to the client untouched.

@@ -5,7 +5,8 @@ supported on protected columns and why everything else is refused (SQLSTATE 0A00
 
 Not visible to a proxy, so not covered: functions, procedures, triggers, rules and
 column DEFAULTs that read or write protected columns from their own bodies; DDL
-(``ALTER TABLE ... USING``); ``SET search_path`` (unqualified names are ``public``).
+(``ALTER TABLE ... USING``). Unqualified table names are resolved by the session's
+``search_path`` (:mod:`pgcloak.sql.search_path`; the session follows it).
 """
 
 from pgcloak.sql.lexer import quote_literal

@@ -6,8 +6,9 @@ same blind-index key, ``IN`` list, ``= ANY``, ``IS [NOT] NULL``, ``count()``, an
 INSERT/UPDATE target). Any other use is refused with the column and the reason,
 because it would either run against ciphertext (wrong answers) or write plaintext.
 
-Name resolution has no catalog: unqualified table names mean schema ``public``
-(the default ``search_path``), and an unqualified column is attributed to the one
+Name resolution has no catalog: an unqualified table name means the first schema of the
+session's ``search_path`` under which the policy protects that name (``public`` when none
+does; :func:`~pgcloak.sql.search_path.resolve_table`), and an unqualified column is attributed to the one
 table of its scope that the policy protects under that name (two candidates: the
 statement is refused and asked to qualify the column).
 """
@@ -22,8 +23,8 @@ from sqlglot import exp
 
 from pgcloak.policy import ColumnPolicy, Policy
 from pgcloak.sql.plan import ValueAction
+from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table
 
-DEFAULT_SCHEMA = "public"
 NUM_BASE = 739_100_000_000_000
 _STR_SLOT = re.compile(r"@pgcloak:(\d+)@\Z")
 
@@ -142,8 +143,11 @@ _PATTERN = (exp.Like, exp.ILike, exp.RegexpLike, exp.RegexpILike, exp.SimilarTo)
 class Analyzer:
     """Analyzes one statement tree (parsed from ``text``, positions in ``text``)."""
 
-    def __init__(self, policy: Policy, index_length: int, text: str) -> None:
+    def __init__(
+        self, policy: Policy, index_length: int, text: str, search_path: tuple[str, ...] = DEFAULT_PATH
+    ) -> None:
         self.policy = policy
+        self.search_path = search_path
         self.n = index_length
         self.text = text
         self.out = Analysis()
@@ -209,8 +213,9 @@ class Analyzer:
     def _table_name(self, table: exp.Table) -> str | None:
         if not isinstance(table.this, exp.Identifier):
             return None
-        schema = canon(table.args.get("db")) or DEFAULT_SCHEMA
-        return f"{schema}.{canon(table.this)}"
+        schema = canon(table.args.get("db"))
+        name = canon(table.this)
+        return f"{schema}.{name}" if schema else resolve_table(self.policy, self.search_path, name)
 
     def _cte_map(self, node: exp.Expression) -> dict[str, exp.CTE]:
         """CTEs visible at ``node``: those of every enclosing WITH (inner ones win)."""

@@ -45,6 +45,7 @@ from pgcloak.sql.plan import (
     deny,
     pass_plan,
 )
+from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table
 
 #: Number of statements handed to sqlglot's parser (tests assert the prefilter works).
 PARSE_CALLS = 0
@@ -52,7 +53,8 @@ PARSE_CALLS = 0
 _PREFILTER_EXTRA = ("u&", "execute", "prepare", "deallocate")
 
 #: Statements that carry no values for a protected column (or cannot, as DDL):
-#: they pass without parsing. ``SET search_path`` is not followed (documented).
+#: they pass without parsing. (``SET search_path`` is followed by the session, with
+#: :mod:`pgcloak.sql.search_path`.)
 _PASS_KEYWORDS = frozenset(
     ["VACUUM", "ANALYZE", "ANALYSE", "LOCK", "REINDEX", "CLUSTER", "GRANT", "REVOKE", "COMMENT", "TRUNCATE", "DROP", "ALTER", "CHECKPOINT", "SET", "SHOW", "RESET", "BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE", "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "FETCH", "MOVE", "CLOSE", "LOAD", "REFRESH", "SECURITY"]
 )
@@ -146,10 +148,19 @@ class Planner:
     Swap the whole Planner when the policy changes: the caches belong to the policy.
     """
 
-    def __init__(self, policy: Policy, *, index_length: int, cache_size: int = 4096) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        index_length: int,
+        cache_size: int = 4096,
+        search_path: tuple[str, ...] = DEFAULT_PATH,
+    ) -> None:
         if index_length <= 0:
             raise ValueError("index_length must be positive")
         self.policy = policy
+        #: The schemas unqualified table names are resolved against (the session's).
+        self.search_path = search_path
         self.index_length = index_length
         self.cache_size = cache_size
         self._by_text: dict[str, Plan] = {}
@@ -498,7 +509,10 @@ class Planner:
                 continue
             i += 1
             break
-        table = ".".join(parts) if len(parts) == 2 else f"public.{parts[0]}" if parts else ""
+        if len(parts) == 2:
+            table = ".".join(parts)
+        else:
+            table = resolve_table(self.policy, self.search_path, parts[0]) if parts else ""
         columns: list[str] = []
         if i < b and toks[i].token_type == TokenType.L_PAREN:
             close = _matching_paren(toks, i, b)
@@ -556,7 +570,7 @@ class Planner:
                 f"pgcloak cannot tell which field is protected (COPY {table} (col, ...) FROM STDIN)"
             )
             return st
-        analyzer = Analyzer(self.policy, self.index_length, "")
+        analyzer = Analyzer(self.policy, self.index_length, "", self.search_path)
         actions: list[ValueAction] = []
         for c in columns:
             pol = protected.get(c)
@@ -608,7 +622,7 @@ class Planner:
             body = tree.args.get("expression")
             if not isinstance(body, exp.Query):
                 return _Stmt(self._verbatim(sql, lexed, s0, e0), Analysis(kind="ddl"))
-        analysis = Analyzer(self.policy, self.index_length, text).run(tree)
+        analysis = Analyzer(self.policy, self.index_length, text, self.search_path).run(tree)
         if isinstance(tree, exp.Create):
             analysis.kind = "ddl"
 
