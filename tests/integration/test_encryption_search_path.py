@@ -138,6 +138,34 @@ def test_set_local_ends_with_the_block(env: EncEnv) -> None:
     assert _stored(env, "public", plain_note) == plain
 
 
+def test_pipelined_batch_that_fails_undoes_its_set(env: EncEnv) -> None:
+    """An extended-protocol batch is one implicit transaction: an error anywhere in it
+    rolls back a SET search_path sent in it, even one that ran before the error."""
+    with env.psy() as conn:
+        conn.execute("SET search_path = crm")
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            with conn.pipeline():
+                conn.execute("SET search_path = public")
+                conn.execute("SELECT 1/0")
+        assert conn.execute("SHOW search_path").fetchone() == ("crm",)
+        email, note = unique("sppf"), _note()
+        _insert(conn, email, note)
+    _assert_encrypted_in_crm(env, email, note)
+
+
+def test_pipelined_set_local_applies_to_its_batch(env: EncEnv) -> None:
+    """SET LOCAL in an extended-protocol batch lasts until the batch's Sync."""
+    email, note = unique("sppl"), _note()
+    plain, plain_note = unique("sppl"), _note()
+    with env.psy() as conn:
+        with conn.pipeline():
+            conn.execute("SET LOCAL search_path = crm")
+            _insert(conn, email, note)
+        _insert(conn, plain, plain_note)
+    _assert_encrypted_in_crm(env, email, note)
+    assert _stored(env, "public", plain_note) == plain
+
+
 def test_asyncpg_extended_protocol(env: EncEnv) -> None:
     email, note = unique("spa"), _note()
 

@@ -147,35 +147,55 @@ def _set(path: SessionSearchPath, sql: str) -> str | None:
 IDLE, IN_BLOCK, FAILED = ord("I"), ord("T"), ord("E")
 
 
-def test_session_path_follows_sets_and_transaction_blocks() -> None:
+def test_session_path_follows_sets_and_transactions() -> None:
     path = SessionSearchPath("alice", '"$user", public')
-    assert path.current == ("alice", "public")
+    assert path.current == ("alice", "public") and path.settled
+    # Autocommit: a SET applies at once and holds once its batch succeeded...
     assert _set(path, 'SET search_path = "$user", app') is None
+    assert path.current == ("alice", "app") and not path.settled
+    path.ready(IDLE)
+    assert path.current == ("alice", "app") and path.settled
+    # ...and is undone when its batch (an implicit transaction) failed.
+    _set(path, "SET search_path = x")
+    path.failed()
+    path.ready(IDLE)
     assert path.current == ("alice", "app")
-    # A SET in a block that rolls back (or fails) is undone; one that commits is kept.
-    path.ready(IN_BLOCK, False)
+    # In a block: undone by a rollback (or a failed COMMIT), kept by a COMMIT.
+    path.ready(IN_BLOCK)
     _set(path, "SET search_path = x")
     assert path.current == ("x",)
-    path.ready(FAILED, False)
-    path.ready(IDLE, False)
+    path.ready(FAILED)
+    path.ready(IDLE)
     assert path.current == ("alice", "app")
-    path.ready(IN_BLOCK, False)
+    path.ready(IN_BLOCK)
     _set(path, "SET search_path = y")
-    path.ready(IDLE, True)
-    assert path.current == ("y",)
-    # SET LOCAL holds until the block ends, either way; outside a block it does nothing.
-    _set(path, "SET LOCAL search_path = z")
-    assert path.current == ("y",)
-    path.ready(IN_BLOCK, False)
-    _set(path, "SET LOCAL search_path = z")
+    path.commit()
+    path.ready(IDLE)
+    assert path.current == ("y",) and path.settled
+    # COMMIT AND CHAIN: committed, still in a block.
+    path.ready(IN_BLOCK)
+    _set(path, "SET search_path = z")
+    path.commit()
+    path.ready(IN_BLOCK)
+    path.ready(IDLE)  # the chained block rolled back
     assert path.current == ("z",)
-    path.ready(IDLE, True)
-    assert path.current == ("y",)
+    # SET LOCAL ends with its transaction, either way.
+    path.ready(IN_BLOCK)
+    _set(path, "SET LOCAL search_path = w")
+    assert path.current == ("w",)
+    path.commit()
+    path.ready(IDLE)
+    assert path.current == ("z",)
+    _set(path, "SET LOCAL search_path = w")  # an implicit transaction (a batch)
+    assert path.current == ("w",)
+    path.ready(IDLE)
+    assert path.current == ("z",) and path.settled
     # RESET returns to the start-up value.
     _set(path, "RESET search_path")
+    path.ready(IDLE)
     assert path.current == ("alice", "public")
     refused = _set(path, "SELECT set_config('search_path', 'q', false)")
-    assert refused is not None and path.current == ("alice", "public")
+    assert refused is not None and path.current == ("alice", "public") and path.settled
 
 
 def test_explain_takes_a_search_path(tmp_path, capsys) -> None:

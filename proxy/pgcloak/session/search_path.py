@@ -4,14 +4,13 @@ The session learns the path PostgreSQL gave it at start-up (``current_setting``,
 ``ALTER ROLE/DATABASE ... SET search_path``, ``options=-c search_path=...`` and the
 server's configuration all count), then follows the changes its client sends
 (:func:`pgcloak.sql.search_path.search_path_change`) with PostgreSQL's transaction
-rules: a ``SET`` in a transaction block holds from then on and is undone if the block
-rolls back; ``SET LOCAL`` ends with the block; ``RESET``/``DISCARD ALL`` return to the
-start-up value.
+rules: a ``SET`` holds from then on unless its transaction (a block, or the implicit one of
+a Query or an extended-protocol batch) rolls back; ``SET LOCAL`` ends with its
+transaction; ``RESET``/``DISCARD ALL`` return to the start-up value.
 
 What it cannot see (documented in README): a change made inside a function, a
-``ROLLBACK TO SAVEPOINT`` undoing a ``SET`` made after the savepoint, and a ``SET`` sent
-in a pipeline right after the ``BEGIN`` whose reply has not come back yet (taken as
-outside the block).
+``ROLLBACK TO SAVEPOINT`` or ``ROLLBACK AND CHAIN`` undoing a ``SET``, and the order of a
+change and a ``COMMIT`` sent in one pipelined batch.
 """
 
 from __future__ import annotations
@@ -24,23 +23,37 @@ _IDLE = ord("I")
 
 
 class SessionSearchPath:
-    """The schemas unqualified table names resolve against, now, in one session."""
+    """The schemas unqualified table names resolve against, now, in one session.
 
-    __slots__ = ("committed", "current", "default", "in_transaction", "local", "session", "user")
+    The client's changes apply when they are sent (the statements after them are
+    planned for them); the server's replies then settle them: :meth:`commit` at a
+    CommandComplete ``COMMIT``, :meth:`failed` at an ErrorResponse, :meth:`ready` at
+    ReadyForQuery. While nothing is left to settle (:attr:`settled`), the session need
+    not look at replies at all.
+    """
+
+    __slots__ = ("_failed", "committed", "current", "default", "in_transaction", "local", "session", "user")
 
     def __init__(self, user: str, setting: str | None) -> None:
         self.user = user
         #: What RESET returns to: the path the session started with.
         self.default = parse_setting(setting, user) if setting is not None else DEFAULT_PATH
-        #: The session-level value as of the last transaction end (what a rollback restores).
+        #: The session-level value PostgreSQL has committed (what a rollback restores).
         self.committed = self.default
-        #: The session-level value now (a SET in an open transaction block changes it).
+        #: The session-level value now, committed or not.
         self.session = self.default
-        #: A SET LOCAL's value until the transaction block ends.
+        #: A SET LOCAL's value until its transaction ends.
         self.local: tuple[str, ...] | None = None
+        #: In a transaction block, as of the last ReadyForQuery.
         self.in_transaction = False
+        self._failed = False
         #: What the planner resolves against (``local`` if set, else ``session``).
         self.current = self.default
+
+    @property
+    def settled(self) -> bool:
+        """No change waits for the server's word (replies cannot change anything)."""
+        return self.local is None and self.session is self.committed
 
     def apply(self, change: SearchPathChange) -> str | None:
         """Follow a change the client sends; the reason it is refused, or None."""
@@ -48,28 +61,39 @@ class SessionSearchPath:
             return change.message
         new = self.default if change.kind == "reset" else resolve_items(change.items, self.user)
         if change.local:
-            if self.in_transaction:  # outside a block PostgreSQL only warns: no effect
-                self.local = new
+            # Until the transaction ends: a block, or the implicit one of a Query or of
+            # an extended-protocol batch (outside both, PostgreSQL ignores it: harmless).
+            self.local = new
         else:
             self.session = new
             self.local = None
-            if not self.in_transaction:
-                self.committed = new
         self._update()
         return None
 
-    def ready(self, status: int, committed: bool) -> None:
-        """A ReadyForQuery with transaction ``status`` (``I``, ``T``, ``E``); ``committed``:
-        the reply before it was a successful COMMIT (else a block that ends, ends undone)."""
-        idle = status == _IDLE
-        if idle and self.in_transaction:
-            if committed:
+    def commit(self) -> None:
+        """A COMMIT succeeded: the block's changes hold (SET LOCAL's end)."""
+        self.committed = self.session
+        self.local = None
+        self._update()
+
+    def failed(self) -> None:
+        """An ErrorResponse: the implicit transaction it ends is rolled back."""
+        self._failed = True
+
+    def ready(self, status: int) -> None:
+        """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``).
+
+        Idle again: a batch outside a block took effect unless it failed; a block that
+        ended without a COMMIT (ROLLBACK, a failed COMMIT) is undone.
+        """
+        if status == _IDLE:
+            if not self.in_transaction and not self._failed:
                 self.committed = self.session
-            else:
-                self.session = self.committed
+            self.session = self.committed
             self.local = None
             self._update()
-        self.in_transaction = not idle
+        self._failed = False
+        self.in_transaction = status != _IDLE
 
     def _update(self) -> None:
         self.current = self.local if self.local is not None else self.session

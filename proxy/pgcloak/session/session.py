@@ -26,7 +26,7 @@ from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import frame, scan, scan_marked
+from pgcloak.wire.framing import Mark, frame, scan, scan_marked
 from pgcloak.wire.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -75,9 +75,7 @@ _SESSION_FACTS_SQL_16 = (
     "OR pg_catalog.pg_has_role(session_user, oid, 'SET') "
     "UNION ALL SELECT 's', pg_catalog.current_setting('search_path')"
 )
-#: A CommandComplete "COMMIT": the transaction block it ends took effect.
-_COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"
-_IDLE = ord("I")
+_ERROR, _READY, _COMMAND_COMPLETE = ord("E"), ord("Z"), ord("C")
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -751,7 +749,9 @@ class Session:
         if self._b2c_held:
             data = self._b2c_held + data
         audit = self._audit
-        if audit is not None and audit.pending:
+        path = self.search_path
+        settled = path.settled
+        if (audit is not None and audit.pending) or not settled:
             end, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
         else:
             end, marks = scan(data, 1 << 31), None
@@ -765,8 +765,10 @@ class Session:
         transport = self.client.transport
         assert transport is not None and self._rewriter is not None
         if marks is not None:
-            assert audit is not None
-            audit.backend(data, marks, tail_rows)
+            if audit is not None and audit.pending:
+                audit.backend(data, marks, tail_rows)
+            if not settled:
+                _settle_search_path(path, data, marks)
         if self._rewriter.needs_inspection(data):
             try:
                 data = self._rewriter.backend_chunk(data)
@@ -779,11 +781,8 @@ class Session:
                 self._flush_to_server()
         self._bytes_rewritten += len(data)
         transport.write(data)
-        if data[-6:-1] == _READY_HEAD:
-            status = data[-1]
-            path = self.search_path
-            if path.in_transaction or status != _IDLE:  # nothing to follow in autocommit
-                path.ready(status, status == _IDLE and _COMMIT_DONE in data)
+        if settled and data[-6:-1] == _READY_HEAD:
+            path.ready(data[-1])  # in or out of a transaction block (SET LOCAL lasts till its end)
 
     def _relay_backend(self, data: bytes) -> None:
         """Unprotected sessions: the server's bytes go to the client untouched.
@@ -804,3 +803,16 @@ class Session:
             # The client's stream is unusable; the backend may be mid-message from it.
             self.backend.abort()
         self._finish("protocol violation")
+
+
+def _settle_search_path(path: SessionSearchPath, data: bytes, marks: list[Mark]) -> None:
+    """What the server's replies (``marks`` of ``data``, its messages ending statements and
+    batches) say of the search_path changes the client sent."""
+    for kind, pos, end, _rows in marks:
+        if kind == _COMMAND_COMPLETE:
+            if data[pos + 5 : end - 1] == b"COMMIT":
+                path.commit()
+        elif kind == _ERROR:
+            path.failed()
+        elif kind == _READY:
+            path.ready(data[pos + 5])
