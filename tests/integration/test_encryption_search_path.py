@@ -8,9 +8,10 @@ and let the value through in clear). Every check has both sides: what PostgreSQL
 (read directly) and what the client reads back through pgcloak.
 
 The path is learned at session start (``options=-c search_path=...``, ``ALTER ROLE ...
-SET search_path``) and followed through ``SET``, ``SET LOCAL``, ``RESET`` and transaction
-blocks that commit or roll back; changes pgcloak could not follow are refused (0A000)
-and the session keeps serving.
+SET search_path``) and asked again after ``SET``, ``SET LOCAL``, ``RESET``, ``set_config``,
+``DO`` and transaction blocks that commit or roll back; a change sent with other
+statements in one Query is refused (0A000) and the session keeps serving.
+``test_encryption_search_path_races.py`` has the harder orderings.
 """
 
 from __future__ import annotations
@@ -183,18 +184,24 @@ def test_asyncpg_extended_protocol(env: EncEnv) -> None:
     _assert_encrypted_in_crm(env, email, note)
 
 
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "SELECT set_config('search_path', 'crm', false)",
-        "SET search_path = crm; SELECT 1",
-    ],
-    ids=["set_config", "with-other-statements"],
-)
-def test_changes_pgcloak_cannot_follow_are_refused(env: EncEnv, sql: str) -> None:
+def test_set_config_and_do_are_followed(env: EncEnv) -> None:
+    """Changes only PostgreSQL can tell the result of: pgcloak asks it afterwards."""
     with env.psy() as conn:
+        conn.execute("SELECT set_config('search_path', 'crm', false)")
+        email, note = unique("spc"), _note()
+        _insert(conn, email, note)
+        _assert_encrypted_in_crm(env, email, note)
+        conn.execute("SET search_path = public")
+        conn.execute("DO $$ BEGIN PERFORM pg_catalog.set_config('search_path', 'crm', false); END $$")
+        email, note = unique("spd"), _note()
+        _insert(conn, email, note)
+        _assert_encrypted_in_crm(env, email, note)
+
+
+def test_change_sent_with_other_statements_is_refused(env: EncEnv) -> None:
+    with env.psy(cursor_factory=psycopg.ClientCursor) as conn:
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="search_path"):
-            conn.execute(sql, prepare=False)
+            conn.execute("SET search_path = crm; SELECT 1")
         # Nothing changed, and the session still serves.
         assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)
         email, note = unique("spx"), _note()

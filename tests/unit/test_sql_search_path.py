@@ -17,6 +17,7 @@ from pgcloak.sql.search_path import (
     search_path_change,
 )
 
+PROBE = SearchPathChange("probe")
 POLICY = parse_policy(
     """
 version: 1
@@ -49,12 +50,29 @@ default_read: reveal
         ('SET SESSION search_path = "App", \'x y\'', SearchPathChange("set", ("App", "x y"))),
         ('SET search_path = "$user", public', SearchPathChange("set", ("$user", "public"))),
         ("SET LOCAL search_path TO app", SearchPathChange("set", ("app",), local=True)),
-        ("SET search_path TO DEFAULT", SearchPathChange("reset")),
-        ("SET LOCAL search_path = DEFAULT", SearchPathChange("reset", local=True)),
-        ("RESET search_path", SearchPathChange("reset")),
-        ("reset all", SearchPathChange("reset")),
-        ("DISCARD ALL", SearchPathChange("reset")),
+        ("SET SCHEMA 'crm'", SearchPathChange("set", ("crm",))),
+        ("SET LOCAL SCHEMA 'crm'", SearchPathChange("set", ("crm",), local=True)),
+        ("SET search_path = temp, json", SearchPathChange("set", ("temp", "json"))),
         ("/* c */ SET search_path TO app ;", SearchPathChange("set", ("app",))),
+        # What these make of the path only PostgreSQL can say: it is asked afterwards.
+        ("SET search_path TO DEFAULT", PROBE),
+        ("SET LOCAL search_path = DEFAULT", PROBE),
+        ("RESET search_path", PROBE),
+        ("reset all", PROBE),
+        ("DISCARD ALL", PROBE),
+        ("SET ROLE tenant", PROBE),
+        ("RESET ROLE", PROBE),
+        ("SET SESSION AUTHORIZATION bob", PROBE),
+        ("SELECT set_config('search_path', 'app', false)", PROBE),
+        ("SELECT set_config('SEARCH_PATH', 'app', true)", PROBE),
+        ("SELECT set_config($1, $2, false)", PROBE),
+        ("SELECT set_config(name, 'x', false) FROM t", PROBE),
+        ("DO $$ BEGIN PERFORM 1; END $$", PROBE),
+        ("CALL do_things()", PROBE),
+        ("SET search_path FROM CURRENT", PROBE),
+        ("SET search_path TO app,", PROBE),
+        ("SET search_path TO", PROBE),
+        ("SET search_path = E'crm'", SearchPathChange("set", ("crm",))),
         ("SELECT 1", None),
         ("SHOW search_path", None),
         ("SELECT current_setting('search_path')", None),
@@ -72,18 +90,12 @@ def test_recognized_changes(sql: str, expected: SearchPathChange | None) -> None
 @pytest.mark.parametrize(
     "sql",
     [
-        "SELECT set_config('search_path', 'app', false)",
-        "SELECT set_config('SEARCH_PATH', 'app', true)",
-        "SELECT set_config($1, $2, false)",
-        "SELECT set_config(name, 'x', false) FROM t",
-        "SET search_path FROM CURRENT",
-        "SET search_path TO app,",
-        "SET search_path TO",
         "SET search_path = app; INSERT INTO users (email) VALUES ('x')",
         "RESET ALL; SELECT 1",
+        "SELECT 1; SELECT set_config('search_path', 'x', false)",
     ],
 )
-def test_changes_that_cannot_be_followed_are_refused(sql: str) -> None:
+def test_changes_sent_with_other_statements_are_refused(sql: str) -> None:
     change = search_path_change(sql)
     assert change is not None and change.kind == "refuse"
     assert "search_path" in change.message
@@ -147,55 +159,51 @@ def _set(path: SessionSearchPath, sql: str) -> str | None:
 IDLE, IN_BLOCK, FAILED = ord("I"), ord("T"), ord("E")
 
 
-def test_session_path_follows_sets_and_transactions() -> None:
-    path = SessionSearchPath("alice", '"$user", public')
-    assert path.current == ("alice", "public") and path.settled
-    # Autocommit: a SET applies at once and holds once its batch succeeded...
-    assert _set(path, 'SET search_path = "$user", app') is None
-    assert path.current == ("alice", "app") and not path.settled
-    path.ready(IDLE)
-    assert path.current == ("alice", "app") and path.settled
-    # ...and is undone when its batch (an implicit transaction) failed.
-    _set(path, "SET search_path = x")
-    path.failed()
-    path.ready(IDLE)
-    assert path.current == ("alice", "app")
-    # In a block: undone by a rollback (or a failed COMMIT), kept by a COMMIT.
-    path.ready(IN_BLOCK)
-    _set(path, "SET search_path = x")
-    assert path.current == ("x",)
-    path.ready(FAILED)
-    path.ready(IDLE)
-    assert path.current == ("alice", "app")
-    path.ready(IN_BLOCK)
-    _set(path, "SET search_path = y")
-    path.commit()
-    path.ready(IDLE)
-    assert path.current == ("y",) and path.settled
-    # COMMIT AND CHAIN: committed, still in a block.
-    path.ready(IN_BLOCK)
-    _set(path, "SET search_path = z")
-    path.commit()
-    path.ready(IN_BLOCK)
-    path.ready(IDLE)  # the chained block rolled back
-    assert path.current == ("z",)
-    # SET LOCAL ends with its transaction, either way.
-    path.ready(IN_BLOCK)
-    _set(path, "SET LOCAL search_path = w")
-    assert path.current == ("w",)
-    path.commit()
-    path.ready(IDLE)
-    assert path.current == ("z",)
-    _set(path, "SET LOCAL search_path = w")  # an implicit transaction (a batch)
-    assert path.current == ("w",)
-    path.ready(IDLE)
-    assert path.current == ("z",) and path.settled
-    # RESET returns to the start-up value.
-    _set(path, "RESET search_path")
-    path.ready(IDLE)
+def test_session_path_predicts_within_a_batch_and_asks_after_it() -> None:
+    path = SessionSearchPath("alice", ("alice", "public"))
     assert path.current == ("alice", "public")
-    refused = _set(path, "SELECT set_config('search_path', 'q', false)")
-    assert refused is not None and path.current == ("alice", "public") and path.settled
+    # A batch without a change leaves the path known.
+    path.batch_end()
+    assert path.outstanding == 1 and path.known
+    path.ready(IDLE)
+    assert path.outstanding == 0 and not path.should_ask(IDLE)
+    # Within its batch, a change predicts the path; after the batch, PostgreSQL says.
+    assert _set(path, 'SET search_path = "$user", app') is None
+    assert path.current == ("alice", "app")
+    path.batch_end()
+    assert not path.known
+    path.batch_end()  # a second batch pipelined behind it
+    path.ready(IDLE)
+    assert not path.should_ask(IDLE)  # not while another batch is in flight
+    path.ready(IDLE)
+    assert path.should_ask(IDLE) and not path.should_ask(FAILED)
+    path.learned('"$user", app', "alice", IDLE)
+    assert path.current == ("alice", "app") and path.known
+    # Changes whose result only PostgreSQL knows make the path unknown at once.
+    assert _set(path, "SET ROLE tenant") is None
+    assert not path.known
+    path.batch_end()
+    path.ready(IDLE)
+    path.learned('"$user", public', "tenant", IDLE)
+    assert path.current == ("tenant", "public")
+    # A change inside a block: every later batch of the block ends unknown (a savepoint
+    # or the block's end may undo it), until the block is over.
+    path.ready(IN_BLOCK)
+    _set(path, "SET search_path = x")
+    path.batch_end()
+    path.ready(IN_BLOCK)
+    path.learned("x", "tenant", IN_BLOCK)
+    path.batch_end()  # e.g. ROLLBACK TO SAVEPOINT
+    assert not path.known
+    path.ready(IN_BLOCK)
+    path.learned("x", "tenant", IN_BLOCK)
+    path.batch_end()  # ROLLBACK
+    path.ready(IDLE)
+    path.learned('"$user", public', "tenant", IDLE)
+    path.batch_end()
+    assert path.known  # the block is over: batches leave the path alone again
+    refused = _set(path, "SET search_path = q; SELECT 1")
+    assert refused is not None and path.current == ("tenant", "public")
 
 
 def test_explain_takes_a_search_path(tmp_path, capsys) -> None:

@@ -94,6 +94,7 @@ class Policy:
         "_key_id",
         "_prefilter",
         "_protected",
+        "_protected_names",
         "_protected_schemas",
         "_role_rules",
         "_views",
@@ -154,6 +155,7 @@ class Policy:
                 self._by_key_id[f"{qualified}.{column}"] = policy
         self._protected = frozenset(tables)
         self._protected_schemas = frozenset(q.partition(".")[0] for q in tables)
+        self._protected_names = frozenset(q.partition(".")[2] for q in tables)
         prefilter: set[str] = set()
         for qualified in tables:
             bare = qualified.partition(".")[2].lower()
@@ -176,6 +178,10 @@ class Policy:
     def protected_schemas(self) -> frozenset[str]:
         """The schemas of :meth:`protected_tables`."""
         return self._protected_schemas
+
+    def protected_names(self) -> frozenset[str]:
+        """The table names of :meth:`protected_tables`, without their schemas."""
+        return self._protected_names
 
     def table_names_for_prefilter(self) -> frozenset[str]:
         """Lowercase bare table names, for a substring test on lowercased SQL text.

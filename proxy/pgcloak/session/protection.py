@@ -29,7 +29,7 @@ from pgcloak.sql.search_path import DEFAULT_PATH
 _I32 = struct.Struct("!i")
 _PARSE_CACHE_SIZE = 4096
 #: Planners kept for other search_paths (each with its own plan caches).
-_MAX_VARIANTS = 64
+_MAX_VARIANTS = 256
 _ARRAY_HEAD = struct.Struct("!iiI")
 _DIM = struct.Struct("!ii")
 
@@ -100,7 +100,9 @@ class Protection:
     parse_cache: dict[bytes, ParsePlan] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     #: The same policy planned for other search_paths (shared by all of them; see
     #: :meth:`for_search_path`), by the path's schemas that hold protected tables.
-    variants: dict[tuple[str, ...], Protection] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    variants: dict[tuple[str, ...] | None, Protection] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def build(cls, policy: Policy, keyring: Keyring) -> Protection:
@@ -109,21 +111,24 @@ class Protection:
                 keyring.set_current_version(policy.key_id(table, column), col.key_version)
         return cls(policy, keyring, Planner(policy, index_length=INDEX_LENGTH))
 
-    def for_search_path(self, search_path: tuple[str, ...]) -> Protection:
-        """This protection for a session whose ``search_path`` is ``search_path``.
+    def for_search_path(self, search_path: tuple[str, ...] | None) -> Protection:
+        """This protection for a session whose ``search_path`` is ``search_path`` (None:
+        not known at the moment).
 
         Only the schemas that hold protected tables matter to name resolution, so every
         path whose such schemas are none or ``public`` alone (the usual case) gets
         ``self``; others get a sibling with a planner (and caches) of its own.
         """
-        schemas = self.policy.protected_schemas()
-        key = tuple(s for s in search_path if s in schemas)
-        if key in ((), (DEFAULT_PATH[0],)) and self.planner.search_path == DEFAULT_PATH:
-            return self
+        key: tuple[str, ...] | None = None
+        if search_path is not None:
+            schemas = self.policy.protected_schemas()
+            key = tuple(s for s in search_path if s in schemas)
+            if key in ((), (DEFAULT_PATH[0],)) and self.planner.search_path == DEFAULT_PATH:
+                return self
         found = self.variants.get(key)
         if found is None:
             if len(self.variants) >= _MAX_VARIANTS:
-                self.variants.clear()
+                del self.variants[next(iter(self.variants))]  # the oldest
             planner = Planner(
                 self.policy,
                 index_length=self.planner.index_length,

@@ -56,9 +56,14 @@ _MAX_REFUSALS = 10_000
 Q, P, B, C = ord("Q"), ord("P"), ord("B"), ord("C")
 EXECUTE, SYNC, FUNCTION_CALL = ord("E"), ord("S"), ord("F")
 COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
-CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL))
-#: With an audit trail, Execute / Sync / FunctionCall too: they pace the server's replies.
-CAPTURE_AUDITED = CAPTURE | {EXECUTE, SYNC, FUNCTION_CALL}
+#: Sync and FunctionCall end batches: the session's search_path is asked after them.
+CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL))
+#: With an audit trail, Execute too: Executes and Syncs pace the server's replies.
+CAPTURE_AUDITED = CAPTURE | {EXECUTE}
+_STALE_STATEMENT = (
+    "the pgcloak policy changed (or the session's search_path) since this statement was "
+    "prepared; prepare it again"
+)
 AUDIT_DOWN = (
     "the audit trail cannot be written, so statements touching protected columns are refused "
     "(policy audit.on_audit_failure: refuse)"
@@ -257,9 +262,14 @@ class Rewriter:
         if kind in (SYNC, FUNCTION_CALL):
             if self._audit is not None:
                 self._audit.sync()
+            if self._search_path is not None:
+                self._search_path.batch_end()
             return msg
         if kind == Q:
-            return self._query(msg)
+            out = self._query(msg)
+            if self._search_path is not None:
+                self._search_path.batch_end()
+            return out
         if kind == P:
             return self._parse(msg)
         if kind == C:
@@ -324,6 +334,14 @@ class Rewriter:
         unknown = [c.name for c in plan.executes if c.name not in known]
         if unknown:
             return dataclasses.replace(plan, decision=Decision(False, "26000", _unknown_message(unknown[0])))
+        # PostgreSQL analyses a prepared statement again when the search_path changed (and
+        # it would run under today's policy): one planned under other rules is stale.
+        current = self._protection()
+        same_text = {name for name, inner in plan.named if inner is not None}
+        if any(
+            c.name not in same_text and self.statements[c.name][0] is not current for c in plan.executes
+        ):
+            return dataclasses.replace(plan, decision=Decision(False, "0A000", _STALE_STATEMENT))
         return resolve_execute(plan, known)
 
     def _sql_level_statements(self, protection: Protection, plan: Plan) -> None:
@@ -448,9 +466,7 @@ class Rewriter:
                 # RevalidateCachedQuery) makes drivers with a statement cache (asyncpg,
                 # pgjdbc) drop it and prepare again, instead of failing on every call.
                 return self._refuse_bind(
-                    "", "0A000",
-                    "the pgcloak policy changed (or the session's search_path) since this "
-                    "statement was prepared; prepare it again",
+                    "", "0A000", _STALE_STATEMENT,
                     routine="RevalidateCachedQuery",
                 )
             protection, plan = current, replanned

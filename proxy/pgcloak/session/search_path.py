@@ -1,99 +1,84 @@
 """One session's ``search_path`` as pgcloak follows it (pure; the session feeds it).
 
-The session learns the path PostgreSQL gave it at start-up (``current_setting``, so
-``ALTER ROLE/DATABASE ... SET search_path``, ``options=-c search_path=...`` and the
-server's configuration all count), then follows the changes its client sends
-(:func:`pgcloak.sql.search_path.search_path_change`) with PostgreSQL's transaction
-rules: a ``SET`` holds from then on unless its transaction (a block, or the implicit one of
-a Query or an extended-protocol batch) rolls back; ``SET LOCAL`` ends with its
-transaction; ``RESET``/``DISCARD ALL`` return to the start-up value.
+PostgreSQL is the authority: the session asks it (``current_setting('search_path')`` and
+``current_user`` for ``"$user"``) when it starts, and again at the first moment it is idle
+after any statement that may have changed the path (:attr:`SessionSearchPath.known` is
+then False). In between, within the batch that makes a change, the statements after it
+are planned for what the change predicts (if the change fails, PostgreSQL skips them).
+So the transaction rules (a rolled-back ``SET``, ``SET LOCAL``, savepoints, ``COMMIT AND
+CHAIN``, ``PREPARE TRANSACTION``), ``SET ROLE`` with ``"$user"``, ``RESET`` and changes
+made by ``DO`` and procedures all come out as PostgreSQL has them, without pgcloak
+modelling them.
 
-What it cannot see (documented in README): a change made inside a function, a
-``ROLLBACK TO SAVEPOINT`` or ``ROLLBACK AND CHAIN`` undoing a ``SET``, and the order of a
-change and a ``COMMIT`` sent in one pipelined batch.
+A statement planned while the path is unknown (a client pipelining past a change) is
+refused if it names, unqualified, a table the policy protects in some schema.
 """
 
 from __future__ import annotations
 
-from pgcloak.sql.search_path import DEFAULT_PATH, SearchPathChange, parse_setting, resolve_items
+from pgcloak.sql.search_path import SearchPathChange, parse_setting, resolve_items
 
 __all__ = ["SessionSearchPath"]
 
-_IDLE = ord("I")
+_IDLE, _FAILED = ord("I"), ord("E")
 
 
 class SessionSearchPath:
-    """The schemas unqualified table names resolve against, now, in one session.
+    """The schemas unqualified table names resolve against, now, in one session."""
 
-    The client's changes apply when they are sent (the statements after them are
-    planned for them); the server's replies then settle them: :meth:`commit` at a
-    CommandComplete ``COMMIT``, :meth:`failed` at an ErrorResponse, :meth:`ready` at
-    ReadyForQuery. While nothing is left to settle (:attr:`settled`), the session need
-    not look at replies at all.
-    """
+    __slots__ = ("_block_changed", "_changed", "current", "in_transaction", "outstanding", "user")
 
-    __slots__ = ("_failed", "committed", "current", "default", "in_transaction", "local", "session", "user")
-
-    def __init__(self, user: str, setting: str | None) -> None:
+    def __init__(self, user: str, current: tuple[str, ...] | None) -> None:
         self.user = user
-        #: What RESET returns to: the path the session started with.
-        self.default = parse_setting(setting, user) if setting is not None else DEFAULT_PATH
-        #: The session-level value PostgreSQL has committed (what a rollback restores).
-        self.committed = self.default
-        #: The session-level value now, committed or not.
-        self.session = self.default
-        #: A SET LOCAL's value until its transaction ends.
-        self.local: tuple[str, ...] | None = None
+        #: What the planner resolves against; None: unknown until PostgreSQL is asked.
+        self.current = current
         #: In a transaction block, as of the last ReadyForQuery.
         self.in_transaction = False
-        self._failed = False
-        #: What the planner resolves against (``local`` if set, else ``session``).
-        self.current = self.default
+        #: Batches (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
+        self.outstanding = 0
+        #: A change was sent in the client's current batch.
+        self._changed = False
+        #: A change was made in the current transaction block: its end (or a savepoint
+        #: rollback) may undo it, so every batch of the block ends with the path unknown.
+        self._block_changed = False
 
     @property
-    def settled(self) -> bool:
-        """No change waits for the server's word (replies cannot change anything)."""
-        return self.local is None and self.session is self.committed
+    def known(self) -> bool:
+        return self.current is not None
 
     def apply(self, change: SearchPathChange) -> str | None:
         """Follow a change the client sends; the reason it is refused, or None."""
         if change.kind == "refuse":
             return change.message
-        new = self.default if change.kind == "reset" else resolve_items(change.items, self.user)
-        if change.local:
-            # Until the transaction ends: a block, or the implicit one of a Query or of
-            # an extended-protocol batch (outside both, PostgreSQL ignores it: harmless).
-            self.local = new
-        else:
-            self.session = new
-            self.local = None
-        self._update()
+        self.current = resolve_items(change.items, self.user) if change.kind == "set" else None
+        self._changed = True
         return None
 
-    def commit(self) -> None:
-        """A COMMIT succeeded: the block's changes hold (SET LOCAL's end)."""
-        self.committed = self.session
-        self.local = None
-        self._update()
-
-    def failed(self) -> None:
-        """An ErrorResponse: the implicit transaction it ends is rolled back."""
-        self._failed = True
+    def batch_end(self) -> None:
+        """The client ended a batch (Query, Sync, FunctionCall): after a change, the path
+        is PostgreSQL's to say once the batch is through."""
+        self.outstanding += 1
+        if self._changed or self._block_changed:
+            self.current = None
+            self._changed = False
 
     def ready(self, status: int) -> None:
-        """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``).
-
-        Idle again: a batch outside a block took effect unless it failed; a block that
-        ended without a COMMIT (ROLLBACK, a failed COMMIT) is undone.
-        """
-        if status == _IDLE:
-            if not self.in_transaction and not self._failed:
-                self.committed = self.session
-            self.session = self.committed
-            self.local = None
-            self._update()
-        self._failed = False
+        """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``) ends a batch."""
+        if self.outstanding:
+            self.outstanding -= 1
         self.in_transaction = status != _IDLE
+        if not self.in_transaction:
+            self._block_changed = False
 
-    def _update(self) -> None:
-        self.current = self.local if self.local is not None else self.session
+    def should_ask(self, status: int) -> bool:
+        """Whether to ask PostgreSQL now, at a ReadyForQuery with ``status`` (after
+        :meth:`ready`): the path is unknown, nothing else is in flight, and the
+        transaction has not failed (its queries would)."""
+        return self.current is None and self.outstanding == 0 and status != _FAILED
+
+    def learned(self, setting: str, user: str, status: int) -> None:
+        """PostgreSQL's answer, asked at a ReadyForQuery with ``status``."""
+        self.user = user
+        self.current = parse_setting(setting, user)
+        if status != _IDLE:
+            self._block_changed = True

@@ -26,7 +26,7 @@ from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import Mark, frame, scan, scan_marked
+from pgcloak.wire.framing import frame, iter_messages, scan, scan_marked
 from pgcloak.wire.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -59,12 +59,15 @@ _unpack_i32 = struct.Struct("!i").unpack_from
 _SSL_REQUEST = SSLRequest().encode()
 _TERMINATE = b"X\x00\x00\x00\x04"
 _READY_HEAD = b"Z\x00\x00\x00\x05"
-#: What a protected session asks at start-up: its roles ('r' rows) and its search_path
-#: ('s', one row).
+#: What a protected session asks at start-up: its roles ('r' rows), its search_path ('s')
+#: and the current user ('u', what "$user" in the path means).
+_PATH_FACTS = (
+    "UNION ALL SELECT 's', pg_catalog.current_setting('search_path') "
+    "UNION ALL SELECT 'u', current_user::text"
+)
 _SESSION_FACTS_SQL = (
     "SELECT 'r', rolname FROM pg_catalog.pg_roles "
-    "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER') "
-    "UNION ALL SELECT 's', pg_catalog.current_setting('search_path')"
+    "WHERE pg_catalog.pg_has_role(session_user, oid, 'MEMBER') " + _PATH_FACTS
 )
 #: PostgreSQL 16 split membership into INHERIT and SET options (and gives a CREATEROLE
 #: user an ADMIN-only membership in the roles it creates): the roles that count are those
@@ -72,10 +75,15 @@ _SESSION_FACTS_SQL = (
 _SESSION_FACTS_SQL_16 = (
     "SELECT 'r', rolname FROM pg_catalog.pg_roles "
     "WHERE pg_catalog.pg_has_role(session_user, oid, 'USAGE') "
-    "OR pg_catalog.pg_has_role(session_user, oid, 'SET') "
-    "UNION ALL SELECT 's', pg_catalog.current_setting('search_path')"
+    "OR pg_catalog.pg_has_role(session_user, oid, 'SET') " + _PATH_FACTS
 )
-_ERROR, _READY, _COMMAND_COMPLETE = ord("E"), ord("Z"), ord("C")
+#: Asked again at the first idle moment after a statement that may have changed the path
+#: (its reply is not the client's: the column name marks it).
+_PATH_PROBE = Query(
+    "SELECT pg_catalog.current_setting('search_path') AS pgcloak_search_path, current_user::text"
+).encode()
+_PATH_PROBE_COLUMN = b"pgcloak_search_path\0"
+_READY, _ROW_DESCRIPTION, _DATA_ROW, _COMMAND_COMPLETE, _ERROR = (ord(c) for c in "ZTDCE")
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -137,7 +145,8 @@ class Session:
         self.roles: frozenset[str] = frozenset()
         #: The schemas unqualified table names mean (asked at start-up, then followed).
         self.search_path = SessionSearchPath("", None)
-        self._protections: tuple[Protection | None, tuple[str, ...], Protection | None] = (None, (), None)
+        self._protections: tuple[Protection | None, tuple[str, ...] | None, Protection | None] = (None, (), None)
+        self._path_probe: _PathProbe | None = None
         self._server_version = ""
 
     @property
@@ -580,15 +589,17 @@ class Session:
             if t == ord("S") and body.startswith(b"server_version\0"):
                 self._server_version = body[len(b"server_version\0") :].rstrip(b"\0").decode("ascii", "replace")
             if t == ord("Z") and self.server.protection is not None:
-                self.roles, setting = await self._session_facts()
-                self.search_path = SessionSearchPath(self.user, setting)
+                self.roles, setting, current_user = await self._session_facts()
+                self.search_path = SessionSearchPath(current_user or self.user, None)
+                if setting is not None:
+                    self.search_path.learned(setting, current_user or self.user, ord("I"))
             self.client.write(frame(bytes((t,)), body))
             if t == ord("Z"):
                 return
             if t == ord("E"):
                 raise BackendRefused("backend refused the session")
 
-    async def _session_facts(self) -> tuple[frozenset[str], str | None]:
+    async def _session_facts(self) -> tuple[frozenset[str], str | None, str | None]:
         """The session user's role and every role it is a member of (superusers: all), as
         PostgreSQL knows them now: what the policy's read decisions combine; and the
         session's ``search_path`` setting.
@@ -603,6 +614,7 @@ class Session:
         self.backend.write(Query(sql).encode())
         roles: set[str] = set()
         setting: str | None = None
+        current_user: str | None = None
         failed = False
         while True:
             t, body = await self._read_backend()
@@ -612,8 +624,10 @@ class Session:
                     value = row[1].decode("utf-8", "surrogateescape")
                     if row[0] == b"r":
                         roles.add(value)
-                    else:
+                    elif row[0] == b"s":
                         setting = value
+                    else:
+                        current_user = value
             elif t == ord("E"):
                 failed = True
             elif t == ord("S"):
@@ -623,8 +637,8 @@ class Session:
         if failed:
             log.warning("could not read role memberships; deciding for the login role alone",
                         extra={"session": self.id, "user": self.user})
-            return frozenset({self.user}), None
-        return frozenset(roles) | {self.user}, setting
+            return frozenset({self.user}), None, None  # the path stays unknown: asked later
+        return frozenset(roles) | {self.user}, setting, current_user
 
     # -- relay --------------------------------------------------------------------------
     def _enter_relay(self) -> None:
@@ -748,27 +762,45 @@ class Session:
         self.bytes_from_backend += len(data)
         if self._b2c_held:
             data = self._b2c_held + data
-        audit = self._audit
-        path = self.search_path
-        settled = path.settled
-        if (audit is not None and audit.pending) or not settled:
-            end, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
-        else:
-            end, marks = scan(data, 1 << 31), None
+        end = scan(data, 1 << 31)
         if end < len(data):
             self._b2c_held = data[end:]
             data = data[:end]
         else:
             self._b2c_held = b""
+        counted = 0
+        if self._path_probe is not None:
+            data, counted = self._path_probe_reply(data)
+        if data:
+            self._to_client_protected(data, counted)
+
+    def _to_client_protected(self, data: bytes, counted: int = 0) -> None:
+        """The server's whole messages for the client: the audit trail, the search_path,
+        results decrypted. ``counted``: ReadyForQuery messages at the start of ``data``
+        already accounted for (held back while the search_path was asked)."""
+        _, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+        path = self.search_path
+        for i, (kind, pos, _end, rows) in enumerate(marks):
+            if kind != _READY:
+                continue
+            if counted:
+                counted -= 1
+                continue
+            status = data[pos + 5]
+            path.ready(status)
+            if path.should_ask(status):
+                # Hold this ReadyForQuery (and what follows) until PostgreSQL has said what
+                # the path is now: the client's next statement is planned for it.
+                self._ask_path(data[pos:], status)
+                data, marks, tail_rows = data[:pos], marks[:i], rows
+                break
         if not data:
             return
         transport = self.client.transport
         assert transport is not None and self._rewriter is not None
-        if marks is not None:
-            if audit is not None and audit.pending:
-                audit.backend(data, marks, tail_rows)
-            if not settled:
-                _settle_search_path(path, data, marks)
+        audit = self._audit
+        if audit is not None and audit.pending:
+            audit.backend(data, marks, tail_rows)
         if self._rewriter.needs_inspection(data):
             try:
                 data = self._rewriter.backend_chunk(data)
@@ -781,8 +813,50 @@ class Session:
                 self._flush_to_server()
         self._bytes_rewritten += len(data)
         transport.write(data)
-        if settled and data[-6:-1] == _READY_HEAD:
-            path.ready(data[-1])  # in or out of a transaction block (SET LOCAL lasts till its end)
+
+    def _ask_path(self, held: bytes, status: int) -> None:
+        assert self.backend is not None and self.backend.transport is not None
+        self._path_probe = _PathProbe(held, status)
+        self.backend.transport.write(_PATH_PROBE)
+
+    def _path_probe_reply(self, data: bytes) -> tuple[bytes, int]:
+        """Take the probe's reply out of ``data``; what is left for the client (the held
+        ReadyForQuery first, once the probe is answered) and how many ReadyForQuery
+        messages at its start were counted already."""
+        probe = self._path_probe
+        assert probe is not None
+        out: list[bytes] = []
+        counted = 0
+        for kind, start, end in iter_messages(data):
+            msg = data[start - 5 : end]
+            if not probe.started:
+                if kind == _ROW_DESCRIPTION and _PATH_PROBE_COLUMN in msg:
+                    probe.started = True
+                    continue
+                # Not the probe's (a batch pgcloak did not count): the client's, in order.
+                if probe.held is not None:
+                    out.append(probe.held)
+                    probe.held = None
+                    counted = 1
+                out.append(msg)
+            elif kind == _DATA_ROW:
+                values = DataRow.decode(msg[5:]).values
+                if len(values) == 2 and values[0] is not None and values[1] is not None:
+                    probe.answer = (values[0].decode("utf-8", "surrogateescape"), values[1].decode("utf-8", "surrogateescape"))
+            elif kind == _READY:
+                if probe.answer is not None:
+                    self.search_path.learned(*probe.answer, probe.status)
+                else:
+                    log.warning("could not read the session's search_path", extra={"session": self.id})
+                if probe.held is not None:
+                    out.append(probe.held)
+                    counted = 1
+                out.append(data[end:])
+                self._path_probe = None
+                break
+            elif kind not in (_COMMAND_COMPLETE, _ERROR):
+                out.append(msg)  # a notice, a ParameterStatus, a notification: the client's
+        return b"".join(out), counted
 
     def _relay_backend(self, data: bytes) -> None:
         """Unprotected sessions: the server's bytes go to the client untouched.
@@ -805,14 +879,13 @@ class Session:
         self._finish("protocol violation")
 
 
-def _settle_search_path(path: SessionSearchPath, data: bytes, marks: list[Mark]) -> None:
-    """What the server's replies (``marks`` of ``data``, its messages ending statements and
-    batches) say of the search_path changes the client sent."""
-    for kind, pos, end, _rows in marks:
-        if kind == _COMMAND_COMPLETE:
-            if data[pos + 5 : end - 1] == b"COMMIT":
-                path.commit()
-        elif kind == _ERROR:
-            path.failed()
-        elif kind == _READY:
-            path.ready(data[pos + 5])
+class _PathProbe:
+    """The search_path asked of PostgreSQL: what was held back from the client meanwhile."""
+
+    __slots__ = ("answer", "held", "started", "status")
+
+    def __init__(self, held: bytes, status: int) -> None:
+        self.held: bytes | None = held
+        self.status = status
+        self.started = False
+        self.answer: tuple[str, str] | None = None

@@ -23,7 +23,7 @@ from sqlglot import exp
 
 from pgcloak.policy import ColumnPolicy, Policy
 from pgcloak.sql.plan import ValueAction
-from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table
+from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table, unknown_path_message
 
 NUM_BASE = 739_100_000_000_000
 _STR_SLOT = re.compile(r"@pgcloak:(\d+)@\Z")
@@ -144,7 +144,11 @@ class Analyzer:
     """Analyzes one statement tree (parsed from ``text``, positions in ``text``)."""
 
     def __init__(
-        self, policy: Policy, index_length: int, text: str, search_path: tuple[str, ...] = DEFAULT_PATH
+        self,
+        policy: Policy,
+        index_length: int,
+        text: str,
+        search_path: tuple[str, ...] | None = DEFAULT_PATH,
     ) -> None:
         self.policy = policy
         self.search_path = search_path
@@ -215,7 +219,13 @@ class Analyzer:
             return None
         schema = canon(table.args.get("db"))
         name = canon(table.this)
-        return f"{schema}.{name}" if schema else resolve_table(self.policy, self.search_path, name)
+        if schema:
+            return f"{schema}.{name}"
+        resolved = resolve_table(self.policy, self.search_path, name)
+        if resolved is None:
+            self.deny(unknown_path_message(name))
+            return f"public.{name}"
+        return resolved
 
     def _cte_map(self, node: exp.Expression) -> dict[str, exp.CTE]:
         """CTEs visible at ``node``: those of every enclosing WITH (inner ones win)."""

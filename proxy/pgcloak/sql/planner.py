@@ -45,7 +45,7 @@ from pgcloak.sql.plan import (
     deny,
     pass_plan,
 )
-from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table
+from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table, unknown_path_message
 
 #: Number of statements handed to sqlglot's parser (tests assert the prefilter works).
 PARSE_CALLS = 0
@@ -154,12 +154,13 @@ class Planner:
         *,
         index_length: int,
         cache_size: int = 4096,
-        search_path: tuple[str, ...] = DEFAULT_PATH,
+        search_path: tuple[str, ...] | None = DEFAULT_PATH,
     ) -> None:
         if index_length <= 0:
             raise ValueError("index_length must be positive")
         self.policy = policy
-        #: The schemas unqualified table names are resolved against (the session's).
+        #: The schemas unqualified table names are resolved against (the session's; None
+        #: while it is unknown: unqualified protected names are then refused).
         self.search_path = search_path
         self.index_length = index_length
         self.cache_size = cache_size
@@ -511,8 +512,14 @@ class Planner:
             break
         if len(parts) == 2:
             table = ".".join(parts)
+        elif parts:
+            resolved = resolve_table(self.policy, self.search_path, parts[0])
+            if resolved is None:
+                an.denials.append(unknown_path_message(parts[0]))
+                return st
+            table = resolved
         else:
-            table = resolve_table(self.policy, self.search_path, parts[0]) if parts else ""
+            table = ""
         columns: list[str] = []
         if i < b and toks[i].token_type == TokenType.L_PAREN:
             close = _matching_paren(toks, i, b)

@@ -2,18 +2,21 @@
 
 pgcloak has no catalog, so it resolves an unqualified table name against the session's
 ``search_path`` and the policy: the first schema on the path under which the policy
-protects a table of that name (see :meth:`pgcloak.sql.planner.Planner`). For that the
-session must know its path. It asks PostgreSQL at start-up, and follows the statements
-that change it, which this module recognizes:
+protects a table of that name (:func:`resolve_table`). The session asks PostgreSQL for its
+path (at start-up, and again after any statement that may have changed it), and in
+between predicts the effect of the changes its client sends, which this module
+recognizes (:func:`search_path_change`):
 
-* ``SET [SESSION | LOCAL] search_path {TO | =} {DEFAULT | item [, ...]}``;
-* ``RESET search_path``, ``RESET ALL``, ``DISCARD ALL`` (back to the session default);
-* refused, because pgcloak could not follow them: ``set_config('search_path', ...)`` or
-  ``set_config`` with a name that is not a constant, ``SET search_path FROM CURRENT``,
-  and a change sent in one Query string together with other statements (the statements
-  after it would be planned for the old path).
+* ``set``: ``SET [SESSION | LOCAL] search_path {TO | =} item [, ...]`` and ``SET SCHEMA``;
+* ``probe``: a change whose result only PostgreSQL knows: ``RESET search_path``, ``RESET
+  ALL``, ``DISCARD ALL``, ``SET ... search_path TO DEFAULT``, ``SET ROLE``, ``SET SESSION
+  AUTHORIZATION`` (``"$user"``), ``set_config('search_path', ...)`` (or with a name that
+  is not a constant), ``DO`` and ``CALL`` (their bodies may change it),
+  and SET syntax pgcloak does not read;
+* ``refuse``: a change sent in one Query string together with other statements (they
+  are planned together, before it runs).
 
-Pure (no IO); results are cached by text.
+Pure (no IO).
 """
 
 from __future__ import annotations
@@ -34,14 +37,18 @@ __all__ = [
     "resolve_items",
     "resolve_table",
     "search_path_change",
+    "unknown_path_message",
 ]
 
-#: What PostgreSQL's default ``search_path`` is.
-DEFAULT_SETTING: Final = '"$user", public'
 
+#: Words one of which every text that may change the search_path contains (lowercase),
+#: besides a leading DO or CALL.
+_HINTS: Final = ("search_path", "schema", "role", "authorization", "reset", "discard", "set_config")
 #: The path pgcloak assumes where it knows no other (the planner's default).
 DEFAULT_PATH: Final = ("public",)
 _CACHE_SIZE = 1024
+#: Longer texts are not kept (a bulk INSERT that merely contains the word "reset").
+_CACHE_TEXT_MAX = 2048
 _cache: dict[str, SearchPathChange | None] = {}
 
 
@@ -49,25 +56,29 @@ _cache: dict[str, SearchPathChange | None] = {}
 class SearchPathChange:
     """What one statement text does to the session's ``search_path``.
 
-    ``kind``: ``set`` (to ``items``, as written, ``$user`` included), ``reset`` (to the
-    session default) or ``refuse`` (``message`` says why; SQLSTATE 0A000). ``local``: a
-    ``SET LOCAL``, which ends with the transaction.
+    ``kind``: ``set`` (to ``items``, as written, ``$user`` included), ``probe`` (what it
+    becomes only PostgreSQL can say) or ``refuse`` (``message`` says why; SQLSTATE
+    0A000). ``local``: a ``SET LOCAL``, which ends with its transaction.
     """
 
-    kind: Literal["set", "reset", "refuse"]
+    kind: Literal["set", "probe", "refuse"]
     items: tuple[str, ...] = ()
     local: bool = False
     message: str = ""
 
 
-def resolve_table(policy: Policy, search_path: tuple[str, ...], name: str) -> str:
+def resolve_table(policy: Policy, search_path: tuple[str, ...] | None, name: str) -> str | None:
     """The table an unqualified ``name`` means: ``schema.name`` for the first schema on
     the path under which the policy protects ``name``; ``public.name`` when none does.
 
-    Without a catalog, pgcloak cannot see an unprotected table of the same name earlier
-    on the path; it then treats the name as the protected table (values are encrypted
-    that need not be: the safe side).
+    None when the path is unknown (``search_path`` None: a change the session has not
+    learned the result of yet) and the policy protects ``name`` in some schema: the
+    caller refuses the statement. Without a catalog, pgcloak cannot see an unprotected
+    table of the same name earlier on the path; it then treats the name as the protected
+    table (values are encrypted that need not be: the safe side).
     """
+    if search_path is None:
+        return None if name in policy.protected_names() else f"public.{name}"
     protected = policy.protected_tables()
     for schema in search_path:
         qualified = f"{schema}.{name}"
@@ -76,19 +87,29 @@ def resolve_table(policy: Policy, search_path: tuple[str, ...], name: str) -> st
     return f"public.{name}"
 
 
+def unknown_path_message(name: str) -> str:
+    """Why a statement naming ``name`` unqualified is refused while the path is unknown."""
+    return (
+        f"table name {name} is not schema-qualified and this session's search_path is not "
+        "known to pgcloak yet (a statement sent after a search_path change before its reply "
+        "came back); qualify the name, or wait for the change to complete"
+    )
+
+
 def search_path_change(sql: str) -> SearchPathChange | None:
     """The change ``sql`` makes to the search_path, or None when it makes none."""
     # A cheap test first (every Query and Parse passes here): lowercasing and four
     # substring searches cost a tenth of one case-insensitive regular expression.
     low = sql.lower()
-    if "search_path" not in low and "reset" not in low and "discard" not in low and "set_config" not in low:
+    if not any(word in low for word in _HINTS) and not low.lstrip(" \t\r\n(").startswith(("do", "call")):
         return None
     if sql in _cache:
         return _cache[sql]
     result = _change_of(sql)
-    if len(_cache) >= _CACHE_SIZE:
-        _cache.clear()
-    _cache[sql] = result
+    if len(sql) <= _CACHE_TEXT_MAX:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[sql] = result
     return result
 
 
@@ -121,21 +142,32 @@ def _word(tok: Token) -> str:
     return tok.text if tok.token_type == TokenType.IDENTIFIER else tok.text.lower()
 
 
+_PROBE = SearchPathChange("probe")
+_BARE_WORD = re.compile(r"[A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*")
+
+
 def _statement_change(sql: str, toks: list[Token]) -> SearchPathChange | None:
     if not toks:
         return None
     head = toks[0].text.upper()
-    words = [_word(t) for t in toks[:3]]
+    words = [_word(t).lower() for t in toks[:4]]
     if head == "SET":
         i = 1
         local = False
         if i < len(toks) and toks[i].text.upper() in ("SESSION", "LOCAL"):
             local = toks[i].text.upper() == "LOCAL"
             i += 1
-        if i < len(toks) and _word(toks[i]).lower() == "search_path":
+        name = _word(toks[i]).lower() if i < len(toks) else ""
+        if name == "search_path":
             return _set_items(sql, toks[i + 1 :], local)
-    elif (head == "RESET" and len(words) == 2 and words[1].lower() in ("search_path", "all")) or (head == "DISCARD" and len(words) == 2 and words[1].lower() == "all"):
-        return SearchPathChange("reset")
+        if name == "schema":  # SET SCHEMA 'x': an alias of SET search_path TO 'x'
+            return _set_items(sql, toks[i + 1 :], local, value_only=True)
+        if name == "role" or words[1:3] == ["session", "authorization"]:
+            return _PROBE  # "$user" is the current user
+    elif (head == "RESET" and len(words) >= 2 and (
+        words[1] in ("search_path", "all", "role") or words[1:3] == ["session", "authorization"]
+    )) or (head == "DISCARD" and words[1:2] == ["all"]) or head in ("DO", "CALL"):
+        return _PROBE
     return _set_config(sql, toks)
 
 
@@ -146,16 +178,17 @@ def _string(sql: str, tok: Token) -> str | None:
     return decode_string(tok.token_type, sql[tok.start : tok.end + 1])
 
 
-def _set_items(sql: str, toks: list[Token], local: bool) -> SearchPathChange:
-    if not toks:
-        return _refuse("an incomplete SET search_path")
-    if toks[0].text.upper() == "FROM":
-        return _refuse("SET search_path FROM CURRENT")
-    if toks[0].text.upper() not in ("TO", "="):
-        return _refuse("an unrecognized SET search_path")
-    rest = toks[1:]
+def _set_items(sql: str, toks: list[Token], local: bool, *, value_only: bool = False) -> SearchPathChange:
+    """``TO | = item [, ...]`` (``value_only``: the items alone, as SET SCHEMA has them)."""
+    if value_only:
+        rest = toks
+    elif toks and toks[0].text.upper() in ("TO", "="):
+        rest = toks[1:]
+    else:
+        return _PROBE  # FROM CURRENT, or a syntax PostgreSQL will refuse: ask it
+
     if len(rest) == 1 and rest[0].text.upper() == "DEFAULT":
-        return SearchPathChange("reset", local=local)
+        return _PROBE
     items: list[str] = []
     expect_item = True
     for tok in rest:
@@ -165,15 +198,15 @@ def _set_items(sql: str, toks: list[Token], local: bool) -> SearchPathChange:
                 items.append(value)
             elif tok.token_type == TokenType.IDENTIFIER:
                 items.append(tok.text)
-            elif tok.token_type == TokenType.VAR and tok.text and (tok.text[0].isalpha() or tok.text[0] == "_"):
+            elif _BARE_WORD.fullmatch(tok.text):  # a name, keywords included (temp, json...)
                 items.append(tok.text.lower())
             else:
-                return _refuse("an unrecognized SET search_path")
+                return _PROBE  # E'...', $$...$$, ...: PostgreSQL says what it made of it
         elif tok.token_type != TokenType.COMMA:
-            return _refuse("an unrecognized SET search_path")
+            return _PROBE
         expect_item = not expect_item
-    if expect_item:  # empty, or a trailing comma
-        return _refuse("an unrecognized SET search_path")
+    if expect_item:  # empty, or a trailing comma: PostgreSQL refuses it
+        return _PROBE
     return SearchPathChange("set", tuple(items), local)
 
 
@@ -186,9 +219,9 @@ def _set_config(sql: str, toks: list[Token]) -> SearchPathChange | None:
             continue
         name = _string(sql, toks[i + 2])
         if name is None or (i + 3 < len(toks) and toks[i + 3].token_type != TokenType.COMMA):
-            return _refuse("set_config() with a setting name that is not a constant")
+            return _PROBE  # a setting name that is not a constant
         if name.strip().lower() == "search_path":
-            return _refuse("set_config('search_path', ...)")
+            return _PROBE
     return None
 
 
