@@ -352,3 +352,72 @@ def test_set_local_simple_query_pipelined(env: EncEnv) -> None:
         conn.execute("SET search_path = crm")
         raw(conn, query("SET LOCAL search_path = public") + query(_ins_sql(email, note)), 2)
     _check(env, email, note)
+
+
+# -- found by a second review: the probe itself ------------------------------------------
+def _read_until(conn: psycopg.Connection, kind: str, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+    """Raw messages from pgcloak until one of ``kind`` arrived."""
+    fd = conn.pgconn.socket
+    buf, out = b"", []
+    while not any(t == kind for t, _ in out):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no {kind} within {timeout}s: {out}"
+        chunk = os.read(fd, 65536)
+        assert chunk, "closed"
+        buf += chunk
+        while len(buf) >= 5:
+            (n,) = struct.unpack("!i", buf[1:5])
+            if len(buf) < n + 1:
+                break
+            out.append((chr(buf[0]), buf[5 : n + 1]))
+            buf = buf[n + 1 :]
+    return out
+
+
+def test_sql_level_execute_of_a_change(env: EncEnv) -> None:
+    with connect(env) as conn:
+        conn.execute("PREPARE sp AS SELECT set_config('search_path', 'crm', false)")
+        conn.execute("EXECUTE sp")
+        assert probe(env, conn) == "crm:encrypted"
+
+
+def test_unicode_escaped_set_config(env: EncEnv) -> None:
+    with connect(env) as conn:
+        conn.execute("SELECT U&\"set\\005fconfig\"(U&'search\\005fpath', 'crm', false)")
+        assert probe(env, conn) == "crm:encrypted"
+
+
+def test_probe_takes_no_snapshot(env: EncEnv) -> None:
+    """SET TRANSACTION must come before the block's first query: the probe is none."""
+    with connect(env) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SET LOCAL search_path = crm")
+        conn.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        assert probe(env, conn, commit=True) == "crm:encrypted"
+
+
+def test_probe_waits_for_an_unsynced_extended_batch(env: EncEnv) -> None:
+    """A portal suspended in a batch without Sync survives: the probe waits for the Sync."""
+    with connect(env) as conn:
+        fd = conn.pgconn.socket
+        limited = _msg(b"E", b"\0" + struct.pack("!i", 2))
+        os.write(fd, query("SET search_path = crm") + parse("", "SELECT generate_series(1, 5)") + bind("", "") + limited + _msg(b"H", b""))
+        _read_until(conn, "s")
+        os.write(fd, limited + SYNC)
+        out = _read_until(conn, "Z")
+        assert not any(t == "E" for t, _ in out), out
+        assert [t for t, _ in out].count("D") == 2
+        assert probe(env, conn) == "crm:encrypted"
+
+
+def test_extended_copy_in_does_not_lose_count(env: EncEnv) -> None:
+    """PostgreSQL ignores the Sync a client sends during COPY FROM STDIN: pgcloak must not
+    count it (else it would wait for a ReadyForQuery that never comes, and never ask)."""
+    with connect(env) as conn:
+        fd = conn.pgconn.socket
+        os.write(fd, parse("", 'COPY public."Contacts" (note) FROM STDIN') + bind("", "") + execute("") + SYNC)
+        _read_until(conn, "G")
+        os.write(fd, _msg(b"d", b"x\n") + _msg(b"c", b"") + SYNC)
+        _read_until(conn, "Z")
+        conn.execute("SET search_path = crm")
+        assert probe(env, conn) == "crm:encrypted"

@@ -33,7 +33,7 @@ from pgcloak.session.protection import (
 )
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial, resolve_execute
-from pgcloak.sql.search_path import SearchPathChange, search_path_change
+from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import frame, iter_messages
 from pgcloak.wire.messages import (
@@ -60,6 +60,7 @@ COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL))
 #: With an audit trail, Execute too: Executes and Syncs pace the server's replies.
 CAPTURE_AUDITED = CAPTURE | {EXECUTE}
+_COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
 _STALE_STATEMENT = (
     "the pgcloak policy changed (or the session's search_path) since this statement was "
     "prepared; prepare it again"
@@ -254,6 +255,8 @@ class Rewriter:
         """The bytes to send to the server in place of one captured client message."""
         # Most frequent first: an extended-protocol statement is Bind, Execute, Sync.
         if kind == B:
+            if self._search_path is not None:
+                self._search_path.unsynced = True
             return self._bind(msg)
         if kind == EXECUTE:
             if self._audit is not None:
@@ -271,10 +274,14 @@ class Rewriter:
                 self._search_path.batch_end()
             return out
         if kind == P:
+            if self._search_path is not None:
+                self._search_path.unsynced = True
             return self._parse(msg)
         if kind == C:
             self._close(msg)
             return msg
+        if kind != COPY_DATA and self._search_path is not None:
+            self._search_path.copy_ended()  # CopyDone, CopyFail
         return self._copy(kind, msg)
 
     def _query(self, msg: bytes) -> bytes:
@@ -286,7 +293,7 @@ class Rewriter:
         audit = self._audit
         if not plan.decision.allowed:
             return self._refused_query(plan.decision.sqlstate, plan.decision.message)
-        change = search_path_change(sql) if self._search_path is not None else None
+        change = self._path_change(sql, plan) if self._search_path is not None else None
         if change is not None and change.kind == "refuse":
             return self._refused_query("0A000", change.message)
         denied = self._denied_read(protection, plan)
@@ -311,6 +318,20 @@ class Rewriter:
             assert self._search_path is not None
             self._search_path.apply(change)  # the statements after it are planned for it
         return msg
+
+    def _path_change(self, sql: str, plan: Plan) -> SearchPathChange | None:
+        """What ``sql`` does to the search_path, SQL-level PREPAREs and EXECUTEs included:
+        a PREPAREd change is remembered by name, and EXECUTE of one is a change too."""
+        change = search_path_change(sql)
+        changes = self._path_changes
+        for name, inner in plan.named:
+            if inner is not None and change is not None:
+                changes[name] = PROBE
+            else:
+                changes.pop(name, None)
+        if change is None and changes and any(c.name in changes for c in plan.executes):
+            return PROBE
+        return change
 
     def _refused_query(self, sqlstate: str, message: str) -> bytes:
         if self._audit is not None:
@@ -407,7 +428,7 @@ class Rewriter:
             self._parse_failed(name, existed)
             return self._refuse_parse(name, denied.sqlstate, denied.message)
         if self._search_path is not None:
-            change = search_path_change(text_of(body, name_end, query_end))
+            change = self._path_change(text_of(body, name_end, query_end), plan)
             if change is not None and change.kind == "refuse":
                 self._parse_failed(name, existed)
                 return self._refuse_parse(name, "0A000", change.message)
@@ -487,6 +508,8 @@ class Rewriter:
                 self._search_path.apply(change)  # refused ones were refused at Parse
         if plan.copy_in is not None:
             self._start_copy(protection, plan)
+        if self._search_path is not None and (plan.copy_in is not None or _COPY_FROM_STDIN.match(text)):
+            self._search_path.copy_started()
         actions = plan.params
         lookups: dict[str, list[str]] = {}
         if not any(a.kind != "pass" for a in actions):

@@ -1,7 +1,7 @@
 """One session's ``search_path`` as pgcloak follows it (pure; the session feeds it).
 
-PostgreSQL is the authority: the session asks it (``current_setting('search_path')`` and
-``current_user`` for ``"$user"``) when it starts, and again at the first moment it is idle
+PostgreSQL is the authority: the session asks it (the setting, and the user ``"$user"``
+means) when it starts, and again at the first moment it is idle
 after any statement that may have changed the path (:attr:`SessionSearchPath.known` is
 then False). In between, within the batch that makes a change, the statements after it
 are planned for what the change predicts (if the change fails, PostgreSQL skips them).
@@ -26,7 +26,16 @@ _IDLE, _FAILED = ord("I"), ord("E")
 class SessionSearchPath:
     """The schemas unqualified table names resolve against, now, in one session."""
 
-    __slots__ = ("_block_changed", "_changed", "current", "in_transaction", "outstanding", "user")
+    __slots__ = (
+        "_block_changed",
+        "_changed",
+        "_copy",
+        "current",
+        "in_transaction",
+        "outstanding",
+        "unsynced",
+        "user",
+    )
 
     def __init__(self, user: str, current: tuple[str, ...] | None) -> None:
         self.user = user
@@ -36,6 +45,11 @@ class SessionSearchPath:
         self.in_transaction = False
         #: Batches (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
         self.outstanding = 0
+        #: Extended-protocol messages sent since the last Sync: a query now would land in
+        #: the client's batch (and end its unnamed portal).
+        self.unsynced = False
+        #: A COPY FROM STDIN was bound: PostgreSQL ignores the Syncs of its copy-in mode.
+        self._copy = False
         #: A change was sent in the client's current batch.
         self._changed = False
         #: A change was made in the current transaction block: its end (or a savepoint
@@ -54,9 +68,18 @@ class SessionSearchPath:
         self._changed = True
         return None
 
+    def copy_started(self) -> None:
+        self._copy = True
+
+    def copy_ended(self) -> None:
+        self._copy = False
+
     def batch_end(self) -> None:
         """The client ended a batch (Query, Sync, FunctionCall): after a change, the path
         is PostgreSQL's to say once the batch is through."""
+        self.unsynced = False
+        if self._copy:
+            return  # a Sync PostgreSQL ignores (copy-in mode): no ReadyForQuery for it
         self.outstanding += 1
         if self._changed or self._block_changed:
             self.current = None
@@ -66,15 +89,16 @@ class SessionSearchPath:
         """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``) ends a batch."""
         if self.outstanding:
             self.outstanding -= 1
+        self._copy = False
         self.in_transaction = status != _IDLE
         if not self.in_transaction:
             self._block_changed = False
 
     def should_ask(self, status: int) -> bool:
         """Whether to ask PostgreSQL now, at a ReadyForQuery with ``status`` (after
-        :meth:`ready`): the path is unknown, nothing else is in flight, and the
-        transaction has not failed (its queries would)."""
-        return self.current is None and self.outstanding == 0 and status != _FAILED
+        :meth:`ready`): the path is unknown, nothing else is in flight or half sent, and
+        the transaction has not failed (its queries would)."""
+        return self.current is None and self.outstanding == 0 and not self.unsynced and status != _FAILED
 
     def learned(self, setting: str, user: str, status: int) -> None:
         """PostgreSQL's answer, asked at a ReadyForQuery with ``status``."""

@@ -26,7 +26,7 @@ from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import frame, iter_messages, scan, scan_marked
+from pgcloak.wire.framing import Mark, frame, iter_messages, scan_marked
 from pgcloak.wire.messages import (
     AuthenticationOk,
     AuthenticationSASL,
@@ -77,13 +77,12 @@ _SESSION_FACTS_SQL_16 = (
     "WHERE pg_catalog.pg_has_role(session_user, oid, 'USAGE') "
     "OR pg_catalog.pg_has_role(session_user, oid, 'SET') " + _PATH_FACTS
 )
-#: Asked again at the first idle moment after a statement that may have changed the path
-#: (its reply is not the client's: the column name marks it).
-_PATH_PROBE = Query(
-    "SELECT pg_catalog.current_setting('search_path') AS pgcloak_search_path, current_user::text"
-).encode()
-_PATH_PROBE_COLUMN = b"pgcloak_search_path\0"
-_READY, _ROW_DESCRIPTION, _DATA_ROW, _COMMAND_COMPLETE, _ERROR = (ord(c) for c in "ZTDCE")
+#: Asked again at the first idle moment after a statement that may have changed the path:
+#: utility statements, which take no snapshot in the client's transaction. "$user" means
+#: the role SET ROLE chose, else the session's authorization.
+_PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").encode()
+_PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
+_READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -143,7 +142,7 @@ class Session:
         self._counted = False
         #: The login role and the roles it is a member of (asked at start-up, with a policy).
         self.roles: frozenset[str] = frozenset()
-        #: The schemas unqualified table names mean (asked at start-up, then followed).
+        #: The schemas unqualified table names mean (asked at start-up and after changes).
         self.search_path = SessionSearchPath("", None)
         self._protections: tuple[Protection | None, tuple[str, ...] | None, Protection | None] = (None, (), None)
         self._path_probe: _PathProbe | None = None
@@ -602,11 +601,12 @@ class Session:
     async def _session_facts(self) -> tuple[frozenset[str], str | None, str | None]:
         """The session user's role and every role it is a member of (superusers: all), as
         PostgreSQL knows them now: what the policy's read decisions combine; and the
-        session's ``search_path`` setting.
+        session's ``search_path`` setting with the ``current_user`` its ``"$user"`` means.
 
         Asked once per session on its own connection (the roles are the login's, so a
         ``SET ROLE`` cannot widen them). If PostgreSQL answers with an error, the session
-        gets its own role only, the most restrictive choice, and the default path.
+        gets its own role only, the most restrictive choice, and its path stays unknown
+        (asked again after the client's first statement).
         """
         assert self.backend is not None
         major = self._server_version.split(".", 1)[0].split(" ", 1)[0]
@@ -762,23 +762,25 @@ class Session:
         self.bytes_from_backend += len(data)
         if self._b2c_held:
             data = self._b2c_held + data
-        end = scan(data, 1 << 31)
+        end, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
         if end < len(data):
             self._b2c_held = data[end:]
             data = data[:end]
         else:
             self._b2c_held = b""
-        counted = 0
         if self._path_probe is not None:
             data, counted = self._path_probe_reply(data)
-        if data:
-            self._to_client_protected(data, counted)
+            if data:
+                _, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+                self._to_client_protected(data, marks, tail_rows, counted)
+        elif data:
+            self._to_client_protected(data, marks, tail_rows)
 
-    def _to_client_protected(self, data: bytes, counted: int = 0) -> None:
-        """The server's whole messages for the client: the audit trail, the search_path,
-        results decrypted. ``counted``: ReadyForQuery messages at the start of ``data``
-        already accounted for (held back while the search_path was asked)."""
-        _, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+    def _to_client_protected(self, data: bytes, marks: list[Mark], tail_rows: int, counted: int = 0) -> None:
+        """The server's whole messages for the client (``marks``: where its replies end):
+        the audit trail, the search_path, results decrypted. ``counted``: ReadyForQuery
+        messages at the start of ``data`` already accounted for (held back while the
+        search_path was asked)."""
         path = self.search_path
         for i, (kind, pos, _end, rows) in enumerate(marks):
             if kind != _READY:
@@ -815,48 +817,47 @@ class Session:
         transport.write(data)
 
     def _ask_path(self, held: bytes, status: int) -> None:
-        assert self.backend is not None and self.backend.transport is not None
+        assert self._rewriter is not None
         self._path_probe = _PathProbe(held, status)
-        self.backend.transport.write(_PATH_PROBE)
+        self._rewriter.to_server.append(_PATH_PROBE)  # between two of the client's messages
+        self._flush_to_server()
 
     def _path_probe_reply(self, data: bytes) -> tuple[bytes, int]:
-        """Take the probe's reply out of ``data``; what is left for the client (the held
-        ReadyForQuery first, once the probe is answered) and how many ReadyForQuery
-        messages at its start were counted already."""
+        """Take the probe's reply out of ``data``: nothing else is in flight, so every
+        message up to its ReadyForQuery is the probe's, but notifications, notices and
+        ParameterStatus, which go to the client. Returns what the client gets, the held
+        ReadyForQuery first once the probe is answered, and how many ReadyForQuery
+        messages at its start were accounted for already."""
         probe = self._path_probe
         assert probe is not None
         out: list[bytes] = []
-        counted = 0
         for kind, start, end in iter_messages(data):
-            msg = data[start - 5 : end]
-            if not probe.started:
-                if kind == _ROW_DESCRIPTION and _PATH_PROBE_COLUMN in msg:
-                    probe.started = True
-                    continue
-                # Not the probe's (a batch pgcloak did not count): the client's, in order.
-                if probe.held is not None:
-                    out.append(probe.held)
-                    probe.held = None
-                    counted = 1
-                out.append(msg)
+            if kind in _PASSING:
+                out.append(data[start - 5 : end])
             elif kind == _DATA_ROW:
-                values = DataRow.decode(msg[5:]).values
-                if len(values) == 2 and values[0] is not None and values[1] is not None:
-                    probe.answer = (values[0].decode("utf-8", "surrogateescape"), values[1].decode("utf-8", "surrogateescape"))
+                values = DataRow.decode(data[start:end]).values
+                probe.values.append(values[0].decode("utf-8", "surrogateescape") if values and values[0] else "")
+            elif kind == _ERROR:
+                probe.error = data[start - 5 : end]
             elif kind == _READY:
-                if probe.answer is not None:
-                    self.search_path.learned(*probe.answer, probe.status)
-                else:
-                    log.warning("could not read the session's search_path", extra={"session": self.id})
-                if probe.held is not None:
-                    out.append(probe.held)
-                    counted = 1
-                out.append(data[end:])
                 self._path_probe = None
-                break
-            elif kind not in (_COMMAND_COMPLETE, _ERROR):
-                out.append(msg)  # a notice, a ParameterStatus, a notification: the client's
-        return b"".join(out), counted
+                if probe.error is None and len(probe.values) == 3:
+                    setting, role, authorization = probe.values
+                    self.search_path.learned(setting, authorization if role == "none" else role, probe.status)
+                    out.insert(0, probe.held)
+                else:
+                    # Canceled, timed out...: the client learns it before its ReadyForQuery
+                    # (its transaction may have failed with the probe), which says the
+                    # status now; the path stays unknown, asked again later.
+                    log.warning("could not read the session's search_path", extra={"session": self.id})
+                    if probe.error is not None:
+                        out.append(probe.error)
+                    out.append(probe.held[:5] + data[start : start + 1] + probe.held[6:])
+                out.append(data[end:])
+                # The held ReadyForQuery is the first one in what the client gets (the
+                # others are never ReadyForQuery): accounted for when it was held.
+                return b"".join(out), 1
+        return b"".join(out), 0
 
     def _relay_backend(self, data: bytes) -> None:
         """Unprotected sessions: the server's bytes go to the client untouched.
@@ -882,10 +883,10 @@ class Session:
 class _PathProbe:
     """The search_path asked of PostgreSQL: what was held back from the client meanwhile."""
 
-    __slots__ = ("answer", "held", "started", "status")
+    __slots__ = ("error", "held", "status", "values")
 
     def __init__(self, held: bytes, status: int) -> None:
-        self.held: bytes | None = held
+        self.held = held
         self.status = status
-        self.started = False
-        self.answer: tuple[str, str] | None = None
+        self.values: list[str] = []
+        self.error: bytes | None = None

@@ -11,7 +11,8 @@ recognizes (:func:`search_path_change`):
 * ``probe``: a change whose result only PostgreSQL knows: ``RESET search_path``, ``RESET
   ALL``, ``DISCARD ALL``, ``SET ... search_path TO DEFAULT``, ``SET ROLE``, ``SET SESSION
   AUTHORIZATION`` (``"$user"``), ``set_config('search_path', ...)`` (or with a name that
-  is not a constant), ``DO`` and ``CALL`` (their bodies may change it),
+  is not a constant), ``DO`` and ``CALL`` (their bodies may change it), text with ``U&``
+  escapes,
   and SET syntax pgcloak does not read;
 * ``refuse``: a change sent in one Query string together with other statements (they
   are planned together, before it runs).
@@ -32,6 +33,7 @@ from pgcloak.sql.lexer import LexError, decode_string, split_statements, tokeniz
 
 __all__ = [
     "DEFAULT_PATH",
+    "PROBE",
     "SearchPathChange",
     "parse_setting",
     "resolve_items",
@@ -43,7 +45,7 @@ __all__ = [
 
 #: Words one of which every text that may change the search_path contains (lowercase),
 #: besides a leading DO or CALL.
-_HINTS: Final = ("search_path", "schema", "role", "authorization", "reset", "discard", "set_config")
+_HINTS: Final = ("search_path", "schema", "role", "authorization", "reset", "discard", "set_config", "u&")
 #: The path pgcloak assumes where it knows no other (the planner's default).
 DEFAULT_PATH: Final = ("public",)
 _CACHE_SIZE = 1024
@@ -133,6 +135,8 @@ def _change_of(sql: str) -> SearchPathChange | None:
         change = _statement_change(sql, tokens[a:b])
         if change is not None and (found is None or change.kind == "refuse"):
             found = change
+    if found is None and "u&" in sql.lower():
+        found = _PROBE  # U&"..." names may spell set_config or search_path: ask afterwards
     if found is not None and found.kind != "refuse" and len(ranges) > 1:
         return _refuse("a search_path change sent with other statements in one Query")
     return found
@@ -143,6 +147,8 @@ def _word(tok: Token) -> str:
 
 
 _PROBE = SearchPathChange("probe")
+#: A change whose result PostgreSQL is asked for.
+PROBE: Final = _PROBE
 _BARE_WORD = re.compile(r"[A-Za-z_\x80-\uffff][A-Za-z0-9_$\x80-\uffff]*")
 
 
