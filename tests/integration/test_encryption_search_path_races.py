@@ -18,7 +18,7 @@ import os
 import select
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -29,6 +29,7 @@ from pgcloak.demo.postgres import TemporaryPostgres
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[TemporaryPostgres]:
+    """A server of this module's own: PREPARE TRANSACTION needs max_prepared_transactions."""
     server = TemporaryPostgres(settings={"max_prepared_transactions": 5})
     server.start()
     try:
@@ -94,13 +95,13 @@ def query(sql: str) -> bytes:
     return _msg(b"Q", sql.encode() + b"\0")
 
 
-def raw(conn: psycopg.Connection, data: bytes, readies: int) -> list[tuple[str, bytes]]:
+def _read(conn: psycopg.Connection, done: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 10.0) -> list[tuple[str, bytes]]:
+    """Raw messages from pgcloak on psycopg's socket until ``done(messages)``."""
     fd = conn.pgconn.socket
-    os.write(fd, data)
-    buf = b""
-    out: list[tuple[str, bytes]] = []
-    while readies:
-        select.select([fd], [], [], 10)
+    buf, out = b"", []
+    while not done(out):
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"nothing more within {timeout}s: {out}"
         chunk = os.read(fd, 65536)
         assert chunk, "closed"
         buf += chunk
@@ -108,11 +109,15 @@ def raw(conn: psycopg.Connection, data: bytes, readies: int) -> list[tuple[str, 
             (n,) = struct.unpack("!i", buf[1:5])
             if len(buf) < n + 1:
                 break
-            t, body, buf = chr(buf[0]), buf[5 : n + 1], buf[n + 1 :]
-            out.append((t, body))
-            if t == "Z":
-                readies -= 1
+            out.append((chr(buf[0]), buf[5 : n + 1]))
+            buf = buf[n + 1 :]
     return out
+
+
+def raw(conn: psycopg.Connection, data: bytes, readies: int) -> list[tuple[str, bytes]]:
+    """Send ``data`` as it is; the replies up to the ``readies``-th ReadyForQuery."""
+    os.write(conn.pgconn.socket, data)
+    return _read(conn, lambda out: sum(t == "Z" for t, _ in out) >= readies)
 
 
 def connect(env: EncEnv, **kw) -> psycopg.Connection:
@@ -355,23 +360,8 @@ def test_set_local_simple_query_pipelined(env: EncEnv) -> None:
 
 
 # -- found by a second review: the probe itself ------------------------------------------
-def _read_until(conn: psycopg.Connection, kind: str, timeout: float = 10.0) -> list[tuple[str, bytes]]:
-    """Raw messages from pgcloak until one of ``kind`` arrived."""
-    fd = conn.pgconn.socket
-    buf, out = b"", []
-    while not any(t == kind for t, _ in out):
-        ready, _, _ = select.select([fd], [], [], timeout)
-        assert ready, f"no {kind} within {timeout}s: {out}"
-        chunk = os.read(fd, 65536)
-        assert chunk, "closed"
-        buf += chunk
-        while len(buf) >= 5:
-            (n,) = struct.unpack("!i", buf[1:5])
-            if len(buf) < n + 1:
-                break
-            out.append((chr(buf[0]), buf[5 : n + 1]))
-            buf = buf[n + 1 :]
-    return out
+def _read_until(conn: psycopg.Connection, kind: str) -> list[tuple[str, bytes]]:
+    return _read(conn, lambda out: any(t == kind for t, _ in out))
 
 
 def test_sql_level_execute_of_a_change(env: EncEnv) -> None:
