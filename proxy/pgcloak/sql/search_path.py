@@ -12,8 +12,7 @@ recognizes (:func:`search_path_change`):
   ALL``, ``DISCARD ALL``, ``SET ... search_path TO DEFAULT``, ``SET ROLE``, ``SET SESSION
   AUTHORIZATION`` (``"$user"``), ``set_config('search_path', ...)`` (or with a name that
   is not a constant), ``DO`` and ``CALL`` (their bodies may change it), text with ``U&``
-  escapes,
-  and SET syntax pgcloak does not read;
+  escapes, and SET syntax pgcloak does not read;
 * ``refuse``: a change sent in one Query string together with other statements (they
   are planned together, before it runs).
 
@@ -100,7 +99,7 @@ def unknown_path_message(name: str) -> str:
 
 def search_path_change(sql: str) -> SearchPathChange | None:
     """The change ``sql`` makes to the search_path, or None when it makes none."""
-    # A cheap test first (every Query and Parse passes here): lowercasing and four
+    # A cheap test first (every Query and Parse passes here): lowercasing and a few
     # substring searches cost a tenth of one case-insensitive regular expression.
     low = sql.lower()
     if not any(word in low for word in _HINTS) and not low.lstrip(" \t\r\n(").startswith(("do", "call")):
