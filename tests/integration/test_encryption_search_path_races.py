@@ -317,7 +317,11 @@ def test_protocol_prepared_insert_across_set(env: EncEnv) -> None:
         q = 'INSERT INTO "Contacts" ("Email", note) VALUES (%s, %s)'
         conn.execute(q, ("a-" + email, note + "p"))
         conn.execute("SET search_path = crm")
-        conn.execute(q, (email, note))
+        # Prepared for public."Contacts": PostgreSQL would analyse it again for crm, and
+        # pgcloak's plan (bound to public) is stale: "prepare it again".
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="prepare it again"):
+            conn.execute(q, (email, note))
+        conn.execute(q, (email, note), prepare=False)
         rows = conn.execute('SELECT note FROM "Contacts" WHERE "Email" = %s', (email,)).fetchall()
         conn.execute("SET search_path = public")
         with pytest.raises(psycopg.Error) as ei:
@@ -411,3 +415,17 @@ def test_extended_copy_in_does_not_lose_count(env: EncEnv) -> None:
         _read_until(conn, "Z")
         conn.execute("SET search_path = crm")
         assert probe(env, conn) == "crm:encrypted"
+
+
+def test_function_that_changes_the_path_cannot_leak(env: EncEnv) -> None:
+    """pgcloak cannot see a function change the path; the name it resolved is sent
+    qualified, so PostgreSQL writes where pgcloak encrypted for (here: public)."""
+    env.pg.run_sql(
+        "CREATE OR REPLACE FUNCTION public.go_tenant() RETURNS void LANGUAGE sql "
+        "AS $$ SELECT pg_catalog.set_config('search_path', 'crm', false) $$",
+        dbname=env.dbname,
+    )
+    with connect(env) as conn:
+        conn.execute("SELECT public.go_tenant()")
+        assert conn.execute("SHOW search_path").fetchone() == ("crm",)
+        assert probe(env, conn) == "public:plaintext"  # the unprotected table, as pgcloak planned

@@ -217,3 +217,17 @@ def test_explain_takes_a_search_path(tmp_path, capsys) -> None:
     assert cli.main(["explain", sql, "--policy", str(policy), "--search-path", '"$user", app', "--user", "bob"]) == 0
     out = capsys.readouterr().out
     assert "tables: app.users" in out and "envelope (key app.users.email)" in out
+
+
+def test_names_protected_beyond_public_are_sent_qualified() -> None:
+    """Binding: the statement reaches the table pgcloak resolved, whatever the server's
+    path has become (a function may change it unseen)."""
+    app = Planner(POLICY, index_length=16, search_path=("app", "public"))
+    default = Planner(POLICY, index_length=16)
+    assert app.plan("INSERT INTO users (email) VALUES ($1)").sql == "INSERT INTO app.users (email) VALUES ($1)"
+    assert default.plan('SELECT id FROM "users" WHERE id = $1').sql == 'SELECT id FROM public."users" WHERE id = $1'
+    assert app.plan("COPY orders (note) FROM STDIN").sql == "COPY app.orders (note) FROM STDIN"
+    assert app.plan("WITH users AS (SELECT id FROM t) SELECT id FROM users").sql is None  # a CTE
+    assert app.plan("SELECT id FROM public.users WHERE id = $1").sql is None  # qualified already
+    only_public = Planner(PUBLIC_ONLY, index_length=16, search_path=("app", "public"))
+    assert only_public.plan("INSERT INTO users (email) VALUES ($1)").sql is None

@@ -88,6 +88,7 @@ class Policy:
     """A loaded, validated policy. Immutable; share it between sessions and threads."""
 
     __slots__ = (
+        "_beyond_public",
         "_by_key_id",
         "_columns",
         "_index_key_id",
@@ -156,6 +157,9 @@ class Policy:
         self._protected = frozenset(tables)
         self._protected_schemas = frozenset(q.partition(".")[0] for q in tables)
         self._protected_names = frozenset(q.partition(".")[2] for q in tables)
+        self._beyond_public = frozenset(
+            q.partition(".")[2] for q in tables if q.partition(".")[0] != DEFAULT_SCHEMA
+        )
         prefilter: set[str] = set()
         for qualified in tables:
             bare = qualified.partition(".")[2].lower()
@@ -182,6 +186,11 @@ class Policy:
     def protected_names(self) -> frozenset[str]:
         """The table names of :meth:`protected_tables`, without their schemas."""
         return self._protected_names
+
+    def names_protected_beyond_public(self) -> frozenset[str]:
+        """Table names the policy protects in a schema other than ``public``: which table
+        an unqualified one means depends on the search_path."""
+        return self._beyond_public
 
     def table_names_for_prefilter(self) -> frozenset[str]:
         """Lowercase bare table names, for a substring test on lowercased SQL text.

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from sqlglot import exp
 
 from pgcloak.policy import ColumnPolicy, Policy
+from pgcloak.policy.names import quote_ident
 from pgcloak.sql.plan import ValueAction
 from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table, unknown_path_message
 
@@ -167,6 +168,7 @@ class Analyzer:
             q = self._table_name(table)
             if q is not None and not self._is_cte_name(table):
                 self.out.tables.add(q)
+                self._bind_schema(table, q)
         for node in tree.find_all(exp.Parameter, exp.Placeholder):
             ref = value_ref(node)
             if ref is not None:
@@ -213,6 +215,25 @@ class Analyzer:
             self.out.denials.append(message)
 
     # -- names and scopes ------------------------------------------------------------
+
+    def _bind_schema(self, table: exp.Table, qualified: str) -> None:
+        """Send an unqualified name the policy protects outside ``public`` qualified with
+        the schema pgcloak resolved it to: should PostgreSQL's search_path differ from
+        what pgcloak knows (a function changed it), the statement then reaches the table
+        pgcloak encrypted for, or fails; it never stores plaintext in a protected table."""
+        name = table.this
+        if table.args.get("db") or not isinstance(name, exp.Identifier):
+            return
+        bare = canon(name)
+        if bare not in self.policy.names_protected_beyond_public():
+            return
+        meta = name.meta
+        if "start" not in meta or "end" not in meta:
+            self.deny(f"internal: no source position for table {bare}; statement refused")
+            return
+        s, e = int(meta["start"]), int(meta["end"]) + 1
+        schema = qualified[: -len(bare) - 1]
+        self.out.edits.append((s, e, f"{quote_ident(schema)}.{self.text[s:e]}"))
 
     def _table_name(self, table: exp.Table) -> str | None:
         if not isinstance(table.this, exp.Identifier):

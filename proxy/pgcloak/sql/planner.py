@@ -25,6 +25,7 @@ from sqlglot.errors import SqlglotError
 from sqlglot.tokenizer_core import Token, TokenType
 
 from pgcloak.policy import Policy
+from pgcloak.policy.names import quote_ident
 from pgcloak.sql.analyze import (
     Analysis,
     Analyzer,
@@ -518,6 +519,17 @@ class Planner:
                 an.denials.append(unknown_path_message(parts[0]))
                 return st
             table = resolved
+            if parts[0] in self.policy.names_protected_beyond_public():
+                # Bound to the schema pgcloak resolved (Analyzer._bind_schema says why).
+                tok = toks[i - 1]
+                name_text = sql[tok.start : tok.end + 1]
+                schema = quote_ident(table[: -len(parts[0]) - 1])
+                st.pieces = [
+                    *self._verbatim(sql, lexed, s0, tok.start),
+                    f"{schema}.{name_text}",
+                    *self._verbatim(sql, lexed, tok.end + 1, e0),
+                ]
+                st.edited = True
         else:
             table = ""
         columns: list[str] = []
