@@ -2,8 +2,9 @@
 
 PostgreSQL is the authority: the session asks it (the setting, and the user ``"$user"``
 means) when it starts, and again at the first idle moment after any statement that may
-have changed the path (:attr:`SessionSearchPath.known` is False meanwhile). In between, within the batch that makes a change, the statements after it
-are planned for what the change predicts (if the change fails, PostgreSQL skips them).
+have changed the path (:attr:`SessionSearchPath.known` is False meanwhile). In between,
+within the batch that makes a change, the statements after it are planned for what the
+change predicts (if the change fails, PostgreSQL skips them).
 So the transaction rules (a rolled-back ``SET``, ``SET LOCAL``, savepoints, ``COMMIT AND
 CHAIN``, ``PREPARE TRANSACTION``), ``SET ROLE`` with ``"$user"``, ``RESET`` and changes
 made by ``DO`` and procedures all come out as PostgreSQL has them, without pgcloak

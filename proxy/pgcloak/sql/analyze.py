@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 from sqlglot import exp
 
 from pgcloak.policy import ColumnPolicy, Policy
-from pgcloak.policy.names import quote_ident
 from pgcloak.sql.plan import ValueAction
-from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table, unknown_path_message
+from pgcloak.sql.search_path import (
+    DEFAULT_PATH,
+    bound_spelling,
+    resolve_table,
+    unknown_path_message,
+)
 
 NUM_BASE = 739_100_000_000_000
 _STR_SLOT = re.compile(r"@pgcloak:(\d+)@\Z")
@@ -232,8 +236,7 @@ class Analyzer:
             self.deny(f"internal: no source position for table {bare}; statement refused")
             return
         s, e = int(meta["start"]), int(meta["end"]) + 1
-        schema = qualified[: -len(bare) - 1]
-        self.out.edits.append((s, e, f"{quote_ident(schema)}.{self.text[s:e]}"))
+        self.out.edits.append((s, e, bound_spelling(qualified, bare, self.text[s:e])))
 
     def _table_name(self, table: exp.Table) -> str | None:
         if not isinstance(table.this, exp.Identifier):

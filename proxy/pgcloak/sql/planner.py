@@ -25,7 +25,6 @@ from sqlglot.errors import SqlglotError
 from sqlglot.tokenizer_core import Token, TokenType
 
 from pgcloak.policy import Policy
-from pgcloak.policy.names import quote_ident
 from pgcloak.sql.analyze import (
     Analysis,
     Analyzer,
@@ -46,7 +45,12 @@ from pgcloak.sql.plan import (
     deny,
     pass_plan,
 )
-from pgcloak.sql.search_path import DEFAULT_PATH, resolve_table, unknown_path_message
+from pgcloak.sql.search_path import (
+    DEFAULT_PATH,
+    bound_spelling,
+    resolve_table,
+    unknown_path_message,
+)
 
 #: Number of statements handed to sqlglot's parser (tests assert the prefilter works).
 PARSE_CALLS = 0
@@ -522,11 +526,9 @@ class Planner:
             if parts[0] in self.policy.names_protected_beyond_public():
                 # Bound to the schema pgcloak resolved (Analyzer._bind_schema says why).
                 tok = toks[i - 1]
-                name_text = sql[tok.start : tok.end + 1]
-                schema = quote_ident(table[: -len(parts[0]) - 1])
                 st.pieces = [
                     *self._verbatim(sql, lexed, s0, tok.start),
-                    f"{schema}.{name_text}",
+                    bound_spelling(table, parts[0], sql[tok.start : tok.end + 1]),
                     *self._verbatim(sql, lexed, tok.end + 1, e0),
                 ]
                 st.edited = True

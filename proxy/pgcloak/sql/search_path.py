@@ -28,12 +28,14 @@ from typing import Final, Literal
 from sqlglot.tokenizer_core import Token, TokenType
 
 from pgcloak.policy import Policy
+from pgcloak.policy.names import quote_ident
 from pgcloak.sql.lexer import LexError, decode_string, split_statements, tokenize
 
 __all__ = [
     "DEFAULT_PATH",
     "PROBE",
     "SearchPathChange",
+    "bound_spelling",
     "parse_setting",
     "resolve_items",
     "resolve_table",
@@ -86,6 +88,14 @@ def resolve_table(policy: Policy, search_path: tuple[str, ...] | None, name: str
         if qualified in protected:
             return qualified
     return f"public.{name}"
+
+
+def bound_spelling(resolved: str, name: str, spelled: str) -> str:
+    """``spelled`` (an unqualified table name as written) qualified with the schema of
+    ``resolved`` (what :func:`resolve_table` made of its canonical ``name``): what is sent
+    for a name the policy protects outside ``public``, so that PostgreSQL reaches the table
+    pgcloak resolved whatever its search_path has become."""
+    return f"{quote_ident(resolved[: -len(name) - 1])}.{spelled}"
 
 
 def unknown_path_message(name: str) -> str:
