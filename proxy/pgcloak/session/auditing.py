@@ -39,6 +39,8 @@ _PORTAL_SUSPENDED = 0x73
 #: The server messages that end a statement's or a batch's reply: CommandComplete,
 #: EmptyQueryResponse, PortalSuspended, ErrorResponse, ReadyForQuery.
 REPLY_ENDS = frozenset(b"CIsEZ")
+#: Marked too by the session (statements prepared again): ParseComplete, CloseComplete.
+_NOT_ENDS = frozenset(b"13")
 
 
 class _Slow:
@@ -266,6 +268,8 @@ class SessionAudit:
                         head.sqlstate = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
                         if not head.simple:
                             self._complete(head)
+            elif kind in _NOT_ENDS:
+                continue
             else:  # CommandComplete, EmptyQueryResponse, PortalSuspended
                 head = units[0]
                 if head.recipe is None:  # not recorded (or a Sync): only keep in step

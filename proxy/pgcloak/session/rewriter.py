@@ -31,11 +31,12 @@ from pgcloak.session.protection import (
     ReadDenied,
     ValueRefused,
 )
+from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, internal_name
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial, resolve_execute
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
-from pgcloak.wire.framing import frame, iter_messages
+from pgcloak.wire.framing import Mark, frame, iter_messages
 from pgcloak.wire.messages import (
     Bind,
     Close,
@@ -126,6 +127,12 @@ def text_of(body: bytes, start: int, end: int) -> str:
     return body[start + 1 : end].decode("utf-8", "surrogateescape")
 
 
+def _renamed_bind(body: bytes, portal_end: int, stmt_end: int, name: str) -> tuple[bytes, int]:
+    """A Bind body sent to statement ``name`` instead; with where its name now ends."""
+    encoded = name.encode()
+    return body[: portal_end + 1] + encoded + body[stmt_end:], portal_end + 1 + len(encoded)
+
+
 def _unknown_message(name: str) -> str:
     return f'prepared statement "{name}" does not exist'
 
@@ -166,7 +173,16 @@ class Rewriter:
         self._pii_rows = 0
         #: Messages for the server that the session sends after :meth:`backend_chunk`.
         self.to_server: list[bytes] = []
-        self.statements: dict[str, tuple[Protection, Plan, str]] = {}
+        #: Named statements as the client prepared them: the rules they were planned
+        #: under, the plan, the text, and the Parse's tail (its parameter types).
+        self.statements: dict[str, tuple[Protection, Plan, str, bytes]] = {}
+        #: Statements prepared again under other rules (see :mod:`.reprepare`): client
+        #: name -> (the rules, the internal name, its plan).
+        self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
+        #: Internal statements to close at the next opportunity.
+        self._closes_due: list[str] = []
+        #: The Parse and Close messages in flight: the replies to ours are not the client's.
+        self.acks = Acks()
         #: Named statements parsed again with other protected parameters while the
         #: first definition may still be the server's (PostgreSQL refuses to redefine
         #: a name, 42P05): which one a Bind reaches is unknown, so Binds are refused.
@@ -274,12 +290,23 @@ class Rewriter:
                 self._search_path.batch_end()
             return out
         if kind == P:
-            if self._search_path is not None:
-                self._search_path.unsynced = True
-            return self._parse(msg)
+            path = self._search_path
+            if path is None:
+                return self._parse(msg)
+            path.unsynced = True
+            before = self._our_closes()
+            out = self._parse(msg)
+            self.acks.sent(path.sent)
+            return before + out if before else out
         if kind == C:
+            path = self._search_path
+            if path is None:
+                self._close(msg)
+                return msg
+            before = self._our_closes()
             self._close(msg)
-            return msg
+            self.acks.sent(path.sent)
+            return before + msg + self._our_closes()
         if kind != COPY_DATA and self._search_path is not None:
             self._search_path.copy_ended()  # CopyDone, CopyFail
         return self._copy(kind, msg)
@@ -370,13 +397,15 @@ class Rewriter:
         every one of the text, in order."""
         for name, inner in plan.named:
             if inner is not None:
-                self._remember(name, protection, inner, "")
+                self._remember(name, protection, inner, "", b"")
             elif name.upper() == "ALL":
                 self.statements.clear()
                 self._redefined.clear()
+                self._reprepared.clear()  # the server drops ours too
             else:
                 self.statements.pop(name, None)
                 self._redefined.discard(name)
+                self._forget_reprepared(name)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -384,14 +413,75 @@ class Rewriter:
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
 
-    def _remember(self, name: str, protection: Protection, plan: Plan, text: str) -> bool:
+    def _remember(self, name: str, protection: Protection, plan: Plan, text: str, tail: bytes) -> bool:
         if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
             return False
         old = self.statements.get(name) if name else None
         if old is not None and (old[1].params != plan.params or old[1].copy_in != plan.copy_in):
             self._redefined.add(name)
-        self.statements[name] = (protection, plan, text)
+        self.statements[name] = (protection, plan, text, tail)
         return True
+
+    # -- statements prepared again -----------------------------------------------------
+    def _forget_reprepared(self, name: str) -> None:
+        """The client's statement is gone or redefined: its internal one is closed."""
+        found = self._reprepared.pop(name, None)
+        if found is not None:
+            self._closes_due.append(found[1])
+
+    def _our_closes(self) -> bytes:
+        """Close messages for the internal statements no longer needed (sent before or
+        after one of the client's extended-protocol messages, never inside a COPY)."""
+        due = self._closes_due
+        if not due or self._search_path is None:
+            return b""
+        batch = self._search_path.sent
+        out = []
+        for internal in due:
+            out.append(Close("S", internal).encode())
+            self.acks.sent_ours(batch, parse=False, client_name="", internal=internal)
+        due.clear()
+        return b"".join(out)
+
+    def _reprepare(
+        self, name: str, current: Protection, text: str, tail: bytes, portal: bytes
+    ) -> tuple[bytes, str, Plan] | bytes:
+        """Parse ``name``'s text again, as planned under ``current``, under an internal
+        name. Returns the messages to send before the client's Bind, the internal name
+        and the plan; or the refusal to send instead of the Bind."""
+        assert self._search_path is not None
+        entry = current.plan_parse(text.encode("utf-8", "surrogateescape"))
+        plan = entry.plan
+        body = entry.static
+        if entry.literals:
+            try:
+                body = current.planner.apply(plan, entry.literals, current.transform).encode(
+                    "utf-8", "surrogateescape"
+                )
+            except ValueRefused as exc:
+                return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), exc.sqlstate, exc.message)
+        internal = internal_name()
+        self._forget_reprepared(name)
+        out = [self._our_closes()]
+        query = text.encode("utf-8", "surrogateescape") if body is None else body
+        out.append(frame(b"P", internal.encode() + b"\0" + query + tail))
+        self.acks.sent_ours(self._search_path.sent, parse=True, client_name=name, internal=internal)
+        self._reprepared[name] = (current, internal, plan)
+        return b"".join(out), internal, plan
+
+    def follow_acks(self, marks: list[Mark]) -> list[tuple[int, int]]:
+        """The server's replies in one chunk (``marks`` before ReadyForQuery is counted
+        for them): the spans of the replies to our own Parse and Close messages, to cut.
+        An internal statement the server did not prepare is forgotten (prepared again at
+        the next Bind)."""
+        path = self._search_path
+        assert path is not None
+        cuts, failed = self.acks.replies(marks, path.sent - path.outstanding)
+        for ours in failed:
+            found = self._reprepared.get(ours.client_name)
+            if found is not None and found[1] == ours.internal:
+                del self._reprepared[ours.client_name]
+        return cuts
 
     def _parse_failed(self, name: str, existed: bool) -> None:
         """Our refusal makes this Parse fail: PostgreSQL has dropped the unnamed
@@ -409,6 +499,11 @@ class Rewriter:
         if name_end < 0 or query_end < 0:
             raise ProtocolError("invalid Parse message: missing terminator")
         name = body[:name_end].decode("utf-8", "surrogateescape")
+        if self._reprepared:
+            self._forget_reprepared(name)  # the unnamed statement, or one closed unseen
+        if name.startswith(INTERNAL_PREFIX):
+            self.last_plan = None
+            return self._refuse_parse(name, "42939", f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak')
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
         literals = entry.literals
@@ -438,7 +533,7 @@ class Rewriter:
                 self._path_changes.pop(name, None)
         self._sql_level_statements(protection, plan)
         text = entry.static
-        if not self._remember(name, protection, plan, text_of(body, name_end, query_end)):
+        if not self._remember(name, protection, plan, text_of(body, name_end, query_end), body[query_end:]):
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
@@ -477,21 +572,60 @@ class Rewriter:
             if audit is not None:
                 audit.bind(portal, None, {})
             return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", _redefined_message(name))
-        protection, plan, text = entry
+        protection, plan, text, tail = entry
         current = self._protection()
+        before = b""
         if protection is not current and text:
             # The policy or the search_path changed since Parse: plan the text again.
-            replanned = current.planner.plan(text)
-            if replanned.sql != plan.sql or not replanned.decision.allowed:
-                # PostgreSQL's own error for a cached plan gone stale (0A000 from
-                # RevalidateCachedQuery) makes drivers with a statement cache (asyncpg,
-                # pgjdbc) drop it and prepare again, instead of failing on every call.
-                return self._refuse_bind(
-                    "", "0A000", _STALE_STATEMENT,
-                    routine="RevalidateCachedQuery",
-                )
-            protection, plan = current, replanned
+            again = self._reprepared.get(name)
+            if again is not None and again[0] is current:
+                plan = again[2]
+                body, stmt_end = _renamed_bind(body, portal_end, stmt_end, again[1])
+                msg = frame(b"B", body)
+            else:
+                replanned = current.planner.plan(text)
+                if not replanned.decision.allowed:
+                    self.last_plan = replanned
+                    if audit is not None:
+                        audit.bind(portal, None, {})
+                    decision = replanned.decision
+                    return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), decision.sqlstate, decision.message)
+                if replanned.sql != plan.sql:
+                    if self._search_path is None:
+                        # PostgreSQL's own error for a cached plan gone stale (0A000 from
+                        # RevalidateCachedQuery): drivers with a statement cache prepare again.
+                        return self._refuse_bind("", "0A000", _STALE_STATEMENT, routine="RevalidateCachedQuery")
+                    # As PostgreSQL analyses a prepared statement again for a new
+                    # search_path: the text, as planned now, under an internal name.
+                    made = self._reprepare(name, current, text, tail, portal)
+                    if isinstance(made, bytes):
+                        if audit is not None:
+                            audit.bind(portal, None, {})
+                        return made
+                    before, internal, replanned = made
+                    body, stmt_end = _renamed_bind(body, portal_end, stmt_end, internal)
+                    msg = frame(b"B", body)
+                plan = replanned
+            protection = current
         self.last_plan = plan
+        out = self._bind_checked(msg, body, portal_end, stmt_end, name, protection, current, plan, text)
+        return before + out if before else out
+
+    def _bind_checked(
+        self,
+        msg: bytes,
+        body: bytes,
+        portal_end: int,
+        stmt_end: int,
+        name: str,
+        protection: Protection,
+        current: Protection,
+        plan: Plan,
+        text: str,
+    ) -> bytes:
+        """The Bind of ``plan`` (its values transformed), or its refusal."""
+        audit = self._audit
+        portal = body[:portal_end]
         denied = self._denied_read(current, plan)  # today's decisions, whenever it was planned
         if denied is not None:
             if audit is not None:
@@ -532,6 +666,8 @@ class Rewriter:
             self.statements.pop(close.name, None)
             self._path_changes.pop(close.name, None)
             self._redefined.discard(close.name)
+            if self._reprepared:
+                self._forget_reprepared(close.name)
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
 

@@ -33,6 +33,7 @@ class SessionSearchPath:
         "current",
         "in_transaction",
         "outstanding",
+        "sent",
         "unsynced",
         "user",
     )
@@ -45,6 +46,9 @@ class SessionSearchPath:
         self.in_transaction = False
         #: Batches (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
         self.outstanding = 0
+        #: Batches sent in all: the client's current batch has this number, the oldest
+        #: one not yet answered ``sent - outstanding``.
+        self.sent = 0
         #: Extended-protocol messages sent since the last Sync: a query now would land in
         #: the client's batch (and end its unnamed portal).
         self.unsynced = False
@@ -81,6 +85,7 @@ class SessionSearchPath:
         if self._copy:
             return  # a Sync PostgreSQL ignores (copy-in mode): no ReadyForQuery for it
         self.outstanding += 1
+        self.sent += 1
         if self._changed or self._block_changed:
             self.current = None
             self._changed = False

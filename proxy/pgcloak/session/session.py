@@ -22,6 +22,7 @@ from pgcloak.audit import SessionInfo, connection_event
 from pgcloak.session.auditing import REPLY_ENDS, SessionAudit, sqlstate_of
 from pgcloak.session.endpoint import ConnectionClosed, Endpoint
 from pgcloak.session.protection import Protection
+from pgcloak.session.reprepare import ACKS, cut
 from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.session.search_path import SessionSearchPath
@@ -81,6 +82,9 @@ _SESSION_FACTS_SQL_16 = (
 #: utility statements, which take no snapshot in the client's transaction. "$user" means
 #: the role SET ROLE chose, else the session's authorization.
 _PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").encode()
+#: The server messages the session follows: the ends of replies (the audit trail, the
+#: search_path) and ParseComplete / CloseComplete (statements prepared again).
+_MARKED = REPLY_ENDS | ACKS
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 
@@ -762,7 +766,7 @@ class Session:
         self.bytes_from_backend += len(data)
         if self._b2c_held:
             data = self._b2c_held + data
-        end, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+        end, marks, tail_rows = scan_marked(data, 1 << 31, _MARKED)
         if end < len(data):
             self._b2c_held = data[end:]
             data = data[:end]
@@ -771,7 +775,7 @@ class Session:
         if self._path_probe is not None:
             data, counted = self._path_probe_reply(data)
             if data:
-                _, marks, tail_rows = scan_marked(data, 1 << 31, REPLY_ENDS)
+                _, marks, tail_rows = scan_marked(data, 1 << 31, _MARKED)
                 self._to_client_protected(data, marks, tail_rows, counted)
         elif data:
             self._to_client_protected(data, marks, tail_rows)
@@ -781,6 +785,10 @@ class Session:
         the audit trail, the search_path, results decrypted. ``counted``: ReadyForQuery
         messages at the start of ``data`` already accounted for (held back while the
         search_path was asked)."""
+        rewriter = self._rewriter
+        assert rewriter is not None
+        # Before ReadyForQuery messages are counted below: the acks are numbered by batch.
+        ours = rewriter.follow_acks(marks) if rewriter.acks.busy else None
         path = self.search_path
         for i, (kind, pos, _end, rows) in enumerate(marks):
             if kind != _READY:
@@ -799,19 +807,21 @@ class Session:
         if not data:
             return
         transport = self.client.transport
-        assert transport is not None and self._rewriter is not None
+        assert transport is not None
         audit = self._audit
         if audit is not None and audit.pending:
             audit.backend(data, marks, tail_rows)
-        if self._rewriter.needs_inspection(data):
+        if ours:
+            data = cut(data, ours)  # the replies to statements prepared again for the client
+        if rewriter.needs_inspection(data):
             try:
-                data = self._rewriter.backend_chunk(data)
+                data = rewriter.backend_chunk(data)
             except Exception:
                 log.exception("internal error decrypting results", extra={"session": self.id})
                 self._fatal("XX000", "pgcloak internal error; the session is closed")
                 self._finish("internal error")
                 return
-            if self._rewriter.to_server:
+            if rewriter.to_server:
                 self._flush_to_server()
         self._bytes_rewritten += len(data)
         transport.write(data)

@@ -1,0 +1,111 @@
+"""Statements pgcloak prepares again on the client's behalf, and hiding their replies.
+
+A named statement is planned once, at its Parse, for the policy and search_path of
+that moment. PostgreSQL analyses a prepared statement again, silently, when the
+search_path it was parsed under changes; pgcloak's plan (which columns are encrypted,
+which table a name is bound to) cannot follow it there. So when a statement is bound
+after the rules changed and its text now plans differently, the session parses the
+text again, as planned now, under an internal name, and sends the client's Bind to
+that name instead. The client sees what PostgreSQL would have
+shown it: its statement simply runs, under the rules in force.
+
+The server answers that extra Parse (and the Close of an internal statement no longer
+needed) with ParseComplete / CloseComplete, which the client must not see. Those
+replies carry nothing to tell them apart, so :class:`Acks` keeps every Parse and
+Close in flight in the order the server answers them, with the batch (Query, Sync,
+FunctionCall) each belongs to: an ErrorResponse makes the server skip the rest of
+its batch, so whatever of a batch was not answered by its ReadyForQuery never will be.
+
+Pure (no IO): the session feeds the client's messages and the server's marks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable
+from typing import Final
+
+from pgcloak.wire.framing import Mark
+
+__all__ = ["ACKS", "INTERNAL_PREFIX", "Acks", "cut", "internal_name"]
+
+#: ParseComplete, CloseComplete: the replies counted here.
+ACKS: Final = frozenset(b"13")
+_READY: Final = ord("Z")
+#: Names of the statements pgcloak prepares itself; a client may not use them.
+INTERNAL_PREFIX: Final = "pgcloak_reprepared_"
+_serial = itertools.count(1)
+
+
+def internal_name() -> str:
+    """A statement name no client statement has (clients are refused the prefix)."""
+    return f"{INTERNAL_PREFIX}{next(_serial)}"
+
+
+class _Ours:
+    """A Parse (or Close) pgcloak sent itself: its reply is not the client's."""
+
+    __slots__ = ("client_name", "internal", "parse")
+
+    def __init__(self, parse: bool, client_name: str, internal: str) -> None:
+        self.parse = parse
+        self.client_name = client_name
+        self.internal = internal
+
+
+class Acks:
+    """The Parse and Close messages in flight, in the order the server answers them."""
+
+    __slots__ = ("_flight",)
+
+    def __init__(self) -> None:
+        #: (batch number, None for the client's own or :class:`_Ours`).
+        self._flight: deque[tuple[int, _Ours | None]] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._flight)
+
+    def sent(self, batch: int) -> None:
+        """The client sent a Parse or Close in batch ``batch`` (numbered by the session)."""
+        self._flight.append((batch, None))
+
+    def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str) -> None:
+        self._flight.append((batch, _Ours(parse, client_name, internal)))
+
+    def replies(self, marks: Iterable[Mark], answered: int) -> tuple[list[tuple[int, int]], list[_Ours]]:
+        """Follow the server's replies (``marks``: ReadyForQuery, ParseComplete and
+        CloseComplete at least, in order), ``answered`` batches having been answered
+        before them. Returns the spans of our replies to cut out, and our Parses the
+        server skipped or refused (it never prepared their statements)."""
+        flight = self._flight
+        cuts: list[tuple[int, int]] = []
+        failed: list[_Ours] = []
+        for kind, pos, end, _rows in marks:
+            if kind == _READY:
+                answered += 1
+                while flight and flight[0][0] < answered:
+                    ours = flight.popleft()[1]
+                    if ours is not None and ours.parse:
+                        failed.append(ours)
+            elif kind in ACKS and flight:
+                ours = flight.popleft()[1]
+                if ours is not None:
+                    cuts.append((pos, end))
+            if not flight:
+                break
+        return cuts, failed
+
+
+def cut(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """``data`` without the byte ranges in ``spans`` (in order, not overlapping)."""
+    out: list[bytes] = []
+    run = 0
+    for start, end in spans:
+        if start >= len(data):
+            break
+        out.append(data[run:start])
+        run = end
+    out.append(data[run:])
+    return b"".join(out)

@@ -1,0 +1,137 @@
+"""Statements prepared again under new rules, and hiding the replies to pgcloak's own
+Parse and Close (pure parts: the rewriter's messages and the reply bookkeeping)."""
+
+from __future__ import annotations
+
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import generate_master_key
+from pgcloak.policy import parse_policy
+from pgcloak.session.protection import Protection
+from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, cut
+from pgcloak.session.rewriter import Rewriter
+from pgcloak.session.search_path import SessionSearchPath
+from pgcloak.wire.framing import iter_messages, scan_marked
+from pgcloak.wire.messages import Bind, Close, Parse, Sync
+
+POLICY = """
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+    phone: {encrypt: true, index: exact, normalize: phone}
+default_read: reveal
+guards: {unbounded_select: allow}
+"""
+LOOKUP = "SELECT id FROM users WHERE phone = $1"
+P, B, C, S = ord("P"), ord("B"), ord("C"), ord("S")
+Z_IDLE = b"Z\x00\x00\x00\x05I"
+PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE = b"1\x00\x00\x00\x04", b"2\x00\x00\x00\x04", b"3\x00\x00\x00\x04"
+
+
+def _messages(data: bytes) -> list[tuple[str, bytes]]:
+    return [(chr(k), data[s:e]) for k, s, e in iter_messages(data)]
+
+
+class _Session:
+    """A rewriter whose rules can change, with the session's batch accounting."""
+
+    def __init__(self) -> None:
+        keyring = Keyring(generate_master_key())
+        without_phone = POLICY.replace("    phone: {encrypt: true, index: exact, normalize: phone}\n", "")
+        self.before = Protection.build(parse_policy(without_phone), keyring)
+        self.after = Protection.build(parse_policy(POLICY), keyring)
+        self.current = self.before
+        self.path = SessionSearchPath("app", ("public",))
+        self.rewriter = Rewriter(lambda: self.current, search_path=self.path)
+
+    def send(self, kind: int, msg: bytes) -> list[tuple[str, bytes]]:
+        return _messages(self.rewriter.client_message(kind, msg))
+
+    def reply(self, data: bytes) -> bytes:
+        """What the client gets of the server's ``data`` (as the session does it)."""
+        _, marks, _ = scan_marked(data, 1 << 31, frozenset(b"CIsEZ13"))
+        ours = self.rewriter.follow_acks(marks) if self.rewriter.acks.busy else []
+        for kind, _pos, _end, _rows in marks:
+            if kind == ord("Z"):
+                self.path.ready(ord("I"))
+        return cut(data, ours)
+
+
+def test_a_stale_bind_is_sent_to_the_text_prepared_again() -> None:
+    s = _Session()
+    s.send(P, Parse("s1", LOOKUP, ()).encode())
+    s.send(S, Sync().encode())
+    assert s.reply(PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    s.current = s.after  # phone is now compared on its blind index
+    out = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
+    assert [k for k, _ in out] == ["P", "B"]
+    parse = Parse.decode(out[0][1])
+    assert parse.name.startswith(INTERNAL_PREFIX)
+    assert parse.query != LOOKUP  # planned for the new rules
+    bound = Bind.decode(out[1][1])
+    assert bound.statement == parse.name
+    assert bound.params[0] != b"555 0100"  # the value transformed for the new rules
+    s.send(S, Sync().encode())
+    # The server answers our Parse first: the client sees only its Bind's reply.
+    assert s.reply(PARSE_COMPLETE + BIND_COMPLETE + Z_IDLE) == BIND_COMPLETE + Z_IDLE
+    # Bound again under the same rules: no second Parse.
+    again = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
+    assert [k for k, _ in again] == ["B"] and Bind.decode(again[0][1]).statement == parse.name
+    s.send(S, Sync().encode())
+    assert s.reply(BIND_COMPLETE + Z_IDLE) == BIND_COMPLETE + Z_IDLE
+    # The client's Close closes ours too; only the client's CloseComplete is delivered.
+    closed = s.send(C, Close("S", "s1").encode())
+    assert [(k, Close.decode(b).name) for k, b in closed] == [("C", "s1"), ("C", parse.name)]
+    s.send(S, Sync().encode())
+    assert s.reply(CLOSE_COMPLETE + CLOSE_COMPLETE + Z_IDLE) == CLOSE_COMPLETE + Z_IDLE
+    assert not s.rewriter.acks.busy
+
+
+def test_a_skipped_reprepare_is_made_again_at_the_next_bind() -> None:
+    s = _Session()
+    s.send(P, Parse("s1", LOOKUP, ()).encode())
+    s.send(S, Sync().encode())
+    s.reply(PARSE_COMPLETE + Z_IDLE)
+    s.current = s.after
+    first = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
+    s.send(S, Sync().encode())
+    error = b"E\x00\x00\x00\x0cCXX000\x00\x00"
+    # Our Parse failed (or was skipped): its error goes to the client, nothing is cut.
+    assert s.reply(error + Z_IDLE) == error + Z_IDLE
+    second = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
+    assert [k for k, _ in second] == ["P", "B"]
+    assert Parse.decode(second[0][1]).name != Parse.decode(first[0][1]).name
+
+
+def test_client_names_with_the_internal_prefix_are_refused() -> None:
+    s = _Session()
+    out = s.send(P, Parse(INTERNAL_PREFIX + "1", "SELECT 1", ()).encode())
+    assert Parse.decode(out[0][1]).query.startswith("pgcloak_refused_")
+
+
+def test_acks_are_matched_by_batch_and_order() -> None:
+    acks = Acks()
+    acks.sent(0)  # the client's Parse, batch 0
+    acks.sent_ours(1, parse=True, client_name="s", internal="i1")
+    acks.sent(1)  # the client's Parse after ours, batch 1
+    data = PARSE_COMPLETE + Z_IDLE + PARSE_COMPLETE + PARSE_COMPLETE + Z_IDLE
+    _, marks, _ = scan_marked(data, 1 << 31, frozenset(b"Z13"))
+    cuts, failed = acks.replies(marks, 0)
+    assert cuts == [(len(PARSE_COMPLETE + Z_IDLE), len(PARSE_COMPLETE + Z_IDLE) + 5)]
+    assert failed == [] and not acks.busy
+    assert cut(data, cuts) == PARSE_COMPLETE + Z_IDLE + PARSE_COMPLETE + Z_IDLE
+
+
+def test_acks_of_a_failed_batch_are_dropped_at_its_ready() -> None:
+    acks = Acks()
+    acks.sent(3)
+    acks.sent_ours(3, parse=True, client_name="s", internal="i1")
+    acks.sent_ours(4, parse=False, client_name="", internal="i0")
+    error = b"E\x00\x00\x00\x0cCXX000\x00\x00"
+    data = error + Z_IDLE
+    _, marks, _ = scan_marked(data, 1 << 31, frozenset(b"EZ13"))
+    cuts, failed = acks.replies(marks, 3)
+    assert cuts == [] and [f.internal for f in failed] == ["i1"]
+    assert acks.busy  # batch 4's Close is still to be answered
+    _, marks, _ = scan_marked(CLOSE_COMPLETE, 1 << 31, frozenset(b"Z13"))
+    assert acks.replies(marks, 4) == ([(0, 5)], [])
