@@ -211,7 +211,7 @@ def connect(endpoint: Endpoint) -> Conn:
 
 
 def policy_ddl(policy_file: Path) -> str:
-    """What ``pgcloak policy ddl`` says the protected columns need (expression indexes)."""
+    """What ``pgcloak policy ddl`` says the protected columns need (indexes, CHECK constraints)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pgcloak.cli", "policy", "ddl", str(policy_file),
          "--unique", "users.email"],

@@ -263,7 +263,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_ddl(args: argparse.Namespace) -> int:
-    from pgcloak.crypto.blind_index import INDEX_LENGTH
+    from pgcloak.crypto.blind_index import INDEX_LENGTH, stored_pattern
     from pgcloak.policy import load_policy
     from pgcloak.policy.names import InvalidName, split_identifiers
     from pgcloak.policy.names import quote_ident as q
@@ -292,6 +292,14 @@ def cmd_policy_ddl(args: argparse.Namespace) -> int:
                         f"-- then drop the old UNIQUE constraint on {q(column)} (ciphertext is randomized, so it "
                         f"means nothing now), e.g.: ALTER TABLE {qualified} DROP CONSTRAINT {q(f'{name}_{column}_key')};"
                     )
+            if not args.no_check:
+                check = q(f"{name}_{column}_pgcloak_check")
+                pattern = stored_pattern(encrypt=col.encrypt, index=col.index == "exact")
+                print(
+                    f"ALTER TABLE {qualified} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} "
+                    f"CHECK ({q(column)} IS NULL OR {q(column)} ~ '{pattern}') NOT VALID;"
+                    "  -- only ciphertext, whoever writes (a view, a function, a direct connection)"
+                )
         print()
     return 0
 
@@ -381,8 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_policy_validate)
     schema = policy.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(func=cmd_policy_schema)
-    ddl = policy.add_parser("ddl", help="print the DDL the protected columns need (expression indexes)")
+    ddl = policy.add_parser(
+        "ddl", help="print the DDL the protected columns need (text type, lookup indexes, ciphertext-only checks)"
+    )
     ddl.add_argument("file", type=Path)
+    ddl.add_argument(
+        "--no-check",
+        action="store_true",
+        help="leave out the CHECK constraints that refuse plaintext (while existing rows are still in clear)",
+    )
     ddl.add_argument(
         "--unique",
         action="append",

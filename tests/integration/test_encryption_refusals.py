@@ -202,3 +202,38 @@ def test_named_statement_redefinition_never_lets_plaintext_through(env: EncEnv):
                      f"%{email}%", env.index_of(USERS, "email", email))
     assert len(stored) == 1
     env.assert_stored(stored[0][0], email)
+
+
+# -- writes pgcloak cannot see: held to ciphertext by the CHECK constraints of `policy ddl` ----
+def _stored_in_clear(env: EncEnv, email: str) -> list[tuple[object, ...]]:
+    return env.raw("SELECT id FROM users WHERE email = %s OR phone = %s", email, email)
+
+
+def test_writes_through_a_view_or_function_cannot_store_plaintext(env: EncEnv):
+    """pgcloak plans the statements it is sent: an updatable view or a function over
+    users is not in the policy, so their values pass as they came. The DDL's CHECK
+    constraints make PostgreSQL refuse them (23514); nothing is stored."""
+    with env.direct() as d:
+        d.execute("CREATE OR REPLACE VIEW people AS SELECT id, email, phone FROM users")
+        d.execute(
+            "CREATE OR REPLACE FUNCTION add_person(e text) RETURNS void LANGUAGE sql "
+            "AS $$ INSERT INTO users (email) VALUES (e) $$"
+        )
+    via_view, via_function, direct = unique("view"), unique("fn"), unique("direct")
+    with env.psy() as conn:
+        with pytest.raises(errors.CheckViolation) as ei:
+            conn.execute("INSERT INTO people (email, phone) VALUES (%s, '555-0100')", (via_view,))
+        assert "users_email_pgcloak_check" in str(ei.value)
+        with pytest.raises(errors.CheckViolation):
+            conn.execute("UPDATE people SET phone = %s WHERE id = (SELECT min(id) FROM users)", (via_view,))
+        with pytest.raises(errors.CheckViolation):
+            conn.execute("SELECT add_person(%s)", (via_function,))
+        # pgcloak's own writes pass the same checks; the session goes on.
+        ours = unique("ours")
+        conn.execute("INSERT INTO users (email, phone) VALUES (%s, '555-0101')", (ours,))
+        assert conn.execute("SELECT phone FROM users WHERE email = %s", (ours,)).fetchall() == [("555-0101",)]
+    with env.direct() as d, pytest.raises(errors.CheckViolation):
+        d.execute("INSERT INTO users (email) VALUES (%s)", (direct,))
+    for email in (via_view, via_function, direct):
+        assert _stored_in_clear(env, email) == []
+    env.assert_stored(env.raw_one("SELECT email FROM users WHERE left(email, 22) = %s", env.index_of(USERS, "email", ours)), ours)

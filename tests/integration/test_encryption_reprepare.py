@@ -212,6 +212,8 @@ def test_a_policy_edit_prepares_psycopg_statements_again(env: EncEnv) -> None:
     crm = '  crm."Contacts":\n    \'"Email"\': {encrypt: true, index: exact, normalize: email}\n'
     bare = policy_yaml().replace(crm, "")
     assert bare != policy_yaml()
+    with env.direct() as direct:  # it stores plaintext while the column is not protected
+        direct.execute('ALTER TABLE crm."Contacts" DROP CONSTRAINT "Contacts_Email_pgcloak_check"')
     env.write_policy(bare)
     try:
         _wait_for(env, protected=False)

@@ -79,3 +79,51 @@ def test_unique_takes_names_as_sql_spells_them(tmp_path: Path) -> None:
 def test_a_malformed_unique_name_is_an_error(tmp_path: Path) -> None:
     code, text = ddl(tmp_path, 'users."email')
     assert code == 2 and "--unique column" in text
+
+
+def test_every_protected_column_gets_a_ciphertext_only_check(tmp_path: Path) -> None:
+    code, text = ddl(tmp_path)
+    assert code == 0
+    assert (
+        'ALTER TABLE crm."Contacts" DROP CONSTRAINT IF EXISTS "Contacts_Email_pgcloak_check", '
+        'ADD CONSTRAINT "Contacts_Email_pgcloak_check" CHECK ("Email" IS NULL OR "Email" ~ '
+        "'^[A-Za-z0-9_-]{22}\\.pgc1:[A-Za-z0-9_-]+$') NOT VALID;"
+    ) in text
+    assert "CHECK (note IS NULL OR note ~ '^pgc1:[A-Za-z0-9_-]+$') NOT VALID;" in text
+    assert text.count("ADD CONSTRAINT") == 4  # one per protected column
+    path = tmp_path / "policy.yaml"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["policy", "ddl", str(path), "--no-check"]) == 0
+    assert "CHECK" not in out.getvalue() and "pgcloak_idx" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("column", "encrypt", "index"),
+    [
+        ({"encrypt": True, "index": "exact", "normalize": "email"}, True, True),
+        ({"encrypt": True}, True, False),
+        ({"hash_only": True, "index": "exact"}, False, True),
+    ],
+)
+def test_the_check_pattern_takes_what_pgcloak_stores_and_refuses_plaintext(
+    column: dict[str, object], encrypt: bool, index: bool
+) -> None:
+    import re
+
+    from pgcloak.crypto.blind_index import stored_pattern
+    from pgcloak.crypto.keyring import Keyring
+    from pgcloak.crypto.keys import generate_master_key
+    from pgcloak.policy import parse_policy
+    from pgcloak.session.protection import Protection
+
+    spec = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in column.items())
+    policy = parse_policy(f"version: 1\ntables:\n  public.t:\n    c: {{{spec}}}\n")
+    protection = Protection.build(policy, Keyring(generate_master_key()))
+    plan = protection.planner.plan("INSERT INTO t (c) VALUES ($1)")
+    pattern = re.compile(stored_pattern(encrypt=encrypt, index=index))
+    for value in ["alice@example.com", "", "x" * 500, "ünïcødé 😀"]:
+        stored = protection.transform(plan.params[0], value)
+        assert stored is not None and pattern.fullmatch(stored), stored
+    for plain in ["alice@example.com", "555-0100", "pgc1:", "123-45-6789", "pgc1:has space"]:
+        assert not pattern.fullmatch(plain)

@@ -50,6 +50,7 @@ __all__ = [
     "normalize_none",
     "normalize_phone",
     "split",
+    "stored_pattern",
 ]
 
 NormalizerName = Literal["email", "phone", "none"]
@@ -161,6 +162,20 @@ def compose(index: str, envelope: str | None) -> str:
     if not envelope.startswith(ENVELOPE_PREFIX_TEXT):
         raise ValueError("compose() takes an envelope as returned by encrypt()")
     return index + INDEX_SEPARATOR + envelope
+
+
+def stored_pattern(*, encrypt: bool, index: bool) -> str:
+    """A regular expression (POSIX and Python alike) that every value pgcloak stores in
+    such a column matches, and no plaintext a person would type does: what a database
+    CHECK constraint can hold the column to, so that a write pgcloak never saw (through
+    a view, a function, a trigger, a direct connection) cannot store plaintext."""
+    b64 = "[A-Za-z0-9_-]"
+    envelope = re.escape(ENVELOPE_PREFIX_TEXT) + b64 + "+"
+    if not encrypt:
+        return f"^{b64}{{{INDEX_LENGTH}}}$"
+    if index:
+        return f"^{b64}{{{INDEX_LENGTH}}}{re.escape(INDEX_SEPARATOR)}{envelope}$"
+    return f"^{envelope}$"
 
 
 def split(stored: str) -> tuple[str, str | None]:
