@@ -526,6 +526,44 @@ def test_statements_mode_writes_records_copy_and_multi_statement_writes(
         assert [(e["kind"], e["rows"]) for e in multi] == [("select_insert", 3)]  # not SELECT 3, 4
 
 
+def test_pii_mode_records_protected_values_read_through_views_functions_and_cursors(
+    env: EncEnv, tmp_path: Path
+) -> None:
+    """The plan of ``SELECT * FROM people`` names no protected column, yet pgcloak decrypts
+    what the view returns (the values carry their key ids): recorded, with the columns
+    the values came from. A statement returning no protected value is still not."""
+    with env.direct() as d:
+        d.execute("CREATE OR REPLACE VIEW people AS SELECT id, email, phone, 'x'::text AS tag FROM users")
+        d.execute(
+            "CREATE OR REPLACE FUNCTION phone_of(i bigint) RETURNS text LANGUAGE sql "
+            "AS $$ SELECT phone FROM users WHERE id = i $$"
+        )
+    email = unique("viewread")
+    with audited(env, tmp_path) as a:
+        with a.psy("via-view") as conn:
+            (uid,) = conn.execute(
+                "INSERT INTO users (email, phone) VALUES (%s, '555-0188') RETURNING id", (email,)
+            ).fetchone()
+            assert conn.execute("SELECT email, phone FROM people WHERE id = %s", (uid,)).fetchall() == [
+                (email, "555-0188")
+            ]
+            assert conn.execute("SELECT phone_of(%s)", (uid,)).fetchone() == ("555-0188",)
+            assert conn.execute("SELECT tag FROM people WHERE id = %s", (uid,)).fetchone() == ("x",)
+            with conn.transaction():
+                conn.execute("DECLARE c CURSOR FOR SELECT email FROM people WHERE id = %s", (uid,))
+                assert conn.execute("FETCH 1 FROM c").fetchall() == [(email,)]
+        events = a.events("via-view", "statement")
+    assert [(e["kind"], e["columns_read"], e["rows"]) for e in events] == [
+        ("insert", [], 1),
+        ("select", [EMAIL, PHONE], 1),  # the view
+        ("select", [PHONE], 1),  # the function
+        ("other", [EMAIL], 1),  # the FETCH (its DECLARE over the view returns nothing)
+    ]
+    assert events[0]["columns_written"] == [EMAIL, PHONE]
+    assert all(e["pii"] == e["columns_read"] for e in events[1:])
+    assert all(email not in json.dumps(e) for e in events)
+
+
 def test_truncate_of_a_protected_table_is_recorded(env: EncEnv, tmp_path: Path) -> None:
     with audited(env, tmp_path, audit={"statements": "writes"}) as a:
         with a.psy("writes-truncate") as conn:

@@ -322,3 +322,17 @@ def test_any_single_byte_change_is_tampering(
     body[int(where * len(body))] ^= mask
     with pytest.raises(TamperedError):
         decrypt(keyring, "pgc1:" + b64e(bytes(body)))
+
+
+@pytest.mark.parametrize("plaintext", [b"", b"alice@example.com", b"x" * 2000])
+def test_key_id_in_reads_the_key_id_from_bytes_found_in_a_server_message(
+    keyring: Keyring, plaintext: bytes
+) -> None:
+    """The audit names the columns of values found in results: the bytes after the
+    prefix may run past the value (the next message's type byte is a base64url letter)."""
+    sealed = envelope.encrypt(keyring, "public.users.email", plaintext)
+    body = sealed[len("pgc1:") :].encode()
+    assert envelope.key_id_in(body) == "public.users.email"
+    assert envelope.key_id_in(body + b"D") == "public.users.email"
+    assert envelope.key_id_in(body[:6]) is None  # too short to hold a header
+    assert envelope.key_id_in(b"not-an-envelope-at-all") is None

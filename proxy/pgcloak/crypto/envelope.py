@@ -67,6 +67,7 @@ __all__ = [
     "decrypt",
     "encrypt",
     "is_envelope",
+    "key_id_in",
     "parse_header",
 ]
 
@@ -200,6 +201,19 @@ def parse_header(envelope: str | bytes | bytearray | memoryview) -> tuple[str, i
     if total < nonce_start + NONCE_LENGTH + TAG_LENGTH:
         raise MalformedEnvelopeError("envelope is truncated")
     return key_id, version
+
+
+def key_id_in(body: bytes) -> str | None:
+    """The key id of the envelope whose base64url body starts with ``body`` (bytes found
+    in a server message, possibly running past the envelope), or None if it cannot be
+    read. Only the header is decoded; nothing is authenticated: for labelling, not for
+    deciding anything about the value."""
+    usable = min(len(body), _MAX_HEADER_CHARS)
+    try:
+        head = _b64.decode(body[: usable - usable % 4])
+        return _parse_key_id_version(head)[0]
+    except (ValueError, MalformedEnvelopeError):
+        return None
 
 
 def decrypt(keyring: Keyring, envelope: str | bytes | bytearray | memoryview) -> bytes:

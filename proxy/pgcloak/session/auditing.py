@@ -9,6 +9,12 @@ are not recorded as shared placeholders — and the server's replies pop the que
 Nothing here ever sees a literal value: events get the plan's fingerprint and the
 blind-index values of lookups.
 
+In ``pii`` mode, a statement whose plan names no protected column may still return
+protected values (a view over a protected table, a function, a cursor's FETCH): the
+values carry their column's key id, and pgcloak decrypts them. So such statements are
+watched: if their replies hold an envelope, they are recorded, with the columns named
+by the envelopes' key ids.
+
 Cost: this runs for every statement of an audited session, so the static part of each
 plan's events is serialized once per session (:class:`StatementTemplate`), a
 completed statement is queued as the few values that change, and the server's replies
@@ -21,12 +27,13 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypedDict
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
 from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
 from pgcloak.sql import AuditFacts, Plan
 from pgcloak.wire.framing import Mark
 
@@ -52,19 +59,36 @@ class _Slow:
         self.plan = plan
 
 
-#: How a plan's events are made: a template, the slow way, or None (not recorded).
-_Recipe = StatementTemplate | _Slow | None
+class _Watched:
+    """A plan that names no protected column: recorded only if its result holds some."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+
+
+#: How a plan's events are made: a template, the slow way, watched, or None (not recorded).
+_Recipe = StatementTemplate | _Slow | _Watched | None
+#: An envelope in a server message: its base64url body (which may run on a little past
+#: the value; only the header is read).
+_ENVELOPE = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,})")
+#: Envelopes whose key ids are read per watched statement (they name its columns).
+_MAX_KEYS_READ = 16
 
 
 class _Unit(PendingStatement):
     """A Query or an Execute waiting for the server's reply; when it ends, the very
     object goes to the log (for a templated plan), so a statement costs one object."""
 
-    __slots__ = ("recipe", "simple", "started")
+    __slots__ = ("keys", "recipe", "simple", "started")
 
     def __init__(self, recipe: _Recipe, lookups: dict[str, list[str]] | None, simple: bool) -> None:
         self.recipe = recipe
         self.simple = simple
+        #: A watched statement: the key ids of the protected values in its result (None:
+        #: none seen yet).
+        self.keys: set[str] | None = None
         self.started = time.monotonic()
         self.rows = None
         self.sqlstate = None
@@ -132,6 +156,10 @@ def _nothing_masked(plan: Plan) -> tuple[str, ...]:
     return ()
 
 
+def _no_columns(keys: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (), ()
+
+
 def trail_reason(reason: str) -> str:
     """A refusal message as the trail may hold it: without quoted statement text."""
     if "Error tokenizing" not in reason:
@@ -148,7 +176,7 @@ class SessionAudit:
         self._mode: StatementsMode = mode
         self._units: deque[_Unit] = deque()
         #: Portal name (as sent) -> how its Executes are recorded.
-        self._portals: dict[bytes, tuple[StatementTemplate | _Slow, dict[str, list[str]] | None]] = {}
+        self._portals: dict[bytes, tuple[StatementTemplate | _Slow | _Watched, dict[str, list[str]] | None]] = {}
         self._recipes: dict[int, tuple[Plan, _Recipe]] = {}
         #: DataRows since the last completion: an Execute's rows when it ends in
         #: PortalSuspended (which has no tag to count from).
@@ -157,6 +185,9 @@ class SessionAudit:
         #: The columns a plan reads that this session gets masked (the rewriter knows the
         #: session's read decisions); static per plan, so part of its template.
         self.masked_of: Callable[[Plan], tuple[str, ...]] = _nothing_masked
+        #: Of some key ids, those of protected columns, and those this session gets
+        #: masked (for watched statements, whose plans name no column).
+        self.columns_of_keys: Callable[[Iterable[str]], tuple[tuple[str, ...], tuple[str, ...]]] = _no_columns
 
     def _emit(self, event: dict[str, object]) -> None:
         """Never let an audit problem break the client's stream: log it (no values) instead."""
@@ -191,6 +222,8 @@ class SessionAudit:
                 recipe = StatementTemplate(self._info(), **_described(plan.audit, self.masked_of(plan)))
             except (InvalidEventError, ValueError):
                 recipe = _Slow(plan)  # emit() will validate, refuse and log each event
+        elif self._mode == "pii":
+            recipe = _Watched(plan)
         if len(self._recipes) >= _MAX_TEMPLATES:
             self._recipes.clear()
         self._recipes[id(plan)] = (plan, recipe)  # the plan is kept: its id stays its own
@@ -247,10 +280,14 @@ class SessionAudit:
         """
         units = self._units
         returned = self._returned
+        seg = 0  # where the replies before the next mark start
         for kind, pos, end, rows_before in marks:
             if not units:
                 break
             returned += rows_before
+            if type(units[0].recipe) is _Watched:
+                _watch(units[0], chunk, seg, pos)
+            seg = end
             if kind == _READY:
                 # Executes still queued were skipped after an error in their batch.
                 while units and units[0] is not _SYNC and not units[0].simple:
@@ -290,6 +327,8 @@ class SessionAudit:
                         head.rows = (head.rows or 0) + rows
             returned = 0
         self._returned = returned + tail_rows
+        if units and type(units[0].recipe) is _Watched:
+            _watch(units[0], chunk, seg, len(chunk))
 
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe
@@ -302,6 +341,10 @@ class SessionAudit:
                 log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
             return
         if recipe is None:
+            return
+        if type(recipe) is _Watched:
+            if unit.keys is not None:
+                self._watched_event(recipe.plan, unit)
             return
         assert isinstance(recipe, _Slow)
         failed = unit.sqlstate is not None
@@ -316,6 +359,46 @@ class SessionAudit:
                 duration_ms=(time.monotonic() - unit.started) * 1000.0,
             )
         )
+
+
+    def _watched_event(self, plan: Plan, unit: _Unit) -> None:
+        """A statement whose plan named no protected column returned protected values."""
+        assert unit.keys is not None
+        columns, masked = self.columns_of_keys(unit.keys)
+        failed = unit.sqlstate is not None
+        facts = plan.audit
+        self._emit(
+            statement_event(
+                self._info(),
+                kind=event_kind(facts.kind),
+                fingerprint=facts.fingerprint,
+                tables=facts.tables,
+                columns_read=columns,
+                masked=masked,
+                rows=None if failed else unit.rows,
+                reason=FAILED_REASON if failed else None,
+                sqlstate=unit.sqlstate,
+                duration_ms=(time.monotonic() - unit.started) * 1000.0,
+            )
+        )
+
+
+def _watch(unit: _Unit, chunk: bytes, start: int, stop: int) -> None:
+    """Note the key ids of the protected values in ``chunk[start:stop]`` (replies of the
+    watched statement ``unit``)."""
+    if start >= stop or chunk.find(ENVELOPE_PREFIX, start, stop) < 0:
+        return
+    keys = unit.keys
+    if keys is None:
+        keys = unit.keys = set()
+    elif len(keys) >= _MAX_KEYS_READ:
+        return
+    for i, found in enumerate(_ENVELOPE.finditer(chunk, start, stop)):
+        if i >= _MAX_KEYS_READ:
+            break
+        key = key_id_in(found.group(1))
+        if key is not None:
+            keys.add(key)
 
 
 def sqlstate_of(body: bytes) -> str | None:

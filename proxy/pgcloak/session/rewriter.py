@@ -19,7 +19,7 @@ import itertools
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX
 from pgcloak.policy import ReadView
@@ -254,6 +254,18 @@ class Rewriter:
         if view is None or not plan.audit.pii_read:
             return ()
         return tuple(k for k in plan.audit.pii_read if view.decision(k) == "mask")
+
+    def columns_of_keys(self, keys: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Of envelope key ids seen in a result, those of columns the policy protects
+        (others are not named in the trail: they came from the database), and those this
+        session gets masked."""
+        protection = self._protection()
+        policy = protection.policy
+        columns = tuple(sorted(k for k in keys if policy.column_for_key_id(k) is not None))
+        view = self._read_view(protection)
+        if view is None:
+            return columns, ()
+        return columns, tuple(k for k in columns if view.decision(k) == "mask")
 
     def _denied_read(self, protection: Protection, plan: Plan) -> ReadDenied | None:
         """A statement returning or searching by a column this session may not read is

@@ -672,6 +672,7 @@ class Session:
             )
             if self._audit is not None:
                 self._audit.masked_of = self._rewriter.masked_columns
+                self._audit.columns_of_keys = self._rewriter.columns_of_keys
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
