@@ -560,6 +560,11 @@ def test_pii_mode_records_protected_values_read_through_views_functions_and_curs
         ("other", [EMAIL], 1),  # the FETCH (its DECLARE over the view returns nothing)
     ]
     assert events[0]["columns_written"] == [EMAIL, PHONE]
+    assert [e["fingerprint"] for e in events[1:]] == [
+        "SELECT email, phone FROM people WHERE id = $1",
+        "SELECT phone_of ($1)",
+        "FETCH ? FROM c",
+    ]
     assert all(e["pii"] == e["columns_read"] for e in events[1:])
     assert all(email not in json.dumps(e) for e in events)
 

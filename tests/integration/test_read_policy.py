@@ -1035,6 +1035,13 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
     assert SSN in reasons[0] and SSN in reasons[1] and EMAIL in reasons[2], reasons
     assert "unbounded_select" in reasons[3], reasons
     assert all("max_pii_rows" in r for r in reasons[4:]), reasons
+    # A result cut short is recorded with the facts of the statement whose result it was
+    # (the view's denied value: the columns its values' key ids name; its text names no
+    # protected table, so pgcloak did not parse it: no tables).
+    facts = [(r["kind"], r["fingerprint"], r["tables"], r["columns_read"]) for r in refusals]
+    assert facts[1] == ("select", "SELECT ssn FROM user_ssn WHERE id = $1", [], [SSN])
+    assert facts[4] == ("select", "SELECT email FROM users WHERE id > $1", ["public.users"], [EMAIL])
+    assert facts[5][:3] == ("copy_out", "COPY users TO STDOUT", ["public.users"])
     # the allowed statements are there too, as statements
     statements = [r for r in records if r["type"] == "statement"]
     assert {r["application_name"] for r in statements} >= {"rp-audit-agent", "rp-audit-writer"}

@@ -27,14 +27,14 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypedDict
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
 from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
-from pgcloak.sql import AuditFacts, Plan
+from pgcloak.sql import AuditFacts, Plan, fingerprint
 from pgcloak.wire.framing import Mark
 
 log = logging.getLogger("pgcloak.audit")
@@ -81,11 +81,22 @@ class _Unit(PendingStatement):
     """A Query or an Execute waiting for the server's reply; when it ends, the very
     object goes to the log (for a templated plan), so a statement costs one object."""
 
-    __slots__ = ("keys", "recipe", "simple", "started")
+    __slots__ = ("keys", "plan", "recipe", "simple", "started", "text")
 
-    def __init__(self, recipe: _Recipe, lookups: dict[str, list[str]] | None, simple: bool) -> None:
+    def __init__(
+        self,
+        recipe: _Recipe,
+        lookups: dict[str, list[str]] | None,
+        simple: bool,
+        plan: Plan | None = None,
+        text: str | None = None,
+    ) -> None:
         self.recipe = recipe
         self.simple = simple
+        #: What a refusal that cuts its result short says of it; the text, for the
+        #: fingerprint of a statement pgcloak did not parse (it named no protected table).
+        self.plan = plan
+        self.text = text
         #: A watched statement: the key ids of the protected values in its result (None:
         #: none seen yet).
         self.keys: set[str] | None = None
@@ -176,7 +187,10 @@ class SessionAudit:
         self._mode: StatementsMode = mode
         self._units: deque[_Unit] = deque()
         #: Portal name (as sent) -> how its Executes are recorded.
-        self._portals: dict[bytes, tuple[StatementTemplate | _Slow | _Watched, dict[str, list[str]] | None]] = {}
+        self._portals: dict[
+            bytes,
+            tuple[StatementTemplate | _Slow | _Watched, dict[str, list[str]] | None, Plan | None, str | None],
+        ] = {}
         self._recipes: dict[int, tuple[Plan, _Recipe]] = {}
         #: DataRows since the last completion: an Execute's rows when it ends in
         #: PortalSuspended (which has no tag to count from).
@@ -222,7 +236,7 @@ class SessionAudit:
                 recipe = StatementTemplate(self._info(), **_described(plan.audit, self.masked_of(plan)))
             except (InvalidEventError, ValueError):
                 recipe = _Slow(plan)  # emit() will validate, refuse and log each event
-        elif self._mode == "pii":
+        else:
             recipe = _Watched(plan)
         if len(self._recipes) >= _MAX_TEMPLATES:
             self._recipes.clear()
@@ -230,13 +244,15 @@ class SessionAudit:
         return recipe
 
     # -- client side ---------------------------------------------------------------------
-    def query(self, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
+    def query(self, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None) -> None:
         """A simple Query sent to the server (None: a refused one, recorded as a refusal)."""
         self.statements += 1
         recipe = self._recipe(plan) if plan is not None else None
-        self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True))
+        self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True, plan, text))
 
-    def bind(self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]]) -> None:
+    def bind(
+        self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None
+    ) -> None:
         recipe: _Recipe = None
         if plan is not None:
             found = self._recipes.get(id(plan))  # _recipe(), inline: once per Bind
@@ -247,7 +263,7 @@ class SessionAudit:
         if portal not in self._portals and len(self._portals) >= _MAX_PORTALS:
             # PostgreSQL drops portals at transaction end without telling us; bound ours.
             self._portals.clear()
-        self._portals[portal] = (recipe, lookups or None)
+        self._portals[portal] = (recipe, lookups or None, plan, text)
 
     def close_portal(self, portal: bytes) -> None:
         self._portals.pop(portal, None)
@@ -258,7 +274,7 @@ class SessionAudit:
         if found is None:
             self._units.append(_SKIP_EXECUTE)
         else:
-            self._units.append(_Unit(found[0], found[1], False))
+            self._units.append(_Unit(found[0], found[1], False, found[2], found[3]))
 
     def sync(self) -> None:
         """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
@@ -272,21 +288,29 @@ class SessionAudit:
         )
 
     # -- server side ---------------------------------------------------------------------
-    def backend(self, chunk: bytes, marks: list[Mark], tail_rows: int) -> None:
+    def backend(
+        self, chunk: bytes, marks: list[Mark], tail_rows: int, cut_short: Sequence[tuple[int, str, str]] = ()
+    ) -> None:
         """Complete queued statements from the server's replies in ``chunk``.
 
         ``marks`` and ``tail_rows`` are what :func:`~pgcloak.wire.framing.scan_marked`
         found with :data:`REPLY_ENDS` (the session's boundary walk, so no second one).
+        ``cut_short``: where in ``chunk`` pgcloak cut a result short, refusing the rest
+        (position, SQLSTATE, message); recorded with the facts of the statement whose
+        result it was.
         """
         units = self._units
         returned = self._returned
         seg = 0  # where the replies before the next mark start
+        refusals = list(cut_short)
         for kind, pos, end, rows_before in marks:
             if not units:
                 break
             returned += rows_before
             if type(units[0].recipe) is _Watched:
                 _watch(units[0], chunk, seg, pos)
+            if refusals and refusals[0][0] < pos:
+                self._cut_short(units[0], refusals, pos)
             seg = end
             if kind == _READY:
                 # Executes still queued were skipped after an error in their batch.
@@ -329,6 +353,23 @@ class SessionAudit:
         self._returned = returned + tail_rows
         if units and type(units[0].recipe) is _Watched:
             _watch(units[0], chunk, seg, len(chunk))
+        if refusals:
+            self._cut_short(units[0] if units else None, refusals, len(chunk) + 1)
+
+    def _cut_short(self, unit: _Unit | None, refusals: list[tuple[int, str, str]], before: int) -> None:
+        """Record the refusals (positions before ``before``) that cut ``unit``'s result short."""
+        while refusals and refusals[0][0] < before:
+            _, sqlstate, reason = refusals.pop(0)
+            plan = unit.plan if unit is not None else None
+            if plan is None:
+                self.refused(None, sqlstate, reason)
+                continue
+            described = _described(plan.audit, self.masked_of(plan))
+            assert unit is not None
+            described["fingerprint"] = _fingerprint_of(unit)
+            if unit.keys:  # a watched statement: its values' columns
+                described["columns_read"], described["masked"] = self.columns_of_keys(unit.keys)
+            self._emit(refusal_event(self._info(), reason=trail_reason(reason), sqlstate=sqlstate, **described))
 
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe
@@ -371,7 +412,7 @@ class SessionAudit:
             statement_event(
                 self._info(),
                 kind=event_kind(facts.kind),
-                fingerprint=facts.fingerprint,
+                fingerprint=_fingerprint_of(unit),
                 tables=facts.tables,
                 columns_read=columns,
                 masked=masked,
@@ -381,6 +422,14 @@ class SessionAudit:
                 duration_ms=(time.monotonic() - unit.started) * 1000.0,
             )
         )
+
+
+def _fingerprint_of(unit: _Unit) -> str:
+    """The plan's fingerprint; made from the text for a statement pgcloak did not parse."""
+    found = unit.plan.audit.fingerprint if unit.plan is not None else ""
+    if not found and unit.text:
+        found = fingerprint(unit.text)
+    return found
 
 
 def _watch(unit: _Unit, chunk: bytes, start: int, stop: int) -> None:

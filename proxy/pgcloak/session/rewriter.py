@@ -193,6 +193,11 @@ class Rewriter:
         self._dropping = False
         #: The statement being handled: what a refusal's audit event describes.
         self.last_plan: Plan | None = None
+        #: Results cut short by a refusal in the last :meth:`backend_chunk` (position in
+        #: its chunk, SQLSTATE, message): the session has the audit trail record them with
+        #: the facts of the statement whose result it was.
+        self.cut_short: list[tuple[int, str, str]] = []
+        self._at = 0
 
     # -- refusals ------------------------------------------------------------------
     def _arm(self, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True) -> bytes:
@@ -352,7 +357,7 @@ class Rewriter:
                 return self._refused_query(exc.sqlstate, exc.message)
             msg = Query(text).encode()
         if audit is not None:
-            audit.query(plan, lookups)
+            audit.query(plan, lookups, sql)
         if change is not None:
             assert self._search_path is not None
             self._search_path.apply(change)  # the statements after it are planned for it
@@ -660,7 +665,7 @@ class Rewriter:
         lookups: dict[str, list[str]] = {}
         if not any(a.kind != "pass" for a in actions):
             if audit is not None:
-                audit.bind(portal, plan, lookups)
+                audit.bind(portal, plan, lookups, text)
             return msg
         try:
             rewritten = _rewrite_bind_values(body, stmt_end + 1, actions, protection, lookups)
@@ -669,7 +674,7 @@ class Rewriter:
                 audit.bind(portal, None, {})
             return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), exc.sqlstate, exc.message)
         if audit is not None:
-            audit.bind(portal, plan, lookups)
+            audit.bind(portal, plan, lookups, text)
         return rewritten
 
     def _close(self, msg: bytes) -> None:
@@ -739,6 +744,7 @@ class Rewriter:
             elif kind in (DATA_ROW, COPY_DATA):
                 if ENVELOPE_PREFIX not in chunk[start:end]:
                     continue
+                self._at = head
                 self._pii_rows += 1
                 if limit is not None and self._pii_rows > limit:
                     replacement = self._fail_result(
@@ -817,10 +823,12 @@ class Rewriter:
 
     def _fail_result(self, sqlstate: str, message: str, *, refusal: bool = False) -> bytes:
         """Never hand out garbage or what the policy refuses: the rest of this result is
-        dropped up to ReadyForQuery. A refusal by the policy is recorded in the trail (the
-        statement it cut short is not known here, only that it was cut)."""
+        dropped up to ReadyForQuery. A refusal by the policy is counted, and recorded in
+        the trail by the session (:attr:`cut_short`), which knows whose result it was."""
         self._dropping = True
         self._pii_rows = 0
         if refusal:
-            self._record_refusal(None, sqlstate, message)
+            self._refused[sqlstate] += 1
+            if self._audit is not None:
+                self.cut_short.append((self._at, sqlstate, message))
         return ErrorResponse.make(sqlstate, message).encode()

@@ -809,11 +809,11 @@ class Session:
             return
         transport = self.client.transport
         assert transport is not None
-        audit = self._audit
-        if audit is not None and audit.pending:
-            audit.backend(data, marks, tail_rows)
         if ours:
-            data = cut(data, ours)  # the replies to statements prepared again for the client
+            # The replies to statements prepared again for the client are not its own.
+            data = cut(data, ours)
+            _, marks, tail_rows = scan_marked(data, 1 << 31, _MARKED)
+        received = data
         if rewriter.needs_inspection(data):
             try:
                 data = rewriter.backend_chunk(data)
@@ -824,6 +824,12 @@ class Session:
                 return
             if rewriter.to_server:
                 self._flush_to_server()
+        audit = self._audit
+        if audit is not None and (audit.pending or rewriter.cut_short):
+            # After the results were decided: a result cut short is the statement's the
+            # trail completes from these same replies (as the server sent them).
+            audit.backend(received, marks, tail_rows, rewriter.cut_short)
+            rewriter.cut_short.clear()
         self._bytes_rewritten += len(data)
         transport.write(data)
 
