@@ -46,8 +46,9 @@ _PORTAL_SUSPENDED = 0x73
 #: The server messages that end a statement's or a batch's reply: CommandComplete,
 #: EmptyQueryResponse, PortalSuspended, ErrorResponse, ReadyForQuery.
 REPLY_ENDS = frozenset(b"CIsEZ")
-#: Marked too by the session (statements prepared again): ParseComplete, CloseComplete.
-_NOT_ENDS = frozenset(b"13")
+#: Marked too by the session: ParseComplete, CloseComplete (statements prepared again),
+#: CopyInResponse (the search_path's batch count).
+_NOT_ENDS = frozenset(b"13G")
 
 
 class _Slow:

@@ -74,20 +74,31 @@ class Acks:
     def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str) -> None:
         self._flight.append((batch, _Ours(parse, client_name, internal)))
 
-    def replies(self, marks: Iterable[Mark], answered: int) -> tuple[list[tuple[int, int]], list[_Ours]]:
+    def renumber(self, after: int, by: int) -> None:
+        """Batches after ``after`` are numbered ``by`` lower (Syncs PostgreSQL ignored)."""
+        self._flight = deque((b - by if b > after else b, ours) for b, ours in self._flight)
+
+    def replies(
+        self, marks: Iterable[Mark], answered: int, seen: int = 0
+    ) -> tuple[list[tuple[int, int]], list[_Ours]]:
         """Follow the server's replies (``marks``: ReadyForQuery, ParseComplete and
         CloseComplete at least, in order), ``answered`` batches having been answered
-        before them. Returns the spans of our replies to cut out, and our Parses the
-        server skipped or refused (it never prepared their statements)."""
+        before them; the first ``seen`` ReadyForQuery messages were followed already
+        (held back while the session asked PostgreSQL something). Returns the spans of
+        our replies to cut out, and our Parses and Closes the server skipped or refused
+        (it never prepared, or never closed, those statements)."""
         flight = self._flight
         cuts: list[tuple[int, int]] = []
         failed: list[_Ours] = []
         for kind, pos, end, _rows in marks:
             if kind == _READY:
+                if seen:
+                    seen -= 1
+                    continue
                 answered += 1
                 while flight and flight[0][0] < answered:
                     ours = flight.popleft()[1]
-                    if ours is not None and ours.parse:
+                    if ours is not None:
                         failed.append(ours)
             elif kind in ACKS and flight:
                 ours = flight.popleft()[1]

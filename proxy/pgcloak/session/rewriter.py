@@ -55,13 +55,17 @@ MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
 
 Q, P, B, C = ord("Q"), ord("P"), ord("B"), ord("C")
-EXECUTE, SYNC, FUNCTION_CALL = ord("E"), ord("S"), ord("F")
+EXECUTE, SYNC, FUNCTION_CALL, DESCRIBE = ord("E"), ord("S"), ord("F"), ord("D")
 COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 #: Sync and FunctionCall end batches: the session's search_path is asked after them.
-CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL))
-#: With an audit trail, Execute too: Executes and Syncs pace the server's replies.
-CAPTURE_AUDITED = CAPTURE | {EXECUTE}
+#: Describe and Execute: they make a batch the server is answering (no search_path asked
+#: in it). Executes and Syncs also pace the audit trail's reading of the replies.
+CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL, DESCRIBE, EXECUTE))
+CAPTURE_AUDITED = CAPTURE
 _COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
+#: A statement name never prepared (a client's Close of an internal name closes it).
+_NO_STATEMENT = INTERNAL_PREFIX + "none"
+_RESERVED_NAME = f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak'
 _STALE_STATEMENT = (
     "the pgcloak policy changed (or the session's search_path) since this statement was "
     "prepared; prepare it again"
@@ -292,16 +296,30 @@ class Rewriter:
                 self._search_path.unsynced = True
             return self._bind(msg)
         if kind == EXECUTE:
+            if self._search_path is not None:
+                self._search_path.unsynced = True
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             return msg
-        if kind in (SYNC, FUNCTION_CALL):
+        if kind == DESCRIBE:
+            if self._search_path is not None:
+                self._search_path.unsynced = True
+            return msg
+        if kind == SYNC:
+            if self._audit is not None:
+                self._audit.sync()
+            if self._search_path is not None:
+                self._search_path.batch_end()
+            return msg
+        if kind == FUNCTION_CALL:
+            self._not_in_a_batch()
             if self._audit is not None:
                 self._audit.sync()
             if self._search_path is not None:
                 self._search_path.batch_end()
             return msg
         if kind == Q:
+            self._not_in_a_batch()
             out = self._query(msg)
             if self._search_path is not None:
                 self._search_path.batch_end()
@@ -318,10 +336,10 @@ class Rewriter:
         if kind == C:
             path = self._search_path
             if path is None:
-                self._close(msg)
-                return msg
+                return self._close(msg)
+            path.unsynced = True
             before = self._our_closes()
-            self._close(msg)
+            msg = self._close(msg)
             self.acks.sent(path.sent)
             return before + msg + self._our_closes()
         if kind != COPY_DATA and self._search_path is not None:
@@ -331,6 +349,9 @@ class Rewriter:
     def _query(self, msg: bytes) -> bytes:
         protection = self._protection()
         sql = Query.decode(msg[5:]).sql
+        # A simple Query destroys the unnamed statement (ours too, if it was prepared again).
+        if self.statements.pop("", None) is not None and self._reprepared:
+            self._forget_reprepared("")
         plan, literals = protection.planner.plan_simple(sql)
         plan = self._resolve(plan)
         self.last_plan = plan
@@ -383,6 +404,16 @@ class Rewriter:
         return self._refuse_query(sqlstate, message)
 
     def _resolve(self, plan: Plan) -> Plan:
+        """SQL-level names checked: pgcloak's own are not the client's (42939); then
+        :meth:`_resolve_executes`."""
+        if (plan.named or plan.executes) and any(
+            name.startswith(INTERNAL_PREFIX)
+            for name in itertools.chain((n for n, _ in plan.named), (c.name for c in plan.executes))
+        ):
+            return dataclasses.replace(plan, decision=Decision(False, "42939", _RESERVED_NAME))
+        return self._resolve_executes(plan)
+
+    def _resolve_executes(self, plan: Plan) -> Plan:
         """``EXECUTE name(...)``: give its literals the actions of the prepared statement
         (one this session prepared before, or one the same text prepares). A name this
         session never saw prepared is refused as PostgreSQL would (26000): its values
@@ -450,7 +481,7 @@ class Rewriter:
         """Close messages for the internal statements no longer needed (sent before or
         after one of the client's extended-protocol messages, never inside a COPY)."""
         due = self._closes_due
-        if not due or self._search_path is None:
+        if not due or self._search_path is None or self._search_path.uncertain:
             return b""
         batch = self._search_path.sent
         out = []
@@ -486,18 +517,23 @@ class Rewriter:
         self._reprepared[name] = (current, internal, plan)
         return b"".join(out), internal, plan
 
-    def follow_acks(self, marks: list[Mark]) -> list[tuple[int, int]]:
+    def follow_acks(self, marks: list[Mark], seen: int = 0) -> list[tuple[int, int]]:
         """The server's replies in one chunk (``marks`` before ReadyForQuery is counted
-        for them): the spans of the replies to our own Parse and Close messages, to cut.
-        An internal statement the server did not prepare is forgotten (prepared again at
-        the next Bind)."""
+        for them; the first ``seen`` ReadyForQuery were followed already): the spans of
+        the replies to our own Parse and Close messages, to cut. An internal statement
+        the server did not prepare is forgotten (prepared again at the next Bind); one it
+        did not close is closed again."""
         path = self._search_path
         assert path is not None
-        cuts, failed = self.acks.replies(marks, path.sent - path.outstanding)
+        cuts, failed = self.acks.replies(marks, path.sent - path.outstanding, seen)
         for ours in failed:
+            if not ours.parse:
+                self._closes_due.append(ours.internal)
+                continue
             found = self._reprepared.get(ours.client_name)
             if found is not None and found[1] == ours.internal:
                 del self._reprepared[ours.client_name]
+            # Skipped, or refused: either way the server holds nothing under that name.
         return cuts
 
     def _parse_failed(self, name: str, existed: bool) -> None:
@@ -520,15 +556,15 @@ class Rewriter:
             self._forget_reprepared(name)  # the unnamed statement, or one closed unseen
         if name.startswith(INTERNAL_PREFIX):
             self.last_plan = None
-            return self._refuse_parse(name, "42939", f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak')
+            return self._refuse_parse(name, "42939", _RESERVED_NAME)
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
         literals = entry.literals
-        if plan.executes:
+        if plan.executes or plan.named:
             # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, its
             # literals get the actions of the session's prepared statement.
             plan = self._resolve(plan)
-            if any(a.kind != "pass" for a in plan.literals):
+            if plan.executes and any(a.kind != "pass" for a in plan.literals):
                 literals = tuple(protection.planner.plan_simple(text_of(body, name_end, query_end))[1])
         self.last_plan = plan
         existed = name in self.statements
@@ -608,9 +644,11 @@ class Rewriter:
                     decision = replanned.decision
                     return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), decision.sqlstate, decision.message)
                 if replanned.sql != plan.sql:
-                    if self._search_path is None:
+                    if self._search_path is None or self._search_path.uncertain:
                         # PostgreSQL's own error for a cached plan gone stale (0A000 from
                         # RevalidateCachedQuery): drivers with a statement cache prepare again.
+                        # (Not prepared again here while the batch count is uncertain: the
+                        # replies to pgcloak's own Parse could not be told apart.)
                         return self._refuse_bind("", "0A000", _STALE_STATEMENT, routine="RevalidateCachedQuery")
                     # As PostgreSQL analyses a prepared statement again for a new
                     # search_path: the text, as planned now, under an internal name.
@@ -677,8 +715,11 @@ class Rewriter:
             audit.bind(portal, plan, lookups, text)
         return rewritten
 
-    def _close(self, msg: bytes) -> None:
+    def _close(self, msg: bytes) -> bytes:
         close = Close.decode(msg[5:])
+        if close.kind == "S" and close.name.startswith(INTERNAL_PREFIX):
+            # Never the client's to close: closed in name only (the reply is the same).
+            return Close("S", _NO_STATEMENT).encode()
         if close.kind == "S":
             self.statements.pop(close.name, None)
             self._path_changes.pop(close.name, None)
@@ -687,6 +728,15 @@ class Rewriter:
                 self._forget_reprepared(close.name)
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
+        return msg
+
+    def _not_in_a_batch(self) -> None:
+        """A Query or FunctionCall inside an extended-protocol batch not yet ended by Sync
+        (asyncpg sends one after Parse/Describe/Flush) runs only if nothing before it in
+        the batch fails: whether the server answers it is not known when it is sent. The
+        session's count of batches is uncertain until it comes out even again."""
+        if self._search_path is not None and self._search_path.unsynced:
+            self._search_path.uncertain = True
 
     def _copy(self, kind: int, msg: bytes) -> bytes:
         rewriter = self._copy_in

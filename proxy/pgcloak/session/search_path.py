@@ -21,6 +21,7 @@ from pgcloak.sql.search_path import SearchPathChange, parse_setting, resolve_ite
 __all__ = ["SessionSearchPath"]
 
 _IDLE, _FAILED = ord("I"), ord("E")
+_NO_COPY, _COPY_BOUND, _COPY_IN, _COPY_SENT = range(4)
 
 
 class SessionSearchPath:
@@ -30,10 +31,13 @@ class SessionSearchPath:
         "_block_changed",
         "_changed",
         "_copy",
+        "_copy_batch",
+        "_tentative",
         "current",
         "in_transaction",
         "outstanding",
         "sent",
+        "uncertain",
         "unsynced",
         "user",
     )
@@ -49,11 +53,21 @@ class SessionSearchPath:
         #: Batches sent in all: the client's current batch has this number, the oldest
         #: one not yet answered ``sent - outstanding``.
         self.sent = 0
+        #: A Query or FunctionCall was sent inside an unfinished extended batch: counted
+        #: as a batch, but skipped by the server if the batch fails before it. Until
+        #: ``outstanding`` comes back to 0, the count may be one too high.
+        self.uncertain = False
         #: Extended-protocol messages sent since the last Sync: a query now would land in
         #: the client's batch (and end its unnamed portal).
         self.unsynced = False
-        #: A COPY FROM STDIN was bound: PostgreSQL ignores the Syncs of its copy-in mode.
-        self._copy = False
+        #: A COPY FROM STDIN (extended protocol) and PostgreSQL's copy-in mode, in which it
+        #: ignores Sync: _NO_COPY, _COPY_BOUND (whether it starts is the server's to say:
+        #: an earlier error, or one of its own, and it never does), _COPY_IN (the server
+        #: sent CopyInResponse), _COPY_SENT (the client ended it before that came).
+        self._copy = _NO_COPY
+        self._copy_batch = 0
+        #: Syncs counted since the COPY was bound, before the server said it started.
+        self._tentative = 0
         #: A change was sent in the client's current batch.
         self._changed = False
         #: A change was made in the current transaction block: its end (or a savepoint
@@ -73,17 +87,34 @@ class SessionSearchPath:
         return None
 
     def copy_started(self) -> None:
-        self._copy = True
+        """The client bound a COPY FROM STDIN."""
+        self._copy = _COPY_BOUND
+        self._copy_batch = self.sent
+        self._tentative = 0
 
     def copy_ended(self) -> None:
-        self._copy = False
+        """The client sent CopyDone or CopyFail."""
+        self._copy = _COPY_SENT if self._copy == _COPY_BOUND else _NO_COPY
+
+    def copy_in(self) -> tuple[int, int]:
+        """The server sent CopyInResponse: the Syncs counted since the COPY was bound
+        (before the client ended it) were ignored. Returns the COPY's batch and how many
+        Syncs are no longer counted (later batches are numbered that much lower)."""
+        undone = self._tentative if self._copy in (_COPY_BOUND, _COPY_SENT) else 0
+        self.outstanding -= undone
+        self.sent -= undone
+        self._copy = _COPY_IN if self._copy == _COPY_BOUND else _NO_COPY
+        self._tentative = 0
+        return self._copy_batch, undone
 
     def batch_end(self) -> None:
         """The client ended a batch (Query, Sync, FunctionCall): after a change, the path
         is PostgreSQL's to say once the batch is through."""
         self.unsynced = False
-        if self._copy:
+        if self._copy == _COPY_IN:
             return  # a Sync PostgreSQL ignores (copy-in mode): no ReadyForQuery for it
+        if self._copy == _COPY_BOUND:
+            self._tentative += 1  # ignored if the COPY starts: undone by copy_in()
         self.outstanding += 1
         self.sent += 1
         if self._changed or self._block_changed:
@@ -94,7 +125,11 @@ class SessionSearchPath:
         """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``) ends a batch."""
         if self.outstanding:
             self.outstanding -= 1
-        self._copy = False
+            if not self.outstanding:
+                self.uncertain = False
+        if self.sent - self.outstanding > self._copy_batch:
+            self._copy = _NO_COPY  # the COPY's batch is over (or it never started)
+            self._tentative = 0
         self.in_transaction = status != _IDLE
         if not self.in_transaction:
             self._block_changed = False

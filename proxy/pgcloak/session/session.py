@@ -83,8 +83,10 @@ _SESSION_FACTS_SQL_16 = (
 #: the role SET ROLE chose, else the session's authorization.
 _PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").encode()
 #: The server messages the session follows: the ends of replies (the audit trail, the
-#: search_path) and ParseComplete / CloseComplete (statements prepared again).
-_MARKED = REPLY_ENDS | ACKS
+#: search_path), ParseComplete / CloseComplete (statements prepared again) and
+#: CopyInResponse (PostgreSQL ignores Sync in copy-in mode).
+_MARKED = REPLY_ENDS | ACKS | {ord("G")}
+_COPY_IN = ord("G")
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 
@@ -789,10 +791,14 @@ class Session:
         rewriter = self._rewriter
         assert rewriter is not None
         # Before ReadyForQuery messages are counted below: the acks are numbered by batch.
-        ours = rewriter.follow_acks(marks) if rewriter.acks.busy else None
+        ours = rewriter.follow_acks(marks, counted) if rewriter.acks.busy else None
         path = self.search_path
         for i, (kind, pos, _end, rows) in enumerate(marks):
             if kind != _READY:
+                if kind == _COPY_IN:  # Syncs sent since the COPY was bound were ignored
+                    batch, undone = path.copy_in()
+                    if undone:
+                        rewriter.acks.renumber(batch, undone)
                 continue
             if counted:
                 counted -= 1
