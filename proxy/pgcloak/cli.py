@@ -263,10 +263,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_ddl(args: argparse.Namespace) -> int:
-    from pgcloak.crypto.blind_index import INDEX_LENGTH, stored_pattern
     from pgcloak.policy import load_policy
+    from pgcloak.policy.ddl import policy_ddl
     from pgcloak.policy.names import InvalidName, split_identifiers
-    from pgcloak.policy.names import quote_ident as q
 
     policy = load_policy(args.file)
     try:  # spelled as in SQL: users.email, crm."Contacts"."Email"
@@ -274,33 +273,8 @@ def cmd_policy_ddl(args: argparse.Namespace) -> int:
     except InvalidName as exc:
         print(f"pgcloak policy ddl: {exc}", file=sys.stderr)
         return 2
-    for table in sorted(policy.protected_tables()):
-        schema, _, name = table.partition(".")
-        qualified = f"{q(schema)}.{q(name)}"
-        print(f"-- {table}")
-        for column, col in policy.columns_of(table).items():
-            print(f"ALTER TABLE {qualified} ALTER COLUMN {q(column)} TYPE text;  -- stored values are longer than the plaintext")
-            if col.index == "exact":
-                is_unique = (schema, name, column) in unique or (name, column) in unique
-                kind = "UNIQUE INDEX" if is_unique else "INDEX"
-                print(
-                    f"CREATE {kind} IF NOT EXISTS {q(f'{name}_{column}_pgcloak_idx')} "
-                    f"ON {qualified} ((left({q(column)}, {INDEX_LENGTH})));"
-                )
-                if is_unique:
-                    print(
-                        f"-- then drop the old UNIQUE constraint on {q(column)} (ciphertext is randomized, so it "
-                        f"means nothing now), e.g.: ALTER TABLE {qualified} DROP CONSTRAINT {q(f'{name}_{column}_key')};"
-                    )
-            if not args.no_check:
-                check = q(f"{name}_{column}_pgcloak_check")
-                pattern = stored_pattern(encrypt=col.encrypt, index=col.index == "exact")
-                print(
-                    f"ALTER TABLE {qualified} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} "
-                    f"CHECK ({q(column)} IS NULL OR {q(column)} ~ '{pattern}') NOT VALID;"
-                    "  -- only ciphertext, whoever writes (a view, a function, a direct connection)"
-                )
-        print()
+    for line in policy_ddl(policy, unique, checks=not args.no_check):
+        print(line)
     return 0
 
 

@@ -69,6 +69,9 @@ def test_demo_walkthrough(tmp_path: Path) -> None:
         email, ssn = stored.split("|")
         assert email[22:28] == ".pgc1:" and ssn.startswith("pgc1:")
         assert "alice" not in stored.lower() and "078-05" not in stored
+        # Written straight to PostgreSQL, plaintext is refused by the policy's CHECK constraints.
+        bypass = _psql(direct, "INSERT INTO users (name, email) VALUES ('Mallory', 'mallory@example.com')")
+        assert bypass.returncode != 0 and "users_email_pgcloak_check" in bypass.stderr, bypass.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()

@@ -42,11 +42,19 @@ guards:
 
 DEMO_SCHEMA = """\
 CREATE TABLE users (id serial PRIMARY KEY, name text, email text, phone text, ssn text);
-CREATE UNIQUE INDEX users_email_pgcloak_idx ON users ((left(email, 22)));
-CREATE INDEX users_phone_pgcloak_idx ON users ((left(phone, 22)));
 ALTER TABLE users OWNER TO demo;
 GRANT SELECT ON users TO support;
 """
+
+
+def demo_schema() -> str:
+    """The demo's table, with what ``pgcloak policy ddl`` says DEMO_POLICY needs (lookup
+    indexes, ciphertext-only checks)."""
+    from pgcloak.policy import parse_policy
+    from pgcloak.policy.ddl import policy_ddl
+
+    return DEMO_SCHEMA + "\n".join(policy_ddl(parse_policy(DEMO_POLICY), {("public", "users", "email")}))
+
 
 WALKTHROUGH = """\
 Try, through pgcloak:
@@ -57,8 +65,9 @@ Try, through pgcloak:
   SELECT * FROM users WHERE email LIKE 'a%';                -- refused: no LIKE on ciphertext
   SELECT * FROM users;                                      -- refused: a dump of every row
 
-then read the same row directly from PostgreSQL: only ciphertext is stored, and
-as the help desk (the support login below) through pgcloak:
+then read the same row directly from PostgreSQL: only ciphertext is stored (and a
+plaintext INSERT made there is refused by the table's CHECK constraints), and as the
+help desk (the support login below) through pgcloak:
 
   SELECT name, email, phone FROM users WHERE email = 'alice@example.com';  -- masked
   SELECT ssn FROM users WHERE email = 'alice@example.com';                 -- permission denied
@@ -84,7 +93,7 @@ def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
     try:
         server.create_login(DEMO_USER, DEMO_PASSWORD, DEMO_DB)
         server.create_role(SUPPORT_USER, SUPPORT_PASSWORD)
-        server.run_sql(DEMO_SCHEMA, dbname=DEMO_DB)
+        server.run_sql(demo_schema(), dbname=DEMO_DB)
         policy = server.base_dir / "demo-policy.yaml"
         policy.write_text(DEMO_POLICY)
         print(f"pgcloak demo: PostgreSQL {server.version_string} on {server.host}:{server.port}", file=sys.stderr)
