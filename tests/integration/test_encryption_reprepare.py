@@ -21,19 +21,23 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from encryption_fixtures import EncEnv, encryption_env, policy_yaml, unique
+from contacts_fixtures import (
+    contacts_env,
+    in_crm_encrypted,
+    in_public_plain,
+    internal_statements,
+    stored,
+)
+from encryption_fixtures import EncEnv, policy_yaml, unique
 from raw_wire import SYNC, bind, execute, message, parse, query, raw
 
 INSERT = 'INSERT INTO "Contacts" ("Email", note) VALUES (%s, %s)'
 LOOKUP = 'SELECT note FROM "Contacts" WHERE "Email" = %s'
-KEY_TABLE = "crm.Contacts"
 
 
 @pytest.fixture(scope="module")
 def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
-    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_rp"), "rp") as e:
-        with e.direct() as conn:
-            conn.execute('CREATE TABLE public."Contacts" (id serial PRIMARY KEY, "Email" text, note text)')
+    with contacts_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_rp"), "rp") as e:
         yield e
 
 
@@ -41,29 +45,8 @@ def _note() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _stored(env: EncEnv, schema: str, note: str) -> list[tuple[str]]:
-    return env.raw(f'SELECT "Email" FROM {schema}."Contacts" WHERE note = %s', note)  # type: ignore[return-value]
-
-
-def _in_crm_encrypted(env: EncEnv, email: str, note: str) -> None:
-    rows = _stored(env, "crm", note)
-    assert len(rows) == 1, rows
-    env.assert_stored(rows[0][0], email, table=KEY_TABLE, column="Email")
-    assert _stored(env, "public", note) == []
-
-
-def _in_public_plain(env: EncEnv, email: str, note: str) -> None:
-    assert _stored(env, "public", note) == [(email,)]
-    assert _stored(env, "crm", note) == []
-
-
 def _internal(conn: psycopg.Connection) -> int:
-    """pgcloak's own prepared statements in this session, as PostgreSQL lists them."""
-    row = conn.execute(
-        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgcloak\\_reprepared\\_%%'", prepare=False
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
+    return len(internal_statements(conn))
 
 
 def test_psycopg_prepared_statements_follow_the_path(env: EncEnv) -> None:
@@ -89,9 +72,9 @@ def test_psycopg_prepared_statements_follow_the_path(env: EncEnv) -> None:
         conn.execute("SET search_path = public")
         assert conn.execute(LOOKUP, (e2,)).fetchall() == [(n2,)]
         assert _internal(conn) == 2
-    _in_crm_encrypted(env, e1, n1)
-    _in_public_plain(env, e2, n2)
-    _in_crm_encrypted(env, e3, n3)
+    in_crm_encrypted(env, e1, n1)
+    in_public_plain(env, e2, n2)
+    in_crm_encrypted(env, e3, n3)
 
 
 def test_prepared_again_in_a_transaction_block(env: EncEnv) -> None:
@@ -116,8 +99,8 @@ def test_prepared_again_in_a_transaction_block(env: EncEnv) -> None:
     assert len(inside) == 1 and len(outside) == 1
     assert inside[0].endswith("c") and not outside[0].endswith("c")
     email = env.raw('SELECT "Email" FROM public."Contacts" WHERE note = %s', outside[0])[0][0]
-    _in_crm_encrypted(env, email, inside[0])
-    _in_public_plain(env, email, outside[0])
+    in_crm_encrypted(env, email, inside[0])
+    in_public_plain(env, email, outside[0])
 
 
 def test_our_replies_never_reach_the_client(env: EncEnv) -> None:
@@ -132,7 +115,7 @@ def test_our_replies_never_reach_the_client(env: EncEnv) -> None:
         # Closing it closes pgcloak's too: one CloseComplete, the client's.
         assert [t for t, _ in raw(conn, message(b"C", b"Ss1\0") + SYNC, 1)] == ["3", "Z"]
         assert _internal(conn) == 0
-    _in_crm_encrypted(env, f"raw-{note}@example.com", note)
+    in_crm_encrypted(env, f"raw-{note}@example.com", note)
 
 
 def test_our_parse_among_the_clients_pipelined_parses(env: EncEnv) -> None:
@@ -158,7 +141,7 @@ def test_our_parse_among_the_clients_pipelined_parses(env: EncEnv) -> None:
         got = [t for t, _ in raw(conn, batch1 + batch2, 2)]
         assert got == ["1", "2", "D", "C", "Z", "1", "3", "2", "C", "1", "2", "D", "C", "Z"]
         conn.execute("SELECT 1")  # still in step
-    _in_crm_encrypted(env, email, note)
+    in_crm_encrypted(env, email, note)
 
 
 def test_a_failed_reprepare_reaches_the_client_and_is_tried_again(env: EncEnv) -> None:
@@ -184,9 +167,9 @@ def test_a_failed_reprepare_reaches_the_client_and_is_tried_again(env: EncEnv) -
         e2, n2 = unique("rpf"), _note()
         conn.execute(insert, (e2, n2, "us"))  # prepared again, now with success
         assert _internal(conn) == 1
-    _in_crm_encrypted(env, e0, n0)
-    _in_crm_encrypted(env, e1, n1)
-    _in_public_plain(env, e2, n2)
+    in_crm_encrypted(env, e0, n0)
+    in_crm_encrypted(env, e1, n1)
+    in_public_plain(env, e2, n2)
 
 
 def test_an_error_earlier_in_the_batch_skips_our_parse(env: EncEnv) -> None:
@@ -202,8 +185,8 @@ def test_an_error_earlier_in_the_batch_skips_our_parse(env: EncEnv) -> None:
         email, note = unique("rpe"), _note()
         conn.execute(INSERT, (email, note))  # prepared again, this time for real
         assert conn.execute(LOOKUP, (email,)).fetchall() == [(note,)]
-    assert _stored(env, "public", skipped) == [] and _stored(env, "crm", skipped) == []
-    _in_public_plain(env, email, note)
+    assert stored(env, "public", skipped) == [] and stored(env, "crm", skipped) == []
+    in_public_plain(env, email, note)
 
 
 def test_a_policy_edit_prepares_psycopg_statements_again(env: EncEnv) -> None:
@@ -229,8 +212,8 @@ def test_a_policy_edit_prepares_psycopg_statements_again(env: EncEnv) -> None:
     finally:
         env.write_policy(policy_yaml())
         _wait_for(env, protected=True)
-    assert _stored(env, "crm", n0) == [(before,)]  # written before the edit: as it came
-    _in_crm_encrypted(env, after, n1)
+    assert stored(env, "crm", n0) == [(before,)]  # written before the edit: as it came
+    in_crm_encrypted(env, after, n1)
 
 
 def _wait_for(env: EncEnv, *, protected: bool) -> None:
@@ -240,10 +223,10 @@ def _wait_for(env: EncEnv, *, protected: bool) -> None:
         note = _note()
         with env.psy() as conn:
             conn.execute('INSERT INTO crm."Contacts" ("Email", note) VALUES (%s, %s)', (unique("w"), note))
-        stored = _stored(env, "crm", note)[0][0]
+        kept = stored(env, "crm", note)[0][0]
         with env.direct() as direct:
             direct.execute('DELETE FROM crm."Contacts" WHERE note = %s', (note,))
-        if stored.endswith("@example.com") != protected:
+        if kept.endswith("@example.com") != protected:
             return
         assert time.monotonic() < deadline, "the policy edit was not picked up"
         time.sleep(0.05)

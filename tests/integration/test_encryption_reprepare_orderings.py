@@ -24,13 +24,19 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from encryption_fixtures import EncEnv, encryption_env
+from contacts_fixtures import (
+    contacts_env,
+    in_crm_encrypted,
+    in_public_plain,
+    internal_statements,
+    stored,
+)
+from encryption_fixtures import EncEnv
 from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages
 
 from pgcloak.session import session as session_module
 
 PARAMS_INSERT = 'INSERT INTO "Contacts" ("Email", note) VALUES ($1, $2)'
-KEY_TABLE = "crm.Contacts"
 FLUSH = message(b"H", b"")
 #: An error at Bind (1/0 is folded when planned): the rest of the batch is skipped.
 FAIL = parse("", "SELECT 1/0") + bind("", "") + execute("")
@@ -38,11 +44,7 @@ FAIL = parse("", "SELECT 1/0") + bind("", "") + execute("")
 
 @pytest.fixture(scope="module")
 def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
-    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_rr"), "rr") as e:
-        with e.direct() as conn:
-            conn.execute(
-                'CREATE TABLE public."Contacts" (id serial PRIMARY KEY, "Email" text, note text)'
-            )
+    with contacts_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_rr"), "rr") as e:
         yield e
 
 
@@ -91,37 +93,16 @@ def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:
     return out
 
 
-def _stored(env: EncEnv, schema: str, note: str) -> list[tuple[str]]:
-    return env.raw(f'SELECT "Email" FROM {schema}."Contacts" WHERE note = %s', note)  # type: ignore[return-value]
-
-
 def _in_crm_encrypted(env: EncEnv, note: str) -> None:
-    rows = _stored(env, "crm", note)
-    assert len(rows) == 1, rows
-    env.assert_stored(rows[0][0], _email(note), table=KEY_TABLE, column="Email")
-    assert _stored(env, "public", note) == []
+    in_crm_encrypted(env, _email(note), note)
 
 
 def _in_public_plain(env: EncEnv, note: str) -> None:
-    assert _stored(env, "public", note) == [(_email(note),)]
-    assert _stored(env, "crm", note) == []
+    in_public_plain(env, _email(note), note)
 
 
 def _internal(conn: psycopg.Connection) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgcloak\\_reprepared\\_%%'",
-        prepare=False,
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _internal_names(conn: psycopg.Connection) -> list[str]:
-    rows = conn.execute(
-        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgcloak\\_reprepared\\_%%' ORDER BY name",
-        prepare=False,
-    ).fetchall()
-    return [r[0] for r in rows]
+    return len(internal_statements(conn))
 
 
 def _stale(conn: psycopg.Connection, name: str, sql: str) -> None:
@@ -169,7 +150,7 @@ def test_our_close_skipped_by_an_error_is_sent_again(env: EncEnv) -> None:
         assert types(
             raw(conn, parse("other", "SELECT 1") + close_statement("other") + SYNC, 1)
         ) == ["1", "3", "Z"]
-        assert _internal(conn) == 0, _internal_names(conn)
+        assert _internal(conn) == 0, internal_statements(conn)
 
 
 def test_failed_extended_copy_then_a_pipelined_stale_bind(env: EncEnv) -> None:
@@ -221,8 +202,8 @@ def test_set_rolled_back_in_a_batch_with_a_failed_copy(env: EncEnv) -> None:
         )
         assert types(got) == ["1", "2", "C", "2", "C", "Z"], sqlstates(got)
         assert conn.execute("SHOW search_path").fetchone() == ("crm",)
-    assert _stored(env, "public", note) == [], "stored in plaintext in public.Contacts, not in crm"
-    assert _stored(env, "public", stale) == [], "stored in plaintext in public.Contacts, not in crm"
+    assert stored(env, "public", note) == [], "stored in plaintext in public.Contacts, not in crm"
+    assert stored(env, "public", stale) == [], "stored in plaintext in public.Contacts, not in crm"
     _in_crm_encrypted(env, note)
     _in_crm_encrypted(env, stale)
 
@@ -325,7 +306,7 @@ def test_client_cannot_replace_our_internal_statement_through_sql(env: EncEnv) -
         got = raw(conn, bind_params("", "s1", [_email(first), first]) + execute("") + SYNC, 1)
         assert types(got) == ["2", "C", "Z"]
         _in_public_plain(env, first)
-        (internal,) = _internal_names(conn)
+        (internal,) = internal_statements(conn)
         swap = (
             close_statement(internal)
             + SYNC
@@ -335,7 +316,7 @@ def test_client_cannot_replace_our_internal_statement_through_sql(env: EncEnv) -
         )
         got = raw(conn, swap, 2)
         got = raw(conn, bind_params("", "s1", [_email(note), note]) + execute("") + SYNC, 1)
-        assert _stored(env, "crm", note) == [], "plaintext stored in crm.Contacts"
+        assert stored(env, "crm", note) == [], "plaintext stored in crm.Contacts"
 
 
 def test_unnamed_statement_destroyed_by_a_query_stays_destroyed(env: EncEnv) -> None:
@@ -520,22 +501,6 @@ def test_deallocate_all_and_discard_all(env: EncEnv) -> None:
         assert types(got) == ["1", "2", "D", "C", "Z"]
     _in_crm_encrypted(env, note)
     _in_crm_encrypted(env, n2)
-
-
-def test_unnamed_statement_after_a_path_change_in_the_batch(env: EncEnv) -> None:
-    note = _note()
-    with env.psy() as conn:
-        batch = (
-            parse("", _literal_insert(note))
-            + parse("set", "SET search_path = crm")
-            + bind("", "set")
-            + execute("")
-            + bind("", "")
-            + execute("")
-            + SYNC
-        )
-        assert types(raw(conn, batch, 1)) == ["1", "1", "2", "C", "2", "C", "Z"]
-    _in_crm_encrypted(env, note)
 
 
 def test_function_call_between_batches(env: EncEnv) -> None:

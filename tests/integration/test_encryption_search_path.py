@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from encryption_fixtures import EncEnv, encryption_env, unique
+from contacts_fixtures import contacts_env
+from encryption_fixtures import EncEnv, unique
 
 CONTACTS = 'crm."Contacts"'
 KEY_TABLE = "crm.Contacts"
@@ -30,9 +31,7 @@ KEY_TABLE = "crm.Contacts"
 
 @pytest.fixture(scope="module")
 def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
-    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_sp"), "sp") as e:
-        with e.direct() as conn:
-            conn.execute('CREATE TABLE public."Contacts" (id serial PRIMARY KEY, "Email" text, note text)')
+    with contacts_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_sp"), "sp") as e:
         yield e
 
 

@@ -21,7 +21,8 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from encryption_fixtures import EncEnv, encryption_env, unique
+from contacts_fixtures import contacts_env
+from encryption_fixtures import EncEnv, unique
 from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages
 
 from pgcloak.demo.postgres import TemporaryPostgres
@@ -45,9 +46,7 @@ def pg_app_user(pg):
 
 @pytest.fixture(scope="module")
 def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
-    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("rev_sp"), "rsp") as e:
-        with e.direct() as conn:
-            conn.execute('CREATE TABLE public."Contacts" (id serial PRIMARY KEY, "Email" text, note text)')
+    with contacts_env(pg, pg_app_user, tmp_path_factory.mktemp("rev_sp"), "rsp") as e:
         yield e
 
 
