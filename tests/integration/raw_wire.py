@@ -60,3 +60,15 @@ def raw(conn: psycopg.Connection, data: bytes, readies: int) -> list[tuple[str, 
     """Send ``data`` as it is; the replies up to the ``readies``-th ReadyForQuery."""
     os.write(conn.pgconn.socket, data)
     return read_messages(conn, lambda out: sum(t == "Z" for t, _ in out) >= readies)
+
+
+def types(msgs: list[tuple[str, bytes]]) -> list[str]:
+    """The message types of ``msgs``, in order."""
+    return [t for t, _ in msgs]
+
+
+def copy_data(text: str) -> bytes:
+    return message(b"d", text.encode())
+
+
+COPY_DONE = message(b"c", b"")

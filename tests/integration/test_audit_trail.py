@@ -36,6 +36,7 @@ import asyncpg
 import psycopg
 import pytest
 from encryption_fixtures import EncEnv, encryption_env, policy_yaml, unique
+from raw_wire import COPY_DONE, SYNC, bind, copy_data, execute, parse, read_messages, types
 
 from pgcloak.audit.sinks import iter_file_lines
 from pgcloak.audit.verify import verify
@@ -567,6 +568,59 @@ def test_pii_mode_records_protected_values_read_through_views_functions_and_curs
     ]
     assert all(e["pii"] == e["columns_read"] for e in events[1:])
     assert all(email not in json.dumps(e) for e in events)
+
+
+def test_watched_statement_names_every_column_it_returned(env: EncEnv, tmp_path: Path) -> None:
+    """A view read whose one row holds 16 e-mail values before an SSN: the statement
+    revealed the SSN, so the trail names public.users.ssn (every value's key id is read:
+    padding a result cannot hide a column)."""
+    email = unique("pad")
+    with env.direct() as d:
+        d.execute("CREATE OR REPLACE VIEW people_pad AS SELECT id, email, ssn FROM users")
+    with audited(env, tmp_path) as a:
+        with a.psy("r2-pad") as conn:
+            (uid,) = conn.execute(
+                "INSERT INTO users (email, ssn) VALUES (%s, '078-05-1120') RETURNING id", (email,)
+            ).fetchone()
+            padded = ", ".join(["email"] * 16)
+            row = conn.execute(f"SELECT {padded}, ssn FROM people_pad WHERE id = %s", (uid,)).fetchone()
+            assert row is not None and row[-1] == "078-05-1120"  # revealed to the client
+        events = a.events("r2-pad", "statement")
+    reads = [e["columns_read"] for e in events if e["kind"] == "select"]
+    assert reads == [[EMAIL, SSN]], reads
+
+
+def test_text_resembling_an_envelope_is_no_protected_value(env: EncEnv, tmp_path: Path) -> None:
+    """pii mode records a statement whose plan names no protected column only if its
+    result carries protected values. A literal that merely contains ``pgc1:`` (no key id
+    can be read from it, none of the policy's) is not one: no event."""
+    with audited(env, tmp_path) as a:
+        with a.psy("r2-lookalike") as conn:
+            assert conn.execute("SELECT 'pgc1:AAAAAAAAAAAA'::text").fetchone() == ("pgc1:AAAAAAAAAAAA",)
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        events = a.events("r2-lookalike", "statement")
+    assert events == [], [(e["kind"], e["fingerprint"], e["columns_read"]) for e in events]
+
+
+def test_extended_copy_keeps_the_audit_queue_in_step(env: EncEnv, tmp_path: Path) -> None:
+    """An extended-protocol COPY FROM STDIN as libpq sends it: Parse/Bind/Execute/Sync,
+    then the data, CopyDone and Sync. PostgreSQL ignores the first Sync (copy-in mode):
+    one ReadyForQuery for two Syncs. The audit queue follows that too (CopyInResponse), so
+    the statement after the COPY is recorded, with its own rows."""
+    email = unique("xcopy")
+    with audited(env, tmp_path) as a:
+        with a.psy("r2-xcopy") as conn:
+            start = parse("", "COPY users (email) FROM STDIN") + bind("", "") + execute("") + SYNC
+            os.write(conn.pgconn.socket, start)
+            got = read_messages(conn, lambda out: "G" in types(out) or "Z" in types(out))
+            assert types(got)[-1] == "G", got
+            os.write(conn.pgconn.socket, copy_data(f"{email}\n") + COPY_DONE + SYNC)
+            got = read_messages(conn, lambda out: "Z" in types(out))
+            assert types(got) == ["C", "Z"], got
+            rows = conn.execute("SELECT id FROM users WHERE email = %s", (email,)).fetchall()
+            assert len(rows) == 1
+        events = a.events("r2-xcopy", "statement")
+    assert [(e["kind"], e["rows"]) for e in events] == [("copy_in", 1), ("select", 1)], events
 
 
 def test_truncate_of_a_protected_table_is_recorded(env: EncEnv, tmp_path: Path) -> None:

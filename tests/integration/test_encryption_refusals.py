@@ -6,14 +6,19 @@ plaintext ever stored or even sent.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import psycopg
 import pytest
 from encryption_fixtures import USERS, EncEnv, encryption_env, unique
 from psycopg import errors
+
+from pgcloak import cli
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +242,40 @@ def test_writes_through_a_view_or_function_cannot_store_plaintext(env: EncEnv):
     for email in (via_view, via_function, direct):
         assert _stored_in_clear(env, email) == []
     env.assert_stored(env.raw_one("SELECT email FROM users WHERE left(email, 22) = %s", env.index_of(USERS, "email", ours)), ours)
+
+
+def test_ddl_checks_of_two_columns_whose_names_truncate_alike_both_hold(env: EncEnv, tmp_path: Path) -> None:
+    """``{table}_{column}_pgcloak_check`` longer than 63 bytes would be truncated by
+    PostgreSQL, two such names alike, and the second ALTER's ``DROP CONSTRAINT IF EXISTS``
+    would drop the first column's check (found by a review): names that long are cut
+    short by pgcloak with a hash, and each protected column keeps a check of its own."""
+    table = "customer_relationship_management_contacts"  # 41 characters
+    home, work = "emergency_contact_phone_home", "emergency_contact_phone_work"
+    policy = tmp_path / "long.yaml"
+    policy.write_text(
+        "version: 1\ntables:\n"
+        f"  public.{table}:\n"
+        f"    {home}: {{encrypt: true}}\n"
+        f"    {work}: {{encrypt: true}}\n",
+        encoding="utf-8",
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["policy", "ddl", str(policy)]) == 0
+    with env.direct() as d:
+        d.execute(f"DROP TABLE IF EXISTS {table}")
+        d.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, {home} text, {work} text)")
+        d.execute(out.getvalue())
+        checks = d.execute(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c'",
+            (table,),
+        ).fetchone()
+        with pytest.raises(errors.CheckViolation):  # the second column's check
+            d.execute(f"INSERT INTO {table} ({work}) VALUES ('555-0100')")
+        stored_plain = True
+        try:
+            d.execute(f"INSERT INTO {table} ({home}) VALUES ('555-0199')")
+        except errors.CheckViolation:
+            stored_plain = False
+    assert checks == (2,), f"one CHECK per protected column expected, found {checks}"
+    assert not stored_plain, f"plaintext stored in {table}.{home}: its CHECK was dropped by {work}'s"

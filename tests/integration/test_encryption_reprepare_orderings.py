@@ -32,7 +32,7 @@ from contacts_fixtures import (
     stored,
 )
 from encryption_fixtures import EncEnv
-from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages
+from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages, types
 
 from pgcloak.session import session as session_module
 
@@ -78,10 +78,6 @@ def describe_statement(name: str) -> bytes:
 
 def execute_rows(portal: str, rows: int) -> bytes:
     return message(b"E", portal.encode() + b"\0" + struct.pack("!i", rows))
-
-
-def types(msgs: list[tuple[str, bytes]]) -> list[str]:
-    return [t for t, _ in msgs]
 
 
 def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:

@@ -23,7 +23,19 @@ import psycopg
 import pytest
 from contacts_fixtures import contacts_env
 from encryption_fixtures import EncEnv, unique
-from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages
+from raw_wire import (
+    COPY_DONE,
+    SYNC,
+    bind,
+    copy_data,
+    execute,
+    message,
+    parse,
+    query,
+    raw,
+    read_messages,
+    types,
+)
 
 from pgcloak.demo.postgres import TemporaryPostgres
 
@@ -376,3 +388,28 @@ def test_function_that_changes_the_path_cannot_leak(env: EncEnv) -> None:
         conn.execute("SELECT public.go_tenant()")
         assert conn.execute("SHOW search_path").fetchone() == ("crm",)
         assert probe(env, conn) == "public:plaintext"  # the unprotected table, as pgcloak planned
+
+
+def test_extended_copy_with_a_leading_comment_keeps_the_batch_count(env: EncEnv) -> None:
+    """An extended-protocol COPY FROM STDIN into an unprotected table whose text starts
+    with a comment is still a COPY: the Sync PostgreSQL ignores in copy-in mode is not
+    counted, so after a search_path change the path is asked again as usual (before the
+    fix, the count stayed one too high and every unqualified protected name was refused)."""
+    with env.psy() as conn:
+        start = (
+            parse("", "/* bulk load */ COPY plain_contacts (email) FROM STDIN")
+            + bind("", "")
+            + execute("")
+            + SYNC
+        )
+        os.write(conn.pgconn.socket, start)
+        got = read_messages(conn, lambda out: "G" in types(out) or "Z" in types(out))
+        assert types(got)[-1] == "G", got
+        os.write(conn.pgconn.socket, copy_data("r2-comment@example.com\n") + COPY_DONE + SYNC)
+        assert types(read_messages(conn, lambda out: "Z" in types(out))) == ["C", "Z"]
+        assert types(raw(conn, query("SET search_path = public"), 1)) == ["C", "Z"]
+        email = unique("aftercopy")
+        conn.execute("INSERT INTO users (email) VALUES (%s)", (email,))  # 0A000 when the count drifted
+    rows = env.raw("SELECT email FROM users WHERE left(email, 22) = %s", env.index_of("public.users", "email", email))
+    assert len(rows) == 1
+    env.assert_stored(rows[0][0], email)

@@ -127,3 +127,17 @@ def test_the_check_pattern_takes_what_pgcloak_stores_and_refuses_plaintext(
         assert stored is not None and pattern.fullmatch(stored), stored
     for plain in ["alice@example.com", "555-0100", "pgc1:", "123-45-6789", "pgc1:has space"]:
         assert not pattern.fullmatch(plain)
+
+
+def test_long_object_names_stay_distinct_within_postgresqls_limit() -> None:
+    from pgcloak.policy.ddl import object_name
+
+    table = "customer_relationship_management_contacts"
+    home = object_name(table, "emergency_contact_phone_home", "_pgcloak_check")
+    work = object_name(table, "emergency_contact_phone_work", "_pgcloak_check")
+    assert home != work
+    assert len(home.encode()) <= 63 and len(work.encode()) <= 63
+    assert home.endswith("_pgcloak_check") and home.startswith("customer_relationship")
+    assert object_name("users", "email", "_pgcloak_idx") == "users_email_pgcloak_idx"  # short: as before
+    wide = object_name("таблица_" * 5, "колонка", "_pgcloak_check")  # cut on a character boundary
+    assert len(wide.encode()) <= 63 and wide.encode().decode() == wide

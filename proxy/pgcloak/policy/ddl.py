@@ -9,13 +9,30 @@ fails instead of storing plaintext. ``pgcloak policy ddl`` prints it; the demo r
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Set
 
 from pgcloak.crypto.blind_index import INDEX_LENGTH, stored_pattern
 from pgcloak.policy.compiled import Policy
 from pgcloak.policy.names import quote_ident as q
 
-__all__ = ["policy_ddl"]
+__all__ = ["object_name", "policy_ddl"]
+
+#: PostgreSQL's identifier length (NAMEDATALEN - 1): longer names are truncated, and two
+#: names truncated alike would be one object (one column's check replacing another's).
+_MAX_NAME_BYTES = 63
+
+
+def object_name(table: str, column: str, suffix: str) -> str:
+    """``<table>_<column><suffix>``; when that is longer than PostgreSQL keeps, cut short
+    and made unique again by a hash of the whole."""
+    name = f"{table}_{column}{suffix}"
+    if len(name.encode("utf-8")) <= _MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    room = _MAX_NAME_BYTES - len(suffix.encode("utf-8")) - len(digest) - 1
+    head = f"{table}_{column}".encode()[:room].decode("utf-8", "ignore")
+    return f"{head}_{digest}{suffix}"
 
 
 def policy_ddl(
@@ -37,7 +54,7 @@ def policy_ddl(
                 is_unique = (schema, name, column) in unique or (name, column) in unique
                 kind = "UNIQUE INDEX" if is_unique else "INDEX"
                 yield (
-                    f"CREATE {kind} IF NOT EXISTS {q(f'{name}_{column}_pgcloak_idx')} "
+                    f"CREATE {kind} IF NOT EXISTS {q(object_name(name, column, '_pgcloak_idx'))} "
                     f"ON {qualified} ((left({q(column)}, {INDEX_LENGTH})));"
                 )
                 if is_unique:
@@ -46,7 +63,7 @@ def policy_ddl(
                         f"means nothing now), e.g.: ALTER TABLE {qualified} DROP CONSTRAINT {q(f'{name}_{column}_key')};"
                     )
             if checks:
-                check = q(f"{name}_{column}_pgcloak_check")
+                check = q(object_name(name, column, "_pgcloak_check"))
                 pattern = stored_pattern(encrypt=col.encrypt, index=col.index == "exact")
                 yield (
                     f"ALTER TABLE {qualified} DROP CONSTRAINT IF EXISTS {check}, ADD CONSTRAINT {check} "

@@ -41,7 +41,7 @@ log = logging.getLogger("pgcloak.audit")
 _MAX_PORTALS = 10_000
 #: Templates kept per session (plans are cached by the planner, so few are distinct).
 _MAX_TEMPLATES = 512
-_ERROR, _READY, _COMMAND_COMPLETE = 0x45, 0x5A, 0x43
+_ERROR, _READY, _COMMAND_COMPLETE, _COPY_IN = 0x45, 0x5A, 0x43, 0x47
 _PORTAL_SUSPENDED = 0x73
 #: The server messages that end a statement's or a batch's reply: CommandComplete,
 #: EmptyQueryResponse, PortalSuspended, ErrorResponse, ReadyForQuery.
@@ -74,8 +74,6 @@ _Recipe = StatementTemplate | _Slow | _Watched | None
 #: An envelope in a server message: its base64url body (which may run on a little past
 #: the value; only the header is read).
 _ENVELOPE = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,})")
-#: Envelopes whose key ids are read per watched statement (they name its columns).
-_MAX_KEYS_READ = 16
 
 
 class _Unit(PendingStatement):
@@ -98,8 +96,8 @@ class _Unit(PendingStatement):
         #: fingerprint of a statement pgcloak did not parse (it named no protected table).
         self.plan = plan
         self.text = text
-        #: A watched statement: the key ids of the protected values in its result (None:
-        #: none seen yet).
+        #: A watched statement: the key ids of the protected columns whose values its
+        #: result holds (None: none seen yet).
         self.keys: set[str] | None = None
         self.started = time.monotonic()
         self.rows = None
@@ -172,6 +170,10 @@ def _no_columns(keys: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (), ()
 
 
+def _no_column(key: str) -> bool:
+    return False
+
+
 def trail_reason(reason: str) -> str:
     """A refusal message as the trail may hold it: without quoted statement text."""
     if "Error tokenizing" not in reason:
@@ -203,6 +205,11 @@ class SessionAudit:
         #: Of some key ids, those of protected columns, and those this session gets
         #: masked (for watched statements, whose plans name no column).
         self.columns_of_keys: Callable[[Iterable[str]], tuple[tuple[str, ...], tuple[str, ...]]] = _no_columns
+        #: Per CopyInResponse the session saw (and this trail has yet to reach in the
+        #: replies): how many Syncs sent after the COPY's Execute PostgreSQL ignored.
+        self.ignored_syncs: deque[int] = deque()
+        #: Whether a key id is a protected column's (values of watched statements).
+        self.is_column_key: Callable[[str], bool] = _no_column
 
     def _emit(self, event: dict[str, object]) -> None:
         """Never let an audit problem break the client's stream: log it (no values) instead."""
@@ -309,7 +316,7 @@ class SessionAudit:
                 break
             returned += rows_before
             if type(units[0].recipe) is _Watched:
-                _watch(units[0], chunk, seg, pos)
+                self._watch(units[0], chunk, seg, pos)
             if refusals and refusals[0][0] < pos:
                 self._cut_short(units[0], refusals, pos)
             seg = end
@@ -331,6 +338,8 @@ class SessionAudit:
                         if not head.simple:
                             self._complete(head)
             elif kind in _NOT_ENDS:
+                if kind == _COPY_IN and self.ignored_syncs:
+                    self._drop_syncs(self.ignored_syncs.popleft())
                 continue
             else:  # CommandComplete, EmptyQueryResponse, PortalSuspended
                 head = units[0]
@@ -353,9 +362,26 @@ class SessionAudit:
             returned = 0
         self._returned = returned + tail_rows
         if units and type(units[0].recipe) is _Watched:
-            _watch(units[0], chunk, seg, len(chunk))
+            self._watch(units[0], chunk, seg, len(chunk))
         if refusals:
             self._cut_short(units[0] if units else None, refusals, len(chunk) + 1)
+
+    def _drop_syncs(self, count: int) -> None:
+        """The COPY at the head of the queue started: the first ``count`` Syncs queued
+        after it were ignored by PostgreSQL (no ReadyForQuery will answer them)."""
+        units = self._units
+        if not units or not count:
+            return
+        kept: list[_Unit] = []
+        head = units.popleft()
+        while units and count:
+            unit = units.popleft()
+            if unit is _SYNC:
+                count -= 1
+            else:
+                kept.append(unit)
+        units.extendleft(reversed(kept))
+        units.appendleft(head)
 
     def _cut_short(self, unit: _Unit | None, refusals: list[tuple[int, str, str]], before: int) -> None:
         """Record the refusals (positions before ``before``) that cut ``unit``'s result short."""
@@ -385,7 +411,7 @@ class SessionAudit:
         if recipe is None:
             return
         if type(recipe) is _Watched:
-            if unit.keys is not None:
+            if unit.keys:
                 self._watched_event(recipe.plan, unit)
             return
         assert isinstance(recipe, _Slow)
@@ -403,9 +429,25 @@ class SessionAudit:
         )
 
 
+    def _watch(self, unit: _Unit, chunk: bytes, start: int, stop: int) -> None:
+        """Note the columns of the protected values in ``chunk[start:stop]`` (replies of
+        the watched statement ``unit``): every value's key id is read (a result cannot
+        hide a column behind many values of another), and only the policy's columns
+        count (text that merely looks like a value names nothing)."""
+        if start >= stop or chunk.find(ENVELOPE_PREFIX, start, stop) < 0:
+            return
+        known = self.is_column_key
+        keys = unit.keys
+        for found in _ENVELOPE.finditer(chunk, start, stop):
+            key = key_id_in(found.group(1))
+            if key is not None and (keys is None or key not in keys) and known(key):
+                if keys is None:
+                    keys = unit.keys = set()
+                keys.add(key)
+
     def _watched_event(self, plan: Plan, unit: _Unit) -> None:
         """A statement whose plan named no protected column returned protected values."""
-        assert unit.keys is not None
+        assert unit.keys
         columns, masked = self.columns_of_keys(unit.keys)
         failed = unit.sqlstate is not None
         facts = plan.audit
@@ -431,24 +473,6 @@ def _fingerprint_of(unit: _Unit) -> str:
     if not found and unit.text:
         found = fingerprint(unit.text)
     return found
-
-
-def _watch(unit: _Unit, chunk: bytes, start: int, stop: int) -> None:
-    """Note the key ids of the protected values in ``chunk[start:stop]`` (replies of the
-    watched statement ``unit``)."""
-    if start >= stop or chunk.find(ENVELOPE_PREFIX, start, stop) < 0:
-        return
-    keys = unit.keys
-    if keys is None:
-        keys = unit.keys = set()
-    elif len(keys) >= _MAX_KEYS_READ:
-        return
-    for i, found in enumerate(_ENVELOPE.finditer(chunk, start, stop)):
-        if i >= _MAX_KEYS_READ:
-            break
-        key = key_id_in(found.group(1))
-        if key is not None:
-            keys.add(key)
 
 
 def sqlstate_of(body: bytes) -> str | None:

@@ -63,6 +63,16 @@ COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL, DESCRIBE, EXECUTE))
 CAPTURE_AUDITED = CAPTURE
 _COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
+#: Comments before a statement's first word (not nested ones: /* /* */ */).
+_LEADING_COMMENTS = re.compile(r"(?:\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/))*", re.DOTALL)
+
+
+def copies_from_stdin(text: str) -> bool:
+    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed)."""
+    if "stdin" not in text.lower():
+        return False
+    skipped = _LEADING_COMMENTS.match(text)  # always matches (possibly nothing)
+    return _COPY_FROM_STDIN.match(text, skipped.end() if skipped else 0) is not None
 #: A statement name never prepared (a client's Close of an internal name closes it).
 _NO_STATEMENT = INTERNAL_PREFIX + "none"
 _RESERVED_NAME = f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak'
@@ -264,6 +274,10 @@ class Rewriter:
             return ()
         return tuple(k for k in plan.audit.pii_read if view.decision(k) == "mask")
 
+    def is_column_key(self, key: str) -> bool:
+        """Whether ``key`` is the key id of a column the policy protects."""
+        return self._protection().policy.column_for_key_id(key) is not None
+
     def columns_of_keys(self, keys: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Of envelope key ids seen in a result, those of columns the policy protects
         (others are not named in the trail: they came from the database), and those this
@@ -305,18 +319,12 @@ class Rewriter:
             if self._search_path is not None:
                 self._search_path.unsynced = True
             return msg
-        if kind == SYNC:
-            if self._audit is not None:
+        if kind in (SYNC, FUNCTION_CALL):
+            if kind == FUNCTION_CALL:
+                self._not_in_a_batch()
+            answered = self._search_path.batch_end() if self._search_path is not None else True
+            if self._audit is not None and answered:
                 self._audit.sync()
-            if self._search_path is not None:
-                self._search_path.batch_end()
-            return msg
-        if kind == FUNCTION_CALL:
-            self._not_in_a_batch()
-            if self._audit is not None:
-                self._audit.sync()
-            if self._search_path is not None:
-                self._search_path.batch_end()
             return msg
         if kind == Q:
             self._not_in_a_batch()
@@ -697,7 +705,7 @@ class Rewriter:
                 self._search_path.apply(change)  # refused ones were refused at Parse
         if plan.copy_in is not None:
             self._start_copy(protection, plan)
-        if self._search_path is not None and (plan.copy_in is not None or _COPY_FROM_STDIN.match(text)):
+        if self._search_path is not None and (plan.copy_in is not None or copies_from_stdin(text)):
             self._search_path.copy_started()
         actions = plan.params
         lookups: dict[str, list[str]] = {}

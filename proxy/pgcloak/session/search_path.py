@@ -107,12 +107,13 @@ class SessionSearchPath:
         self._tentative = 0
         return self._copy_batch, undone
 
-    def batch_end(self) -> None:
+    def batch_end(self) -> bool:
         """The client ended a batch (Query, Sync, FunctionCall): after a change, the path
-        is PostgreSQL's to say once the batch is through."""
+        is PostgreSQL's to say once the batch is through. False for a Sync PostgreSQL
+        ignores (copy-in mode): no ReadyForQuery comes for it."""
         self.unsynced = False
         if self._copy == _COPY_IN:
-            return  # a Sync PostgreSQL ignores (copy-in mode): no ReadyForQuery for it
+            return False
         if self._copy == _COPY_BOUND:
             self._tentative += 1  # ignored if the COPY starts: undone by copy_in()
         self.outstanding += 1
@@ -120,6 +121,7 @@ class SessionSearchPath:
         if self._changed or self._block_changed:
             self.current = None
             self._changed = False
+        return True
 
     def ready(self, status: int) -> None:
         """A ReadyForQuery with transaction ``status`` (``I``, ``T`` or ``E``) ends a batch."""

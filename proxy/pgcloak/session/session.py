@@ -675,6 +675,7 @@ class Session:
             if self._audit is not None:
                 self._audit.masked_of = self._rewriter.masked_columns
                 self._audit.columns_of_keys = self._rewriter.columns_of_keys
+                self._audit.is_column_key = self._rewriter.is_column_key
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
@@ -799,6 +800,8 @@ class Session:
                     batch, undone = path.copy_in()
                     if undone:
                         rewriter.acks.renumber(batch, undone)
+                    if self._audit is not None and self._audit.pending:
+                        self._audit.ignored_syncs.append(undone)
                 continue
             if counted:
                 counted -= 1
