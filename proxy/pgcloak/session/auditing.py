@@ -9,11 +9,11 @@ are not recorded as shared placeholders — and the server's replies pop the que
 Nothing here ever sees a literal value: events get the plan's fingerprint and the
 blind-index values of lookups.
 
-In ``pii`` mode, a statement whose plan names no protected column may still return
+In ``pii`` and ``writes`` mode, a statement whose plan names no protected column may return
 protected values (a view over a protected table, a function, a cursor's FETCH): the
 values carry their column's key id, and pgcloak decrypts them. So such statements are
-watched: if their replies hold an envelope, they are recorded, with the columns named
-by the envelopes' key ids.
+watched: if their replies hold a value of a protected column, they are recorded, with
+the columns named by the values' key ids.
 
 Cost: this runs for every statement of an audited session, so the static part of each
 plan's events is serialized once per session (:class:`StatementTemplate`), a
@@ -71,9 +71,9 @@ class _Watched:
 
 #: How a plan's events are made: a template, the slow way, watched, or None (not recorded).
 _Recipe = StatementTemplate | _Slow | _Watched | None
-#: An envelope in a server message: its base64url body (which may run on a little past
-#: the value; only the header is read).
-_ENVELOPE = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,})")
+#: An envelope in a server message: the start of its base64url body, as much as can hold
+#: a header (it may run on a little past the value; only the header is read).
+_ENVELOPE = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
 
 
 class _Unit(PendingStatement):

@@ -61,18 +61,12 @@ COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 #: Describe and Execute: they make a batch the server is answering (no search_path asked
 #: in it). Executes and Syncs also pace the audit trail's reading of the replies.
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL, DESCRIBE, EXECUTE))
+#: (The same with an audit trail; kept as a name of its own for the session.)
 CAPTURE_AUDITED = CAPTURE
 _COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
 #: Comments before a statement's first word (not nested ones: /* /* */ */).
 _LEADING_COMMENTS = re.compile(r"(?:\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/))*", re.DOTALL)
 
-
-def copies_from_stdin(text: str) -> bool:
-    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed)."""
-    if "stdin" not in text.lower():
-        return False
-    skipped = _LEADING_COMMENTS.match(text)  # always matches (possibly nothing)
-    return _COPY_FROM_STDIN.match(text, skipped.end() if skipped else 0) is not None
 #: A statement name never prepared (a client's Close of an internal name closes it).
 _NO_STATEMENT = INTERNAL_PREFIX + "none"
 _RESERVED_NAME = f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak'
@@ -139,6 +133,14 @@ def _rewrite_bind_values(
 
 def text_of(body: bytes, start: int, end: int) -> str:
     return body[start + 1 : end].decode("utf-8", "surrogateescape")
+
+
+def copies_from_stdin(text: str) -> bool:
+    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed)."""
+    if "stdin" not in text.lower():
+        return False
+    skipped = _LEADING_COMMENTS.match(text)  # always matches (possibly nothing)
+    return _COPY_FROM_STDIN.match(text, skipped.end() if skipped else 0) is not None
 
 
 def _renamed_bind(body: bytes, portal_end: int, stmt_end: int, name: str) -> tuple[bytes, int]:
@@ -358,8 +360,11 @@ class Rewriter:
         protection = self._protection()
         sql = Query.decode(msg[5:]).sql
         # A simple Query destroys the unnamed statement (ours too, if it was prepared again).
-        if self.statements.pop("", None) is not None and self._reprepared:
-            self._forget_reprepared("")
+        if self.statements.pop("", None) is not None:
+            self._path_changes.pop("", None)
+            self._redefined.discard("")
+            if self._reprepared:
+                self._forget_reprepared("")
         plan, literals = protection.planner.plan_simple(sql)
         plan = self._resolve(plan)
         self.last_plan = plan
