@@ -15,6 +15,7 @@ chunk without the envelope prefix or the marker is forwarded as it came.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 import struct
@@ -135,8 +136,10 @@ def text_of(body: bytes, start: int, end: int) -> str:
     return body[start + 1 : end].decode("utf-8", "surrogateescape")
 
 
+@functools.lru_cache(maxsize=1024)
 def copies_from_stdin(text: str) -> bool:
-    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed)."""
+    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed).
+    Asked at every Bind, of the few texts a session prepares: cached."""
     if "stdin" not in text.lower():
         return False
     skipped = _LEADING_COMMENTS.match(text)  # always matches (possibly nothing)
