@@ -231,3 +231,49 @@ def test_names_protected_beyond_public_are_sent_qualified() -> None:
     assert app.plan("SELECT id FROM public.users WHERE id = $1").sql is None  # qualified already
     only_public = Planner(PUBLIC_ONLY, index_length=16, search_path=("app", "public"))
     assert only_public.plan("INSERT INTO users (email) VALUES ($1)").sql is None
+
+
+# -- the batch count through an extended-protocol COPY FROM STDIN -----------------------------
+_IDLE = ord("I")
+
+
+def test_syncs_ignored_in_copy_in_mode_are_taken_back_when_the_copy_starts() -> None:
+    path = SessionSearchPath("app", ("public",))
+    path.copy_started()  # Bind of COPY ... FROM STDIN
+    assert path.batch_end()  # Sync sent before the server said anything: counted, for now
+    assert (path.outstanding, path.sent) == (1, 1)
+    assert path.copy_in() == (0, 1)  # CopyInResponse: that Sync was ignored
+    assert (path.outstanding, path.sent) == (0, 0)
+    assert not path.batch_end()  # a Sync in copy-in mode: not a batch
+    path.copy_ended()  # CopyDone
+    assert path.batch_end()  # the Sync after it ends the COPY's batch
+    path.ready(_IDLE)
+    assert (path.outstanding, path.sent) == (0, 1)
+
+
+def test_a_copy_that_never_starts_keeps_its_syncs_counted() -> None:
+    path = SessionSearchPath("app", ("public",))
+    path.copy_started()
+    assert path.batch_end()  # the COPY fails (or an error before it): this Sync is answered
+    assert path.batch_end()  # and so is the next batch's
+    path.ready(_IDLE)  # the COPY's batch is over: no CopyInResponse will come
+    assert path.copy_in() == (0, 0)  # (a later COPY's response takes nothing back)
+    path.ready(_IDLE)
+    assert path.outstanding == 0 and path.should_ask(_IDLE) is False  # path still known
+
+
+def test_a_query_inside_an_unfinished_extended_batch_makes_the_count_uncertain() -> None:
+    path = SessionSearchPath("app", ("public",))
+    path.unsynced = True  # Parse, Describe, Flush
+    path.uncertain = True  # then a Query (the rewriter marks it)
+    path.batch_end()
+    path.batch_end()  # the Sync
+    path.ready(_IDLE)  # the batch failed before the Query: one ReadyForQuery only
+    assert path.uncertain and path.outstanding == 1  # one too many, and known to be so
+    other = SessionSearchPath("app", ("public",))
+    other.unsynced = other.uncertain = True
+    other.batch_end()
+    other.batch_end()
+    other.ready(_IDLE)
+    other.ready(_IDLE)  # nothing failed: both answered, the count came out even
+    assert not other.uncertain and other.outstanding == 0
