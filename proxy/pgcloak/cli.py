@@ -278,6 +278,89 @@ def cmd_policy_ddl(args: argparse.Namespace) -> int:
     return 0
 
 
+_COLUMN_FACTS_SQL = """
+SELECT format_type(a.atttypid, a.atttypmod) AS type,
+       (SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
+         WHERE c.conrelid = t.oid AND c.conname = $4 AND c.contype = 'c') AS check_def,
+       coalesce((SELECT c.convalidated FROM pg_constraint c
+         WHERE c.conrelid = t.oid AND c.conname = $4 AND c.contype = 'c'), false) AS validated,
+       (SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+         WHERE x.indrelid = t.oid AND i.relname = $5) AS index_name,
+       t.oid AS table_oid
+  FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+  LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attname = $3 AND NOT a.attisdropped
+ WHERE n.nspname = $1 AND t.relname = $2
+"""
+#: Views whose rules read a table: pgcloak decrypts what they return, cannot see writes.
+_VIEWS_SQL = """
+SELECT DISTINCT v.oid::regclass::text AS view
+  FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+ WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = $1 AND v.oid <> $1
+ ORDER BY 1
+"""
+
+
+def cmd_policy_check_db(args: argparse.Namespace) -> int:
+    """Compare a database with what `policy ddl` gives the policy's protected columns."""
+    import asyncio
+
+    import asyncpg
+
+    from pgcloak.policy import load_policy
+    from pgcloak.policy.ddl import ColumnFacts, column_needs, judge
+    from pgcloak.policy.names import quote_ident as q
+
+    policy = load_policy(args.file)
+    needs = column_needs(policy)
+
+    async def facts() -> tuple[list[ColumnFacts | None], dict[str, list[str]]]:
+        conn = await asyncpg.connect(args.dsn, timeout=30)
+        try:
+            found: list[ColumnFacts | None] = []
+            views: dict[str, list[str]] = {}
+            for need in needs:
+                row = await conn.fetchrow(_COLUMN_FACTS_SQL, need.schema, need.table, need.column, need.check, need.index)
+                if row is None:
+                    found.append(None)
+                    continue
+                in_clear = None
+                if args.scan and row["type"] is not None:
+                    table = f"{q(need.schema)}.{q(need.table)}"
+                    in_clear = await conn.fetchval(
+                        f"SELECT count(*) FROM {table} WHERE {q(need.column)} IS NOT NULL AND {q(need.column)} !~ $1",
+                        need.pattern,
+                    )
+                found.append(ColumnFacts(row["type"], row["check_def"], row["validated"], row["index_name"], in_clear))
+                key = f"{need.schema}.{need.table}"
+                if key not in views:
+                    views[key] = [r["view"] for r in await conn.fetch(_VIEWS_SQL, row["table_oid"])]
+            return found, views
+        finally:
+            await conn.close()
+
+    try:
+        found, views = asyncio.run(facts())
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        print(f"pgcloak policy check-db: cannot read the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    for need, fact in zip(needs, found, strict=True):
+        problems, notes = judge(need, fact)
+        print(f"{need.key_id}: {'OK' if not problems else 'PROBLEM'}")
+        for line in problems:
+            print(f"  problem: {line}")
+        for line in notes:
+            print(f"  note: {line}")
+        status = status or (1 if problems else 0)
+    for table, names in sorted(views.items()):
+        if names:
+            print(
+                f"views over {table}: {', '.join(names)} (pgcloak decrypts and audits what they return; "
+                "a write through them reaches the table as sent, and only the CHECK constraints stop plaintext)"
+            )
+    return status
+
+
 def _master_key_for(args: argparse.Namespace) -> MasterKey:
     """--master-key-file / --master-key-shares / PGCLOAK_MASTER_KEY, as `pgcloak run` takes them."""
     from pgcloak.session.server import load_master_key
@@ -380,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
         help='the index carries uniqueness; names as in SQL (crm."Contacts"."Email")',
     )
     ddl.set_defaults(func=cmd_policy_ddl)
+    check_db = policy.add_parser(
+        "check-db", help="check a database against what `policy ddl` gives the protected columns"
+    )
+    check_db.add_argument("file", type=Path)
+    check_db.add_argument("--dsn", help="PostgreSQL connection URL (default: the PG* environment)")
+    check_db.add_argument(
+        "--scan", action="store_true", help="also count values not in pgcloak's stored form (reads every row)"
+    )
+    check_db.set_defaults(func=cmd_policy_check_db)
 
     inject = sub.add_parser("inject", help="Kubernetes sidecar injection (a mutating admission webhook)")
     inject_sub = inject.add_subparsers(dest="inject_command", required=True)
