@@ -141,3 +141,19 @@ def test_long_object_names_stay_distinct_within_postgresqls_limit() -> None:
     assert object_name("users", "email", "_pgcloak_idx") == "users_email_pgcloak_idx"  # short: as before
     wide = object_name("таблица_" * 5, "колонка", "_pgcloak_check")  # cut on a character boundary
     assert len(wide.encode()) <= 63 and wide.encode().decode() == wide
+
+
+def test_judge_names_what_a_column_lacks() -> None:
+    from pgcloak.policy import parse_policy
+    from pgcloak.policy.ddl import ColumnFacts, column_needs, judge
+
+    users = "version: 1\ntables:\n  public.users:\n    email: {encrypt: true, index: exact}\n    ssn: {encrypt: true}\n"
+    (email, ssn) = column_needs(parse_policy(users))
+    good = f"CHECK (((email IS NULL) OR (email ~ '{email.pattern}'::text)))"
+    assert judge(email, ColumnFacts("text", good, True, email.index)) == ([], [])
+    problems, notes = judge(email, ColumnFacts("character varying(64)", good, False, None))
+    assert [p.split(" ")[0] for p in problems] == ["type", "no"] and "NOT VALID" in notes[0]
+    problems, _ = judge(email, ColumnFacts("text", "CHECK ((email <> ''::text))", True, email.index))
+    assert problems and "is not pgcloak's" in problems[0]
+    assert judge(ssn, None)[0] == ["column public.users.ssn does not exist"]
+    assert ssn.index is None and "no lookup index" not in " ".join(judge(ssn, ColumnFacts("text", None, False, None))[0])
