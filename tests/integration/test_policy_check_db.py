@@ -47,12 +47,14 @@ def without_phone_check(env: EncEnv) -> Iterator[None]:
 def test_a_database_with_the_ddl_applied_is_ok(env: EncEnv) -> None:
     with env.direct() as d:
         d.execute("CREATE OR REPLACE VIEW user_contacts AS SELECT id, email FROM users")
+        d.execute("CREATE OR REPLACE VIEW contact_ids AS SELECT id FROM user_contacts")  # a view of a view
+        d.execute("CREATE MATERIALIZED VIEW IF NOT EXISTS user_count AS SELECT count(*) FROM users")
     code, text = check_db(env)
     assert code == 0, text
     for key in ("public.users.email", "public.users.phone", "public.users.ssn", "crm.Contacts.Email"):
         assert f"{key}: OK" in text, text
     assert "is NOT VALID" in text  # as `policy ddl` leaves them: rows before are not checked
-    assert "views over public.users: user_contacts" in text
+    assert "views over public.users: contact_ids, user_contacts (" in text  # not the materialized one
 
 
 def test_a_missing_check_and_plaintext_rows_are_problems(env: EncEnv) -> None:
@@ -84,8 +86,20 @@ def test_a_missing_lookup_index_is_a_problem(env: EncEnv) -> None:
             d.execute("CREATE INDEX users_phone_pgcloak_idx ON users ((left(phone, 22)))")
 
 
-def test_an_unreachable_database_is_a_clear_error(env: EncEnv) -> None:
+def test_a_column_of_another_type_is_reported_and_scan_does_not_fail(env: EncEnv) -> None:
+    policy = env.policy_path.with_name("typed.yaml")
+    policy.write_text("version: 1\ntables:\n  public.orders:\n    amount: {encrypt: true}\n", encoding="utf-8")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["policy", "check-db", str(policy), "--dsn", env.direct_dsn(), "--scan"])
+    assert code == 1 and "type is integer, not text" in out.getvalue(), out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "dsn", ["postgresql://nobody@127.0.0.1:1/x", "postgresql://x@127.0.0.1:1/x?sslmode=bogus", "mysql://x@h/db"]
+)
+def test_an_unreachable_or_malformed_database_is_a_clear_error(env: EncEnv, dsn: str) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["policy", "check-db", str(env.policy_path), "--dsn", "postgresql://nobody@127.0.0.1:1/x"])
-    assert code == 2 and "cannot read the database" in err.getvalue()
+        code = cli.main(["policy", "check-db", str(env.policy_path), "--dsn", dsn])
+    assert code == 2 and "cannot read the database" in err.getvalue(), err.getvalue()

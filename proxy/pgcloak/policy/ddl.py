@@ -1,7 +1,8 @@
 """The DDL a policy's protected columns need in PostgreSQL (pure: text out).
 
 Per protected column: the ``text`` type (stored values are longer than the plaintext),
-an expression index on the blind-index prefix for lookups (unique on request), and a
+for ``index: exact`` an expression index on the blind-index prefix for lookups (unique
+on request), and a
 ``CHECK`` constraint that holds the column to pgcloak's stored forms, so that a write
 pgcloak never sees (an updatable view, a function, a trigger, a direct connection)
 fails instead of storing plaintext. ``pgcloak policy ddl`` prints it; the demo runs it;

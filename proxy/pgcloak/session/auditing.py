@@ -6,7 +6,8 @@ exactly one of CommandComplete / EmptyQueryResponse / PortalSuspended / ErrorRes
 (or none, when an earlier error makes it skip to Sync), and each simple Query ends
 with ReadyForQuery. So every Execute and Query is queued in order — statements that
 are not recorded as shared placeholders — and the server's replies pop the queue.
-Nothing here ever sees a literal value: events get the plan's fingerprint and the
+No literal value reaches an event: events get the plan's fingerprint (for a statement
+pgcloak did not parse, made from its text with the literals replaced) and the
 blind-index values of lookups.
 
 In ``pii`` and ``writes`` mode, a statement whose plan names no protected column may return
@@ -18,7 +19,8 @@ the columns named by the values' key ids.
 Cost: this runs for every statement of an audited session, so the static part of each
 plan's events is serialized once per session (:class:`StatementTemplate`), a
 completed statement is queued as the few values that change, and the server's replies
-are not walked again: the session's boundary walk lists where each reply ends.
+are not walked again (but a watched statement's, searched for values' headers): the
+session's boundary walk lists where each reply ends.
 """
 
 from __future__ import annotations
@@ -302,7 +304,8 @@ class SessionAudit:
         """Complete queued statements from the server's replies in ``chunk``.
 
         ``marks`` and ``tail_rows`` are what :func:`~pgcloak.wire.framing.scan_marked`
-        found with :data:`REPLY_ENDS` (the session's boundary walk, so no second one).
+        found with :data:`REPLY_ENDS` and ``_NOT_ENDS`` (the session's boundary walk, so no
+        second one).
         ``cut_short``: where in ``chunk`` pgcloak cut a result short, refusing the rest
         (position, SQLSTATE, message); recorded with the facts of the statement whose
         result it was.

@@ -1,13 +1,15 @@
 """Statements pgcloak prepares again on the client's behalf, and hiding their replies.
 
-A named statement is planned once, at its Parse, for the policy and search_path of
+A statement (named or unnamed) is planned once, at its Parse, for the policy and search_path of
 that moment. PostgreSQL analyses a prepared statement again, silently, when the
 search_path it was parsed under changes; pgcloak's plan (which columns are encrypted,
 which table a name is bound to) cannot follow it there. So when a statement is bound
 after the rules changed and its text now plans differently, the session parses the
 text again, as planned now, under an internal name, and sends the client's Bind to
-that name instead. The client sees what PostgreSQL would have
-shown it: its statement simply runs, under the rules in force.
+that name instead. The client sees what PostgreSQL would have shown it: its statement
+runs, under the rules in force (or is refused by them). While the session's count of
+batches is uncertain (:attr:`~pgcloak.session.search_path.SessionSearchPath.uncertain`),
+it gets 0A000 "prepare it again" instead.
 
 The server answers that extra Parse (and the Close of an internal statement no longer
 needed) with ParseComplete / CloseComplete, which the client must not see. Those
