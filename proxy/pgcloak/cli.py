@@ -286,6 +286,8 @@ SELECT format_type(a.atttypid, a.atttypmod) AS type,
          WHERE c.conrelid = t.oid AND c.conname = $4 AND c.contype = 'c'), false) AS validated,
        (SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
          WHERE x.indrelid = t.oid AND i.relname = $5) AS index_name,
+       EXISTS (SELECT 1 FROM pg_attrdef ad WHERE ad.adrelid = t.oid AND ad.adnum = a.attnum
+                 AND pg_get_expr(ad.adbin, ad.adrelid) NOT ILIKE 'NULL%') AS has_default,
        t.oid AS table_oid
   FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
   LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attname = $3 AND NOT a.attisdropped
@@ -339,7 +341,11 @@ def cmd_policy_check_db(args: argparse.Namespace) -> int:
                         f"SELECT count(*) FROM {table} WHERE {q(need.column)} IS NOT NULL AND {q(need.column)} !~ $1",
                         need.pattern,
                     )
-                found.append(ColumnFacts(row["type"], row["check_def"], row["validated"], row["index_name"], in_clear))
+                found.append(
+                    ColumnFacts(
+                        row["type"], row["check_def"], row["validated"], row["index_name"], in_clear, row["has_default"]
+                    )
+                )
                 key = f"{need.schema}.{need.table}"
                 if key not in views:
                     views[key] = [r["view"] for r in await conn.fetch(_VIEWS_SQL, row["table_oid"])]

@@ -103,3 +103,17 @@ def test_an_unreachable_or_malformed_database_is_a_clear_error(env: EncEnv, dsn:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["policy", "check-db", str(env.policy_path), "--dsn", dsn])
     assert code == 2 and "cannot read the database" in err.getvalue(), err.getvalue()
+
+
+def test_a_default_on_a_protected_column_is_a_problem(env: EncEnv) -> None:
+    with env.direct() as d:
+        d.execute("ALTER TABLE users ALTER COLUMN ssn SET DEFAULT 'unknown'")
+    try:
+        code, text = check_db(env)
+        assert code == 1 and "public.users.ssn: PROBLEM" in text
+        assert "has a non-NULL DEFAULT" in text and "unknown" not in text  # the value is not shown
+    finally:
+        with env.direct() as d:
+            d.execute("ALTER TABLE users ALTER COLUMN ssn DROP DEFAULT")
+    assert check_db(env)[0] == 0
+

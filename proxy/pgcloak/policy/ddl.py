@@ -100,6 +100,8 @@ class ColumnFacts:
     index: str | None
     #: Values not in pgcloak's stored form (None: not counted).
     in_clear: int | None = None
+    #: A non-NULL DEFAULT: it would be stored in clear (the CHECK refuses it).
+    has_default: bool = False
 
 
 def column_needs(policy: Policy) -> list[ColumnNeeds]:
@@ -138,6 +140,8 @@ def judge(needs: ColumnNeeds, facts: ColumnFacts | None) -> tuple[list[str], lis
         notes.append(f"CHECK constraint {needs.check} is NOT VALID: rows written before it are not checked")
     if needs.index is not None and facts.index is None:
         problems.append(f"no lookup index {needs.index}: WHERE {needs.column} = ... scans the table")
+    if facts.has_default:
+        problems.append("has a non-NULL DEFAULT: stored in clear, or refused by the CHECK, whenever an INSERT leaves the column out")
     if facts.in_clear:
         problems.append(f"{facts.in_clear} value(s) not in pgcloak's stored form (plaintext?)")
     return problems, notes
