@@ -2,10 +2,9 @@
 
 Per protected column: the ``text`` type (stored values are longer than the plaintext),
 for ``index: exact`` an expression index on the blind-index prefix for lookups (unique
-on request), and a
-``CHECK`` constraint that holds the column to pgcloak's stored forms, so that a write
-pgcloak never sees (an updatable view, a function, a trigger, a direct connection)
-fails instead of storing plaintext. ``pgcloak policy ddl`` prints it; the demo runs it;
+on request), and a ``CHECK`` constraint that holds the column to pgcloak's stored forms,
+so that a write pgcloak never sees (an updatable view, a function, a trigger, a direct
+connection) fails instead of storing plaintext. ``pgcloak policy ddl`` prints it; the demo runs it;
 ``pgcloak policy check-db`` compares a database with it (:func:`judge`).
 """
 
