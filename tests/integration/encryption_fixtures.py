@@ -165,6 +165,21 @@ class EncEnv:
     def stored_users(self, where: str = "true", *params: Any, columns: str = "email") -> list[tuple[Any, ...]]:
         return self.raw(f"SELECT {columns} FROM users WHERE {where} ORDER BY id", *params)
 
+    @contextlib.contextmanager
+    def without_check(self, table: str, check: str, cleanup: str) -> Iterator[None]:
+        """``table`` (as SQL spells it) without pgcloak's CHECK constraint ``check`` (as with
+        ``policy ddl --no-check``), for tests that need plaintext stored; on the way out
+        ``cleanup`` removes what it let in, and the check is put back as it was."""
+        definition = self.raw_one("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s", check)
+        with self.direct() as conn:
+            conn.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{check}"')
+        try:
+            yield
+        finally:
+            with self.direct() as conn:
+                conn.execute(cleanup)
+                conn.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{check}" {definition}')
+
     def write_policy(self, text: str) -> None:
         """Replace the policy file atomically (as editors and ConfigMaps do)."""
         tmp = self.policy_path.with_name(f".{self.policy_path.name}.{uuid.uuid4().hex[:6]}")

@@ -195,25 +195,26 @@ def test_a_policy_edit_prepares_psycopg_statements_again(env: EncEnv) -> None:
     crm = '  crm."Contacts":\n    \'"Email"\': {encrypt: true, index: exact, normalize: email}\n'
     bare = policy_yaml().replace(crm, "")
     assert bare != policy_yaml()
-    with env.direct() as direct:  # it stores plaintext while the column is not protected
-        direct.execute('ALTER TABLE crm."Contacts" DROP CONSTRAINT "Contacts_Email_pgcloak_check"')
-    env.write_policy(bare)
-    try:
-        _wait_for(env, protected=False)
-        with env.psy(prepare_threshold=0) as conn:
-            conn.execute("SET search_path = crm")
-            before, n0 = unique("rpp"), _note()
-            conn.execute(INSERT, (before, n0))
+    # It stores plaintext while the column is not protected.
+    plain_rows = 'DELETE FROM crm."Contacts" WHERE "Email" LIKE \'%@example.com\''
+    with env.without_check('crm."Contacts"', "Contacts_Email_pgcloak_check", plain_rows):
+        env.write_policy(bare)
+        try:
+            _wait_for(env, protected=False)
+            with env.psy(prepare_threshold=0) as conn:
+                conn.execute("SET search_path = crm")
+                before, n0 = unique("rpp"), _note()
+                conn.execute(INSERT, (before, n0))
+                env.write_policy(policy_yaml())
+                _wait_for(env, protected=True)
+                after, n1 = unique("rpp"), _note()
+                conn.execute(INSERT, (after, n1))
+                assert conn.execute(LOOKUP, (after,)).fetchall() == [(n1,)]
+        finally:
             env.write_policy(policy_yaml())
             _wait_for(env, protected=True)
-            after, n1 = unique("rpp"), _note()
-            conn.execute(INSERT, (after, n1))
-            assert conn.execute(LOOKUP, (after,)).fetchall() == [(n1,)]
-    finally:
-        env.write_policy(policy_yaml())
-        _wait_for(env, protected=True)
-    assert stored(env, "crm", n0) == [(before,)]  # written before the edit: as it came
-    in_crm_encrypted(env, after, n1)
+        assert stored(env, "crm", n0) == [(before,)]  # written before the edit: as it came
+        in_crm_encrypted(env, after, n1)
 
 
 def _wait_for(env: EncEnv, *, protected: bool) -> None:

@@ -107,22 +107,12 @@ def _stale(conn: psycopg.Connection, name: str, sql: str) -> None:
     assert types(raw(conn, query("SET search_path = crm"), 1)) == ["C", "Z"]
 
 
-@contextlib.contextmanager
-def _without_check(env: EncEnv) -> Iterator[None]:
-    """crm."Contacts" without pgcloak's CHECK constraint (as with ``policy ddl --no-check``):
-    what pgcloak itself sends is stored as it came."""
-    name = "Contacts_Email_pgcloak_check"
-    definition = env.raw_one(
-        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s", name
+def _without_check(env: EncEnv) -> contextlib.AbstractContextManager[None]:
+    """crm."Contacts" without pgcloak's CHECK constraint: what pgcloak itself sends is
+    stored as it came."""
+    return env.without_check(
+        'crm."Contacts"', "Contacts_Email_pgcloak_check", 'DELETE FROM crm."Contacts" WHERE "Email" LIKE \'%@example.com\''
     )
-    with env.direct() as direct:
-        direct.execute(f'ALTER TABLE crm."Contacts" DROP CONSTRAINT "{name}"')
-    try:
-        yield
-    finally:
-        with env.direct() as direct:
-            direct.execute('DELETE FROM crm."Contacts" WHERE "Email" LIKE \'%%@example.com\'')
-            direct.execute(f'ALTER TABLE crm."Contacts" ADD CONSTRAINT "{name}" {definition}')
 
 
 # =========================================================================================

@@ -30,18 +30,10 @@ def check_db(env: EncEnv, *flags: str) -> tuple[int, str]:
     return code, out.getvalue() + err.getvalue()
 
 
-@contextlib.contextmanager
-def without_phone_check(env: EncEnv) -> Iterator[None]:
-    name = "users_phone_pgcloak_check"
-    definition = env.raw_one("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = %s", name)
-    with env.direct() as d:
-        d.execute(f"ALTER TABLE users DROP CONSTRAINT {name}")
-    try:
-        yield
-    finally:
-        with env.direct() as d:
-            d.execute("UPDATE users SET phone = NULL WHERE phone !~ '^[A-Za-z0-9_-]{22}\\.pgc1:'")
-            d.execute(f"ALTER TABLE users ADD CONSTRAINT {name} {definition}")
+def without_phone_check(env: EncEnv) -> contextlib.AbstractContextManager[None]:
+    return env.without_check(
+        "users", "users_phone_pgcloak_check", "UPDATE users SET phone = NULL WHERE phone !~ '^[A-Za-z0-9_-]{22}\\.pgc1:'"
+    )
 
 
 def test_a_database_with_the_ddl_applied_is_ok(env: EncEnv) -> None:
