@@ -62,6 +62,8 @@ COPY_DATA, COPY_DONE, COPY_FAIL = ord("d"), ord("c"), ord("f")
 #: Describe and Execute: they make a batch the server is answering (no search_path asked
 #: in it). Executes and Syncs also pace the audit trail's reading of the replies.
 CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION_CALL, DESCRIBE, EXECUTE))
+#: Extended-protocol messages that leave a batch half sent until the client's Sync.
+_HALF_SENT = frozenset((P, B, C, DESCRIBE, EXECUTE))
 #: (The same with an audit trail; kept as a name of its own for the session.)
 CAPTURE_AUDITED = CAPTURE
 _COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
@@ -309,54 +311,42 @@ class Rewriter:
     # -- client messages -------------------------------------------------------------
     def client_message(self, kind: int, msg: bytes) -> bytes:
         """The bytes to send to the server in place of one captured client message."""
+        path = self._search_path
+        if path is not None and kind in _HALF_SENT:
+            path.unsynced = True
         # Most frequent first: an extended-protocol statement is Bind, Execute, Sync.
         if kind == B:
-            if self._search_path is not None:
-                self._search_path.unsynced = True
             return self._bind(msg)
         if kind == EXECUTE:
-            if self._search_path is not None:
-                self._search_path.unsynced = True
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             return msg
         if kind == DESCRIBE:
-            if self._search_path is not None:
-                self._search_path.unsynced = True
             return msg
         if kind in (SYNC, FUNCTION_CALL):
             if kind == FUNCTION_CALL:
                 self._not_in_a_batch()
-            answered = self._search_path.batch_end() if self._search_path is not None else True
+            answered = path.batch_end() if path is not None else True
             if self._audit is not None and answered:
                 self._audit.sync()
             return msg
         if kind == Q:
             self._not_in_a_batch()
             out = self._query(msg)
-            if self._search_path is not None:
-                self._search_path.batch_end()
+            if path is not None:
+                path.batch_end()
             return out
-        if kind == P:
-            path = self._search_path
+        if kind in (P, C):
             if path is None:
-                return self._parse(msg)
-            path.unsynced = True
+                return self._parse(msg) if kind == P else self._close(msg)
+            # Answered by ParseComplete / CloseComplete, as pgcloak's own Parse and Close
+            # are: told apart by their order (:attr:`acks`).
             before = self._our_closes()
-            out = self._parse(msg)
+            out = self._parse(msg) if kind == P else self._close(msg)
             self.acks.sent(path.sent)
-            return before + out if before else out
-        if kind == C:
-            path = self._search_path
-            if path is None:
-                return self._close(msg)
-            path.unsynced = True
-            before = self._our_closes()
-            msg = self._close(msg)
-            self.acks.sent(path.sent)
-            return before + msg + self._our_closes()
-        if kind != COPY_DATA and self._search_path is not None:
-            self._search_path.copy_ended()  # CopyDone, CopyFail
+            return before + out + self._our_closes()
+        if kind != COPY_DATA and path is not None:
+            path.copy_ended()  # CopyDone, CopyFail
         return self._copy(kind, msg)
 
     def _query(self, msg: bytes) -> bytes:

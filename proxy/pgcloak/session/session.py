@@ -85,8 +85,8 @@ _PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").e
 #: The server messages the session follows: the ends of replies (the audit trail, the
 #: search_path), ParseComplete / CloseComplete (statements prepared again) and
 #: CopyInResponse (PostgreSQL ignores Sync in copy-in mode).
-_MARKED = REPLY_ENDS | ACKS | {ord("G")}
 _COPY_IN = ord("G")
+_MARKED = REPLY_ENDS | ACKS | {_COPY_IN}
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 
