@@ -384,6 +384,27 @@ def _master_key_for(args: argparse.Namespace) -> MasterKey:
     return load_master_key(load_settings(None, flags))
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Bring the values already in the database to the policy's stored form."""
+    from pgcloak.backfill import command
+    from pgcloak.crypto.keyring import Keyring
+    from pgcloak.policy import load_policy
+
+    if args.batch < 1:
+        print("pgcloak backfill: --batch must be >= 1", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy)
+    return command.run(
+        policy,
+        Keyring(_master_key_for(args)),
+        args.dsn,
+        tables=args.table or (),
+        batch_rows=args.batch,
+        rotate=args.rotate,
+        dry_run=args.dry_run,
+    )
+
+
 def _audit_key(args: argparse.Namespace) -> bytes:
     from pgcloak.crypto.keyring import Keyring
 
@@ -540,6 +561,26 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--json", action="store_true")
     _add_key_flags(who)
     who.set_defaults(func=cmd_audit_who_accessed)
+
+    backfill = sub.add_parser(
+        "backfill",
+        help="encrypt the values already in the database (and re-encrypt under a new key_version)",
+        description="Connects straight to PostgreSQL (not through the proxy) and brings every "
+        "protected value to the policy's stored form: plaintext is encrypted (or hashed), a "
+        "stored value of another layout is stored again; with --rotate, values sealed under "
+        "an older key_version are sealed again. Batches of rows, each its own transaction; "
+        "can be stopped and run again. Nothing is written when a table is missing, a column is "
+        "not text, or stored values were sealed under another master key.",
+    )
+    backfill.add_argument("policy", type=Path)
+    backfill.add_argument("--dsn", required=True, help="postgresql://... of the database itself (a role that may UPDATE the tables)")
+    backfill.add_argument("--table", action="append", help="only this protected table (repeatable; default: all)")
+    backfill.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
+    backfill.add_argument("--rotate", action="store_true", help="also re-encrypt values under an older key_version")
+    backfill.add_argument("--dry-run", action="store_true", help="count what would change; write nothing")
+    backfill.add_argument("--master-key-file", type=Path, help="default: PGCLOAK_MASTER_KEY")
+    backfill.add_argument("--master-key-shares", help="comma-separated share files")
+    backfill.set_defaults(func=cmd_backfill)
 
     keys = sub.add_parser("keys", help="master key tools").add_subparsers(dest="keys_command", required=True)
     gen = keys.add_parser("generate", help="a new random 256-bit master key")

@@ -1,0 +1,8 @@
+"""Existing values brought to the policy's stored form (`pgcloak backfill`).
+
+``convert`` decides per value (pure); ``runner`` reads and writes PostgreSQL in batches.
+"""
+
+from pgcloak.backfill.convert import ColumnJob, Converter, ConvertError, column_jobs
+
+__all__ = ["ColumnJob", "ConvertError", "Converter", "column_jobs"]

@@ -1,0 +1,285 @@
+"""`pgcloak backfill`: a database that held its PII in clear before pgcloak, brought to
+the policy's stored form; a key_version bumped and the old envelopes sealed again.
+
+Both sides each time: what PostgreSQL holds (read directly: ciphertext, the right blind
+index, decrypting to the value seeded) and what a client gets through pgcloak (the row
+found by its plaintext e-mail, which a plaintext row never is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from encryption_fixtures import EncEnv, encryption_env, policy_ddl, policy_yaml, unique
+
+from pgcloak import cli
+from pgcloak.crypto.blind_index import blind_index
+from pgcloak.crypto.envelope import decrypt, parse_header
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import generate_master_key, master_key_from_text, master_key_to_text
+
+
+@pytest.fixture(scope="module")
+def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
+    # policy= given: the tables start without pgcloak's CHECK constraints, as a database
+    # that held plaintext before pgcloak does (the README: `policy ddl --no-check` first).
+    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("backfill"), "backfill", policy=policy_yaml()) as e:
+        yield e
+
+
+@pytest.fixture(autouse=True)
+def master_key(env: EncEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGCLOAK_MASTER_KEY", env.key_text)
+
+
+def backfill(env: EncEnv, *flags: str, policy: str | None = None) -> tuple[int, str]:
+    """Run the CLI; its exit status and everything it printed (stdout and stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["backfill", policy or str(env.policy_path), "--dsn", env.direct_dsn(), *flags])
+    return code, out.getvalue() + err.getvalue()
+
+
+def seed(env: EncEnv, rows: list[tuple[Any, ...]]) -> list[int]:
+    """Plaintext rows written straight to PostgreSQL (as before pgcloak); their ids."""
+    with env.direct() as conn:
+        return [
+            conn.execute(
+                "INSERT INTO users (email, phone, ssn, loyalty_id, name) VALUES (%s, %s, %s, %s, %s) RETURNING id", row
+            ).fetchone()[0]
+            for row in rows
+        ]
+
+
+def stored(env: EncEnv, ids: list[int]) -> dict[int, tuple[Any, ...]]:
+    rows = env.raw("SELECT id, email, phone, ssn, loyalty_id, name FROM users WHERE id = ANY(%s)", ids)
+    return {r[0]: r[1:] for r in rows}
+
+
+@pytest.fixture
+def clean(env: EncEnv) -> Iterator[None]:
+    """Each test starts from tables without plaintext (another test's leftovers would be
+    converted, or refused, by its run)."""
+    yield
+    env.raw("DELETE FROM users RETURNING 1")
+    env.raw("DELETE FROM orders RETURNING 1")
+    env.raw('DELETE FROM crm."Contacts" RETURNING 1')
+
+
+def test_plaintext_rows_are_encrypted_and_found_through_pgcloak(env: EncEnv, clean: None) -> None:
+    people = [
+        (unique("Alice").upper(), "+1 555 010 0001", "078-05-1120", "L-0001", "alice"),
+        (unique("bob"), "(555) 010-0002", "219-09-9999", None, "bob"),
+        (None, None, None, None, "nobody"),
+    ]
+    ids = seed(env, people)
+    with env.direct() as conn:
+        conn.execute("INSERT INTO orders (buyer_email) VALUES (%s)", (people[1][0],))
+        conn.execute('INSERT INTO crm."Contacts" ("Email", note) VALUES (%s, %s)', (people[0][0], "vip"))
+
+    async def found(email: str) -> Any:
+        conn = await env.apg()
+        try:
+            return await conn.fetchval("SELECT name FROM users WHERE email = $1", email)
+        finally:
+            await conn.close()
+
+    # In clear, the rows exist but pgcloak's lookup (by blind index) cannot see them.
+    assert asyncio.run(found(people[1][0])) is None
+
+    code, printed = backfill(env)
+    assert code == 0, printed
+    assert "users.email: 2 value(s) not in the stored form" in printed
+    for values in people:  # no value is ever printed
+        for value in values[:4]:
+            if value:
+                assert value not in printed and value.lower() not in printed
+
+    rows = stored(env, ids)
+    for row_id, (email, phone, ssn, loyalty, _name) in zip(ids, people, strict=True):
+        got = rows[row_id]
+        env.assert_stored(got[0], email)
+        env.assert_stored(got[1], phone, column="phone")
+        env.assert_stored(got[2], ssn, column="ssn")
+        env.assert_stored(got[3], loyalty, column="loyalty_id")
+        assert got[4] == _name  # unprotected columns untouched
+    env.assert_stored(env.raw_one("SELECT buyer_email FROM orders"), people[1][0], "public.orders", "buyer_email")
+    env.assert_stored(env.raw_one('SELECT "Email" FROM crm."Contacts"'), people[0][0], "crm.Contacts", "Email")
+
+    # Through pgcloak: found by the plaintext (in another case too), decrypted.
+    assert asyncio.run(found(people[0][0].lower())) == "alice"
+    with env.psy() as conn:
+        assert conn.execute("SELECT phone, ssn FROM users WHERE email = %s", (people[1][0],)).fetchone() == (
+            people[1][1],
+            people[1][2],
+        )
+
+    # Run again: nothing left to do, nothing rewritten.
+    before = stored(env, ids)
+    code, printed = backfill(env)
+    assert code == 0, printed
+    assert "0 value(s) not in the stored form" in printed
+    assert stored(env, ids) == before
+
+    # What the CHECK constraints of `policy ddl` hold the columns to: every row passes.
+    with env.direct() as conn:
+        conn.execute(policy_ddl(env.policy_path))
+        for check in conn.execute(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE conname LIKE %s", ("%pgcloak_check",)
+        ).fetchall():
+            conn.execute(f'ALTER TABLE {check[0]} VALIDATE CONSTRAINT "{check[1]}"')
+        for check in conn.execute(
+            "SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE conname LIKE %s", ("%pgcloak_check",)
+        ).fetchall():
+            conn.execute(f'ALTER TABLE {check[0]} DROP CONSTRAINT "{check[1]}"')
+
+
+def test_a_value_that_cannot_be_converted_is_named_by_its_row_and_left_alone(env: EncEnv, clean: None) -> None:
+    email = unique("carol")
+    ids = seed(env, [(email, "call me maybe", "123-45-6789", None, "carol"), (unique(), "+15550100", None, None, "d")])
+    code, printed = backfill(env)
+    assert code == 1, printed
+    assert f"row id={ids[0]}: value is not a phone number" in printed
+    assert "call me maybe" not in printed and email not in printed
+    rows = stored(env, ids)
+    assert rows[ids[0]][1] == "call me maybe"  # left as it was...
+    env.assert_stored(rows[ids[0]][0], email)  # ...and the row's other values converted
+    env.assert_stored(rows[ids[0]][2], "123-45-6789", column="ssn")
+    env.assert_stored(rows[ids[1]][1], "+15550100", column="phone")
+    # Listed once, although the row moved when its other values were written.
+    assert printed.count(f"row id={ids[0]}:") == 1
+    # The CHECK constraint would catch it: the column cannot be validated.
+    with env.direct() as conn:
+        conn.execute(policy_ddl(env.policy_path))
+        with pytest.raises(Exception, match="violated by some row"):
+            conn.execute("ALTER TABLE users VALIDATE CONSTRAINT users_phone_pgcloak_check")
+        conn.execute(policy_ddl(env.policy_path, checks=False))
+        for name in ("email", "phone", "ssn", "loyalty_id"):
+            conn.execute(f"ALTER TABLE users DROP CONSTRAINT IF EXISTS users_{name}_pgcloak_check")
+        conn.execute("ALTER TABLE orders DROP CONSTRAINT IF EXISTS orders_buyer_email_pgcloak_check")
+        conn.execute('ALTER TABLE crm."Contacts" DROP CONSTRAINT IF EXISTS "Contacts_Email_pgcloak_check"')
+
+
+def test_duplicates_by_normalized_value_are_refused_by_the_unique_index(env: EncEnv, clean: None) -> None:
+    email, other = unique("dup"), unique("other")
+    ids = seed(env, [(email, None, None, None, "a"), (email.upper(), None, None, None, "b"), (other, None, None, None, "c")])
+    code, printed = backfill(env, "--batch", "2")
+    assert code == 1, printed
+    assert f"row id={ids[1]}: refused by PostgreSQL: SQLSTATE 23505 (users_email_pgcloak_idx)" in printed
+    rows = stored(env, ids)
+    env.assert_stored(rows[ids[0]][0], email)
+    assert rows[ids[1]][0] == email.upper()  # the duplicate, in clear, for the owner to resolve
+    env.assert_stored(rows[ids[2]][0], other)  # its batch was written row by row
+
+
+def _plain(env: EncEnv, value: str) -> str:
+    return decrypt(env.keyring, value).decode()
+
+
+def test_another_master_key_is_refused_before_anything_is_written(
+    env: EncEnv, clean: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = seed(env, [(unique(), None, None, None, "x")])
+    assert backfill(env)[0] == 0
+    email = unique("late")
+    later = seed(env, [(email, None, None, None, "late")])
+    monkeypatch.setenv("PGCLOAK_MASTER_KEY", master_key_to_text(generate_master_key()))
+    code, printed = backfill(env)
+    assert code == 2, printed
+    assert "sealed under another master key" in printed and "nothing written" in printed
+    assert stored(env, later)[later[0]][0] == email  # still in clear: not sealed under a key pgcloak lacks
+    assert ids
+
+
+def test_rotation_seals_old_versions_again(env: EncEnv, clean: None, tmp_path: Any) -> None:
+    ssns = ["111-22-3333", "444-55-6666"]
+    ids = seed(env, [(unique(), None, s, None, "r") for s in ssns])
+    assert backfill(env)[0] == 0
+    ssn_key = env.policy.key_id("public.users", "ssn")
+    assert {parse_header(v[2])[1] for v in stored(env, ids).values()} == {1}
+
+    rotated = tmp_path / "policy-v2.yaml"
+    rotated.write_text(policy_yaml().replace("ssn: {encrypt: true}", "ssn: {encrypt: true, key_version: 2}"))
+    code, printed = backfill(env, policy=str(rotated))
+    assert code == 0 and "0 value(s) not in the stored form" in printed  # without --rotate: nothing
+    emails_before = {i: v[0] for i, v in stored(env, ids).items()}
+    code, printed = backfill(env, "--rotate", policy=str(rotated))
+    assert code == 0, printed
+    assert "ssn: 0 encrypted, 0 stored again in the policy's layout, 2 sealed again" in printed
+    keyring = Keyring(master_key_from_text(env.key_text))  # one that knows version 2 is current
+    keyring.set_current_version(ssn_key, 2)
+    rows = stored(env, ids)
+    for row_id, ssn in zip(ids, ssns, strict=True):
+        assert parse_header(rows[row_id][2]) == (ssn_key, 2)
+        assert decrypt(keyring, rows[row_id][2]) == ssn.encode()
+        assert rows[row_id][0] == emails_before[row_id]  # email is at its current version: untouched
+    assert "public.users: 0 row(s) updated" in backfill(env, "--rotate", policy=str(rotated))[1]  # done already
+
+
+def test_a_changed_layout_is_stored_again(env: EncEnv, clean: None, tmp_path: Any) -> None:
+    """ssn gains a blind index: its envelopes are stored again with the index in front."""
+    ssn = "987-65-4320"
+    ids = seed(env, [(None, None, ssn, None, "layout")])
+    assert backfill(env)[0] == 0
+    indexed = tmp_path / "policy-indexed.yaml"
+    indexed.write_text(policy_yaml().replace("ssn: {encrypt: true}", "ssn: {encrypt: true, index: exact}"))
+    code, printed = backfill(env, policy=str(indexed))
+    assert code == 0, printed
+    assert "ssn: 0 encrypted, 1 stored again in the policy's layout" in printed
+    value = stored(env, ids)[ids[0]][2]
+    assert value.startswith(blind_index(env.keyring, "public.users.ssn", ssn) + ".pgc1:")
+    assert _plain(env, value) == ssn
+
+
+def test_dry_run_writes_nothing(env: EncEnv, clean: None) -> None:
+    email = unique("dry")
+    ids = seed(env, [(email, None, None, None, "dry")])
+    code, printed = backfill(env, "--dry-run")
+    assert code == 0, printed
+    assert "1 row(s) would be updated" in printed
+    assert stored(env, ids)[ids[0]][0] == email
+
+
+def test_a_value_the_application_writes_meanwhile_is_not_overwritten(env: EncEnv, clean: None) -> None:
+    """The application writes a row through pgcloak after the backfill read it and before
+    the backfill's write: the application's value stays (not the old one, encrypted)."""
+    old, new, other = unique("old"), unique("new"), unique("other")
+    ids = seed(env, [(old, None, None, None, "before"), (other, None, None, None, "o")])
+    result: dict[str, Any] = {}
+    with env.psy(autocommit=False) as app:
+        # The application's transaction holds the row: the backfill reads the committed
+        # (plaintext) value, and its write waits for this transaction to end.
+        app.execute("UPDATE users SET email = %s, name = 'after' WHERE id = %s", (new, ids[0]))
+        worker = threading.Thread(target=lambda: result.setdefault("run", backfill(env)))
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not env.raw(
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE %%users%%'"
+        ):
+            assert time.monotonic() < deadline and worker.is_alive(), "the backfill never waited for the row"
+            time.sleep(0.02)
+        app.commit()
+    worker.join(60)
+    code, printed = result["run"]
+    assert code == 0, printed
+    rows = stored(env, ids)
+    env.assert_stored(rows[ids[0]][0], new)  # the application's value, not the old one
+    assert rows[ids[0]][4] == "after"
+    env.assert_stored(rows[ids[1]][0], other)
+    assert "1 row(s) changed while being converted" in printed
+
+
+def test_bad_arguments_are_refused(env: EncEnv) -> None:
+    code, printed = backfill(env, "--table", "public.nope")
+    assert code == 2 and "not protected by the policy: public.nope" in printed
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out):
+        code = cli.main(["backfill", str(env.policy_path), "--dsn", "postgresql://nobody@127.0.0.1:1/x"])
+    assert code == 2 and "cannot read or write the database" in out.getvalue()
