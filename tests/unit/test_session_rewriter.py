@@ -243,3 +243,32 @@ def test_unknown_statement_names_are_refused_as_postgresql_does(rewriter: Rewrit
     assert (msgs[0].code, msgs[0].message) == ("26000", 'prepared statement "nobody" does not exist')
     assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE nobody('alice@example.com')")
     assert "alice@" not in _sent_sql(rewriter, "EXECUTE nobody('alice@example.com')")
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "'x'::text || '900-00-0004'",  # only the cast literal used to be encrypted
+        "''::varchar || '222-33-4444'",
+        "'a'::text || '900-00-' || '0010'",
+        "'900-00-0004'::varchar(5)",  # would cut the envelope
+        "'900-00-0004'::name",
+        "'900-00-0004'::char(5)",
+        "'900-00-0004'::text IS NULL",
+    ],
+)
+def test_execute_argument_that_is_more_than_a_literal_is_refused(rewriter: Rewriter, arg: str) -> None:
+    _sent_sql(rewriter, "PREPARE ex(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    sent = _sent_sql(rewriter, f"EXECUTE ex('e@example.com', {arg})")
+    assert "pgcloak_refused_" in sent
+    assert "900-00" not in sent and "222-33" not in sent and "e@example.com" not in sent
+
+
+@pytest.mark.parametrize("cast", ["", "::text", "::TEXT", "::varchar"])
+def test_execute_argument_literal_with_a_whole_text_cast_is_encrypted(
+    rewriter: Rewriter, protection: Protection, cast: str
+) -> None:
+    _sent_sql(rewriter, "PREPARE ex2(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    sent = _sent_sql(rewriter, f"EXECUTE ex2('e@example.com'{cast}, '900-00-0004'{cast})")
+    assert "pgcloak_refused_" not in sent and "900-00" not in sent
+    assert decrypt(protection.keyring, sent.split("'")[3]) == b"900-00-0004"

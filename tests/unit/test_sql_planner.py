@@ -755,3 +755,21 @@ def test_index_length_used(policy: Policy) -> None:
     assert p.plan("select id from users where email = $1").sql == "select id from users where left(email, 43) = $1"
     with pytest.raises(ValueError):
         Planner(policy, index_length=0)
+
+
+def test_a_text_ending_in_an_empty_string_after_a_parameter_is_planned(planner: Planner) -> None:
+    """sqlglot 30 could not tokenize it: the lookup was refused, its email in the message."""
+    plan = planner.plan("SELECT id FROM users WHERE email = $1 AND name <> ''")
+    allowed(plan)
+    assert plan.sql is not None and plan.sql.startswith("SELECT id FROM users WHERE left(email, 22) = $1 AND name <> ")
+    assert kinds(plan.params) == ["lookup"]
+    plan, _ = simple(planner, "SELECT id FROM users WHERE email = 'tok6@ex.com' AND name = $1 AND name <> ''")
+    allowed(plan)
+    assert [a.kind for a in plan.literals if a is not None][:1] == ["lookup"]
+
+
+def test_an_untokenizable_text_is_refused_without_its_values(planner: Planner) -> None:
+    plan, _ = simple(planner, "SELECT id FROM users WHERE email = 'secret@example.com' AND name = 'zzopen")
+    assert not plan.decision.allowed
+    assert "could not be tokenized" in plan.decision.message
+    assert "secret" not in plan.decision.message and "zzopen" not in plan.decision.message

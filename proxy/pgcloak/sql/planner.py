@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Final
 
 import sqlglot
 from sqlglot import exp
@@ -210,7 +211,7 @@ class Planner:
                 if unglued != sql:
                     return self.plan_simple(unglued)
             if names_protected_table(sql, self.policy):
-                return _deny_plan(f"statement could not be tokenized ({exc}); refused because it names a protected table"), []
+                return _deny_plan(f"{exc}; refused because it names a protected table"), []
             return pass_plan(_guess_kind(sql)), []
         key = _shape_key(sql, lexed)
         found = self._by_shape.get(key)
@@ -872,16 +873,19 @@ def _split_args(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
+#: Casts an EXECUTE argument of a protected column may carry: they keep the (longer,
+#: encrypted) value whole. ``varchar(n)``, ``char(n)`` or ``name`` would cut it.
+_WHOLE_TEXT_CASTS: Final = frozenset({"text", "varchar"})
+
+
 def _arg_slot(toks: list[Token], lexed: Lexed, lo: int, hi: int) -> int | None:
-    """Slot index of a literal argument (optionally ``::type``); -1 for NULL; else None."""
-    if lo >= hi:
-        return None
-    end = hi
-    for j in range(lo, hi):
-        if toks[j].token_type == TokenType.DCOLON:
-            end = j
-            break
-    if end - lo != 1:
+    """Slot index of a literal argument, alone or with ``::text`` / ``::varchar``; -1 for
+    NULL; else None (an expression: refused where it is bound to a protected column, as
+    only a literal can be encrypted whole, e.g. ``'x'::text || '...'`` cannot)."""
+    if hi - lo == 3 and toks[lo + 1].token_type == TokenType.DCOLON:
+        if toks[lo + 2].text.lower() not in _WHOLE_TEXT_CASTS:
+            return None
+    elif hi - lo != 1:
         return None
     if toks[lo].token_type == TokenType.NULL:
         return -1
