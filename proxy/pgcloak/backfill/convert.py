@@ -138,22 +138,26 @@ class Converter:
         column, or under another column's key (a value copied between columns), are
         sealed again under the current one. A hash-only column's plaintext cannot be
         told from its stored form when it is 22 base64url characters: such a value is
-        left as it is.
+        left as it is. Text in the column's stored shape that is no envelope
+        (``pgc1:hello``) is plaintext; the runner reads such values only with ``rotate``
+        (its SQL takes the shape for the stored form, as the CHECK constraint does).
         """
         pattern = self._patterns.get(job.pattern)
         if pattern is None:
             pattern = self._patterns[job.pattern] = re.compile(job.pattern)
-        if pattern.match(value) is not None:
-            if not rotate or job.hash_only:
+        # fullmatch: Python's ``$`` also matches before a final newline, PostgreSQL's not.
+        if pattern.fullmatch(value) is not None:
+            if job.hash_only:
                 return None
             try:
                 key_id, version = parse_header(value)
             except CryptoError:
-                raise ConvertError("a stored value is malformed (altered?)") from None
-            if key_id == job.key_id and version >= self.keyring.current_version(key_id):
+                # Text that merely looks like an envelope ("pgc1:hello"): plaintext.
+                return self.store(job, value), "encrypted"
+            if not rotate or (key_id == job.key_id and version >= self.keyring.current_version(key_id)):
                 return None
             return self.store(job, self._open(value)), "rotated"
-        if _ANY_STORED.match(value) is not None:
+        if _ANY_STORED.fullmatch(value) is not None:
             try:
                 parse_header(value)
             except CryptoError:
