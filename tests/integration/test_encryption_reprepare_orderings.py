@@ -221,11 +221,11 @@ def test_a_batch_arriving_while_the_path_is_asked_does_not_get_our_close_complet
         asked = threading.Event()
         original = session_module.Session._ask_path
 
-        def ask_path_with_backend_stopped(self, held: bytes, status: int) -> None:
+        def ask_path_with_backend_stopped(self, held: bytes, status: int, *args: object) -> None:
             if not asked.is_set():
                 os.kill(pid, signal.SIGSTOP)
                 asked.set()
-            original(self, held, status)
+            original(self, held, status, *args)
 
         monkeypatch.setattr(session_module.Session, "_ask_path", ask_path_with_backend_stopped)
         fd = conn.pgconn.socket

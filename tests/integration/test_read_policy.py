@@ -914,8 +914,8 @@ def test_max_pii_rows_guard(env: RoleEnv) -> None:
         # COPY TO STDOUT is a result too
         for sql in (
             "COPY (SELECT email FROM users WHERE id > 0) TO STDOUT",
-            "COPY users TO STDOUT",
-            "COPY users (id, phone) TO STDOUT",
+            "COPY (SELECT * FROM users WHERE id > 0) TO STDOUT",
+            "COPY (SELECT id, phone FROM users WHERE id > 0) TO STDOUT",
         ):
             rows, err = copy_out(conn, sql)
             assert err is not None, f"{sql}: no error, {len(rows)} rows"
@@ -979,13 +979,15 @@ SELECT name FROM users WHERE id = {env.id(ALICE)};
     out = sections(proc.stdout)
     assert out["unbounded"] == [] and out["many"] == []
     assert out["count"] == [str(len(PEOPLE))]
-    assert len(out["copy_many"]) <= 3 and len(out["copy_table"]) <= 3, out
+    assert len(out["copy_many"]) <= 3 and out["copy_table"] == [], out
     assert out["copy_three"] == [p.email for p in PEOPLE[:3]]
     assert out["end"] == ["Alice"]
     errors = error_lines(proc.stderr)
     assert len(errors) == 4, proc.stderr
-    assert "ERROR:  42501:" in errors[0] and "unbounded_select" in errors[0], errors[0]
-    for line in errors[1:]:
+    # the unbounded SELECT and the \copy of the whole table: the guard, before they run
+    for line in (errors[0], errors[3]):
+        assert "ERROR:  42501:" in line and "unbounded_select" in line, line
+    for line in errors[1:3]:
         assert "ERROR:  54000:" in line and "max_pii_rows" in line, line
 
 
@@ -1010,7 +1012,9 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
         with env.psy(WRITER, proxy, app="rp-audit-writer") as writer:
             refused(writer, "SELECT email FROM users", None, "42501", "unbounded_select")
             refused(writer, "SELECT email FROM users WHERE id > %s", (0,), "54000", "max_pii_rows")
-            _, err = copy_out(writer, "COPY users TO STDOUT")
+            _, err = copy_out(writer, "COPY users TO STDOUT")  # every row: the guard
+            assert err is not None and err.sqlstate == "42501", err
+            _, err = copy_out(writer, "COPY (SELECT email FROM users WHERE id > 0) TO STDOUT")
             assert err is not None and err.sqlstate == "54000", err
             assert writer.execute(
                 "SELECT phone FROM users WHERE phone = %s", (ALICE.phone,)
@@ -1028,25 +1032,30 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
         (OUTSIDER.user, "rp-audit-outsider", "42501", "deny"),
         (WRITER.user, "rp-audit-writer", "42501", "deny"),  # unbounded_select
         (WRITER.user, "rp-audit-writer", "54000", "deny"),  # max_pii_rows
+        (WRITER.user, "rp-audit-writer", "42501", "deny"),  # unbounded_select, COPY of a table
         (WRITER.user, "rp-audit-writer", "54000", "deny"),  # max_pii_rows, COPY
     ], json.dumps(refusals, indent=1)
     reasons = [r["reason"] for r in refusals]
     assert all(isinstance(r, str) and r for r in reasons), reasons
     assert SSN in reasons[0] and SSN in reasons[1] and EMAIL in reasons[2], reasons
-    assert "unbounded_select" in reasons[3], reasons
-    assert all("max_pii_rows" in r for r in reasons[4:]), reasons
+    assert "unbounded_select" in reasons[3] and "unbounded_select" in reasons[5], reasons
+    assert "max_pii_rows" in reasons[4] and "max_pii_rows" in reasons[6], reasons
     # A result cut short is recorded with the facts of the statement whose result it was
     # (the view's denied value: the columns its values' key ids name; its text names no
     # protected table, so pgcloak did not parse it: no tables).
     facts = [(r["kind"], r["fingerprint"], r["tables"], r["columns_read"]) for r in refusals]
     assert facts[1] == ("select", "SELECT ssn FROM user_ssn WHERE id = $1", [], [SSN])
     assert facts[4] == ("select", "SELECT email FROM users WHERE id > $1", ["public.users"], [EMAIL])
-    assert facts[5][:3] == ("copy_out", "COPY users TO STDOUT", ["public.users"])
+    assert facts[6][:3] == ("copy_out", "COPY (SELECT email FROM users WHERE id > ?) TO STDOUT", ["public.users"])
     # the allowed statements are there too, as statements
     statements = [r for r in records if r["type"] == "statement"]
     assert {r["application_name"] for r in statements} >= {"rp-audit-agent", "rp-audit-writer"}
     # ... saying which columns the session got masked: the agent's email, none of the writer's
     by_app = {(r["application_name"], r["fingerprint"]): r for r in statements}
+    # A statement whose result was cut short has its refusal as its event, not also an
+    # "allow" with the rows the server sent (the client got fewer, then the error).
+    assert ("rp-audit-writer", "SELECT email FROM users WHERE id > $1") not in by_app
+    assert ("rp-audit-agent", "SELECT ssn FROM user_ssn WHERE id = $1") not in by_app
     agent_read = by_app[("rp-audit-agent", "SELECT email FROM users WHERE email = $1")]
     assert (agent_read["columns_read"], agent_read["masked"]) == ([EMAIL], [EMAIL])
     writer_read = by_app[("rp-audit-writer", "SELECT phone FROM users WHERE phone = $1")]

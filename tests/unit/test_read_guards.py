@@ -9,6 +9,7 @@ rows carrying stored values.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from pathlib import Path
 
@@ -347,7 +348,9 @@ def test_every_bind_is_checked_against_the_current_decisions() -> None:
     after = Protection.build(parse_policy(POLICY.replace("users.email: mask", "users.email: deny")), KEYRING)
     current = [before]
     rw = Rewriter(lambda: current[0], roles=frozenset({"support"}))
-    rw.client_message(ord("Q"), Query("PREPARE p AS SELECT id FROM users WHERE email = $1").encode())
+    sent = rw.client_message(ord("Q"), Query("PREPARE p AS SELECT id FROM users WHERE email = $1").encode())
+    # The server's answer (pg_prepared_statements), as the session passes it on:
+    rw.confirm_names({"p": hashlib.md5(Query.decode(sent[5:]).sql.encode()).hexdigest()})
     rw.client_message(ord("P"), Parse("s", "SELECT email FROM users WHERE id = $1", ()).encode())
     bind_p = Bind("", "p", (), (b"alice@example.com",), ()).encode()
     bind_s = Bind("", "s", (), (b"1",), ()).encode()

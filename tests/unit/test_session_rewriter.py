@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import pytest
@@ -208,9 +209,18 @@ def _sent_sql(rewriter: Rewriter, sql: str) -> str:
     return Query.decode(rewriter.client_message(ord("Q"), Query(sql).encode())[5:]).sql
 
 
+def _prepared(rewriter: Rewriter, sql: str) -> str:
+    """Send SQL-level PREPAREs and confirm them as the session does once the server
+    answered (pg_prepared_statements: each name's text as sent)."""
+    sent = _sent_sql(rewriter, sql)
+    digest = hashlib.md5(sent.encode()).hexdigest()
+    rewriter.confirm_names({name: digest for name in rewriter.unconfirmed_names()})
+    return sent
+
+
 def test_every_prepare_of_a_text_is_registered(rewriter: Rewriter, protection: Protection) -> None:
     """Only the first used to be: EXECUTE of the second then sent its values in clear."""
-    _sent_sql(rewriter, "PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _prepared(rewriter, "PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, "EXECUTE ins('mallory@example.com', '999-99-9999')")
     assert "mallory" not in sent and "999-99" not in sent
     assert decrypt(protection.keyring, sent.split("'")[1]) == b"mallory@example.com"
@@ -258,7 +268,7 @@ def test_unknown_statement_names_are_refused_as_postgresql_does(rewriter: Rewrit
     ],
 )
 def test_execute_argument_that_is_more_than_a_literal_is_refused(rewriter: Rewriter, arg: str) -> None:
-    _sent_sql(rewriter, "PREPARE ex(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _prepared(rewriter, "PREPARE ex(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, f"EXECUTE ex('e@example.com', {arg})")
     assert "pgcloak_refused_" in sent
     assert "900-00" not in sent and "222-33" not in sent and "e@example.com" not in sent
@@ -268,7 +278,58 @@ def test_execute_argument_that_is_more_than_a_literal_is_refused(rewriter: Rewri
 def test_execute_argument_literal_with_a_whole_text_cast_is_encrypted(
     rewriter: Rewriter, protection: Protection, cast: str
 ) -> None:
-    _sent_sql(rewriter, "PREPARE ex2(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _prepared(rewriter, "PREPARE ex2(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, f"EXECUTE ex2('e@example.com'{cast}, '900-00-0004'{cast})")
     assert "pgcloak_refused_" not in sent and "900-00" not in sent
     assert decrypt(protection.keyring, sent.split("'")[3]) == b"900-00-0004"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        'DEALLOCATE U&"\\0066oo"',
+        'PREPARE U&"\\0066oo"(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)',
+        "EXECUTE U&\"\\0066oo\"('x@example.com', '078-05-1120')",
+    ],
+)
+def test_statement_names_pgcloak_cannot_follow_are_refused(rewriter: Rewriter, sql: str) -> None:
+    """PostgreSQL decodes U&"\\0066oo" to foo: pgcloak would have filed it under another name."""
+    sent = _sent_sql(rewriter, sql)
+    assert "pgcloak_refused_" in sent and "078-05" not in sent
+
+
+def test_statement_names_are_truncated_as_postgresql_does(rewriter: Rewriter, protection: Protection) -> None:
+    """PostgreSQL keeps 63 bytes of a name: EXECUTE of another spelling with the same
+    first 63 runs the same statement, and pgcloak must give it the same actions."""
+    base = "a" * 63
+    _prepared(rewriter, f"PREPARE {base}x1(text) AS INSERT INTO users (ssn) VALUES ($1)")
+    sent = _sent_sql(rewriter, f"EXECUTE {base}x2('078-05-1120')")
+    assert "078-05" not in sent and "pgcloak_refused_" not in sent
+    assert decrypt(protection.keyring, sent.split("'")[1]) == b"078-05-1120"
+
+
+def test_a_prepare_the_server_refused_does_not_replace_its_definition(
+    rewriter: Rewriter, protection: Protection
+) -> None:
+    """DEALLOCATE failed (in an aborted transaction), so PostgreSQL kept the INSERT and
+    refused the second PREPARE (42P05): EXECUTE must encrypt as for the INSERT."""
+    first = _prepared(rewriter, "PREPARE dw(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _sent_sql(rewriter, "DEALLOCATE dw")
+    _sent_sql(rewriter, "PREPARE dw(text, text) AS SELECT $1, $2")
+    # Until the server says which definition it holds, the name is not executed.
+    early = _sent_sql(rewriter, "EXECUTE dw('n@example.com', '078-05-1120')")
+    assert "pgcloak_refused_" in early and "078-05" not in early
+    assert rewriter.unconfirmed_names() == ["dw"]
+    rewriter.confirm_names({"dw": hashlib.md5(first.encode()).hexdigest()})
+    sent = _sent_sql(rewriter, "EXECUTE dw('n@example.com', '078-05-1120')")
+    assert "pgcloak_refused_" not in sent and "078-05" not in sent
+    assert decrypt(protection.keyring, sent.split("'")[3]) == b"078-05-1120"
+
+
+def test_a_name_the_server_does_not_hold_is_unknown(rewriter: Rewriter) -> None:
+    _sent_sql(rewriter, "SELECT 1/0; PREPARE gone(text) AS SELECT $1")  # never ran
+    rewriter.confirm_names({})
+    sent = _sent_sql(rewriter, "EXECUTE gone('x')")
+    assert "pgcloak_refused_" in sent
+    bind = rewriter.client_message(ord("B"), Bind("", "gone", (), (b"x",), ()).encode())
+    assert b"pgcloak_refused_" in bind

@@ -522,9 +522,12 @@ def test_copy_refusals(planner: Planner) -> None:
 
 
 def test_copy_out(planner: Planner) -> None:
-    plan = planner.plan("copy users to stdout csv header")
+    open_policy = parse_policy(POLICY + "guards: {unbounded_select: allow}\n")
+    plan = Planner(open_policy, index_length=N).plan("copy users to stdout csv header")
     allowed(plan)
     assert plan.copy_out and plan.copy_in is None and plan.audit.kind == "copy_out"
+    # The default guard: every row of the table is a dump.
+    assert planner.plan("copy users to stdout csv header").decision.sqlstate == "42501"
     plan, _ = simple(planner, "copy (select * from users where email = 'x') to stdout")
     allowed(plan)
     assert plan.sql == "copy (select * from users where left(email, 22) = $L1) to stdout"
@@ -773,3 +776,82 @@ def test_an_untokenizable_text_is_refused_without_its_values(planner: Planner) -
     assert not plan.decision.allowed
     assert "could not be tokenized" in plan.decision.message
     assert "secret" not in plan.decision.message and "zzopen" not in plan.decision.message
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT e, s FROM users AS u(i, n, e, p, s)",
+        "SELECT i FROM users AS u(i, n, e) WHERE e = 'bob1@ex.com'",
+        "UPDATE users SET name = 'z' FROM users AS x(i, n, e) WHERE users.id = 8 AND x.e = 'bob8@ex.com'",
+        "SELECT lower(e) FROM users u(i, n, e) WHERE i = 1",
+    ],
+)
+def test_column_aliases_on_a_protected_table_are_refused(planner: Planner, sql: str) -> None:
+    """pgcloak would not know e is users.email: a lookup sent in clear, guards bypassed."""
+    plan, _ = simple(planner, sql)
+    denied(plan, "column aliases on protected table public.users")
+
+
+def test_column_aliases_on_other_tables_pass(planner: Planner) -> None:
+    plan, _ = simple(planner, "SELECT a FROM plain_table AS p(a, b) WHERE b = 'x'")
+    allowed(plan)
+
+
+GUARDED = POLICY + "guards: {unbounded_select: deny}\n"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT email FROM users LIMIT ALL",
+        "SELECT email FROM users LIMIT NULL",
+        "SELECT email FROM users LIMIT NULL OFFSET 5",
+        "COPY users TO STDOUT",
+        "COPY users (email) TO STDOUT WITH (FORMAT csv)",
+        "COPY public.users (id, ssn) TO STDOUT",
+    ],
+)
+def test_unbounded_dumps_are_refused(sql: str) -> None:
+    plan, _ = Planner(parse_policy(GUARDED), index_length=N).plan_simple(sql)
+    assert not plan.decision.allowed and plan.decision.sqlstate == "42501", plan.decision
+    assert "guards.unbounded_select" in plan.decision.message
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT email FROM users LIMIT 10",
+        "COPY users (id, name) TO STDOUT",  # no protected column
+        "COPY (SELECT email FROM users WHERE id < 10) TO STDOUT",
+        "COPY users (email) FROM STDIN",
+    ],
+)
+def test_bounded_or_unprotected_copies_pass_the_guard(sql: str) -> None:
+    plan, _ = Planner(parse_policy(GUARDED), index_length=N).plan_simple(sql)
+    assert plan.decision.allowed, plan.decision.message
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id FROM users WHERE email = $1 AND name = $1",
+        "UPDATE users SET email = $1 WHERE name = $1",
+        "SELECT $1::text, id FROM users WHERE email = $1",
+    ],
+)
+def test_a_parameter_of_a_protected_column_used_elsewhere_is_refused(planner: Planner, sql: str) -> None:
+    """Sent once, transformed for the column: the other use would get the blind index."""
+    denied(planner.plan(sql), "$1 is used for protected column public.users.email and elsewhere")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id FROM users WHERE email = $1 OR email = $1",
+        "INSERT INTO users (email) VALUES ($1) ON CONFLICT (email) DO UPDATE SET email = $1",
+        "SELECT id FROM users WHERE email = $1 AND name = $2 LIMIT $3",
+    ],
+)
+def test_a_parameter_used_only_for_its_column_passes(planner: Planner, sql: str) -> None:
+    allowed(planner.plan(sql))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import re
 import struct
@@ -158,6 +159,18 @@ def _unknown_message(name: str) -> str:
     return f'prepared statement "{name}" does not exist'
 
 
+def _md5(text: str) -> str:
+    """What PostgreSQL's md5(statement) gives for a text pgcloak sent (UTF-8)."""
+    return hashlib.md5(text.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
+
+
+def _unconfirmed_message(name: str) -> str:
+    return (
+        f'prepared statement "{name}" was prepared in a batch whose result pgcloak has not seen '
+        "yet: wait for it (ReadyForQuery) before executing it"
+    )
+
+
 def _redefined_message(name: str) -> str:
     return (
         f'prepared statement "{name}" was prepared again with other protected parameters while '
@@ -208,6 +221,13 @@ class Rewriter:
         #: first definition may still be the server's (PostgreSQL refuses to redefine
         #: a name, 42P05): which one a Bind reaches is unknown, so Binds are refused.
         self._redefined: set[str] = set()
+        #: SQL-level PREPAREs sent and not yet confirmed by PostgreSQL (it refuses one
+        #: of a name it has, 42P05; one after an error in its batch never runs): which
+        #: definition a name has is asked of the server (:meth:`unconfirmed_names`,
+        #: :meth:`confirm_names`) before these names are executed. Definitions sent,
+        #: by (name, the text as sent: what pg_prepared_statements shows).
+        self._unconfirmed: set[str] = set()
+        self._sql_sent: dict[tuple[str, str], tuple[Protection, Plan]] = {}
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
         self._copy_out_csv = False
@@ -372,17 +392,19 @@ class Rewriter:
             return self._refused_query(denied.sqlstate, denied.message)
         if self._audit_down(protection, plan):
             return self._refused_query("58000", AUDIT_DOWN)
-        self._sql_level_statements(protection, plan)
         self._start_copy(protection, plan)
         lookups: dict[str, list[str]] = {}
+        sent = sql
         if plan.needs_render:
             try:
-                text = protection.planner.apply(
+                sent = protection.planner.apply(
                     plan, literals, lambda action, value: protection.transform(action, value, lookups)
                 )
             except ValueRefused as exc:
                 return self._refused_query(exc.sqlstate, exc.message)
-            msg = Query(text).encode()
+            msg = Query(sent).encode()
+        if plan.named:
+            self._sql_level_statements(protection, plan, sent)
         if audit is not None:
             audit.query(plan, lookups, sql)
         if change is not None:
@@ -429,6 +451,11 @@ class Rewriter:
         redefined = [c.name for c in plan.executes if c.name in self._redefined]
         if redefined:
             return dataclasses.replace(plan, decision=Decision(False, "0A000", _redefined_message(redefined[0])))
+        if self._unconfirmed:
+            same_text = {name for name, inner in plan.named if inner is not None}
+            unconfirmed = [c.name for c in plan.executes if c.name in self._unconfirmed and c.name not in same_text]
+            if unconfirmed:
+                return dataclasses.replace(plan, decision=Decision(False, "0A000", _unconfirmed_message(unconfirmed[0])))
         known = {k: v[1] for k, v in self.statements.items()}
         for name, inner in plan.named:
             if inner is not None:
@@ -446,12 +473,19 @@ class Rewriter:
             return dataclasses.replace(plan, decision=Decision(False, "0A000", _STALE_STATEMENT))
         return resolve_execute(plan, known)
 
-    def _sql_level_statements(self, protection: Protection, plan: Plan) -> None:
+    def _sql_level_statements(self, protection: Protection, plan: Plan, sent: str) -> None:
         """Track SQL-level PREPARE / DEALLOCATE (same namespace as protocol-level names),
-        every one of the text, in order."""
+        every one of the text (``sent``: as it goes to the server), in order. A PREPARE
+        is taken as done, but unconfirmed until the server says which definition the
+        name has; a DEALLOCATE is taken as done (if it fails, the name is unknown here,
+        so refused: and a PREPARE of it again is unconfirmed)."""
         for name, inner in plan.named:
             if inner is not None:
                 self._remember(name, protection, inner, "", b"")
+                if len(self._sql_sent) >= MAX_STATEMENTS:
+                    self._sql_sent.clear()  # unconfirmed names then become unknown
+                self._sql_sent[(name, sent)] = (protection, inner)
+                self._unconfirmed.add(name)
             elif name.upper() == "ALL":
                 self.statements.clear()
                 self._redefined.clear()
@@ -460,6 +494,34 @@ class Rewriter:
                 self.statements.pop(name, None)
                 self._redefined.discard(name)
                 self._forget_reprepared(name)
+
+    @property
+    def has_unconfirmed(self) -> bool:
+        return bool(self._unconfirmed)
+
+    def unconfirmed_names(self) -> list[str]:
+        """Names SQL-level PREPAREs were sent for, whose definition PostgreSQL has not
+        confirmed yet (the session asks it when nothing else is in flight)."""
+        return sorted(self._unconfirmed)
+
+    def confirm_names(self, held: dict[str, str]) -> None:
+        """What PostgreSQL holds for the unconfirmed names: name -> md5 of the text that
+        prepared it (absent: no such statement). A name whose text pgcloak sent gets that
+        definition; any other is forgotten (refused as unknown)."""
+        asked = self._unconfirmed
+        kept: dict[tuple[str, str], tuple[Protection, Plan]] = {}
+        for (name, text), entry in self._sql_sent.items():
+            if name not in asked:
+                kept[(name, text)] = entry
+            elif held.get(name) == _md5(text):
+                kept[(name, text)] = entry  # the server's definition: it may be asked again
+                self.statements[name] = (entry[0], entry[1], "", b"")
+                self._redefined.discard(name)
+        confirmed = {name for name, _ in kept}
+        for name in asked - confirmed:
+            self.statements.pop(name, None)  # not the server's, or a text never seen here
+        self._sql_sent = kept
+        asked.clear()
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -590,7 +652,6 @@ class Rewriter:
                 self._path_changes[name] = change
             elif self._path_changes:
                 self._path_changes.pop(name, None)
-        self._sql_level_statements(protection, plan)
         text = entry.static
         if not self._remember(name, protection, plan, text_of(body, name_end, query_end), body[query_end:]):
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
@@ -603,6 +664,10 @@ class Rewriter:
                 self._parse_failed(name, existed)
                 return self._refuse_parse(name, exc.sqlstate, exc.message)
             text = rendered.encode("utf-8", "surrogateescape")
+        if plan.named:
+            # Taken as done at Parse (it runs at each Execute): confirmed by the server.
+            sent = text if text is not None else body[name_end + 1 : query_end]
+            self._sql_level_statements(protection, plan, sent.decode("utf-8", "surrogateescape"))
         if text is None:
             return msg
         return frame(b"P", body[: name_end + 1] + text + body[query_end:])
@@ -627,10 +692,11 @@ class Rewriter:
             return self._refuse_bind(
                 portal.decode("utf-8", "surrogateescape"), "26000", _unknown_message(name), refusal=False
             )
-        if name in self._redefined:
+        if name in self._redefined or name in self._unconfirmed:
             if audit is not None:
                 audit.bind(portal, None, {})
-            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", _redefined_message(name))
+            message = _redefined_message(name) if name in self._redefined else _unconfirmed_message(name)
+            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", message)
         protection, plan, text, tail = entry
         current = self._protection()
         before = b""

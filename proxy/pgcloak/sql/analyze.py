@@ -163,6 +163,8 @@ class Analyzer:
         self._scopes: dict[int, dict[str, Source]] = {}
         self._derived: dict[int, dict[str, Origin | None]] = {}
         self._in_progress: set[int] = set()
+        #: How many places gave a value its action (see _shared_params).
+        self._uses: dict[ValueRef, int] = {}
 
     # -- entry ----------------------------------------------------------------------
 
@@ -173,6 +175,14 @@ class Analyzer:
             if q is not None and not self._is_cte_name(table):
                 self.out.tables.add(q)
                 self._bind_schema(table, q)
+                alias = table.args.get("alias")
+                if isinstance(alias, exp.TableAlias) and alias.columns and self.policy.columns_of(q):
+                    # users AS u(i, n, e): pgcloak would not know e is users.email (its
+                    # lookups would go out in clear, its guards not apply).
+                    self.deny(
+                        f"column aliases on protected table {q} (AS alias(columns)) are not supported: "
+                        "alias the columns in the select list instead"
+                    )
         for node in tree.find_all(exp.Parameter, exp.Placeholder):
             ref = value_ref(node)
             if ref is not None:
@@ -190,7 +200,27 @@ class Analyzer:
             self._star(star)
         if self.policy.guards.unbounded_select == "deny":
             self._unbounded_check(tree)
+        self._shared_params(tree)
         return self.out
+
+    def _shared_params(self, tree: exp.Expr) -> None:
+        """A parameter with an action (encrypt, blind index) must not also be used where
+        its value is wanted as sent (``email = $1 AND name = $1``): it is sent once, so one
+        of the two would compare (or store, or return) the wrong thing."""
+        if not any(ref[0] == "p" for ref in self.out.actions):
+            return
+        seen: dict[ValueRef, int] = {}
+        for node in tree.find_all(exp.Parameter, exp.Placeholder):
+            ref = value_ref(node)
+            if ref is not None and ref in self.out.actions:
+                seen[ref] = seen.get(ref, 0) + 1
+        for ref, count in seen.items():
+            if count > self._uses.get(ref, 0):
+                action = self.out.actions[ref]
+                self.deny(
+                    f"${ref[1]} is used for protected column {action.table}.{action.column} and "
+                    "elsewhere in the statement; use separate parameters"
+                )
 
     def _unbounded_check(self, tree: exp.Expr) -> None:
         """guards.unbounded_select: refuse a SELECT that returns encrypted columns with no
@@ -198,7 +228,7 @@ class Analyzer:
         guards.max_pii_rows is the hard cap on what one statement returns)."""
         if not isinstance(tree, exp.Select | exp.SetOperation | exp.Subquery):
             return
-        if tree.find(exp.Where, exp.Limit, exp.Fetch) is not None:
+        if any(not _no_limit(node) for node in tree.find_all(exp.Where, exp.Limit, exp.Fetch)):
             return
         names: list[str] = []
         for sel in tree.find_all(exp.Select):
@@ -503,6 +533,7 @@ class Analyzer:
         )
 
     def _set(self, ref: ValueRef, action: ValueAction) -> None:
+        self._uses[ref] = self._uses.get(ref, 0) + 1
         old = self.out.actions.get(ref)
         if old is not None and old != action:
             what = f"${ref[1]}" if ref[0] == "p" else "a literal"
@@ -1019,3 +1050,11 @@ def _kind_of(tree: exp.Expr) -> str:
     if isinstance(tree, exp.Create | exp.Drop | exp.Alter):
         return "ddl"
     return "other"
+
+
+def _no_limit(node: exp.Expr) -> bool:
+    """``LIMIT ALL`` and ``LIMIT NULL`` return every row, as no LIMIT does."""
+    if not isinstance(node, exp.Limit):
+        return False
+    bound = node.expression
+    return isinstance(bound, exp.Null) or (isinstance(bound, exp.Var) and bound.name.upper() == "ALL")

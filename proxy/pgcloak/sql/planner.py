@@ -407,8 +407,10 @@ class Planner:
         if first == "EXECUTE":
             return self._execute(sql, lexed, a, b)
         if first == "DEALLOCATE":
-            st = simple("other")
             names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
+            if _escaped_name(names, 0):
+                return simple("other", _ESCAPED_NAME)
+            st = simple("other")
             if names:
                 st.deallocate = "ALL" if names[0].text.upper() == "ALL" else _tok_name(names[0])
             return st
@@ -450,8 +452,13 @@ class Planner:
         if i < b and toks[i].token_type == TokenType.L_PAREN:
             i = _matching_paren(toks, i, b) + 1
         if i >= b or toks[i].text.upper() != "AS":
-            st = _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), Analysis(kind="prepare"))
-            return st
+            # PREPARE TRANSACTION, or not PostgreSQL's syntax (it refuses it). A U&"..."
+            # name: whatever it prepares, pgcloak would file it under another name.
+            an = Analysis(kind="prepare")
+            if _escaped_name(toks[a + 1 : b], 0):
+                an.denials.append(_ESCAPED_NAME)
+                an.touches = True
+            return _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), an)
         st = self._wrapper(sql, lexed, a, i + 1, b)
         an = st.analysis
         inner = Plan(
@@ -472,6 +479,10 @@ class Planner:
         toks = lexed.tokens
         st = _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), Analysis(kind="execute"))
         if a + 1 >= b:
+            return st
+        if _escaped_name(toks[a + 1 : b], 0):
+            st.analysis.denials.append(_ESCAPED_NAME)
+            st.analysis.touches = True
             return st
         name = _tok_name(toks[a + 1])
         args: list[int | None] = []
@@ -560,6 +571,13 @@ class Planner:
                 elif unsupported:
                     an.denials.append(_copy_out_denial(unsupported))
             an.read.update(f"{table}.{c}" for c in (columns or protected) if c in protected)
+            encrypted = [f"{table}.{c}" for c in (columns or protected) if c in protected and protected[c].encrypt]
+            if encrypted and self.policy.guards.unbounded_select == "deny":
+                an.guard_denials.append(
+                    f"COPY of protected column{'s' if len(encrypted) > 1 else ''} {', '.join(encrypted)} "
+                    "(every row of the table): refused by the pgcloak policy (guards.unbounded_select: "
+                    "deny); COPY (SELECT ... WHERE ...) TO STDOUT copies the rows a WHERE selects"
+                )
             return st
         an.kind = "copy_in"
         if target != "STDIN":
@@ -936,8 +954,31 @@ def _copy_in_options(words: Sequence[str]) -> list[str]:
     return found
 
 
+#: PostgreSQL's identifiers are at most NAMEDATALEN - 1 bytes: longer ones are truncated.
+_MAX_IDENTIFIER_BYTES: Final = 63
+_ESCAPED_NAME: Final = (
+    'a prepared statement name written U&"..." is not supported by pgcloak (it could not '
+    "tell which statement runs): use a plain or quoted name"
+)
+
+
 def _tok_name(tok: Token) -> str:
-    return tok.text if tok.token_type == TokenType.IDENTIFIER else tok.text.lower()
+    """A statement name as PostgreSQL folds it: lowercase unless quoted, truncated to 63
+    bytes (so ``EXECUTE`` of a longer spelling finds the same statement)."""
+    name = tok.text if tok.token_type == TokenType.IDENTIFIER else tok.text.lower()
+    raw = name.encode("utf-8")
+    if len(raw) > _MAX_IDENTIFIER_BYTES:
+        name = raw[:_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
+    return name
+
+
+def _escaped_name(toks: Sequence[Token], at: int) -> bool:
+    """``U&"..."``: a name with Unicode escapes (sqlglot reads ``U``, ``&``, the rest)."""
+    return (
+        at + 1 < len(toks)
+        and toks[at].text.upper() == "U"
+        and toks[at + 1].token_type == TokenType.AMP
+    )
 
 
 def _guess_kind(sql: str) -> str:
