@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonpatch
 import yaml
@@ -171,3 +172,56 @@ def test_the_docker_build_context_is_what_the_dockerfile_copies() -> None:
         "dist/pgcloak-0.1.0.whl", "tests/unit/test_examples.py", "bench/passthrough.py",
     ]  # fmt: skip
     assert [p for p in left_out if not _ignored(p, rules)] == []
+
+
+# -- examples/compose ----------------------------------------------------------------------
+COMPOSE = ROOT / "examples" / "compose"
+
+
+def _compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((COMPOSE / "docker-compose.yaml").read_text())
+    return loaded
+
+
+def test_the_compose_proxy_command_is_one_pgcloak_runs() -> None:
+    """The service's arguments are what `pgcloak run` takes; the policy it names is the
+    file mounted there, valid; the backend is the database service; ports line up; the
+    key comes from the environment variable the settings read."""
+    from pgcloak import cli
+    from pgcloak.config import ENV_PREFIX
+
+    services = _compose()["services"]
+    proxy = services["pgcloak"]
+    args = cli.build_parser().parse_args(proxy["command"])
+    assert args.func is cli.cmd_run
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1)[::-1] for v in proxy["volumes"] if v.startswith("./"))
+    policy_host = mounts[args.policy]
+    parse_policy((COMPOSE / policy_host).read_text(), source=policy_host)
+    assert urlsplit(args.backend).hostname in services and urlsplit(args.backend).port == 5432
+    listen_port = args.listen.rsplit(":", 1)[1]
+    admin_port = args.admin_listen.rsplit(":", 1)[1]
+    published = {p.rsplit(":", 1)[1] for p in proxy["ports"]}
+    assert {listen_port, admin_port} <= published
+    assert f":{admin_port}/readyz" in " ".join(proxy["healthcheck"]["test"])
+    assert f"{ENV_PREFIX}MASTER_KEY" in proxy["environment"]
+    assert args.master_key_file is None  # the key never sits in the compose directory
+    # The audit trail (a relative file sink) lands in the volume at the image's workdir.
+    workdir = re.findall(r"^WORKDIR (\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
+    assert f"audit:{workdir}" in proxy["volumes"]  # (the final stage's)
+
+
+def test_the_compose_schema_is_the_policy_ddl() -> None:
+    """schema.sql ends with exactly what `pgcloak policy ddl` prints for the policy."""
+    import contextlib
+    import io
+
+    from pgcloak import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["policy", "ddl", str(COMPOSE / "policy.yaml"), "--unique", "users.email"]) == 0
+    schema = (COMPOSE / "schema.sql").read_text()
+    assert schema.endswith(out.getvalue())
+    db = _compose()["services"]["db"]
+    assert "./schema.sql:/docker-entrypoint-initdb.d/10-schema.sql:ro" in db["volumes"]
+    assert db["environment"]["POSTGRES_USER"] in yaml.safe_load((COMPOSE / "policy.yaml").read_text())["roles"]

@@ -855,3 +855,15 @@ def test_a_parameter_of_a_protected_column_used_elsewhere_is_refused(planner: Pl
 )
 def test_a_parameter_used_only_for_its_column_passes(planner: Planner, sql: str) -> None:
     allowed(planner.plan(sql))
+
+
+def test_refusal_messages_show_literals_as_question_marks(planner: Planner) -> None:
+    """Never the value (personal data), nor pgcloak's slot markers."""
+    for sql in (
+        "INSERT INTO users (email) VALUES (CHR(98) || 'secret@example.com')",
+        "SELECT id FROM users WHERE email = lower('Secret@Example.com')",
+    ):
+        plan, _ = simple(planner, sql)
+        message = plan.decision.message
+        assert not plan.decision.allowed
+        assert "(?)" in message and "ecret" not in message and "@pgcloak" not in message and "7391" not in message, message

@@ -32,6 +32,8 @@ from pgcloak.sql.search_path import (
 
 NUM_BASE = 739_100_000_000_000
 _STR_SLOT = re.compile(r"@pgcloak:(\d+)@\Z")
+#: A literal's slot as an expression prints it (a string, or a number from NUM_BASE).
+_PRINTED_SLOT = re.compile(r"'@pgcloak:\d+@'|\b7391\d{11}\b")
 
 ValueRef = tuple[str, int]  # ("p", n) for $n, ("s", i) for literal slot i
 
@@ -757,7 +759,7 @@ class Analyzer:
             if isinstance(found, _Ambiguous):
                 return None  # reported when that column is visited
             return f"comparison with unprotected column {other.sql('postgres')}"
-        return f"comparison with {other.sql('postgres') if other is not None else 'nothing'}"
+        return f"comparison with {_shown(other) if other is not None else 'nothing'}"
 
     def _store(self, value: exp.Expression | None, origin: Origin, where: str) -> str | None:
         """A value written into ``origin``: a parameter or literal (encrypted), NULL,
@@ -792,7 +794,7 @@ class Analyzer:
                 return None
             source = found.name if isinstance(found, Origin) else src.sql("postgres")
             return f"{where} copying from {source}"
-        return f"{where} with the expression {value.sql('postgres') if value else '?'}"
+        return f"{where} with the expression {_shown(value) if value else '?'}"
 
     def _insert(self, ins: exp.Insert) -> None:
         schema = ins.this
@@ -1058,3 +1060,9 @@ def _no_limit(node: exp.Expr) -> bool:
         return False
     bound = node.expression
     return isinstance(bound, exp.Null) or (isinstance(bound, exp.Var) and bound.name.upper() == "ALL")
+
+
+def _shown(node: exp.Expression) -> str:
+    """An expression for a message: its literals as ``?`` (never their values, which
+    may be personal data; nor pgcloak's slot markers)."""
+    return _PRINTED_SLOT.sub("?", node.sql("postgres"))
