@@ -142,5 +142,5 @@ def judge(needs: ColumnNeeds, facts: ColumnFacts | None) -> tuple[list[str], lis
     if facts.has_default:
         problems.append("has a non-NULL DEFAULT: stored in clear, or refused by the CHECK, whenever an INSERT leaves the column out")
     if facts.in_clear:
-        problems.append(f"{facts.in_clear} value(s) not in pgcloak's stored form (plaintext?)")
+        problems.append(f"{facts.in_clear} value(s) not in pgcloak's stored form (plaintext? `pgcloak backfill` encrypts them)")
     return problems, notes
