@@ -47,11 +47,21 @@ MAX_LISTED = 20
 MAX_TAIL_PASSES = 4
 
 _RELATION_SQL = """
-SELECT c.oid::regclass::text AS name,
+SELECT c.oid::regclass::text AS name, c.relkind::text AS relkind,
        pg_relation_size(c.oid) / current_setting('block_size')::int AS blocks,
        c.reltuples, c.relpages
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+"""
+
+#: The partitions that hold a partitioned table's rows.
+_LEAVES_SQL = """
+SELECT c.oid::regclass::text AS name,
+       pg_relation_size(c.oid) / current_setting('block_size')::int AS blocks,
+       c.reltuples, c.relpages
+  FROM pg_partition_tree($1::regclass) t JOIN pg_class c ON c.oid = t.relid
+ WHERE t.isleaf AND c.relkind = 'r'
+ ORDER BY 1
 """
 
 _COLUMNS_SQL = """
@@ -376,7 +386,8 @@ async def backfill(
     progress: Progress | None = None,
 ) -> TableReport:
     """Convert one table's protected columns (``jobs``, all of one table); see the module
-    docstring. Call :func:`survey` first: this one assumes the table is fit."""
+    docstring. Call :func:`survey` first: this one assumes the table is fit. A
+    partitioned table is done partition by partition (a ctid is a partition's own)."""
     started = time.monotonic()
     progress = progress or _Quiet()
     first = jobs[0]
@@ -385,19 +396,27 @@ async def backfill(
     assert rel is not None
     protected = {j.column for j in jobs}
     key = [r["attname"] for r in await conn.fetch(_KEY_SQL, rel["name"])]
-    table = _statements(rel["name"], list(jobs), [] if protected & set(key) else key, rotate)
-    per_block = rel["reltuples"] / rel["relpages"] if rel["relpages"] > 0 and rel["reltuples"] > 0 else 100.0
-    step = max(1, int(batch_rows / max(per_block, 1.0)))
-    end = int(rel["blocks"])
-    start = 0
-    for _ in range(1 + (0 if dry_run else MAX_TAIL_PASSES)):
-        if start >= end:
-            break
-        progress.table(report.table, end)
-        await _pass(conn, table, converter, report, progress, start, end, step, rotate, dry_run)
-        start, end = end, int(await conn.fetchval(_BLOCKS_SQL, rel["name"]))
-    if not dry_run:
-        await _sweep(conn, table, converter, report, batch_rows, rotate)
+    key = [] if protected & set(key) else key
+    relations = [rel] if rel["relkind"] == "r" else list(await conn.fetch(_LEAVES_SQL, rel["name"]))
+    total = sum(int(r["blocks"]) for r in relations)
+    progress.table(report.table, total)
+    for relation in relations:
+        report.skip.clear()  # ctids are per relation
+        table = _statements(relation["name"], list(jobs), key, rotate)
+        pages, tuples = relation["relpages"], relation["reltuples"]
+        per_block = tuples / pages if pages > 0 and tuples > 0 else 100.0
+        step = max(1, int(batch_rows / max(per_block, 1.0)))
+        start, end = 0, int(relation["blocks"])
+        for _ in range(1 + (0 if dry_run else MAX_TAIL_PASSES)):
+            if start >= end:
+                break
+            await _pass(conn, table, converter, report, progress, start, end, step, rotate, dry_run)
+            start, end = end, int(await conn.fetchval(_BLOCKS_SQL, relation["name"]))
+            if end > start:
+                total += end - start
+                progress.table(report.table, total)  # our writes (and others') grew it
+        if not dry_run:
+            await _sweep(conn, table, converter, report, batch_rows, rotate)
     report.seconds = time.monotonic() - started
     return report
 
