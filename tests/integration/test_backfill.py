@@ -314,3 +314,54 @@ def test_a_partitioned_table_is_done_partition_by_partition(env: EncEnv, tmp_pat
     finally:
         with env.direct() as conn:
             conn.execute("DROP TABLE events")
+
+
+def test_another_master_key_is_refused_under_an_old_layout_too(
+    env: EncEnv, clean: None, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ssn gains an index: its envelopes (no index in front) would be opened and sealed
+    again, so they must be checked against the key as well, before anything is written."""
+    ids = seed(env, [(None, None, "123-45-6789", None, "old")])
+    assert backfill(env)[0] == 0
+    later = seed(env, [(None, None, "987-65-4321", None, "new")])
+    indexed = tmp_path / "indexed.yaml"
+    indexed.write_text(policy_yaml().replace("ssn: {encrypt: true}", "ssn: {encrypt: true, index: exact}"))
+    monkeypatch.setenv("PGCLOAK_MASTER_KEY", master_key_to_text(generate_master_key()))
+    code, printed = backfill(env, policy=str(indexed))
+    assert code == 2, printed
+    assert "ssn: 1 stored value(s) sealed under another master key" in printed
+    assert stored(env, later)[later[0]][2] == "987-65-4321"  # not sealed under the wrong key
+    assert ids
+
+
+def test_a_deferred_constraint_failing_at_commit_is_reported_without_the_value(env: EncEnv, tmp_path: Any) -> None:
+    with env.direct() as conn:
+        conn.execute(
+            "CREATE TABLE accounts (id serial PRIMARY KEY, email text UNIQUE);"
+            "CREATE TABLE tickets (id serial, email text REFERENCES accounts (email) DEFERRABLE INITIALLY DEFERRED);"
+            "INSERT INTO accounts (email) VALUES ('held@example.com'), ('free@example.com');"
+            "INSERT INTO tickets (email) VALUES ('held@example.com');"
+        )
+    try:
+        policy = tmp_path / "accounts.yaml"
+        policy.write_text("version: 1\ntables:\n  public.accounts:\n    email: {encrypt: true}\n")
+        code, printed = backfill(env, policy=str(policy))
+        assert code == 1, printed
+        assert "refused by PostgreSQL: SQLSTATE 23503 (tickets_email_fkey)" in printed
+        assert "held@example.com" not in printed and "free@example.com" not in printed
+        rows = dict(env.raw("SELECT email, id FROM accounts"))
+        assert "held@example.com" in rows  # left as it was: the ticket refers to it
+        assert "free@example.com" not in rows  # converted
+    finally:
+        with env.direct() as conn:
+            conn.execute("DROP TABLE tickets; DROP TABLE accounts")
+
+
+def test_a_quoted_table_is_selected_by_its_quoted_name(env: EncEnv, clean: None) -> None:
+    email = unique("quoted")
+    with env.direct() as conn:
+        conn.execute('INSERT INTO crm."Contacts" ("Email") VALUES (%s)', (email,))
+    code, printed = backfill(env, "--table", 'crm."Contacts"')
+    assert code == 0, printed
+    assert "public.users" not in printed  # only the table asked for
+    env.assert_stored(env.raw_one('SELECT "Email" FROM crm."Contacts"'), email, "crm.Contacts", "Email")

@@ -1,9 +1,12 @@
 """`pgcloak backfill POLICY --dsn URL`: survey, then convert, table by table; the report.
 
-Exit status: 0 when every value is in the policy's form (or, with ``--dry-run``, when
-the survey ran), 1 when some values could not be converted (listed by ``ctid``, never by
-value), 2 when nothing was written: the policy, the key or the database cannot be read,
-or a table is not fit (missing, a column not ``text``, values under another master key).
+Exit status: 0 when every value is in the policy's form (with ``--dry-run``: when every
+value would be), 1 when some values could not be converted (listed by primary key or
+``ctid``, never by value) or are still not in the stored form after the run (written
+meanwhile by someone else: run again), 2 when it could not run: the policy, the key or
+the database cannot be read, or a table is not fit (missing, a column not ``text``,
+values under another master key) - nothing written then - or the database failed in the
+middle (batches committed before stay converted).
 """
 
 from __future__ import annotations
@@ -19,17 +22,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 from pgcloak.backfill.convert import ColumnJob, Converter, column_jobs
-from pgcloak.backfill.runner import TableReport, backfill, merged, survey
+from pgcloak.backfill.runner import TableReport, backfill, describe_error, merged, survey
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.policy import Policy
+from pgcloak.policy.names import InvalidName, parse_table_name
 
 __all__ = ["canonical_table", "run"]
 
 
 def canonical_table(name: str) -> str:
-    """``users`` -> ``public.users``; unquoted names fold to lowercase, as in the policy."""
-    name = name.strip().lower()
-    return name if "." in name else f"public.{name}"
+    """``users`` -> ``public.users``, ``crm."Contacts"`` -> ``crm.Contacts``: spelled as in
+    the policy (unquoted names fold to lowercase). Raises ``KeyError`` for a bad name."""
+    try:
+        schema, table = parse_table_name(name.strip())
+    except InvalidName as exc:
+        raise KeyError(str(exc)) from None
+    return f"{schema}.{table}"
 
 
 class _Bars:
@@ -129,6 +137,18 @@ async def _run(
                 _print_run(report, out, dry_run=dry_run, rotate=rotate)
                 if any(c.failed for c in report.columns.values()):
                     status = 1
+                if not dry_run:
+                    # Whatever the passes said: what the table holds now.
+                    after = await survey(conn, jobs, converter.keyring.check_value)
+                    left = sum(c.unconverted for c in after.columns.values())
+                    failed = sum(c.failed for c in report.columns.values())
+                    if left > failed:
+                        print(
+                            f"  {left - failed} value(s) still not in the stored form (written "
+                            "meanwhile around pgcloak?): run again",
+                            file=out,
+                        )
+                        status = 1
         return status
     finally:
         await conn.close()
@@ -158,6 +178,18 @@ def run(
         return asyncio.run(
             _run(dsn, jobs, converter, batch_rows=batch_rows, rotate=rotate, dry_run=dry_run, out=out)
         )
-    except (TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        print(f"pgcloak backfill: cannot read or write the database: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except asyncpg.PostgresError as exc:
+        # Its message or DETAIL can quote a value: never printed.
+        print(
+            f"pgcloak backfill: the database refused a statement ({describe_error(exc)}); "
+            "batches committed before it stay converted: run again",
+            file=sys.stderr,
+        )
+        return 2
+    except (TimeoutError, OSError, ValueError, asyncpg.InterfaceError) as exc:
+        print(
+            f"pgcloak backfill: cannot read or write the database: {type(exc).__name__}: {exc}; "
+            "batches committed before stay converted: run again",
+            file=sys.stderr,
+        )
         return 2

@@ -140,6 +140,15 @@ class _Quiet:
         return None
 
 
+def describe_error(exc: BaseException) -> str:
+    """A database error without its message or DETAIL, which can hold a value (a
+    constraint's "Key (email)=(...)"): the SQLSTATE and the constraint's name."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    constraint = getattr(exc, "constraint_name", None)
+    text = f"SQLSTATE {sqlstate}" if sqlstate else type(exc).__name__
+    return text + (f" ({constraint})" if constraint else "")
+
+
 def _row_label(ctid: tuple[int, int], key_names: Sequence[str], key: Sequence[Any]) -> str:
     """How a failure names its row: its primary key (unprotected columns only), else its
     current ``ctid``. Never a protected value."""
@@ -181,19 +190,21 @@ async def survey(conn: Any, jobs: Sequence[ColumnJob], check_value: bytes) -> Ta
     if report.problems:
         return report
     sums: list[str] = []
-    args: list[str] = []
+    args: list[str] = [_ENVELOPE_ANYWHERE]
     for job in jobs:
         c = q(job.column)
         args.append(job.pattern)
         n = len(args)
+        at = f"strpos({c}, {_literal(ENVELOPE_PREFIX_TEXT)}) + {len(ENVELOPE_PREFIX_TEXT)}"
         sums.append(f"count(*) FILTER (WHERE {_unconverted(job, n)})")
-        sums.append(f"count(*) FILTER (WHERE {c} ~ ${n})")
-        if job.hash_only:
-            sums.append("0")
-        else:
-            at = f"strpos({c}, {_literal(ENVELOPE_PREFIX_TEXT)}) + {len(ENVELOPE_PREFIX_TEXT)}"
-            sums.append(f"count(*) FILTER (WHERE {c} ~ ${n} AND substr({c}, {at}, 4) <> {_literal(_check_prefix(check_value))})")
-    row = await conn.fetchrow(f"SELECT {', '.join(sums)} FROM {rel['name']}", *args)
+        sums.append(f"count(*) FILTER (WHERE {c} ~ ${n} OR {c} ~ $1)")
+        # Envelopes in any layout (with or without an index in front): a value of the
+        # column's old layout is decrypted and stored again, so its key matters too.
+        sums.append(f"count(*) FILTER (WHERE {c} ~ $1 AND substr({c}, {at}, 4) <> {_literal(_check_prefix(check_value))})")
+    # ONLY: rows of tables that inherit from this one are theirs (a partitioned table's
+    # rows are its partitions', so all of them).
+    only = "" if rel["relkind"] == "p" else "ONLY "
+    row = await conn.fetchrow(f"SELECT {', '.join(sums)} FROM {only}{rel['name']}", *args)
     for i, job in enumerate(jobs):
         col = report.columns[job.column]
         col.unconverted, col.stored, col.foreign_key = row[3 * i], row[3 * i + 1], row[3 * i + 2]
@@ -203,6 +214,12 @@ async def survey(conn: Any, jobs: Sequence[ColumnJob], check_value: bytes) -> Ta
                 "master key: is this the key pgcloak runs with?"
             )
     return report
+
+
+#: An envelope, with or without a blind index in front, long enough to hold a header,
+#: a nonce and a tag (so "pgc1:hello" is not one): its first four characters after the
+#: prefix are the check value of the master key that sealed it.
+_ENVELOPE_ANYWHERE = r"^([A-Za-z0-9_-]{22}\.)?pgc1:[A-Za-z0-9_-]{48,}$"
 
 
 def _literal(text: str) -> str:
@@ -232,10 +249,10 @@ def _statements(name: str, jobs: list[ColumnJob], key: list[str], rotate: bool) 
     patterns = [j.pattern for j in jobs]
     unconverted = " OR ".join(_unconverted(j, i + 3) for i, j in enumerate(jobs))
     wanted = " OR ".join(f"{q(j.column)} IS NOT NULL" for j in jobs) if rotate else unconverted
-    select_range = f"SELECT ctid, {cols} FROM {name} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({wanted})"
+    select_range = f"SELECT ctid, {cols} FROM ONLY {name} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({wanted})"
     sweep_unconverted = " OR ".join(_unconverted(j, i + 3) for i, j in enumerate(jobs))
     select_sweep = (
-        f"SELECT ctid, {cols} FROM {name} WHERE NOT (ctid = ANY($1::tid[])) AND ({sweep_unconverted}) LIMIT $2"
+        f"SELECT ctid, {cols} FROM ONLY {name} WHERE NOT (ctid = ANY($1::tid[])) AND ({sweep_unconverted}) LIMIT $2"
     )
     # $1: ctids; per column k (0-based): $2+2k the new values (NULL: unchanged), $3+2k the
     # values read. A row whose values changed since they were read is not updated.
@@ -244,7 +261,7 @@ def _statements(name: str, jobs: list[ColumnJob], key: list[str], rotate: bool) 
     names = ", ".join(["tid"] + [f"n{k}, o{k}" for k in range(len(jobs))])
     same = " AND ".join(f"t.{q(j.column)} IS NOT DISTINCT FROM v.o{k}" for k, j in enumerate(jobs))
     update = (
-        f"UPDATE {name} AS t SET {sets} FROM unnest({unnest}) AS v({names}) "
+        f"UPDATE ONLY {name} AS t SET {sets} FROM unnest({unnest}) AS v({names}) "
         f"WHERE t.ctid = v.tid AND {same} RETURNING v.tid, t.ctid"
     )
     return _Table(name, jobs, key, select_range, select_sweep, update, patterns, [] if rotate else patterns)
@@ -293,7 +310,8 @@ def _update_args(changes: Sequence[_Change], width: int) -> list[list[Any]]:
 
 async def _write(conn: Any, table: _Table, changes: list[_Change], report: TableReport) -> set[tuple[int, int]]:
     """Write ``changes``; the ctids written (as read). A batch the database refuses is
-    written row by row, each in a savepoint; the refused rows are reported."""
+    written row by row; the refused rows are reported (never with the database's message,
+    which can quote a value)."""
     if not changes:
         return set()
     width = len(table.jobs)
@@ -302,21 +320,18 @@ async def _write(conn: Any, table: _Table, changes: list[_Change], report: Table
         async with conn.transaction():
             moved = {tuple(r[0]): tuple(r[1]) for r in await conn.fetch(table.update, *_update_args(changes, width))}
     except asyncpg.PostgresError:
-        async with conn.transaction():
-            for change in changes:
-                try:
-                    async with conn.transaction():  # a savepoint
-                        rows = await conn.fetch(table.update, *_update_args([change], width))
-                except asyncpg.PostgresError as exc:
-                    constraint = getattr(exc, "constraint_name", None)
-                    reason = f"refused by PostgreSQL: SQLSTATE {exc.sqlstate}" + (
-                        f" ({constraint})" if constraint else ""
-                    )
-                    for job, outcome in zip(table.jobs, change.outcomes, strict=True):
-                        if outcome is not None:
-                            report.fail(job, change, reason)
-                    continue
-                moved.update((tuple(r[0]), tuple(r[1])) for r in rows)
+        # Row by row, each its own transaction (a deferred constraint fails at COMMIT).
+        for change in changes:
+            try:
+                async with conn.transaction():
+                    rows = await conn.fetch(table.update, *_update_args([change], width))
+            except asyncpg.PostgresError as exc:
+                reason = f"refused by PostgreSQL: {describe_error(exc)}"
+                for job, outcome in zip(table.jobs, change.outcomes, strict=True):
+                    if outcome is not None:
+                        report.fail(job, change, reason)
+                continue
+            moved.update((tuple(r[0]), tuple(r[1])) for r in rows)
     # A row that failed in one column was written in the others: it has a new ctid.
     report.skip.update(moved[c] for c in report.skip.intersection(moved))
     done = set(moved)
