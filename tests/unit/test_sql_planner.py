@@ -807,6 +807,9 @@ GUARDED = POLICY + "guards: {unbounded_select: deny}\n"
         "SELECT email FROM users LIMIT ALL",
         "SELECT email FROM users LIMIT NULL",
         "SELECT email FROM users LIMIT NULL OFFSET 5",
+        "SELECT email FROM users LIMIT (NULL)",
+        "SELECT email FROM users LIMIT NULL::int",
+        "SELECT email FROM users FETCH FIRST NULL ROWS ONLY",
         "COPY users TO STDOUT",
         "COPY users (email) TO STDOUT WITH (FORMAT csv)",
         "COPY public.users (id, ssn) TO STDOUT",
@@ -822,6 +825,7 @@ def test_unbounded_dumps_are_refused(sql: str) -> None:
     "sql",
     [
         "SELECT email FROM users LIMIT 10",
+        "SELECT email FROM users FETCH FIRST ROW ONLY",
         "COPY users (id, name) TO STDOUT",  # no protected column
         "COPY (SELECT email FROM users WHERE id < 10) TO STDOUT",
         "COPY users (email) FROM STDIN",

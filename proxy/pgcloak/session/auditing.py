@@ -400,9 +400,11 @@ class SessionAudit:
             if unit.keys:  # a watched statement: its values' columns
                 described["columns_read"], described["masked"] = self.columns_of_keys(unit.keys)
             self._emit(refusal_event(self._info(), reason=trail_reason(reason), sqlstate=sqlstate, **described))
-            # The refusal is the statement's event: no "allow" with the rows the server
-            # sent (the client got fewer, then the error).
-            unit.recipe = None
+            if "+" not in plan.audit.kind:
+                # One statement: the refusal is its event, no "allow" with the rows the
+                # server sent (the client got fewer, then the error). A Query of several
+                # keeps its event: the server ran the statements after the cut too.
+                unit.recipe = None
 
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe

@@ -1055,10 +1055,18 @@ def _kind_of(tree: exp.Expr) -> str:
 
 
 def _no_limit(node: exp.Expr) -> bool:
-    """``LIMIT ALL`` and ``LIMIT NULL`` return every row, as no LIMIT does."""
-    if not isinstance(node, exp.Limit):
+    """``LIMIT ALL`` and ``LIMIT NULL`` (also ``(NULL)``, ``NULL::int``, ``FETCH FIRST NULL
+    ROWS``) return every row, as no LIMIT does."""
+    if isinstance(node, exp.Limit):
+        bound = node.expression
+    elif isinstance(node, exp.Fetch):
+        bound = node.args.get("count")
+        if bound is None:
+            return False  # FETCH FIRST ROW ONLY: one row
+    else:
         return False
-    bound = node.expression
+    while isinstance(bound, exp.Paren | exp.Cast):
+        bound = bound.this
     return isinstance(bound, exp.Null) or (isinstance(bound, exp.Var) and bound.name.upper() == "ALL")
 
 
