@@ -1,11 +1,11 @@
 """SQL-level PREPARE / DEALLOCATE whose outcome pgcloak cannot see at send time.
 
-pgcloak files a PREPARE's parameter actions under the statement's name when it sends it.
-PostgreSQL may refuse it (42P05: the name still exists, because a DEALLOCATE failed in an
-aborted transaction or was skipped after an error in its Query string): EXECUTE then runs
-the old definition. pgcloak asks the server (pg_prepared_statements) which text a name
-holds before it lets the name be executed, so the values of EXECUTE get the actions of
-the statement that really runs. Before this, they went out in clear.
+PostgreSQL may refuse a PREPARE (42P05: the name still exists, because a DEALLOCATE
+failed in an aborted transaction or was skipped after an error in its Query string).
+EXECUTE would then run the old statement, with arguments pgcloak transformed for the
+new one: before, protected values went out in clear. pgcloak now sends EXECUTE as the
+statement it knows for the name, so what runs is what it encrypted for, whatever the
+server holds.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ def stored_ssn(env: EncEnv, name: str) -> str:
     return env.raw_one("SELECT ssn FROM users WHERE name = %s", name)
 
 
-def test_a_failed_deallocate_leaves_the_first_definition_in_force(env: EncEnv) -> None:
+def server_holds(conn: psycopg.Connection, name: str) -> str:
+    row = conn.execute("SELECT statement FROM pg_prepared_statements WHERE name = %s", (name,)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_a_failed_deallocate_does_not_let_the_old_statement_run(env: EncEnv) -> None:
     with env.psy() as conn:
         conn.execute("PREPARE dw(text, text) AS INSERT INTO users (name, ssn) VALUES ($1, $2)")
         conn.execute("BEGIN")
@@ -41,8 +47,11 @@ def test_a_failed_deallocate_leaves_the_first_definition_in_force(env: EncEnv) -
         conn.execute("ROLLBACK")
         with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
             conn.execute("PREPARE dw(text, text) AS SELECT $1, $2")
-        conn.execute(f"EXECUTE dw('dw-1', '{SSN}')")  # the INSERT runs: its ssn encrypted
-    env.assert_stored(stored_ssn(env, "dw-1"), SSN, column="ssn")
+        assert "INSERT" in server_holds(conn, "dw")
+        # pgcloak sends the statement it saw prepared last, never the server's INSERT
+        # with an SSN it did not encrypt for it.
+        assert conn.execute(f"EXECUTE dw('dw-1', '{SSN}')").fetchone() == ("dw-1", SSN)
+    assert env.raw("SELECT 1 FROM users WHERE name = 'dw-1' OR ssn = %s", SSN) == []
 
 
 def test_a_deallocate_skipped_after_an_error_in_its_query_string(env: EncEnv) -> None:
@@ -52,8 +61,18 @@ def test_a_deallocate_skipped_after_an_error_in_its_query_string(env: EncEnv) ->
             conn.execute("SELECT 1/0; DEALLOCATE dq")
         with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
             conn.execute("PREPARE dq(text, text) AS SELECT $1, $2")
-        conn.execute(f"EXECUTE dq('dq-1', '{SSN}')")
-    env.assert_stored(stored_ssn(env, "dq-1"), SSN, column="ssn")
+        assert "INSERT" in server_holds(conn, "dq")
+        assert conn.execute(f"EXECUTE dq('dq-1', '{SSN}')").fetchone() == ("dq-1", SSN)
+    assert env.raw("SELECT 1 FROM users WHERE name = 'dq-1' OR ssn = %s", SSN) == []
+
+
+def test_a_statement_prepared_with_sql_is_not_bound(env: EncEnv) -> None:
+    """A Bind runs the server's statement: for one prepared with SQL, refused."""
+    with env.psy() as conn:
+        conn.execute("PREPARE viabind(text, text) AS INSERT INTO users (name, ssn) VALUES ($1, $2)")
+        res = conn.pgconn.exec_prepared(b"viabind", [b"vb-1", SSN.encode()])
+        assert res.error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"0A000"
+    assert env.raw("SELECT 1 FROM users WHERE name = 'vb-1'") == []
 
 
 def test_a_deallocate_that_worked_lets_the_name_be_prepared_again(env: EncEnv) -> None:

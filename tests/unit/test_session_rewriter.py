@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import pytest
@@ -209,25 +208,18 @@ def _sent_sql(rewriter: Rewriter, sql: str) -> str:
     return Query.decode(rewriter.client_message(ord("Q"), Query(sql).encode())[5:]).sql
 
 
-def _prepared(rewriter: Rewriter, sql: str) -> str:
-    """Send SQL-level PREPAREs and confirm them as the session does once the server
-    answered (pg_prepared_statements: each name's text as sent)."""
-    sent = _sent_sql(rewriter, sql)
-    digest = hashlib.md5(sent.encode()).hexdigest()
-    rewriter.confirm_names({name: digest for name in rewriter.unconfirmed_names()})
-    return sent
-
-
 def test_every_prepare_of_a_text_is_registered(rewriter: Rewriter, protection: Protection) -> None:
     """Only the first used to be: EXECUTE of the second then sent its values in clear."""
-    _prepared(rewriter, "PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _sent_sql(rewriter, "PREPARE a AS SELECT 1; PREPARE ins AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, "EXECUTE ins('mallory@example.com', '999-99-9999')")
+    # EXECUTE goes out as the statement pgcloak knows for the name, values encrypted.
+    assert sent.startswith("INSERT INTO users (email, ssn) VALUES (")
     assert "mallory" not in sent and "999-99" not in sent
     assert decrypt(protection.keyring, sent.split("'")[1]) == b"mallory@example.com"
-    # The same through the protocol: Bind to the SQL-level name transforms its values.
+    # A Bind to the SQL-level name would run the server's statement: refused.
     bind = Bind("", "ins", (), (b"eve@example.com", b"111-11-1111"), ()).encode()
-    out = Bind.decode(rewriter.client_message(ord("B"), bind)[5:])
-    assert out.params[0] is not None and b"eve@" not in out.params[0]
+    out = rewriter.client_message(ord("B"), bind)
+    assert b"pgcloak_refused_" in out and b"eve@" not in out
     # DEALLOCATE in a text with other statements is followed too.
     _sent_sql(rewriter, "SELECT 1; DEALLOCATE ins")
     assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE ins('x@example.com', '1')")
@@ -268,7 +260,7 @@ def test_unknown_statement_names_are_refused_as_postgresql_does(rewriter: Rewrit
     ],
 )
 def test_execute_argument_that_is_more_than_a_literal_is_refused(rewriter: Rewriter, arg: str) -> None:
-    _prepared(rewriter, "PREPARE ex(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _sent_sql(rewriter, "PREPARE ex(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, f"EXECUTE ex('e@example.com', {arg})")
     assert "pgcloak_refused_" in sent
     assert "900-00" not in sent and "222-33" not in sent and "e@example.com" not in sent
@@ -278,10 +270,11 @@ def test_execute_argument_that_is_more_than_a_literal_is_refused(rewriter: Rewri
 def test_execute_argument_literal_with_a_whole_text_cast_is_encrypted(
     rewriter: Rewriter, protection: Protection, cast: str
 ) -> None:
-    _prepared(rewriter, "PREPARE ex2(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _sent_sql(rewriter, "PREPARE ex2(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     sent = _sent_sql(rewriter, f"EXECUTE ex2('e@example.com'{cast}, '900-00-0004'{cast})")
     assert "pgcloak_refused_" not in sent and "900-00" not in sent
     assert decrypt(protection.keyring, sent.split("'")[3]) == b"900-00-0004"
+    assert sent.startswith("INSERT INTO users (email, ssn) VALUES (")
 
 
 @pytest.mark.parametrize(
@@ -302,34 +295,36 @@ def test_statement_names_are_truncated_as_postgresql_does(rewriter: Rewriter, pr
     """PostgreSQL keeps 63 bytes of a name: EXECUTE of another spelling with the same
     first 63 runs the same statement, and pgcloak must give it the same actions."""
     base = "a" * 63
-    _prepared(rewriter, f"PREPARE {base}x1(text) AS INSERT INTO users (ssn) VALUES ($1)")
+    _sent_sql(rewriter, f"PREPARE {base}x1(text) AS INSERT INTO users (ssn) VALUES ($1)")
     sent = _sent_sql(rewriter, f"EXECUTE {base}x2('078-05-1120')")
     assert "078-05" not in sent and "pgcloak_refused_" not in sent
     assert decrypt(protection.keyring, sent.split("'")[1]) == b"078-05-1120"
+    # PostgreSQL folds ASCII letters only: "FÖÖ" unquoted is fÖÖ, not föö.
+    _sent_sql(rewriter, 'PREPARE "föö"(text) AS SELECT $1')
+    _sent_sql(rewriter, "PREPARE FÖÖ(text) AS INSERT INTO users (ssn) VALUES ($1)")
+    sent = _sent_sql(rewriter, "EXECUTE FÖÖ('078-05-1120')")
+    assert sent.startswith("INSERT INTO users (ssn)") and "078-05" not in sent
 
 
-def test_a_prepare_the_server_refused_does_not_replace_its_definition(
-    rewriter: Rewriter, protection: Protection
-) -> None:
+def test_execute_never_runs_the_servers_statement(rewriter: Rewriter, protection: Protection) -> None:
     """DEALLOCATE failed (in an aborted transaction), so PostgreSQL kept the INSERT and
-    refused the second PREPARE (42P05): EXECUTE must encrypt as for the INSERT."""
-    first = _prepared(rewriter, "PREPARE dw(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    refused the second PREPARE (42P05): EXECUTE is sent as the statement pgcloak knows
+    for the name, so whatever the server holds, the values are encrypted for what runs."""
+    _sent_sql(rewriter, "PREPARE dw(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
     _sent_sql(rewriter, "DEALLOCATE dw")
     _sent_sql(rewriter, "PREPARE dw(text, text) AS SELECT $1, $2")
-    # Until the server says which definition it holds, the name is not executed.
-    early = _sent_sql(rewriter, "EXECUTE dw('n@example.com', '078-05-1120')")
-    assert "pgcloak_refused_" in early and "078-05" not in early
-    assert rewriter.unconfirmed_names() == ["dw"]
-    rewriter.confirm_names({"dw": hashlib.md5(first.encode()).hexdigest()})
     sent = _sent_sql(rewriter, "EXECUTE dw('n@example.com', '078-05-1120')")
-    assert "pgcloak_refused_" not in sent and "078-05" not in sent
-    assert decrypt(protection.keyring, sent.split("'")[3]) == b"078-05-1120"
+    assert sent == "SELECT ('n@example.com')::text, ('078-05-1120')::text"  # pgcloak's, not the server's
+    # A second PREPARE of a name without DEALLOCATE is refused by PostgreSQL: not taken.
+    _sent_sql(rewriter, "PREPARE two(text) AS INSERT INTO users (ssn) VALUES ($1); PREPARE two(text) AS SELECT $1")
+    sent = _sent_sql(rewriter, "EXECUTE two('078-05-1120')")
+    assert sent.startswith("INSERT INTO users (ssn) VALUES (") and "078-05" not in sent
+    assert decrypt(protection.keyring, sent.split("'")[1]) == b"078-05-1120"
 
 
-def test_a_name_the_server_does_not_hold_is_unknown(rewriter: Rewriter) -> None:
-    _sent_sql(rewriter, "SELECT 1/0; PREPARE gone(text) AS SELECT $1")  # never ran
-    rewriter.confirm_names({})
-    sent = _sent_sql(rewriter, "EXECUTE gone('x')")
-    assert "pgcloak_refused_" in sent
-    bind = rewriter.client_message(ord("B"), Bind("", "gone", (), (b"x",), ()).encode())
-    assert b"pgcloak_refused_" in bind
+def test_execute_inside_another_statement_is_refused(rewriter: Rewriter) -> None:
+    _sent_sql(rewriter, "PREPARE sel(text) AS SELECT id FROM users WHERE email = $1")
+    for sql in ("EXPLAIN EXECUTE sel('a@example.com')", "CREATE TABLE t AS EXECUTE sel('a@example.com')"):
+        sent = _sent_sql(rewriter, sql)
+        assert "pgcloak_refused_" in sent and "a@example.com" not in sent, sql
+    assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE nope('a@example.com')")

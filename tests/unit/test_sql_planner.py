@@ -16,7 +16,6 @@ from pgcloak.sql import (
     explain_text,
     needs_parse,
     quote_literal,
-    resolve_execute,
 )
 from pgcloak.sql.lexer import lex
 
@@ -470,19 +469,9 @@ def test_prepare_execute(planner: Planner) -> None:
     assert kinds(inner.params) == ["lookup", "pass"]
     assert prep.params == ()
     assert prep.sql == "PREPARE q (text, int) AS select * from users where left(email, 22) = $1 and id = $2"
-    ex, lits = simple(planner, "EXECUTE q('a@b', 5)")
+    ex, _ = simple(planner, "EXECUTE q('a@b', 5)")
     assert ex.execute == "q"
-    assert kinds(ex.literals) == ["pass", "pass"]
-    resolved = resolve_execute(ex, {"q": inner})
-    allowed(resolved)
-    assert kinds(resolved.literals) == ["lookup", "pass"]
-    assert resolved.touches_pii
-    assert planner.render(resolved, ["IDX", lits[1]]) == "EXECUTE q('IDX', 5)"
-    # unknown name: left to PostgreSQL
-    assert resolve_execute(ex, {}).literals == ex.literals
-    # non-literal argument for a protected parameter
-    ex2, _ = simple(planner, "execute q(lower('A'), 5)")
-    denied(resolve_execute(ex2, {"q": inner}), "argument 1", "literal")
+    # EXECUTE is sent as the statement itself (tests/unit/test_session_rewriter.py).
 
 
 def test_prepare_insert_literal_store(planner: Planner) -> None:
@@ -871,3 +860,21 @@ def test_refusal_messages_show_literals_as_question_marks(planner: Planner) -> N
         message = plan.decision.message
         assert not plan.decision.allowed
         assert "(?)" in message and "ecret" not in message and "@pgcloak" not in message and "7391" not in message, message
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT a FROM (SELECT * FROM users) AS s(a, b) WHERE email = 'bob@x.com'",
+        "WITH s(a, b) AS (SELECT * FROM users) SELECT a FROM s WHERE b = 'bob@x.com'",
+        "SELECT e FROM (SELECT u.* FROM users u) s(i, n, e) WHERE e = 'bob@x.com'",
+    ],
+)
+def test_column_aliases_over_a_star_of_a_protected_table_are_refused(planner: Planner, sql: str) -> None:
+    plan, _ = simple(planner, sql)
+    denied(plan, "column aliases over SELECT * of protected table public.users")
+
+
+def test_column_aliases_over_named_columns_pass(planner: Planner) -> None:
+    plan, _ = simple(planner, "SELECT m FROM (SELECT id, email FROM users) AS s(i, m) WHERE i = 1")
+    allowed(plan)

@@ -14,9 +14,7 @@ chunk without the envelope prefix or the marker is forwarded as it came.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import itertools
 import re
 import struct
@@ -35,7 +33,9 @@ from pgcloak.session.protection import (
 )
 from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, internal_name
 from pgcloak.session.search_path import SessionSearchPath
-from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial, resolve_execute
+from pgcloak.sql import PASS, Plan, ValueAction, read_denial
+from pgcloak.sql.lexer import LexError
+from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import Mark, frame, iter_messages
@@ -159,15 +159,10 @@ def _unknown_message(name: str) -> str:
     return f'prepared statement "{name}" does not exist'
 
 
-def _md5(text: str) -> str:
-    """What PostgreSQL's md5(statement) gives for a text pgcloak sent (UTF-8)."""
-    return hashlib.md5(text.encode("utf-8", "surrogateescape"), usedforsecurity=False).hexdigest()
-
-
-def _unconfirmed_message(name: str) -> str:
+def _sql_prepared_message(name: str) -> str:
     return (
-        f'prepared statement "{name}" was prepared in a batch whose result pgcloak has not seen '
-        "yet: wait for it (ReadyForQuery) before executing it"
+        f'prepared statement "{name}" was prepared with SQL PREPARE: through pgcloak it runs '
+        "only as EXECUTE (prepare it with the protocol, as drivers do, to bind it)"
     )
 
 
@@ -221,13 +216,9 @@ class Rewriter:
         #: first definition may still be the server's (PostgreSQL refuses to redefine
         #: a name, 42P05): which one a Bind reaches is unknown, so Binds are refused.
         self._redefined: set[str] = set()
-        #: SQL-level PREPAREs sent and not yet confirmed by PostgreSQL (it refuses one
-        #: of a name it has, 42P05; one after an error in its batch never runs): which
-        #: definition a name has is asked of the server (:meth:`unconfirmed_names`,
-        #: :meth:`confirm_names`) before these names are executed. Definitions sent,
-        #: by (name, the text as sent: what pg_prepared_statements shows).
-        self._unconfirmed: set[str] = set()
-        self._sql_sent: dict[tuple[str, str], tuple[Protection, Plan]] = {}
+        #: SQL-level PREPAREs by name: what EXECUTE is sent as (see
+        #: :mod:`pgcloak.sql.prepared`; never the server's statement).
+        self._bodies: dict[str, Definition] = {}
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
         self._copy_out_csv = False
@@ -379,7 +370,23 @@ class Rewriter:
             if self._reprepared:
                 self._forget_reprepared("")
         plan, literals = protection.planner.plan_simple(sql)
-        plan = self._resolve(plan)
+        bodies: dict[str, Definition] | None = None
+        if plan.named or plan.executes:
+            if self._reserved(plan):
+                self.last_plan = None
+                return self._refused_query("42939", _RESERVED_NAME)
+            try:
+                inlined, bodies = self._inlined(sql)
+            except InlineRefused as exc:
+                self.last_plan = None
+                return self._refused_query(exc.sqlstate, exc.message)
+            except LexError:
+                bodies = None  # the plan refuses it or passes it as PostgreSQL's to reject
+            else:
+                if inlined != sql:
+                    sql = inlined
+                    msg = Query(sql).encode()
+                    plan, literals = protection.planner.plan_simple(sql)
         self.last_plan = plan
         audit = self._audit
         if not plan.decision.allowed:
@@ -403,8 +410,8 @@ class Rewriter:
             except ValueRefused as exc:
                 return self._refused_query(exc.sqlstate, exc.message)
             msg = Query(sent).encode()
-        if plan.named:
-            self._sql_level_statements(protection, plan, sent)
+        if plan.named or bodies is not None:
+            self._sql_level_statements(plan, bodies)
         if audit is not None:
             audit.query(plan, lookups, sql)
         if change is not None:
@@ -431,62 +438,33 @@ class Rewriter:
             self._audit.query(None, {})  # its ReadyForQuery still comes
         return self._refuse_query(sqlstate, message)
 
-    def _resolve(self, plan: Plan) -> Plan:
-        """SQL-level names checked: pgcloak's own are not the client's (42939); then
-        :meth:`_resolve_executes`."""
-        if (plan.named or plan.executes) and any(
+    def _reserved(self, plan: Plan) -> bool:
+        """SQL-level names of pgcloak's own statements: not the client's (42939)."""
+        return bool(plan.named or plan.executes) and any(
             name.startswith(INTERNAL_PREFIX)
             for name in itertools.chain((n for n, _ in plan.named), (c.name for c in plan.executes))
-        ):
-            return dataclasses.replace(plan, decision=Decision(False, "42939", _RESERVED_NAME))
-        return self._resolve_executes(plan)
+        )
 
-    def _resolve_executes(self, plan: Plan) -> Plan:
-        """``EXECUTE name(...)``: give its literals the actions of the prepared statement
-        (one this session prepared before, or one the same text prepares). A name this
-        session never saw prepared is refused as PostgreSQL would (26000): its values
-        would otherwise reach the server untransformed."""
-        if not plan.executes:
-            return plan
-        redefined = [c.name for c in plan.executes if c.name in self._redefined]
-        if redefined:
-            return dataclasses.replace(plan, decision=Decision(False, "0A000", _redefined_message(redefined[0])))
-        if self._unconfirmed:
-            same_text = {name for name, inner in plan.named if inner is not None}
-            unconfirmed = [c.name for c in plan.executes if c.name in self._unconfirmed and c.name not in same_text]
-            if unconfirmed:
-                return dataclasses.replace(plan, decision=Decision(False, "0A000", _unconfirmed_message(unconfirmed[0])))
-        known = {k: v[1] for k, v in self.statements.items()}
+    def _inlined(self, text: str) -> tuple[str, dict[str, Definition]]:
+        """``text`` with its ``EXECUTE name(...)`` statements sent as the statements the
+        names stand for (see :mod:`pgcloak.sql.prepared`), and the SQL-level definitions
+        once it ran. Raises :class:`InlineRefused`."""
+        def protocol_text(name: str) -> str | None:
+            entry = self.statements.get(name)
+            return entry[2] if entry is not None and entry[2] else None
+
+        return inline_executes(text, self._bodies, protocol_text)
+
+    def _sql_level_statements(self, plan: Plan, bodies: dict[str, Definition] | None) -> None:
+        """Follow SQL-level PREPARE / DEALLOCATE (``bodies``: the definitions once the text
+        ran, from :meth:`_inlined`). DEALLOCATE also closes a statement the client
+        prepared with the protocol (one namespace)."""
+        if bodies is not None:
+            self._bodies = bodies if len(bodies) <= MAX_STATEMENTS else {}
         for name, inner in plan.named:
             if inner is not None:
-                known[name] = inner
-        unknown = [c.name for c in plan.executes if c.name not in known]
-        if unknown:
-            return dataclasses.replace(plan, decision=Decision(False, "26000", _unknown_message(unknown[0])))
-        # PostgreSQL analyses a prepared statement again when the search_path changed (and
-        # it would run under today's policy): one planned under other rules is stale.
-        current = self._protection()
-        same_text = {name for name, inner in plan.named if inner is not None}
-        if any(
-            c.name not in same_text and self.statements[c.name][0] is not current for c in plan.executes
-        ):
-            return dataclasses.replace(plan, decision=Decision(False, "0A000", _STALE_STATEMENT))
-        return resolve_execute(plan, known)
-
-    def _sql_level_statements(self, protection: Protection, plan: Plan, sent: str) -> None:
-        """Track SQL-level PREPARE / DEALLOCATE (same namespace as protocol-level names),
-        every one of the text (``sent``: as it goes to the server), in order. A PREPARE
-        is taken as done, but unconfirmed until the server says which definition the
-        name has; a DEALLOCATE is taken as done (if it fails, the name is unknown here,
-        so refused: and a PREPARE of it again is unconfirmed)."""
-        for name, inner in plan.named:
-            if inner is not None:
-                self._remember(name, protection, inner, "", b"")
-                if len(self._sql_sent) >= MAX_STATEMENTS:
-                    self._sql_sent.clear()  # unconfirmed names then become unknown
-                self._sql_sent[(name, sent)] = (protection, inner)
-                self._unconfirmed.add(name)
-            elif name.upper() == "ALL":
+                continue
+            if name.upper() == "ALL":
                 self.statements.clear()
                 self._redefined.clear()
                 self._reprepared.clear()  # the server drops ours too
@@ -494,34 +472,6 @@ class Rewriter:
                 self.statements.pop(name, None)
                 self._redefined.discard(name)
                 self._forget_reprepared(name)
-
-    @property
-    def has_unconfirmed(self) -> bool:
-        return bool(self._unconfirmed)
-
-    def unconfirmed_names(self) -> list[str]:
-        """Names SQL-level PREPAREs were sent for, whose definition PostgreSQL has not
-        confirmed yet (the session asks it when nothing else is in flight)."""
-        return sorted(self._unconfirmed)
-
-    def confirm_names(self, held: dict[str, str]) -> None:
-        """What PostgreSQL holds for the unconfirmed names: name -> md5 of the text that
-        prepared it (absent: no such statement). A name whose text pgcloak sent gets that
-        definition; any other is forgotten (refused as unknown)."""
-        asked = self._unconfirmed
-        kept: dict[tuple[str, str], tuple[Protection, Plan]] = {}
-        for (name, text), entry in self._sql_sent.items():
-            if name not in asked:
-                kept[(name, text)] = entry
-            elif held.get(name) == _md5(text):
-                kept[(name, text)] = entry  # the server's definition: it may be asked again
-                self.statements[name] = (entry[0], entry[1], "", b"")
-                self._redefined.discard(name)
-        confirmed = {name for name, _ in kept}
-        for name in asked - confirmed:
-            self.statements.pop(name, None)  # not the server's, or a text never seen here
-        self._sql_sent = kept
-        asked.clear()
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -627,15 +577,32 @@ class Rewriter:
             return self._refuse_parse(name, "42939", _RESERVED_NAME)
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
-        literals = entry.literals
-        if plan.executes or plan.named:
-            # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, its
-            # literals get the actions of the session's prepared statement.
-            plan = self._resolve(plan)
-            if plan.executes and any(a.kind != "pass" for a in plan.literals):
-                literals = tuple(protection.planner.plan_simple(text_of(body, name_end, query_end))[1])
-        self.last_plan = plan
+        bodies: dict[str, Definition] | None = None
         existed = name in self.statements
+        if plan.executes or plan.named:
+            # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, sent as
+            # the statement the name stands for.
+            refusal: tuple[str, str] | None = ("42939", _RESERVED_NAME) if self._reserved(plan) else None
+            if refusal is None:
+                try:
+                    inlined, bodies = self._inlined(text_of(body, name_end, query_end))
+                except InlineRefused as exc:
+                    refusal = (exc.sqlstate, exc.message)
+                except LexError:
+                    bodies = None
+                else:
+                    if inlined != text_of(body, name_end, query_end):
+                        body = body[: name_end + 1] + inlined.encode("utf-8", "surrogateescape") + body[query_end:]
+                        query_end = name_end + 1 + len(inlined.encode("utf-8", "surrogateescape"))
+                        msg = frame(b"P", body)
+                        entry = protection.plan_parse(body[name_end + 1 : query_end])
+                        plan = entry.plan
+            if refusal is not None:
+                self.last_plan = None
+                self._parse_failed(name, existed)
+                return self._refuse_parse(name, *refusal)
+        literals = entry.literals
+        self.last_plan = plan
         if not plan.decision.allowed:
             self._parse_failed(name, existed)
             return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
@@ -664,10 +631,10 @@ class Rewriter:
                 self._parse_failed(name, existed)
                 return self._refuse_parse(name, exc.sqlstate, exc.message)
             text = rendered.encode("utf-8", "surrogateescape")
-        if plan.named:
-            # Taken as done at Parse (it runs at each Execute): confirmed by the server.
-            sent = text if text is not None else body[name_end + 1 : query_end]
-            self._sql_level_statements(protection, plan, sent.decode("utf-8", "surrogateescape"))
+        if plan.named or bodies is not None:
+            # Followed at Parse (it runs at each Execute, maybe never: EXECUTE is sent as
+            # pgcloak's statement anyway, so the server's need not be known).
+            self._sql_level_statements(plan, bodies)
         if text is None:
             return msg
         return frame(b"P", body[: name_end + 1] + text + body[query_end:])
@@ -686,17 +653,19 @@ class Rewriter:
             # Unknown to us: refused as PostgreSQL refuses a name it does not know, so a
             # statement prepared some way we did not see never runs with raw values.
             # (Usually the Parse before it failed, and the server skips this Bind anyway:
-            # PostgreSQL's own error, not a refusal to count or record.)
+            # PostgreSQL's own error, not a refusal to count or record.) One prepared with
+            # SQL runs only as EXECUTE (sent as pgcloak's statement, not the server's).
             if audit is not None:
                 audit.bind(portal, None, {})
+            if name in self._bodies:
+                return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), "0A000", _sql_prepared_message(name))
             return self._refuse_bind(
                 portal.decode("utf-8", "surrogateescape"), "26000", _unknown_message(name), refusal=False
             )
-        if name in self._redefined or name in self._unconfirmed:
+        if name in self._redefined:
             if audit is not None:
                 audit.bind(portal, None, {})
-            message = _redefined_message(name) if name in self._redefined else _unconfirmed_message(name)
-            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", message)
+            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", _redefined_message(name))
         protection, plan, text, tail = entry
         current = self._protection()
         before = b""

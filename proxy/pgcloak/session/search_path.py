@@ -140,12 +140,7 @@ class SessionSearchPath:
         """Whether to ask PostgreSQL now, at a ReadyForQuery with ``status`` (after
         :meth:`ready`): the path is unknown, nothing else is in flight or half sent, and
         the transaction has not failed (its queries would)."""
-        return self.current is None and self.idle(status)
-
-    def idle(self, status: int) -> bool:
-        """Nothing is in flight or half sent, and the transaction has not failed: a
-        query of pgcloak's own may go now (its reply is the only one coming)."""
-        return self.outstanding == 0 and not self.unsynced and status != _FAILED
+        return self.current is None and self.outstanding == 0 and not self.unsynced and status != _FAILED
 
     def learned(self, setting: str, user: str, status: int) -> None:
         """PostgreSQL's answer, asked at a ReadyForQuery with ``status``."""

@@ -16,7 +16,6 @@ import os
 import ssl
 import struct
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pgcloak.audit import SessionInfo, connection_event
@@ -27,7 +26,6 @@ from pgcloak.session.reprepare import ACKS, cut
 from pgcloak.session.rewriter import CAPTURE, CAPTURE_AUDITED, Rewriter
 from pgcloak.session.scram import ScramClient, ScramError, ScramServer, ScramVerifier
 from pgcloak.session.search_path import SessionSearchPath
-from pgcloak.sql.lexer import quote_literal
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import Mark, frame, iter_messages, scan_marked
 from pgcloak.wire.messages import (
@@ -83,10 +81,7 @@ _SESSION_FACTS_SQL_16 = (
 #: Asked again at the first idle moment after a statement that may have changed the path:
 #: utility statements, which take no snapshot in the client's transaction. "$user" means
 #: the role SET ROLE chose, else the session's authorization.
-_PATH_PROBE = "SHOW search_path; SHOW role; SHOW session_authorization"
-#: Which definitions SQL-level PREPAREs left (see Rewriter.confirm_names): a catalog view
-#: over the session's own statements, whose text is what pgcloak sent.
-_NAMES_PROBE = "SELECT name, md5(statement) FROM pg_catalog.pg_prepared_statements WHERE name IN ({})"
+_PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").encode()
 #: The server messages the session follows: the ends of replies (the audit trail, the
 #: search_path), ParseComplete / CloseComplete (statements prepared again) and
 #: CopyInResponse (PostgreSQL ignores Sync in copy-in mode).
@@ -813,13 +808,10 @@ class Session:
                 continue
             status = data[pos + 5]
             path.ready(status)
-            ask_path = path.should_ask(status)
-            names = rewriter.unconfirmed_names() if rewriter.has_unconfirmed and path.idle(status) else []
-            if ask_path or names:
+            if path.should_ask(status):
                 # Hold this ReadyForQuery (and what follows) until PostgreSQL has said what
-                # the path is now, or which statements the names have: the client's next
-                # statement is planned for them.
-                self._ask_path(data[pos:], status, ask_path, names)
+                # the path is now: the client's next statement is planned for it.
+                self._ask_path(data[pos:], status)
                 data, marks, tail_rows = data[:pos], marks[:i], rows
                 break
         if not data:
@@ -850,14 +842,10 @@ class Session:
         self._bytes_rewritten += len(data)
         transport.write(data)
 
-    def _ask_path(self, held: bytes, status: int, path: bool = True, names: Sequence[str] = ()) -> None:
+    def _ask_path(self, held: bytes, status: int) -> None:
         assert self._rewriter is not None
-        self._path_probe = _PathProbe(held, status, path, bool(names))
-        parts = [_PATH_PROBE] if path else []
-        if names:
-            parts.append(_NAMES_PROBE.format(", ".join(quote_literal(n) for n in names)))
-        # Between two of the client's messages:
-        self._rewriter.to_server.append(Query("; ".join(parts)).encode())
+        self._path_probe = _PathProbe(held, status)
+        self._rewriter.to_server.append(_PATH_PROBE)  # between two of the client's messages
         self._flush_to_server()
 
     def _path_probe_reply(self, data: bytes) -> tuple[bytes, int]:
@@ -874,28 +862,20 @@ class Session:
                 out.append(data[start - 5 : end])
             elif kind == _DATA_ROW:
                 values = DataRow.decode(data[start:end]).values
-                if len(values) == 2:  # pg_prepared_statements: name, md5 of its text
-                    probe.names[(values[0] or b"").decode("utf-8", "surrogateescape")] = (values[1] or b"").decode()
-                else:
-                    probe.values.append(values[0].decode("utf-8", "surrogateescape") if values and values[0] else "")
+                probe.values.append(values[0].decode("utf-8", "surrogateescape") if values and values[0] else "")
             elif kind == _ERROR:
                 probe.error = data[start - 5 : end]
             elif kind == _READY:
                 self._path_probe = None
-                if probe.error is None and len(probe.values) == (3 if probe.path else 0):
-                    if probe.path:
-                        setting, role, authorization = probe.values
-                        self.search_path.learned(setting, authorization if role == "none" else role, probe.status)
-                    if probe.asked_names:
-                        assert self._rewriter is not None
-                        self._rewriter.confirm_names(probe.names)
+                if probe.error is None and len(probe.values) == 3:
+                    setting, role, authorization = probe.values
+                    self.search_path.learned(setting, authorization if role == "none" else role, probe.status)
                     out.insert(0, probe.held)
                 else:
                     # Canceled, timed out...: the client learns it before its ReadyForQuery
                     # (its transaction may have failed with the probe), which says the
                     # status now; the path stays unknown, asked again later.
-                    # Unconfirmed statement names stay so (refused), asked again later.
-                    log.warning("could not read the session's search_path or statements", extra={"session": self.id})
+                    log.warning("could not read the session's search_path", extra={"session": self.id})
                     if probe.error is not None:
                         out.append(probe.error)
                     out.append(probe.held[:5] + data[start : start + 1] + probe.held[6:])
@@ -929,13 +909,10 @@ class Session:
 class _PathProbe:
     """The search_path asked of PostgreSQL: what was held back from the client meanwhile."""
 
-    __slots__ = ("asked_names", "error", "held", "names", "path", "status", "values")
+    __slots__ = ("error", "held", "status", "values")
 
-    def __init__(self, held: bytes, status: int, path: bool, asked_names: bool) -> None:
+    def __init__(self, held: bytes, status: int) -> None:
         self.held = held
         self.status = status
-        self.path = path
-        self.asked_names = asked_names
         self.values: list[str] = []
-        self.names: dict[str, str] = {}
         self.error: bytes | None = None

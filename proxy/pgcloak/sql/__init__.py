@@ -26,7 +26,6 @@ from pgcloak.sql.planner import (
     fingerprint,
     names_protected_table,
     needs_parse,
-    resolve_execute,
 )
 
 __all__ = [
@@ -44,5 +43,4 @@ __all__ = [
     "needs_parse",
     "quote_literal",
     "read_denial",
-    "resolve_execute",
 ]

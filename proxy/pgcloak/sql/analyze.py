@@ -384,6 +384,7 @@ class Analyzer:
         self._in_progress.add(id(key))
         try:
             cols: dict[str, Origin | None] = {}
+            starred: str | None = None
             q = _unparen(query)
             if isinstance(q, exp.Subquery):
                 q = q.this
@@ -405,7 +406,10 @@ class Analyzer:
                 ):
                     if scope is not None:
                         for src in self._star_sources(inner, scope):
-                            cols.update(self._source_columns(src))
+                            source_cols = self._source_columns(src)
+                            if src.table is not None and source_cols:
+                                starred = src.table  # its columns' order is the catalog's
+                            cols.update(source_cols)
                     continue
                 origin: Origin | None = None
                 if isinstance(inner, exp.Column):
@@ -414,6 +418,13 @@ class Analyzer:
                 cols[canon(name) if isinstance(proj, exp.Alias) else canon(_ident_of(proj, name))] = origin
             alias = key.args.get("alias") if isinstance(key, exp.CTE | exp.Subquery) else None
             if isinstance(alias, exp.TableAlias) and alias.columns:
+                if starred is not None:
+                    # (SELECT * FROM users) AS s(a, b, c): which name is which column only
+                    # the catalog knows; a lookup on one would go out in clear.
+                    self.deny(
+                        f"column aliases over SELECT * of protected table {starred} are not "
+                        "supported: name the columns in the select list"
+                    )
                 renamed = list(cols.values())
                 cols = {
                     canon(c): (renamed[i] if i < len(renamed) else None)

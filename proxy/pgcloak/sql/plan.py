@@ -106,13 +106,10 @@ class Literal:
 
 @dataclass(frozen=True, slots=True)
 class ExecuteCall:
-    """``EXECUTE name(args)``: per argument the literal slot index, or None (not a literal).
-
-    A NULL argument is recorded as ``-1`` (nothing to transform).
-    """
+    """``EXECUTE name(args)``: the session sends it as the statement ``name`` stands for
+    (:func:`pgcloak.sql.prepared.inline_executes`)."""
 
     name: str
-    args: tuple[int | None, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +139,7 @@ class Plan:
     #: order: the session's registry must follow all of them, or a statement it does not
     #: know would run with values it never saw.
     named: tuple[tuple[str, Plan | None], ...] = ()
-    #: ``EXECUTE name(...)`` calls in this text; resolve with :func:`resolve_execute`.
+    #: ``EXECUTE name(...)`` calls in this text (the session sends them inlined).
     executes: tuple[ExecuteCall, ...] = ()
     #: COPY ... TO STDOUT of a protected table or query over one.
     copy_out: bool = False

@@ -16,8 +16,8 @@ everything else (comments, formatting, casts) reaches PostgreSQL exactly as writ
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import sqlglot
@@ -46,6 +46,7 @@ from pgcloak.sql.plan import (
     deny,
     pass_plan,
 )
+from pgcloak.sql.prepared import fold_name
 from pgcloak.sql.search_path import (
     DEFAULT_PATH,
     bound_spelling,
@@ -395,6 +396,12 @@ class Planner:
                 an.touches = True
             return _Stmt(self._verbatim(sql, lexed, s0, e0), an)
 
+        if first == "CREATE" and any(
+            toks[j].token_type == TokenType.EXECUTE and toks[j - 1].text.upper() == "AS" for j in range(a + 1, b)
+        ):
+            # CREATE TABLE ... AS EXECUTE name(...) would run the server's statement with
+            # its arguments as sent (pgcloak sends EXECUTE as its own statement instead).
+            return simple("ddl", "CREATE ... AS EXECUTE is not supported by pgcloak: use CREATE TABLE ... AS the statement itself")
         if first == "EXPLAIN":
             i = a + 1
             if i < b and toks[i].token_type == TokenType.L_PAREN:
@@ -484,14 +491,8 @@ class Planner:
             st.analysis.denials.append(_ESCAPED_NAME)
             st.analysis.touches = True
             return st
-        name = _tok_name(toks[a + 1])
-        args: list[int | None] = []
-        i = a + 2
-        if i < b and toks[i].token_type == TokenType.L_PAREN:
-            close = _matching_paren(toks, i, b)
-            for lo, hi in _split_args(toks, i + 1, close):
-                args.append(_arg_slot(toks, lexed, lo, hi))
-        st.executes.append(ExecuteCall(name, tuple(args)))
+        # Sent as the statement the name stands for (pgcloak.sql.prepared), by the session.
+        st.executes.append(ExecuteCall(_tok_name(toks[a + 1])))
         return st
 
     def _copy(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
@@ -692,51 +693,6 @@ class Planner:
         return _Stmt(self._verbatim(sql, lexed, s0, e0), an)
 
 
-def resolve_execute(plan: Plan, prepared: Mapping[str, Plan]) -> Plan:
-    """Give ``EXECUTE name(args)`` literals the actions of the prepared statement's params.
-
-    ``prepared`` is the session's registry (SQL-level PREPARE and protocol-level named
-    statements share PostgreSQL's namespace). An unknown name is left as is: PostgreSQL
-    reports it. A non-literal argument for a protected parameter is refused.
-    """
-    if not plan.executes:
-        return plan
-    literals = list(plan.literals)
-    denials: list[str] = [] if plan.decision.allowed else [plan.decision.message]
-    touches = plan.touches_pii
-    read = list(plan.audit.pii_read)
-    written = list(plan.audit.pii_written)
-    tables = list(plan.audit.tables)
-    for call in plan.executes:
-        inner = prepared.get(call.name)
-        if inner is None:
-            continue
-        if not inner.decision.allowed:
-            denials.append(inner.decision.message)
-        touches = touches or inner.touches_pii
-        read += [k for k in inner.audit.pii_read if k not in read]
-        written += [k for k in inner.audit.pii_written if k not in written]
-        tables += [t for t in inner.audit.tables if t not in tables]
-        for j, action in enumerate(inner.params):
-            if action.kind == "pass":
-                continue
-            slot = call.args[j] if j < len(call.args) else None
-            if slot is None:
-                denials.append(
-                    f"EXECUTE {call.name}: argument {j + 1} goes to protected column "
-                    f"{action.table}.{action.column} and must be a literal"
-                )
-            elif slot >= 0:
-                literals[slot] = action
-    return replace(
-        plan,
-        literals=tuple(literals),
-        touches_pii=touches,
-        decision=ALLOW if not denials else deny("; ".join(denials)),
-        audit=replace(plan.audit, pii_read=tuple(read), pii_written=tuple(written), tables=tuple(tables)),
-    )
-
-
 def explain_text(plan: Plan) -> str:
     """Human-readable plan, for ``pgcloak explain``."""
     lines: list[str] = []
@@ -873,43 +829,6 @@ def _matching_paren(toks: list[Token], i: int, b: int) -> int:
     return b - 1
 
 
-def _split_args(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    depth = 0
-    start = lo
-    for j in range(lo, hi):
-        tt = toks[j].token_type
-        if tt in (TokenType.L_PAREN, TokenType.L_BRACKET):
-            depth += 1
-        elif tt in (TokenType.R_PAREN, TokenType.R_BRACKET):
-            depth -= 1
-        elif tt == TokenType.COMMA and depth == 0:
-            out.append((start, j))
-            start = j + 1
-    if hi > start:
-        out.append((start, hi))
-    return out
-
-
-#: Casts an EXECUTE argument of a protected column may carry: they keep the (longer,
-#: encrypted) value whole. ``varchar(n)``, ``char(n)`` or ``name`` would cut it.
-_WHOLE_TEXT_CASTS: Final = frozenset({"text", "varchar"})
-
-
-def _arg_slot(toks: list[Token], lexed: Lexed, lo: int, hi: int) -> int | None:
-    """Slot index of a literal argument, alone or with ``::text`` / ``::varchar``; -1 for
-    NULL; else None (an expression: refused where it is bound to a protected column, as
-    only a literal can be encrypted whole, e.g. ``'x'::text || '...'`` cannot)."""
-    if hi - lo == 3 and toks[lo + 1].token_type == TokenType.DCOLON:
-        if toks[lo + 2].text.lower() not in _WHOLE_TEXT_CASTS:
-            return None
-    elif hi - lo != 1:
-        return None
-    if toks[lo].token_type == TokenType.NULL:
-        return -1
-    return lexed.slot_of_token.get(lo)
-
-
 def _copy_format(words: Sequence[str]) -> str:
     """``text``, ``csv`` or ``binary`` from the uppercased words of COPY's options."""
     fmt = "text"
@@ -954,8 +873,6 @@ def _copy_in_options(words: Sequence[str]) -> list[str]:
     return found
 
 
-#: PostgreSQL's identifiers are at most NAMEDATALEN - 1 bytes: longer ones are truncated.
-_MAX_IDENTIFIER_BYTES: Final = 63
 _ESCAPED_NAME: Final = (
     'a prepared statement name written U&"..." is not supported by pgcloak (it could not '
     "tell which statement runs): use a plain or quoted name"
@@ -963,13 +880,8 @@ _ESCAPED_NAME: Final = (
 
 
 def _tok_name(tok: Token) -> str:
-    """A statement name as PostgreSQL folds it: lowercase unless quoted, truncated to 63
-    bytes (so ``EXECUTE`` of a longer spelling finds the same statement)."""
-    name = tok.text if tok.token_type == TokenType.IDENTIFIER else tok.text.lower()
-    raw = name.encode("utf-8")
-    if len(raw) > _MAX_IDENTIFIER_BYTES:
-        name = raw[:_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
-    return name
+    """A statement name as PostgreSQL folds it (see :func:`~pgcloak.sql.prepared.fold_name`)."""
+    return fold_name(tok)
 
 
 def _escaped_name(toks: Sequence[Token], at: int) -> bool:

@@ -1,0 +1,216 @@
+"""SQL-level prepared statements: ``EXECUTE name(args)`` sent as the statement itself.
+
+pgcloak cannot see which statement PostgreSQL holds under a name: a ``PREPARE`` it
+refuses (42P05: the name exists, e.g. after a ``DEALLOCATE`` that failed in an aborted
+transaction or was skipped after an error), one run again from a statement the client
+prepared with the protocol, or one made by a function behind pgcloak's back. If
+``EXECUTE`` ran the server's statement with arguments transformed for the one pgcloak
+believes in, a protected value could reach the server in clear. So pgcloak never lets
+``EXECUTE`` run the server's statement: it sends the statement it knows for the name
+with the arguments in place of ``$n`` (cast to the declared types), which it then plans
+like any other text: what runs is what pgcloak encrypts for, whatever the server holds.
+
+Pure (no IO).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from sqlglot.tokenizer_core import Token, TokenType
+
+from pgcloak.sql.lexer import LexError, split_statements, tokenize
+
+__all__ = ["Definition", "InlineRefused", "fold_name", "inline_executes"]
+
+#: PostgreSQL's identifiers are at most NAMEDATALEN - 1 bytes: longer ones are truncated.
+_MAX_IDENTIFIER_BYTES = 63
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """What ``PREPARE name [(types)] AS body`` prepared: the body as the client wrote it
+    (planned again at each EXECUTE, under the rules then in force) and the declared
+    parameter types (as written; may be fewer than the body's parameters)."""
+
+    body: str
+    types: tuple[str, ...] = ()
+
+
+class InlineRefused(Exception):
+    """An EXECUTE pgcloak cannot send as its statement: ``sqlstate`` and ``message``."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+def fold_name(tok: Token) -> str:
+    """A statement name as PostgreSQL folds it: ASCII letters lowercased unless quoted
+    (PostgreSQL leaves other letters alone in UTF-8), truncated to 63 bytes."""
+    if tok.token_type == TokenType.IDENTIFIER:
+        name = tok.text
+    else:
+        name = "".join(c.lower() if "A" <= c <= "Z" else c for c in tok.text)
+    raw = name.encode("utf-8")
+    if len(raw) > _MAX_IDENTIFIER_BYTES:
+        name = raw[:_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
+    return name
+
+
+def _matching(toks: list[Token], i: int, end: int) -> int:
+    """Index of the parenthesis closing the one at ``i`` (``end`` if none)."""
+    depth = 0
+    for j in range(i, end):
+        if toks[j].token_type == TokenType.L_PAREN:
+            depth += 1
+        elif toks[j].token_type == TokenType.R_PAREN:
+            depth -= 1
+            if depth == 0:
+                return j
+    return end
+
+
+def _split(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Token ranges of the comma-separated items in ``[lo, hi)`` (nesting respected)."""
+    out: list[tuple[int, int]] = []
+    depth, start = 0, lo
+    for j in range(lo, hi):
+        tt = toks[j].token_type
+        if tt in (TokenType.L_PAREN, TokenType.L_BRACKET):
+            depth += 1
+        elif tt in (TokenType.R_PAREN, TokenType.R_BRACKET):
+            depth -= 1
+        elif tt == TokenType.COMMA and depth == 0:
+            out.append((start, j))
+            start = j + 1
+    if hi > start:
+        out.append((start, hi))
+    return out
+
+
+def _escaped(toks: list[Token], i: int, end: int) -> bool:
+    return i + 1 < end and toks[i].text.upper() == "U" and toks[i + 1].token_type == TokenType.AMP
+
+
+def _definition(sql: str, toks: list[Token], a: int, b: int) -> tuple[str, Definition] | None:
+    """``PREPARE name [(types)] AS body`` at tokens ``[a, b)``; None if not that shape."""
+    if a + 1 >= b or _escaped(toks, a + 1, b):
+        return None
+    name = fold_name(toks[a + 1])
+    i = a + 2
+    types: tuple[str, ...] = ()
+    if i < b and toks[i].token_type == TokenType.L_PAREN:
+        close = _matching(toks, i, b)
+        types = tuple(sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close))
+        i = close + 1
+    if i + 1 >= b or toks[i].text.upper() != "AS":
+        return None
+    return name, Definition(sql[toks[i + 1].start : toks[b - 1].end + 1], types)
+
+
+def _inline(definition: Definition, args: list[str], name: str) -> str:
+    """The body with ``$n`` replaced by argument n (cast to its declared type)."""
+    try:
+        toks = tokenize(definition.body)
+    except LexError:
+        raise InlineRefused("0A000", f'prepared statement "{name}" could not be read by pgcloak') from None
+    out: list[str] = []
+    at = 0
+    used = 0
+    for j, tok in enumerate(toks):
+        if tok.token_type != TokenType.PARAMETER or j + 1 >= len(toks):
+            continue
+        number = toks[j + 1]
+        if number.token_type != TokenType.NUMBER or not number.text.isdigit() or number.start != tok.end + 1:
+            continue
+        n = int(number.text)
+        if not 1 <= n <= len(args):
+            raise InlineRefused(
+                "42601", f'wrong number of parameters for prepared statement "{name}": ${n}, got {len(args)}'
+            )
+        used = max(used, n)
+        value = f"({args[n - 1]})"
+        if n <= len(definition.types):
+            value += f"::{definition.types[n - 1]}"
+        out.append(definition.body[at : tok.start])
+        out.append(value)
+        at = number.end + 1
+    out.append(definition.body[at:])
+    if len(args) != max(used, len(definition.types)):
+        raise InlineRefused(
+            "42601",
+            f'wrong number of parameters for prepared statement "{name}": expected '
+            f"{max(used, len(definition.types))}, got {len(args)}",
+        )
+    return "".join(out)
+
+
+def inline_executes(
+    sql: str,
+    known: Mapping[str, Definition],
+    protocol_text: Callable[[str], str | None] = lambda name: None,
+) -> tuple[str, dict[str, Definition]]:
+    """``sql`` with every ``EXECUTE name(args)`` statement replaced by the statement
+    ``name`` stands for, and the session's SQL-level definitions once the text ran.
+
+    ``known``: the definitions before this text. A PREPARE of a name already defined is
+    not taken (PostgreSQL refuses it, 42P05). ``protocol_text``: the text of a statement
+    the client prepared with the protocol (its ``$n`` are its parameters). Raises
+    :class:`InlineRefused` for an EXECUTE of a name neither knows (26000), one written
+    ``U&"..."``, with arguments that do not fit, or inside another statement
+    (``EXPLAIN EXECUTE``, ``CREATE TABLE ... AS EXECUTE``: it would run the server's).
+    """
+    toks = tokenize(sql)
+    local = dict(known)
+    out: list[str] = []
+    at = 0
+    for a, b in split_statements(toks):
+        word = toks[a].text.upper()
+        if word == "PREPARE":
+            found = _definition(sql, toks, a, b)
+            if found is not None and found[0] not in local:
+                local[found[0]] = found[1]
+            continue
+        if word == "DEALLOCATE":
+            names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
+            if names and names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER:
+                local.clear()
+            elif names and not _escaped(names, 0, len(names)):
+                local.pop(fold_name(names[0]), None)
+            continue
+        if word != "EXECUTE":
+            if (word == "EXPLAIN" and any(t.token_type == TokenType.EXECUTE for t in toks[a + 1 : b])) or any(
+                toks[j].token_type == TokenType.EXECUTE and toks[j - 1].text.upper() == "AS" for j in range(a + 1, b)
+            ):
+                raise InlineRefused(
+                    "0A000", f"{word} ... EXECUTE is not supported by pgcloak: run the prepared statement's own text"
+                )
+            continue
+        if a + 1 >= b or _escaped(toks, a + 1, b):
+            raise InlineRefused(
+                "0A000", 'EXECUTE of a name written U&"..." is not supported by pgcloak: use a plain or quoted name'
+            )
+        name = fold_name(toks[a + 1])
+        args: list[str] = []
+        i = a + 2
+        if i < b and toks[i].token_type == TokenType.L_PAREN:
+            close = _matching(toks, i, b)
+            args = [sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close)]
+            i = close + 1
+        if i < b:
+            raise InlineRefused("0A000", f"EXECUTE {name} followed by more than its arguments is not supported by pgcloak")
+        definition = local.get(name)
+        if definition is None:
+            text = protocol_text(name)
+            if text is None:
+                raise InlineRefused("26000", f'prepared statement "{name}" does not exist')
+            definition = Definition(text)
+        out.append(sql[at : toks[a].start])
+        out.append(_inline(definition, args, name))
+        at = toks[b - 1].end + 1
+    out.append(sql[at:])
+    return "".join(out), local
+
