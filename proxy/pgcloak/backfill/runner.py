@@ -250,10 +250,7 @@ def _statements(name: str, jobs: list[ColumnJob], key: list[str], rotate: bool) 
     unconverted = " OR ".join(_unconverted(j, i + 3) for i, j in enumerate(jobs))
     wanted = " OR ".join(f"{q(j.column)} IS NOT NULL" for j in jobs) if rotate else unconverted
     select_range = f"SELECT ctid, {cols} FROM ONLY {name} WHERE ctid >= $1::tid AND ctid < $2::tid AND ({wanted})"
-    sweep_unconverted = " OR ".join(_unconverted(j, i + 3) for i, j in enumerate(jobs))
-    select_sweep = (
-        f"SELECT ctid, {cols} FROM ONLY {name} WHERE NOT (ctid = ANY($1::tid[])) AND ({sweep_unconverted}) LIMIT $2"
-    )
+    select_sweep = f"SELECT ctid, {cols} FROM ONLY {name} WHERE NOT (ctid = ANY($1::tid[])) AND ({unconverted}) LIMIT $2"
     # $1: ctids; per column k (0-based): $2+2k the new values (NULL: unchanged), $3+2k the
     # values read. A row whose values changed since they were read is not updated.
     sets = ", ".join(f"{q(j.column)} = COALESCE(v.n{k}, t.{q(j.column)})" for k, j in enumerate(jobs))
