@@ -328,3 +328,67 @@ def test_execute_inside_another_statement_is_refused(rewriter: Rewriter) -> None
         sent = _sent_sql(rewriter, sql)
         assert "pgcloak_refused_" in sent and "a@example.com" not in sent, sql
     assert "pgcloak_refused_" in _sent_sql(rewriter, "EXECUTE nope('a@example.com')")
+
+
+# -- a review of EXECUTE sent as its statement ---------------------------------------------
+def test_glued_parameters_in_a_text_with_execute(rewriter: Rewriter) -> None:
+    """sqlglot reads "$1,$2" as a dollar quote: the text used to go out as it came."""
+    _sent_sql(rewriter, "PREPARE g(text,text) AS INSERT INTO users (email, ssn) VALUES ($1,$2)")
+    sent = _sent_sql(rewriter, "EXECUTE g('g@example.com','078-05-1120'); PREPARE zz AS SELECT $1,$2")
+    assert "078-05" not in sent and "g@example.com" not in sent
+    assert sent.startswith("INSERT INTO users (email, ssn) VALUES (")
+
+
+def test_a_protocol_parse_of_a_sql_prepared_name_is_refused(rewriter: Rewriter) -> None:
+    _sent_sql(rewriter, "PREPARE pp(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    out = rewriter.client_message(ord("P"), Parse("pp", "SELECT $1::text, $2::text", ()).encode())
+    assert b"pgcloak_refused_" in out  # PostgreSQL refuses it too (42P05)
+    bind = rewriter.client_message(ord("B"), Bind("", "pp", (), (b"x@example.com", b"078-05-1120"), ()).encode())
+    assert b"pgcloak_refused_" in bind and b"078-05" not in bind
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "EXECUTE q($1, $2)",  # PostgreSQL refuses to prepare it; pgcloak must not take it
+        "DEALLOCATE pgcloak_reprepared_7",
+        "PREPARE pgcloak_reprepared_999(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)",
+    ],
+)
+def test_a_body_postgresql_would_not_prepare_is_not_taken(rewriter: Rewriter, body: str) -> None:
+    _sent_sql(rewriter, "PREPARE q(text, text) AS INSERT INTO users (email, ssn) VALUES ($1, $2)")
+    _sent_sql(rewriter, f"PREPARE outer1(text, text) AS {body}")
+    sent = _sent_sql(rewriter, "EXECUTE outer1('n@example.com', '078-05-1120')")
+    assert "pgcloak_refused_" in sent and "078-05" not in sent
+
+
+def test_a_body_is_planned_under_the_rules_in_force_at_execute() -> None:
+    """Accepted while contacts was not protected, the body uses $1 twice: once the policy
+    protects contacts.email, the other use would send the value in clear."""
+    keyring = Keyring(generate_master_key())
+    before = Protection.build(parse_policy(POLICY), keyring)
+    widened = POLICY.replace("tables:\n", "tables:\n  public.contacts:\n    email: {encrypt: true, index: exact}\n")
+    after = Protection.build(parse_policy(widened), keyring)
+    current = [before]
+    rw = Rewriter(lambda: current[0])
+    rw.client_message(ord("Q"), Query("PREPARE c(text) AS SELECT id, $1 AS asked FROM contacts WHERE email = $1").encode())
+    current[0] = after
+    sent = Query.decode(rw.client_message(ord("Q"), Query("EXECUTE c('bob@example.com')").encode())[5:]).sql
+    assert "pgcloak_refused_" in sent and "bob@" not in sent
+
+
+def test_protocol_statement_names_are_kept_as_postgresql_keeps_them(rewriter: Rewriter) -> None:
+    """PostgreSQL truncates a Parse's name to 63 bytes too: two spellings, one statement."""
+    x, y = "k" * 63 + "x", "k" * 63 + "y"
+    rewriter.client_message(ord("P"), Parse(x, "SELECT $1::text", ()).encode())
+    _sent_sql(rewriter, f"DEALLOCATE {y}")  # the server drops "k" * 63
+    rewriter.client_message(ord("P"), Parse(y, "INSERT INTO users (ssn) VALUES ($1)", ()).encode())
+    bind = rewriter.client_message(ord("B"), Bind("", x, (), (b"078-05-1120",), ()).encode())
+    assert b"078-05" not in bind  # the INSERT the server holds: encrypted for it
+
+
+def test_deallocate_of_a_statement_named_all_in_quotes(rewriter: Rewriter) -> None:
+    rewriter.client_message(ord("P"), Parse("s", "INSERT INTO users (ssn) VALUES ($1)", ()).encode())
+    _sent_sql(rewriter, 'DEALLOCATE "ALL"')  # a statement named ALL, not every statement
+    bind = rewriter.client_message(ord("B"), Bind("", "s", (), (b"078-05-1120",), ()).encode())
+    assert b"078-05" not in bind and b"pgcloak_refused_" not in bind

@@ -18,6 +18,7 @@ from pgcloak.sql import (
     quote_literal,
 )
 from pgcloak.sql.lexer import lex
+from pgcloak.sql.plan import DEALLOCATE_ALL
 
 POLICY = """
 version: 1
@@ -483,7 +484,8 @@ def test_prepare_insert_literal_store(planner: Planner) -> None:
 
 def test_deallocate(planner: Planner) -> None:
     assert simple(planner, "DEALLOCATE q")[0].deallocate == "q"
-    assert simple(planner, "deallocate prepare all")[0].deallocate == "ALL"
+    assert simple(planner, "deallocate prepare all")[0].deallocate == DEALLOCATE_ALL
+    assert simple(planner, 'deallocate "ALL"')[0].deallocate == "ALL"  # a statement of that name
 
 
 def test_declare_cursor(planner: Planner) -> None:

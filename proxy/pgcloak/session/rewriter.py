@@ -14,6 +14,7 @@ chunk without the envelope prefix or the marker is forwarded as it came.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import re
@@ -33,8 +34,10 @@ from pgcloak.session.protection import (
 )
 from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, internal_name
 from pgcloak.session.search_path import SessionSearchPath
-from pgcloak.sql import PASS, Plan, ValueAction, read_denial
+from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
 from pgcloak.sql.lexer import LexError
+from pgcloak.sql.plan import DEALLOCATE_ALL
+from pgcloak.sql.planner import unglue_params
 from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
@@ -157,6 +160,16 @@ def _renamed_bind(body: bytes, portal_end: int, stmt_end: int, name: str) -> tup
 
 def _unknown_message(name: str) -> str:
     return f'prepared statement "{name}" does not exist'
+
+
+def pg_name(name: str) -> str:
+    """A statement name as PostgreSQL keeps it: at most 63 bytes (it truncates longer
+    ones, protocol-level names too), so two spellings with the same first 63 bytes are
+    one statement here as there."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 63:
+        return name
+    return raw[:63].decode("utf-8", "ignore")
 
 
 def _sql_prepared_message(name: str) -> str:
@@ -376,17 +389,15 @@ class Rewriter:
                 self.last_plan = None
                 return self._refused_query("42939", _RESERVED_NAME)
             try:
-                inlined, bodies = self._inlined(sql)
+                inlined, bodies = self._inlined(protection, sql)
             except InlineRefused as exc:
                 self.last_plan = None
                 return self._refused_query(exc.sqlstate, exc.message)
-            except LexError:
-                bodies = None  # the plan refuses it or passes it as PostgreSQL's to reject
-            else:
-                if inlined != sql:
-                    sql = inlined
-                    msg = Query(sql).encode()
-                    plan, literals = protection.planner.plan_simple(sql)
+            if inlined != sql:
+                sql = inlined
+                msg = Query(sql).encode()
+                plan, literals = protection.planner.plan_simple(sql)
+                plan = self._reinlined(plan)
         self.last_plan = plan
         audit = self._audit
         if not plan.decision.allowed:
@@ -445,15 +456,41 @@ class Rewriter:
             for name in itertools.chain((n for n, _ in plan.named), (c.name for c in plan.executes))
         )
 
-    def _inlined(self, text: str) -> tuple[str, dict[str, Definition]]:
+    def _inlined(self, protection: Protection, text: str) -> tuple[str, dict[str, Definition]]:
         """``text`` with its ``EXECUTE name(...)`` statements sent as the statements the
         names stand for (see :mod:`pgcloak.sql.prepared`), and the SQL-level definitions
-        once it ran. Raises :class:`InlineRefused`."""
+        once it ran. Raises :class:`InlineRefused` (also for a text pgcloak cannot
+        tokenize: its EXECUTE would go out as it came)."""
         def protocol_text(name: str) -> str | None:
             entry = self.statements.get(name)
             return entry[2] if entry is not None and entry[2] else None
 
-        return inline_executes(text, self._bodies, protocol_text)
+        def vet(name: str, definition: Definition) -> None:
+            if name.startswith(INTERNAL_PREFIX):
+                raise InlineRefused("42939", _RESERVED_NAME)
+            decision = protection.planner.plan(definition.body).decision
+            if not decision.allowed:
+                raise InlineRefused(decision.sqlstate, f'prepared statement "{name}": {decision.message}')
+
+        try:
+            return inline_executes(text, self._bodies, protocol_text, vet)
+        except LexError:
+            pass
+        try:
+            # sqlglot reads "$1,$2" as a dollar quote; the planner planned it unglued too.
+            return inline_executes(unglue_params(text), self._bodies, protocol_text, vet)
+        except LexError:
+            raise InlineRefused("0A000", "pgcloak could not read this statement (PREPARE / EXECUTE)") from None
+
+    def _reinlined(self, plan: Plan) -> Plan:
+        """The plan of an inlined text: one that still executes, or names one of
+        pgcloak's statements, is refused (its EXECUTE would run the server's statement)."""
+        if self._reserved(plan):
+            return dataclasses.replace(plan, decision=Decision(False, "42939", _RESERVED_NAME))
+        if plan.executes:
+            message = "EXECUTE inside a prepared statement is not supported by pgcloak"
+            return dataclasses.replace(plan, decision=Decision(False, "0A000", message))
+        return plan
 
     def _sql_level_statements(self, plan: Plan, bodies: dict[str, Definition] | None) -> None:
         """Follow SQL-level PREPARE / DEALLOCATE (``bodies``: the definitions once the text
@@ -464,7 +501,7 @@ class Rewriter:
         for name, inner in plan.named:
             if inner is not None:
                 continue
-            if name.upper() == "ALL":
+            if name == DEALLOCATE_ALL:
                 self.statements.clear()
                 self._redefined.clear()
                 self._reprepared.clear()  # the server drops ours too
@@ -569,12 +606,17 @@ class Rewriter:
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
             raise ProtocolError("invalid Parse message: missing terminator")
-        name = body[:name_end].decode("utf-8", "surrogateescape")
+        name = pg_name(body[:name_end].decode("utf-8", "surrogateescape"))
         if self._reprepared:
             self._forget_reprepared(name)  # the unnamed statement, or one closed unseen
         if name.startswith(INTERNAL_PREFIX):
             self.last_plan = None
             return self._refuse_parse(name, "42939", _RESERVED_NAME)
+        if name in self._bodies:
+            # PostgreSQL refuses it too: the name holds the SQL-level statement, which a
+            # Bind would then run with values planned for this one.
+            self.last_plan = None
+            return self._refuse_parse(name, "42P05", f'prepared statement "{name}" already exists')
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
         bodies: dict[str, Definition] | None = None
@@ -585,18 +627,16 @@ class Rewriter:
             refusal: tuple[str, str] | None = ("42939", _RESERVED_NAME) if self._reserved(plan) else None
             if refusal is None:
                 try:
-                    inlined, bodies = self._inlined(text_of(body, name_end, query_end))
+                    inlined, bodies = self._inlined(protection, text_of(body, name_end, query_end))
                 except InlineRefused as exc:
                     refusal = (exc.sqlstate, exc.message)
-                except LexError:
-                    bodies = None
                 else:
                     if inlined != text_of(body, name_end, query_end):
                         body = body[: name_end + 1] + inlined.encode("utf-8", "surrogateescape") + body[query_end:]
                         query_end = name_end + 1 + len(inlined.encode("utf-8", "surrogateescape"))
                         msg = frame(b"P", body)
                         entry = protection.plan_parse(body[name_end + 1 : query_end])
-                        plan = entry.plan
+                        plan = self._reinlined(entry.plan)
             if refusal is not None:
                 self.last_plan = None
                 self._parse_failed(name, existed)
@@ -645,10 +685,10 @@ class Rewriter:
         stmt_end = body.find(b"\0", portal_end + 1)
         if portal_end < 0 or stmt_end < 0:
             raise ProtocolError("invalid Bind message: missing terminator")
-        name = body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape")
+        name = pg_name(body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape"))
         audit = self._audit
         portal = body[:portal_end]
-        entry = self.statements.get(name)
+        entry = self.statements.get(name) if name not in self._bodies else None
         if entry is None:
             # Unknown to us: refused as PostgreSQL refuses a name it does not know, so a
             # statement prepared some way we did not see never runs with raw values.
@@ -762,11 +802,12 @@ class Rewriter:
             # Never the client's to close: closed in name only (the reply is the same).
             return Close("S", _NO_STATEMENT).encode()
         if close.kind == "S":
-            self.statements.pop(close.name, None)
-            self._path_changes.pop(close.name, None)
-            self._redefined.discard(close.name)
+            name = pg_name(close.name)
+            self.statements.pop(name, None)
+            self._path_changes.pop(name, None)
+            self._redefined.discard(name)
             if self._reprepared:
-                self._forget_reprepared(close.name)
+                self._forget_reprepared(name)
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
         return msg

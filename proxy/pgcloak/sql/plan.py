@@ -13,6 +13,10 @@ from typing import Literal as TLiteral
 
 ActionKind = TLiteral["pass", "store", "lookup"]
 
+#: ``named``'s name for ``DEALLOCATE ALL`` (no statement name holds a NUL; ``"ALL"`` quoted
+#: is a statement of that name).
+DEALLOCATE_ALL = "\0ALL"
+
 
 @dataclass(frozen=True, slots=True)
 class ValueAction:
@@ -135,7 +139,7 @@ class Plan:
     template: tuple[str, ...] | None = None
     #: Every SQL-level ``PREPARE name AS ...`` (name, the inner statement's plan, whose
     #: params are what a later ``EXECUTE name(...)`` applies to its arguments) and
-    #: ``DEALLOCATE name`` (name, None; ``"ALL"`` for DEALLOCATE ALL) of the text, in
+    #: ``DEALLOCATE name`` (name, None; :data:`DEALLOCATE_ALL` for DEALLOCATE ALL) of the text, in
     #: order: the session's registry must follow all of them, or a statement it does not
     #: know would run with values it never saw.
     named: tuple[tuple[str, Plan | None], ...] = ()

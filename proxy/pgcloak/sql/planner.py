@@ -36,6 +36,7 @@ from pgcloak.sql.analyze import (
 from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, scan_literals, split_statements
 from pgcloak.sql.plan import (
     ALLOW,
+    DEALLOCATE_ALL,
     INSUFFICIENT_PRIVILEGE,
     PASS,
     AuditFacts,
@@ -419,7 +420,8 @@ class Planner:
                 return simple("other", _ESCAPED_NAME)
             st = simple("other")
             if names:
-                st.deallocate = "ALL" if names[0].text.upper() == "ALL" else _tok_name(names[0])
+                every = names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER
+                st.deallocate = DEALLOCATE_ALL if every else _tok_name(names[0])
             return st
         if first == "COPY":
             return self._copy(sql, lexed, a, b)

@@ -108,7 +108,13 @@ def _definition(sql: str, toks: list[Token], a: int, b: int) -> tuple[str, Defin
         i = close + 1
     if i + 1 >= b or toks[i].text.upper() != "AS":
         return None
+    if toks[i + 1].text.upper() not in _PREPARABLE and toks[i + 1].token_type != TokenType.L_PAREN:
+        return None  # PostgreSQL refuses it (EXECUTE, PREPARE, DEALLOCATE... cannot be prepared)
     return name, Definition(sql[toks[i + 1].start : toks[b - 1].end + 1], types)
+
+
+#: What PostgreSQL lets PREPARE prepare (besides a parenthesized query).
+_PREPARABLE = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "VALUES", "WITH", "TABLE"})
 
 
 def _inline(definition: Definition, args: list[str], name: str) -> str:
@@ -152,6 +158,7 @@ def inline_executes(
     sql: str,
     known: Mapping[str, Definition],
     protocol_text: Callable[[str], str | None] = lambda name: None,
+    vet: Callable[[str, Definition], None] = lambda name, definition: None,
 ) -> tuple[str, dict[str, Definition]]:
     """``sql`` with every ``EXECUTE name(args)`` statement replaced by the statement
     ``name`` stands for, and the session's SQL-level definitions once the text ran.
@@ -162,6 +169,9 @@ def inline_executes(
     :class:`InlineRefused` for an EXECUTE of a name neither knows (26000), one written
     ``U&"..."``, with arguments that do not fit, or inside another statement
     (``EXPLAIN EXECUTE``, ``CREATE TABLE ... AS EXECUTE``: it would run the server's).
+    ``vet`` sees each definition before it is used (with its ``$n``: the caller plans it
+    under the rules in force and raises :class:`InlineRefused` for what they refuse,
+    which the inlined text alone would not show, e.g. one parameter used twice).
     """
     toks = tokenize(sql)
     local = dict(known)
@@ -208,6 +218,7 @@ def inline_executes(
             if text is None:
                 raise InlineRefused("26000", f'prepared statement "{name}" does not exist')
             definition = Definition(text)
+        vet(name, definition)
         out.append(sql[at : toks[a].start])
         out.append(_inline(definition, args, name))
         at = toks[b - 1].end + 1
