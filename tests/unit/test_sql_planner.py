@@ -880,3 +880,21 @@ def test_column_aliases_over_a_star_of_a_protected_table_are_refused(planner: Pl
 def test_column_aliases_over_named_columns_pass(planner: Planner) -> None:
     plan, _ = simple(planner, "SELECT m FROM (SELECT id, email FROM users) AS s(i, m) WHERE i = 1")
     allowed(plan)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "EXPLAIN EXECUTE ins('a', 'b')",
+        "EXPLAIN ANALYZE EXECUTE ins('a', 'b')",
+        "EXPLAIN (ANALYZE) EXECUTE ins('a', 'b')",
+        "CREATE TABLE t AS EXECUTE ins('a', 'b')",
+    ],
+)
+def test_execute_inside_another_statement_is_refused(planner: Planner, sql: str) -> None:
+    """It would run the server's prepared statement with its arguments as sent."""
+    denied(simple(planner, sql)[0], "EXECUTE is not supported by pgcloak")
+
+
+def test_a_trigger_executing_a_function_is_not_an_execute(planner: Planner) -> None:
+    allowed(planner.plan("CREATE TRIGGER t BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION f()"))

@@ -38,7 +38,7 @@ from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
 from pgcloak.sql.lexer import LexError
 from pgcloak.sql.plan import DEALLOCATE_ALL
 from pgcloak.sql.planner import unglue_params
-from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes
+from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes, truncated
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import Mark, frame, iter_messages
@@ -160,16 +160,6 @@ def _renamed_bind(body: bytes, portal_end: int, stmt_end: int, name: str) -> tup
 
 def _unknown_message(name: str) -> str:
     return f'prepared statement "{name}" does not exist'
-
-
-def pg_name(name: str) -> str:
-    """A statement name as PostgreSQL keeps it: at most 63 bytes (it truncates longer
-    ones, protocol-level names too), so two spellings with the same first 63 bytes are
-    one statement here as there."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) <= 63:
-        return name
-    return raw[:63].decode("utf-8", "ignore")
 
 
 def _sql_prepared_message(name: str) -> str:
@@ -606,7 +596,7 @@ class Rewriter:
         query_end = body.find(b"\0", name_end + 1)
         if name_end < 0 or query_end < 0:
             raise ProtocolError("invalid Parse message: missing terminator")
-        name = pg_name(body[:name_end].decode("utf-8", "surrogateescape"))
+        name = truncated(body[:name_end].decode("utf-8", "surrogateescape"))
         if self._reprepared:
             self._forget_reprepared(name)  # the unnamed statement, or one closed unseen
         if name.startswith(INTERNAL_PREFIX):
@@ -685,7 +675,7 @@ class Rewriter:
         stmt_end = body.find(b"\0", portal_end + 1)
         if portal_end < 0 or stmt_end < 0:
             raise ProtocolError("invalid Bind message: missing terminator")
-        name = pg_name(body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape"))
+        name = truncated(body[portal_end + 1 : stmt_end].decode("utf-8", "surrogateescape"))
         audit = self._audit
         portal = body[:portal_end]
         entry = self.statements.get(name) if name not in self._bodies else None
@@ -802,7 +792,7 @@ class Rewriter:
             # Never the client's to close: closed in name only (the reply is the same).
             return Close("S", _NO_STATEMENT).encode()
         if close.kind == "S":
-            name = pg_name(close.name)
+            name = truncated(close.name)
             self.statements.pop(name, None)
             self._path_changes.pop(name, None)
             self._redefined.discard(name)

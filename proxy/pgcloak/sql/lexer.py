@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 from typing import Literal as TLiteral
@@ -489,3 +489,32 @@ def split_statements(tokens: list[Token]) -> list[tuple[int, int]]:
     if len(tokens) > start:
         ranges.append((start, len(tokens)))
     return ranges
+
+
+def matching_paren(toks: list[Token], i: int, end: int) -> int:
+    """Index of the parenthesis closing the one at ``toks[i]`` (``end - 1`` if none)."""
+    depth = 0
+    for j in range(i, end):
+        tt = toks[j].token_type
+        if tt == TokenType.L_PAREN:
+            depth += 1
+        elif tt == TokenType.R_PAREN:
+            depth -= 1
+            if depth == 0:
+                return j
+    return end - 1
+
+
+def escaped_name(toks: Sequence[Token], at: int) -> bool:
+    """``U&"..."`` at ``toks[at]``: a name with Unicode escapes (sqlglot reads ``U``,
+    ``&``, the rest), which pgcloak does not decode."""
+    return at + 1 < len(toks) and toks[at].text.upper() == "U" and toks[at + 1].token_type == TokenType.AMP
+
+
+def runs_execute(toks: list[Token], a: int, b: int) -> bool:
+    """Statement ``[a, b)`` holds an EXECUTE of a prepared statement without being one:
+    ``EXPLAIN [...] EXECUTE``, ``CREATE TABLE ... AS EXECUTE`` (the server's statement
+    would run; pgcloak sends a top-level EXECUTE as its own statement instead)."""
+    if toks[a].text.upper() == "EXPLAIN" and any(t.token_type == TokenType.EXECUTE for t in toks[a + 1 : b]):
+        return True
+    return any(toks[j].token_type == TokenType.EXECUTE and toks[j - 1].text.upper() == "AS" for j in range(a + 1, b))

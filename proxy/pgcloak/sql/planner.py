@@ -33,7 +33,17 @@ from pgcloak.sql.analyze import (
     number_placeholder,
     string_placeholder,
 )
-from pgcloak.sql.lexer import Lexed, LexError, lex, quote_literal, scan_literals, split_statements
+from pgcloak.sql.lexer import (
+    Lexed,
+    LexError,
+    escaped_name,
+    lex,
+    matching_paren,
+    quote_literal,
+    runs_execute,
+    scan_literals,
+    split_statements,
+)
 from pgcloak.sql.plan import (
     ALLOW,
     DEALLOCATE_ALL,
@@ -397,16 +407,15 @@ class Planner:
                 an.touches = True
             return _Stmt(self._verbatim(sql, lexed, s0, e0), an)
 
-        if first == "CREATE" and any(
-            toks[j].token_type == TokenType.EXECUTE and toks[j - 1].text.upper() == "AS" for j in range(a + 1, b)
-        ):
-            # CREATE TABLE ... AS EXECUTE name(...) would run the server's statement with
-            # its arguments as sent (pgcloak sends EXECUTE as its own statement instead).
-            return simple("ddl", "CREATE ... AS EXECUTE is not supported by pgcloak: use CREATE TABLE ... AS the statement itself")
+        if first != "EXECUTE" and runs_execute(toks, a, b):
+            return simple(
+                "ddl" if first == "CREATE" else "other",
+                f"{first} ... EXECUTE is not supported by pgcloak: run the prepared statement's own text",
+            )
         if first == "EXPLAIN":
             i = a + 1
             if i < b and toks[i].token_type == TokenType.L_PAREN:
-                i = _matching_paren(toks, i, b) + 1
+                i = matching_paren(toks, i, b) + 1
             while i < b and toks[i].text.upper() in ("ANALYZE", "ANALYSE", "VERBOSE"):
                 i += 1
             return self._wrapper(sql, lexed, a, i, b)
@@ -416,12 +425,12 @@ class Planner:
             return self._execute(sql, lexed, a, b)
         if first == "DEALLOCATE":
             names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
-            if _escaped_name(names, 0):
+            if escaped_name(names, 0):
                 return simple("other", _ESCAPED_NAME)
             st = simple("other")
             if names:
                 every = names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER
-                st.deallocate = DEALLOCATE_ALL if every else _tok_name(names[0])
+                st.deallocate = DEALLOCATE_ALL if every else fold_name(names[0])
             return st
         if first == "COPY":
             return self._copy(sql, lexed, a, b)
@@ -456,15 +465,15 @@ class Planner:
 
     def _prepare(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
         toks = lexed.tokens
-        name = _tok_name(toks[a + 1]) if a + 1 < b else ""
+        name = fold_name(toks[a + 1]) if a + 1 < b else ""
         i = a + 2
         if i < b and toks[i].token_type == TokenType.L_PAREN:
-            i = _matching_paren(toks, i, b) + 1
+            i = matching_paren(toks, i, b) + 1
         if i >= b or toks[i].text.upper() != "AS":
             # PREPARE TRANSACTION, or not PostgreSQL's syntax (it refuses it). A U&"..."
             # name: whatever it prepares, pgcloak would file it under another name.
             an = Analysis(kind="prepare")
-            if _escaped_name(toks[a + 1 : b], 0):
+            if escaped_name(toks[a + 1 : b], 0):
                 an.denials.append(_ESCAPED_NAME)
                 an.touches = True
             return _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), an)
@@ -489,12 +498,12 @@ class Planner:
         st = _Stmt(self._verbatim(sql, lexed, toks[a].start, toks[b - 1].end + 1), Analysis(kind="execute"))
         if a + 1 >= b:
             return st
-        if _escaped_name(toks[a + 1 : b], 0):
+        if escaped_name(toks[a + 1 : b], 0):
             st.analysis.denials.append(_ESCAPED_NAME)
             st.analysis.touches = True
             return st
         # Sent as the statement the name stands for (pgcloak.sql.prepared), by the session.
-        st.executes.append(ExecuteCall(_tok_name(toks[a + 1])))
+        st.executes.append(ExecuteCall(fold_name(toks[a + 1])))
         return st
 
     def _copy(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
@@ -502,7 +511,7 @@ class Planner:
         s0, e0 = toks[a].start, toks[b - 1].end + 1
         i = a + 1
         if i < b and toks[i].token_type == TokenType.L_PAREN:
-            close = _matching_paren(toks, i, b)
+            close = matching_paren(toks, i, b)
             inner = self._statement(sql, lexed, i + 1, close)
             pieces = self._verbatim(sql, lexed, s0, toks[i + 1].start) + inner.pieces
             pieces += self._verbatim(sql, lexed, toks[close - 1].end + 1, e0)
@@ -524,7 +533,7 @@ class Planner:
         # table name: ident [. ident]
         parts: list[str] = []
         while i < b:
-            parts.append(_tok_name(toks[i]))
+            parts.append(fold_name(toks[i]))
             if i + 1 < b and toks[i + 1].token_type == TokenType.DOT:
                 i += 2
                 continue
@@ -551,8 +560,8 @@ class Planner:
             table = ""
         columns: list[str] = []
         if i < b and toks[i].token_type == TokenType.L_PAREN:
-            close = _matching_paren(toks, i, b)
-            columns = [_tok_name(t) for t in toks[i + 1 : close] if t.token_type != TokenType.COMMA]
+            close = matching_paren(toks, i, b)
+            columns = [fold_name(t) for t in toks[i + 1 : close] if t.token_type != TokenType.COMMA]
             i = close + 1
         direction = toks[i].text.upper() if i < b else ""
         target = toks[i + 1].text.upper() if i + 1 < b else ""
@@ -818,19 +827,6 @@ def _has_opaque_strings(lexed: Lexed) -> bool:
     return False
 
 
-def _matching_paren(toks: list[Token], i: int, b: int) -> int:
-    depth = 0
-    for j in range(i, b):
-        tt = toks[j].token_type
-        if tt == TokenType.L_PAREN:
-            depth += 1
-        elif tt == TokenType.R_PAREN:
-            depth -= 1
-            if depth == 0:
-                return j
-    return b - 1
-
-
 def _copy_format(words: Sequence[str]) -> str:
     """``text``, ``csv`` or ``binary`` from the uppercased words of COPY's options."""
     fmt = "text"
@@ -879,20 +875,6 @@ _ESCAPED_NAME: Final = (
     'a prepared statement name written U&"..." is not supported by pgcloak (it could not '
     "tell which statement runs): use a plain or quoted name"
 )
-
-
-def _tok_name(tok: Token) -> str:
-    """A statement name as PostgreSQL folds it (see :func:`~pgcloak.sql.prepared.fold_name`)."""
-    return fold_name(tok)
-
-
-def _escaped_name(toks: Sequence[Token], at: int) -> bool:
-    """``U&"..."``: a name with Unicode escapes (sqlglot reads ``U``, ``&``, the rest)."""
-    return (
-        at + 1 < len(toks)
-        and toks[at].text.upper() == "U"
-        and toks[at + 1].token_type == TokenType.AMP
-    )
 
 
 def _guess_kind(sql: str) -> str:

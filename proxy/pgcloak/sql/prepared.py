@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from sqlglot.tokenizer_core import Token, TokenType
 
-from pgcloak.sql.lexer import LexError, split_statements, tokenize
+from pgcloak.sql.lexer import LexError, escaped_name, matching_paren, split_statements, tokenize
 
-__all__ = ["Definition", "InlineRefused", "fold_name", "inline_executes"]
+__all__ = ["Definition", "InlineRefused", "fold_name", "inline_executes", "truncated"]
 
 #: PostgreSQL's identifiers are at most NAMEDATALEN - 1 bytes: longer ones are truncated.
 _MAX_IDENTIFIER_BYTES = 63
@@ -47,30 +47,21 @@ class InlineRefused(Exception):
         self.message = message
 
 
+def truncated(name: str) -> str:
+    """A name as PostgreSQL keeps it: at most 63 bytes, longer ones cut (statement names
+    from the protocol too), never inside a character."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= _MAX_IDENTIFIER_BYTES:
+        return name
+    return raw[:_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
+
+
 def fold_name(tok: Token) -> str:
     """A statement name as PostgreSQL folds it: ASCII letters lowercased unless quoted
     (PostgreSQL leaves other letters alone in UTF-8), truncated to 63 bytes."""
     if tok.token_type == TokenType.IDENTIFIER:
-        name = tok.text
-    else:
-        name = "".join(c.lower() if "A" <= c <= "Z" else c for c in tok.text)
-    raw = name.encode("utf-8")
-    if len(raw) > _MAX_IDENTIFIER_BYTES:
-        name = raw[:_MAX_IDENTIFIER_BYTES].decode("utf-8", "ignore")
-    return name
-
-
-def _matching(toks: list[Token], i: int, end: int) -> int:
-    """Index of the parenthesis closing the one at ``i`` (``end`` if none)."""
-    depth = 0
-    for j in range(i, end):
-        if toks[j].token_type == TokenType.L_PAREN:
-            depth += 1
-        elif toks[j].token_type == TokenType.R_PAREN:
-            depth -= 1
-            if depth == 0:
-                return j
-    return end
+        return truncated(tok.text)
+    return truncated("".join(c.lower() if "A" <= c <= "Z" else c for c in tok.text))
 
 
 def _split(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -91,19 +82,15 @@ def _split(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def _escaped(toks: list[Token], i: int, end: int) -> bool:
-    return i + 1 < end and toks[i].text.upper() == "U" and toks[i + 1].token_type == TokenType.AMP
-
-
 def _definition(sql: str, toks: list[Token], a: int, b: int) -> tuple[str, Definition] | None:
     """``PREPARE name [(types)] AS body`` at tokens ``[a, b)``; None if not that shape."""
-    if a + 1 >= b or _escaped(toks, a + 1, b):
+    if a + 1 >= b or escaped_name(toks, a + 1):
         return None
     name = fold_name(toks[a + 1])
     i = a + 2
     types: tuple[str, ...] = ()
     if i < b and toks[i].token_type == TokenType.L_PAREN:
-        close = _matching(toks, i, b)
+        close = matching_paren(toks, i, b)
         types = tuple(sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close))
         i = close + 1
     if i + 1 >= b or toks[i].text.upper() != "AS":
@@ -167,8 +154,7 @@ def inline_executes(
     not taken (PostgreSQL refuses it, 42P05). ``protocol_text``: the text of a statement
     the client prepared with the protocol (its ``$n`` are its parameters). Raises
     :class:`InlineRefused` for an EXECUTE of a name neither knows (26000), one written
-    ``U&"..."``, with arguments that do not fit, or inside another statement
-    (``EXPLAIN EXECUTE``, ``CREATE TABLE ... AS EXECUTE``: it would run the server's).
+    ``U&"..."``, or with arguments that do not fit.
     ``vet`` sees each definition before it is used (with its ``$n``: the caller plans it
     under the rules in force and raises :class:`InlineRefused` for what they refuse,
     which the inlined text alone would not show, e.g. one parameter used twice).
@@ -188,18 +174,12 @@ def inline_executes(
             names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
             if names and names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER:
                 local.clear()
-            elif names and not _escaped(names, 0, len(names)):
+            elif names and not escaped_name(names, 0):
                 local.pop(fold_name(names[0]), None)
             continue
         if word != "EXECUTE":
-            if (word == "EXPLAIN" and any(t.token_type == TokenType.EXECUTE for t in toks[a + 1 : b])) or any(
-                toks[j].token_type == TokenType.EXECUTE and toks[j - 1].text.upper() == "AS" for j in range(a + 1, b)
-            ):
-                raise InlineRefused(
-                    "0A000", f"{word} ... EXECUTE is not supported by pgcloak: run the prepared statement's own text"
-                )
-            continue
-        if a + 1 >= b or _escaped(toks, a + 1, b):
+            continue  # (EXECUTE inside another statement: the planner refuses it)
+        if a + 1 >= b or escaped_name(toks, a + 1):
             raise InlineRefused(
                 "0A000", 'EXECUTE of a name written U&"..." is not supported by pgcloak: use a plain or quoted name'
             )
@@ -207,7 +187,7 @@ def inline_executes(
         args: list[str] = []
         i = a + 2
         if i < b and toks[i].token_type == TokenType.L_PAREN:
-            close = _matching(toks, i, b)
+            close = matching_paren(toks, i, b)
             args = [sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close)]
             i = close + 1
         if i < b:
