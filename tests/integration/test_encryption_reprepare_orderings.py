@@ -440,9 +440,8 @@ def test_describe_and_a_portal_executed_in_pieces(env: EncEnv) -> None:
 
 def test_reparse_of_an_existing_name_under_a_new_path(env: EncEnv) -> None:
     """s1 parsed under public, the path set to crm, s1 parsed again (42P05, the first s1
-    stays): the Bind reaches the first s1, which pgcloak bound to public."Contacts" at
-    its Parse, and the value is stored there as the client's text said (no re-analysis
-    can move it: the name was sent qualified)."""
+    stays, in pgcloak too): the Bind runs the first s1 as PostgreSQL analyses it again
+    for the new path, into crm."Contacts", encrypted."""
     note = _note()
     with env.psy() as conn:
         _stale(conn, "s1", PARAMS_INSERT)
@@ -454,7 +453,7 @@ def test_reparse_of_an_existing_name_under_a_new_path(env: EncEnv) -> None:
         assert sqlstates(again) == ["42P05"]
         got = raw(conn, bind_params("", "s1", [_email(note), note]) + execute("") + SYNC, 1)
         assert types(got) == ["2", "C", "Z"]
-    _in_public_plain(env, note)
+    _in_crm_encrypted(env, note)
 
 
 def test_deallocate_then_use_again(env: EncEnv) -> None:

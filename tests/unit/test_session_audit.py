@@ -201,7 +201,7 @@ def test_lookups_that_are_not_blind_index_values_never_reach_the_trail(
     the statement unrecorded and logged, never written."""
     rw, audit, rec = session
     _prepare(rw, audit, "look", LOOKUP)
-    plan = rw.statements["look"][1]
+    plan = rw.statements["look"].plan
     audit.bind(b"", plan, {"public.users.email": ["alice@example.com"]})
     audit.execute(b"")
     audit.sync()

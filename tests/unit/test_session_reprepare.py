@@ -11,7 +11,7 @@ from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, cut
 from pgcloak.session.rewriter import Rewriter
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.framing import iter_messages, scan_marked
-from pgcloak.wire.messages import Bind, Close, Parse, Sync
+from pgcloak.wire.messages import Bind, Close, Parse, Query, Sync
 
 POLICY = """
 version: 1
@@ -61,7 +61,8 @@ def test_a_stale_bind_is_sent_to_the_text_prepared_again() -> None:
     s = _Session()
     s.send(P, Parse("s1", LOOKUP, ()).encode())
     s.send(S, Sync().encode())
-    assert s.reply(PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    # pgcloak's Close of the name before the client's Parse: its reply is not the client's.
+    assert s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
     s.current = s.after  # phone is now compared on its blind index
     out = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
     assert [k for k, _ in out] == ["P", "B"]
@@ -91,7 +92,7 @@ def test_a_skipped_reprepare_is_made_again_at_the_next_bind() -> None:
     s = _Session()
     s.send(P, Parse("s1", LOOKUP, ()).encode())
     s.send(S, Sync().encode())
-    s.reply(PARSE_COMPLETE + Z_IDLE)
+    s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
     s.current = s.after
     first = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
     s.send(S, Sync().encode())
@@ -131,7 +132,108 @@ def test_acks_of_a_failed_batch_are_dropped_at_its_ready() -> None:
     data = error + Z_IDLE
     _, marks, _ = scan_marked(data, 1 << 31, frozenset(b"EZ13"))
     cuts, failed = acks.replies(marks, 3)
-    assert cuts == [] and [f.internal for f in failed] == ["i1"]
+    assert cuts == [] and [getattr(f, "internal", None) for f in failed] == ["i1"]
     assert acks.busy  # batch 4's Close is still to be answered
     _, marks, _ = scan_marked(CLOSE_COMPLETE, 1 << 31, frozenset(b"Z13"))
     assert acks.replies(marks, 4) == ([(0, 5)], [])
+
+
+# -- what a Bind runs is what pgcloak parsed under the name ---------------------------------
+INSERT = "INSERT INTO users (email) VALUES ($1)"
+ECHO = "SELECT $1::text"
+ERROR = b"E\x00\x00\x00\x0cCXX000\x00\x00"
+
+
+def _refused(out: list[tuple[str, bytes]]) -> bool:
+    """pgcloak answered with its own error (a Bind to a marker statement)."""
+    return [k for k, _ in out] == ["B"] and Bind.decode(out[0][1]).statement.startswith("pgcloak_refused_")
+
+
+def test_a_named_parse_goes_after_pgcloaks_own_close_of_the_name() -> None:
+    """A Close or DEALLOCATE that failed may have left the name's old statement on the
+    server, which would refuse this Parse (42P05) and run the old one at each Bind."""
+    s = _Session()
+    out = s.send(P, Parse("s1", ECHO, ()).encode())
+    assert [(k, Close.decode(b).name if k == "C" else Parse.decode(b).name) for k, b in out] == [("C", "s1"), ("P", "s1")]
+    assert [k for k, _ in s.send(P, Parse("", ECHO, ()).encode())] == ["P"]  # the unnamed one is replaced anyway
+    s.send(S, Sync().encode())
+    assert s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE * 2 + Z_IDLE
+    assert not s.rewriter.acks.busy
+
+
+def test_a_refused_parse_is_sent_without_a_close() -> None:
+    """pgcloak's refusal is a Parse the server fails; it must not close a statement the
+    server holds under the name (pgcloak may not know of it)."""
+    s = _Session()
+    s.current = s.after
+    refused = s.send(P, Parse("s2", "SELECT id FROM users ORDER BY phone", ()).encode())
+    assert [k for k, _ in refused] == ["P"] and Parse.decode(refused[0][1]).query.startswith("pgcloak_refused_")
+
+
+def test_a_name_parsed_again_is_refused_and_keeps_its_statement() -> None:
+    """PostgreSQL refuses a name it holds (42P05) and keeps the first statement: so does
+    pgcloak (sent without the Close), and a Bind runs the first, planned as it was."""
+    s = _Session()
+    s.current = s.after
+    s.send(P, Parse("s1", "INSERT INTO users (phone) VALUES ($1)", ()).encode())
+    s.send(S, Sync().encode())
+    s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    again = s.send(P, Parse("s1", "SELECT $1::text", ()).encode())
+    assert [k for k, _ in again] == ["P"] and Parse.decode(again[0][1]).query.startswith("pgcloak_refused_")
+    s.send(S, Sync().encode())
+    s.reply(ERROR + Z_IDLE)
+    bound = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
+    assert [k for k, _ in bound] == ["B"] and Bind.decode(bound[0][1]).params[0] != b"555 0100"
+
+
+def test_a_parse_the_server_refused_is_forgotten() -> None:
+    s = _Session()
+    s.send(P, Parse("s1", INSERT, ()).encode())
+    s.send(S, Sync().encode())
+    assert s.reply(CLOSE_COMPLETE + ERROR + Z_IDLE) == ERROR + Z_IDLE
+    assert _refused(s.send(B, Bind("", "s1", (), (b"a@example.com",), ()).encode()))
+
+
+def test_a_parse_skipped_after_an_error_is_forgotten() -> None:
+    """Skipped: the server kept the unnamed statement before it (an INSERT here), which a
+    later Bind planned for the skipped text would run with its values as they came."""
+    s = _Session()
+    s.send(P, Parse("", INSERT, ()).encode())
+    s.send(S, Sync().encode())
+    s.reply(PARSE_COMPLETE + Z_IDLE)
+    s.send(B, Bind("", "no_such", (), (), ()).encode())
+    s.send(P, Parse("", ECHO, ()).encode())
+    s.send(S, Sync().encode())
+    s.reply(ERROR + Z_IDLE)
+    assert _refused(s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode()))
+
+
+def test_an_unanswered_unnamed_parse_of_an_earlier_batch_is_prepared_again() -> None:
+    """Pipelined: the Bind comes before the server said whether the Parse of an earlier
+    batch ran, so it is sent to the same text prepared again under an internal name."""
+    s = _Session()
+    s.send(P, Parse("", ECHO, ()).encode())
+    s.send(S, Sync().encode())
+    out = s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())
+    assert [k for k, _ in out] == ["P", "B"]
+    internal = Parse.decode(out[0][1])
+    assert internal.name.startswith(INTERNAL_PREFIX) and internal.query == ECHO
+    assert Bind.decode(out[1][1]).statement == internal.name
+    s.send(S, Sync().encode())
+    assert s.reply(PARSE_COMPLETE + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + Z_IDLE) == (
+        PARSE_COMPLETE + Z_IDLE + BIND_COMPLETE + Z_IDLE
+    )
+    # In the same batch as its Parse, or once the server answered it: bound as it is.
+    s.send(P, Parse("", ECHO, ()).encode())
+    assert [k for k, _ in s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())] == ["B"]
+
+
+def test_discard_all_forgets_every_statement() -> None:
+    s = _Session()
+    s.send(ord("Q"), Query("PREPARE p(text) AS SELECT $1").encode())
+    s.send(P, Parse("s1", ECHO, ()).encode())
+    s.send(ord("Q"), Query("DISCARD ALL").encode())
+    executed = s.send(ord("Q"), Query("EXECUTE p('x')").encode())
+    assert Query.decode(executed[0][1]).sql.startswith("pgcloak_refused_")  # 26000, as PostgreSQL says
+    assert _refused(s.send(B, Bind("", "s1", (), (b"x",), ()).encode()))
+    assert [k for k, _ in s.send(P, Parse("p", ECHO, ()).encode())] == ["C", "P"]  # the name is free again

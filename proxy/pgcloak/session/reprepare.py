@@ -1,4 +1,4 @@
-"""Statements pgcloak prepares again on the client's behalf, and hiding their replies.
+"""Statements pgcloak prepares on the client's behalf, and following the server's replies.
 
 A statement (named or unnamed) is planned once, at its Parse, for the policy and search_path of
 that moment. PostgreSQL analyses a prepared statement again, silently, when the
@@ -11,8 +11,16 @@ runs, under the rules in force (or is refused by them). While the session's coun
 batches is uncertain (:attr:`~pgcloak.session.search_path.SessionSearchPath.uncertain`),
 it gets 0A000 "prepare it again" instead.
 
-The server answers that extra Parse (and the Close of an internal statement no longer
-needed) with ParseComplete / CloseComplete, which the client must not see. Those
+What a Bind runs must be the text pgcloak planned under that name, whatever the server
+kept: a Close or DEALLOCATE that failed (an aborted transaction, a batch skipped after an
+error) leaves the old statement on the server, and PostgreSQL then refuses the client's
+next Parse of the name (42P05), so its Binds would run the old statement with values
+planned for the new one. So every named Parse goes out after pgcloak's own Close of the
+name, in the same batch (the name is free when the Parse runs, or neither runs), and the
+server's answer to each Parse is followed: a statement it did not prepare is forgotten.
+
+The server answers those extra messages with ParseComplete / CloseComplete, which the
+client must not see. Those
 replies carry nothing to tell them apart, so :class:`Acks` keeps every Parse and
 Close in flight in the order the server answers them, with the batch (Query, Sync,
 FunctionCall) each belongs to: an ErrorResponse makes the server skip the rest of
@@ -26,11 +34,15 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pgcloak.wire.framing import Mark
 
-__all__ = ["ACKS", "INTERNAL_PREFIX", "Acks", "cut", "internal_name"]
+if TYPE_CHECKING:
+    from pgcloak.session.protection import Protection
+    from pgcloak.sql import Plan
+
+__all__ = ["ACKS", "INTERNAL_PREFIX", "Acks", "Prepared", "cut", "internal_name"]
 
 #: ParseComplete, CloseComplete: the replies counted here.
 ACKS: Final = frozenset(b"13")
@@ -45,15 +57,35 @@ def internal_name() -> str:
     return f"{INTERNAL_PREFIX}{next(_serial)}"
 
 
+class Prepared:
+    """A statement the client prepared with the protocol, as pgcloak planned it."""
+
+    __slots__ = ("batch", "name", "plan", "protection", "tail", "text")
+
+    def __init__(self, name: str, protection: Protection, plan: Plan, text: str, tail: bytes, batch: int | None) -> None:
+        self.name = name
+        #: The rules it was planned under, its plan, its text and the Parse's tail (its
+        #: parameter types).
+        self.protection = protection
+        self.plan = plan
+        self.text = text
+        self.tail = tail
+        #: The batch its Parse was sent in, until the server has prepared it (then None).
+        self.batch = batch
+
+
 class _Ours:
-    """A Parse (or Close) pgcloak sent itself: its reply is not the client's."""
+    """A Parse (or Close) pgcloak sent itself: its reply is not the client's.
+    ``redo``: a Close the server skipped is sent again (not the one before a client's
+    Parse: that Parse was skipped with it)."""
 
-    __slots__ = ("client_name", "internal", "parse")
+    __slots__ = ("client_name", "internal", "parse", "redo")
 
-    def __init__(self, parse: bool, client_name: str, internal: str) -> None:
+    def __init__(self, parse: bool, client_name: str, internal: str, redo: bool = True) -> None:
         self.parse = parse
         self.client_name = client_name
         self.internal = internal
+        self.redo = redo
 
 
 class Acks:
@@ -62,19 +94,20 @@ class Acks:
     __slots__ = ("_flight",)
 
     def __init__(self) -> None:
-        #: (batch number, None for the client's own or :class:`_Ours`).
-        self._flight: deque[tuple[int, _Ours | None]] = deque()
+        #: (batch number, the client's Parse or None for its Close, or :class:`_Ours`).
+        self._flight: deque[tuple[int, _Ours | Prepared | None]] = deque()
 
     @property
     def busy(self) -> bool:
         return bool(self._flight)
 
-    def sent(self, batch: int) -> None:
-        """The client sent a Parse or Close in batch ``batch`` (numbered by the session)."""
-        self._flight.append((batch, None))
+    def sent(self, batch: int, statement: Prepared | None = None) -> None:
+        """The client sent a Parse (of ``statement``, when pgcloak took it) or a Close in
+        batch ``batch`` (numbered by the session)."""
+        self._flight.append((batch, statement))
 
-    def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str) -> None:
-        self._flight.append((batch, _Ours(parse, client_name, internal)))
+    def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str, redo: bool = True) -> None:
+        self._flight.append((batch, _Ours(parse, client_name, internal, redo)))
 
     def renumber(self, after: int, by: int) -> None:
         """Batches after ``after`` are numbered ``by`` lower (Syncs PostgreSQL ignored)."""
@@ -82,16 +115,17 @@ class Acks:
 
     def replies(
         self, marks: Iterable[Mark], answered: int, seen: int = 0
-    ) -> tuple[list[tuple[int, int]], list[_Ours]]:
+    ) -> tuple[list[tuple[int, int]], list[_Ours | Prepared]]:
         """Follow the server's replies (``marks``: ReadyForQuery, ParseComplete and
         CloseComplete at least, in order), ``answered`` batches having been answered
         before them; the first ``seen`` ReadyForQuery messages were followed already
         (held back while the session asked PostgreSQL something). Returns the spans of
-        our replies to cut out, and our Parses and Closes the server skipped or refused
-        (it never prepared, or never closed, those statements)."""
+        our replies to cut out, and the Parses (ours and the client's) and our Closes
+        the server skipped or refused (it never prepared, or never closed, those
+        statements). A client's statement the server prepared is marked so."""
         flight = self._flight
         cuts: list[tuple[int, int]] = []
-        failed: list[_Ours] = []
+        failed: list[_Ours | Prepared] = []
         for kind, pos, end, _rows in marks:
             if kind == _READY:
                 if seen:
@@ -104,8 +138,10 @@ class Acks:
                         failed.append(ours)
             elif kind in ACKS and flight:
                 ours = flight.popleft()[1]
-                if ours is not None:
+                if isinstance(ours, _Ours):
                     cuts.append((pos, end))
+                elif ours is not None:
+                    ours.batch = None
             if not flight:
                 break
         return cuts, failed

@@ -32,7 +32,7 @@ from pgcloak.session.protection import (
     ReadDenied,
     ValueRefused,
 )
-from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, internal_name
+from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, Prepared, internal_name
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
 from pgcloak.sql.lexer import LexError
@@ -169,14 +169,6 @@ def _sql_prepared_message(name: str) -> str:
     )
 
 
-def _redefined_message(name: str) -> str:
-    return (
-        f'prepared statement "{name}" was prepared again with other protected parameters while '
-        "the first definition may still exist: pgcloak cannot tell which one PostgreSQL runs; "
-        "close (DEALLOCATE) it and prepare it again"
-    )
-
-
 class Rewriter:
     """Per-session statement state: prepared statements, refusals, COPY."""
 
@@ -205,9 +197,10 @@ class Rewriter:
         self._pii_rows = 0
         #: Messages for the server that the session sends after :meth:`backend_chunk`.
         self.to_server: list[bytes] = []
-        #: Named statements as the client prepared them: the rules they were planned
-        #: under, the plan, the text, and the Parse's tail (its parameter types).
-        self.statements: dict[str, tuple[Protection, Plan, str, bytes]] = {}
+        #: The client's protocol-level statements by name, as pgcloak planned them.
+        self.statements: dict[str, Prepared] = {}
+        #: The one :meth:`_parse` took last (what the session's acks follow).
+        self._parsed: Prepared | None = None
         #: Statements prepared again under other rules (see :mod:`.reprepare`): client
         #: name -> (the rules, the internal name, its plan).
         self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
@@ -215,10 +208,6 @@ class Rewriter:
         self._closes_due: list[str] = []
         #: The Parse and Close messages in flight: the replies to ours are not the client's.
         self.acks = Acks()
-        #: Named statements parsed again with other protected parameters while the
-        #: first definition may still be the server's (PostgreSQL refuses to redefine
-        #: a name, 42P05): which one a Bind reaches is unknown, so Binds are refused.
-        self._redefined: set[str] = set()
         #: SQL-level PREPAREs by name: what EXECUTE is sent as (see
         #: :mod:`pgcloak.sql.prepared`; never the server's statement).
         self._bodies: dict[str, Definition] = {}
@@ -268,8 +257,8 @@ class Rewriter:
     def _refuse_query(self, sqlstate: str, message: str) -> bytes:
         return Query(self._arm(sqlstate, message).decode()).encode()
 
-    def _refuse_parse(self, name: str, sqlstate: str, message: str) -> bytes:
-        return Parse(name, self._arm(sqlstate, message).decode(), ()).encode()
+    def _refuse_parse(self, name: str, sqlstate: str, message: str, *, refusal: bool = True) -> bytes:
+        return Parse(name, self._arm(sqlstate, message, refusal=refusal).decode(), ()).encode()
 
     def _refuse_bind(
         self, portal: str, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True
@@ -356,8 +345,13 @@ class Rewriter:
             # Answered by ParseComplete / CloseComplete, as pgcloak's own Parse and Close
             # are: told apart by their order (:attr:`acks`).
             before = self._our_closes()
-            out = self._parse(msg) if kind == P else self._close(msg)
-            self.acks.sent(path.sent)
+            if kind == P:
+                self._parsed = None
+                out = self._parse(msg)
+                self.acks.sent(path.sent, self._parsed)
+            else:
+                out = self._close(msg)
+                self.acks.sent(path.sent)
             return before + out + self._our_closes()
         if kind != COPY_DATA and path is not None:
             path.copy_ended()  # CopyDone, CopyFail
@@ -369,7 +363,6 @@ class Rewriter:
         # A simple Query destroys the unnamed statement (ours too, if it was prepared again).
         if self.statements.pop("", None) is not None:
             self._path_changes.pop("", None)
-            self._redefined.discard("")
             if self._reprepared:
                 self._forget_reprepared("")
         plan, literals = protection.planner.plan_simple(sql)
@@ -453,7 +446,7 @@ class Rewriter:
         tokenize: its EXECUTE would go out as it came)."""
         def protocol_text(name: str) -> str | None:
             entry = self.statements.get(name)
-            return entry[2] if entry is not None and entry[2] else None
+            return entry.text if entry is not None and entry.text else None
 
         def vet(name: str, definition: Definition) -> None:
             if name.startswith(INTERNAL_PREFIX):
@@ -491,13 +484,11 @@ class Rewriter:
         for name, inner in plan.named:
             if inner is not None:
                 continue
-            if name == DEALLOCATE_ALL:
+            if name == DEALLOCATE_ALL:  # also DISCARD ALL
                 self.statements.clear()
-                self._redefined.clear()
                 self._reprepared.clear()  # the server drops ours too
             else:
                 self.statements.pop(name, None)
-                self._redefined.discard(name)
                 self._forget_reprepared(name)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
@@ -506,14 +497,6 @@ class Rewriter:
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
 
-    def _remember(self, name: str, protection: Protection, plan: Plan, text: str, tail: bytes) -> bool:
-        if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
-            return False
-        old = self.statements.get(name) if name else None
-        if old is not None and (old[1].params != plan.params or old[1].copy_in != plan.copy_in):
-            self._redefined.add(name)
-        self.statements[name] = (protection, plan, text, tail)
-        return True
 
     # -- statements prepared again -----------------------------------------------------
     def _forget_reprepared(self, name: str) -> None:
@@ -572,8 +555,16 @@ class Rewriter:
         assert path is not None
         cuts, failed = self.acks.replies(marks, path.sent - path.outstanding, seen)
         for ours in failed:
+            if isinstance(ours, Prepared):
+                # The client's Parse failed: the server prepared nothing under the name
+                # (named: pgcloak closed it first; unnamed: dropped before parsing, or the
+                # previous one kept when skipped, which a Bind must not reach either).
+                if self.statements.get(ours.name) is ours:
+                    self._forget(ours.name)
+                continue
             if not ours.parse:
-                self._closes_due.append(ours.internal)
+                if ours.redo:
+                    self._closes_due.append(ours.internal)
                 continue
             found = self._reprepared.get(ours.client_name)
             if found is not None and found[1] == ours.internal:
@@ -581,13 +572,20 @@ class Rewriter:
             # Skipped, or refused: either way the server holds nothing under that name.
         return cuts
 
-    def _parse_failed(self, name: str, existed: bool) -> None:
-        """Our refusal makes this Parse fail: PostgreSQL has dropped the unnamed
-        statement before parsing, but keeps a named one it already had."""
-        if not name or not existed:
-            self.statements.pop(name, None)
-        else:
-            self._redefined.add(name)
+    def _forget(self, name: str) -> None:
+        """The client's statement ``name`` is gone (closed, failed, replaced)."""
+        self.statements.pop(name, None)
+        if self._path_changes:
+            self._path_changes.pop(name, None)
+        if self._reprepared:
+            self._forget_reprepared(name)
+
+    def _parse_failed(self, name: str) -> None:
+        """Our refusal makes this Parse fail (sent as a Parse the server fails, with no
+        Close before it): PostgreSQL has dropped the unnamed statement before parsing,
+        but keeps a named one it had, which pgcloak then keeps too."""
+        if not name:
+            self._forget(name)
 
     def _parse(self, msg: bytes) -> bytes:
         protection = self._protection()
@@ -602,15 +600,17 @@ class Rewriter:
         if name.startswith(INTERNAL_PREFIX):
             self.last_plan = None
             return self._refuse_parse(name, "42939", _RESERVED_NAME)
-        if name in self._bodies:
-            # PostgreSQL refuses it too: the name holds the SQL-level statement, which a
-            # Bind would then run with values planned for this one.
+        if name and (name in self._bodies or name in self.statements):
+            # PostgreSQL's own answer (the name holds a statement), given by pgcloak: the
+            # Close sent before a Parse (below) would otherwise replace it.
             self.last_plan = None
-            return self._refuse_parse(name, "42P05", f'prepared statement "{name}" already exists')
+            return self._refuse_parse(name, "42P05", f'prepared statement "{name}" already exists', refusal=False)
+        if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
+            self.last_plan = None
+            return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
         bodies: dict[str, Definition] | None = None
-        existed = name in self.statements
         if plan.executes or plan.named:
             # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, sent as
             # the statement the name stands for.
@@ -629,45 +629,49 @@ class Rewriter:
                         plan = self._reinlined(entry.plan)
             if refusal is not None:
                 self.last_plan = None
-                self._parse_failed(name, existed)
+                self._parse_failed(name)
                 return self._refuse_parse(name, *refusal)
-        literals = entry.literals
         self.last_plan = plan
         if not plan.decision.allowed:
-            self._parse_failed(name, existed)
+            self._parse_failed(name)
             return self._refuse_parse(name, plan.decision.sqlstate, plan.decision.message)
         denied = self._denied_read(protection, plan)
         if denied is not None:
-            self._parse_failed(name, existed)
+            self._parse_failed(name)
             return self._refuse_parse(name, denied.sqlstate, denied.message)
-        if self._search_path is not None:
-            change = self._path_change(text_of(body, name_end, query_end), plan)
-            if change is not None and change.kind == "refuse":
-                self._parse_failed(name, existed)
-                return self._refuse_parse(name, "0A000", change.message)
-            if change is not None:
-                self._path_changes[name] = change
-            elif self._path_changes:
-                self._path_changes.pop(name, None)
-        text = entry.static
-        if not self._remember(name, protection, plan, text_of(body, name_end, query_end), body[query_end:]):
-            return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
+        text = text_of(body, name_end, query_end)
+        change = self._path_change(text, plan) if self._search_path is not None else None
+        if change is not None and change.kind == "refuse":
+            self._parse_failed(name)
+            return self._refuse_parse(name, "0A000", change.message)
+        sent = entry.static
+        if entry.literals:
+            try:
+                rendered = protection.planner.apply(plan, entry.literals, protection.transform)
+            except ValueRefused as exc:
+                self._parse_failed(name)
+                return self._refuse_parse(name, exc.sqlstate, exc.message)
+            sent = rendered.encode("utf-8", "surrogateescape")
+        # Taken: from here on, this is what the name stands for.
+        path = self._search_path
+        self._forget(name)
+        prepared = Prepared(name, protection, plan, text, body[query_end:], path.sent if path is not None else None)
+        self.statements[name] = self._parsed = prepared
+        if change is not None:
+            self._path_changes[name] = change
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
-        if literals:
-            try:
-                rendered = protection.planner.apply(plan, literals, protection.transform)
-            except ValueRefused as exc:
-                self._parse_failed(name, existed)
-                return self._refuse_parse(name, exc.sqlstate, exc.message)
-            text = rendered.encode("utf-8", "surrogateescape")
         if plan.named or bodies is not None:
             # Followed at Parse (it runs at each Execute, maybe never: EXECUTE is sent as
             # pgcloak's statement anyway, so the server's need not be known).
             self._sql_level_statements(plan, bodies)
-        if text is None:
-            return msg
-        return frame(b"P", body[: name_end + 1] + text + body[query_end:])
+        out = msg if sent is None else frame(b"P", body[: name_end + 1] + sent + body[query_end:])
+        if name and path is not None:
+            # The name may still hold a statement pgcloak took for gone (a Close or
+            # DEALLOCATE that failed): closed first, in the same batch (see reprepare).
+            self.acks.sent_ours(path.sent, parse=False, client_name=name, internal=name, redo=False)
+            return Close("S", name).encode() + out
+        return out
 
     def _bind(self, msg: bytes) -> bytes:
         body = msg[5:]
@@ -692,20 +696,23 @@ class Rewriter:
             return self._refuse_bind(
                 portal.decode("utf-8", "surrogateescape"), "26000", _unknown_message(name), refusal=False
             )
-        if name in self._redefined:
-            if audit is not None:
-                audit.bind(portal, None, {})
-            return self._refuse_bind(body[:portal_end].decode("utf-8", "surrogateescape"), "0A000", _redefined_message(name))
-        protection, plan, text, tail = entry
+        protection, plan, text = entry.protection, entry.plan, entry.text
         current = self._protection()
         before = b""
-        if protection is not current and text:
-            # The policy or the search_path changed since Parse: plan the text again.
+        path = self._search_path
+        # The unnamed statement's Parse went in an earlier batch, still unanswered: if the
+        # server skips it, the previous unnamed statement stays, and would run this Bind.
+        unsure = not name and entry.batch is not None and path is not None and entry.batch < path.sent
+        if (protection is not current or unsure) and text:
+            # The policy or the search_path changed since Parse: plan the text again (and
+            # prepare it again where the server's statement may not be this text).
             again = self._reprepared.get(name)
             if again is not None and again[0] is current:
                 plan = again[2]
                 body, stmt_end = _renamed_bind(body, portal_end, stmt_end, again[1])
                 msg = frame(b"B", body)
+            elif unsure and protection is current and path is not None and path.uncertain:
+                pass  # (not prepared again while the batch count is uncertain: see below)
             else:
                 replanned = current.planner.plan(text)
                 if not replanned.decision.allowed:
@@ -714,7 +721,7 @@ class Rewriter:
                         audit.bind(portal, None, {})
                     decision = replanned.decision
                     return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), decision.sqlstate, decision.message)
-                if replanned.sql != plan.sql:
+                if replanned.sql != plan.sql or unsure:
                     if self._search_path is None or self._search_path.uncertain:
                         # PostgreSQL's own error for a cached plan gone stale (0A000 from
                         # RevalidateCachedQuery): drivers with a statement cache prepare again.
@@ -723,7 +730,7 @@ class Rewriter:
                         return self._refuse_bind("", "0A000", _STALE_STATEMENT, routine="RevalidateCachedQuery")
                     # As PostgreSQL analyses a prepared statement again for a new
                     # search_path: the text, as planned now, under an internal name.
-                    made = self._reprepare(name, current, text, tail, portal)
+                    made = self._reprepare(name, current, text, entry.tail, portal)
                     if isinstance(made, bytes):
                         if audit is not None:
                             audit.bind(portal, None, {})
@@ -793,11 +800,9 @@ class Rewriter:
             return Close("S", _NO_STATEMENT).encode()
         if close.kind == "S":
             name = truncated(close.name)
-            self.statements.pop(name, None)
-            self._path_changes.pop(name, None)
-            self._redefined.discard(name)
-            if self._reprepared:
-                self._forget_reprepared(name)
+            self._forget(name)
+            if self._bodies:
+                self._bodies.pop(name, None)  # one namespace: a SQL-level one is closed too
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
         return msg

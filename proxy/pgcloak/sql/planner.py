@@ -68,7 +68,7 @@ from pgcloak.sql.search_path import (
 #: Number of statements handed to sqlglot's parser (tests assert the prefilter works).
 PARSE_CALLS = 0
 
-_PREFILTER_EXTRA = ("u&", "execute", "prepare", "deallocate")
+_PREFILTER_EXTRA = ("u&", "execute", "prepare", "deallocate", "discard")
 
 #: Statements that carry no values for a protected column (or cannot, as DDL):
 #: they pass without parsing. (``SET search_path`` is followed by the session, with
@@ -103,7 +103,7 @@ def _patterns(policy: Policy) -> tuple[tuple[str, ...], re.Pattern[str]]:
 
 def needs_parse(sql: str, policy: Policy) -> bool:
     """False when ``sql`` cannot touch a protected table: no protected bare table name
-    as a substring (case-insensitive), no ``U&`` escape, no PREPARE/EXECUTE/DEALLOCATE."""
+    as a substring (case-insensitive), no ``U&`` escape, no PREPARE/EXECUTE/DEALLOCATE/DISCARD."""
     low = sql.lower()
     return any(needle in low for needle in _patterns(policy)[0])
 
@@ -431,6 +431,11 @@ class Planner:
             if names:
                 every = names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER
                 st.deallocate = DEALLOCATE_ALL if every else fold_name(names[0])
+            return st
+        if first == "DISCARD":
+            st = simple("other")
+            if a + 1 < b and toks[a + 1].text.upper() == "ALL":
+                st.deallocate = DEALLOCATE_ALL  # DISCARD ALL deallocates every statement too
             return st
         if first == "COPY":
             return self._copy(sql, lexed, a, b)

@@ -170,6 +170,10 @@ def inline_executes(
             if found is not None and found[0] not in local:
                 local[found[0]] = found[1]
             continue
+        if word == "DISCARD":
+            if a + 1 < b and toks[a + 1].text.upper() == "ALL":
+                local.clear()
+            continue
         if word == "DEALLOCATE":
             names = [t for t in toks[a + 1 : b] if t.text.upper() != "PREPARE"]
             if names and names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER:

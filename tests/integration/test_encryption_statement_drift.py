@@ -1,0 +1,169 @@
+"""What a Bind runs is the statement pgcloak parsed under that name, whatever the server kept.
+
+PostgreSQL keeps a prepared statement when the Close or DEALLOCATE of it fails (an
+aborted transaction, a batch skipped after an error), and keeps the previous unnamed
+statement when a Parse is skipped. A client that then parses the name again gets 42P05
+(or nothing), and its next Bind would run the old statement with values pgcloak planned
+for the new one: an INSERT of an e-mail, sent as it came because the new text was a
+plain SELECT. Each test is that ordering on the raw protocol, with pgcloak's CHECK
+constraint lifted so that the leak, if there were one, would be stored and seen.
+
+Same set-up as test_encryption_reprepare_orderings.py: the policy protects
+crm."Contacts"."Email".
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from contacts_fixtures import contacts_env, in_crm_encrypted, internal_statements, stored
+from encryption_fixtures import EncEnv
+from raw_wire import SYNC, bind, execute, message, parse, query, raw, types
+
+INSERT = 'INSERT INTO crm."Contacts" ("Email", note) VALUES ($1, $2)'
+ECHO = "SELECT $1::text, $2::text"
+#: An error at Bind (no such statement): the rest of the batch is skipped; the unnamed
+#: statement is left as it was.
+FAIL = bind("", "no_such_statement") + execute("")
+
+
+@pytest.fixture(scope="module")
+def env(pg, pg_app_user, tmp_path_factory) -> Iterator[EncEnv]:
+    with contacts_env(pg, pg_app_user, tmp_path_factory.mktemp("enc_drift"), "sd") as e:
+        with e.without_check(
+            'crm."Contacts"', "Contacts_Email_pgcloak_check", 'DELETE FROM crm."Contacts" WHERE "Email" LIKE \'%@example.com\''
+        ):
+            yield e
+
+
+def _note() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _email(note: str) -> str:
+    return f"sd-{note}@example.com"
+
+
+def bind_params(portal: str, stmt: str, values: list[str]) -> bytes:
+    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + b"\0\0" + len(values).to_bytes(2, "big")
+    for v in values:
+        body += len(v.encode()).to_bytes(4, "big") + v.encode()
+    return message(b"B", body + b"\0\0")
+
+
+def close_statement(name: str) -> bytes:
+    return message(b"C", b"S" + name.encode() + b"\0")
+
+
+def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:
+    return [
+        {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}["C"] for t, body in msgs if t == "E"
+    ]
+
+
+def _echoed(got: list[tuple[str, bytes]], email: str) -> bool:
+    """The Bind ran the SELECT: its row holds the value as the client sent it."""
+    return any(t == "D" and email.encode() in body for t, body in got)
+
+
+def _nothing_stored(env: EncEnv, note: str) -> None:
+    assert stored(env, "crm", note) == [], "the old INSERT ran with values planned for the new text"
+
+
+def test_a_close_that_failed_then_the_name_parsed_again(env: EncEnv) -> None:
+    note = _note()
+    with env.psy() as conn:
+        # pgcloak's Close before the client's Parse: its CloseComplete never reaches the client.
+        assert types(raw(conn, parse("d1", INSERT) + SYNC, 1)) == ["1", "Z"]
+        # The Close is skipped after an error: the server still holds the INSERT.
+        assert types(raw(conn, FAIL + close_statement("d1") + SYNC, 1)) == ["E", "Z"]
+        again = raw(conn, parse("d1", ECHO) + SYNC, 1)
+        assert types(again) == ["1", "Z"], sqlstates(again)  # not 42P05: the name was freed first
+        got = raw(conn, bind_params("", "d1", [_email(note), note]) + execute("") + SYNC, 1)
+        assert types(got) == ["2", "D", "C", "Z"], sqlstates(got)
+        assert _echoed(got, _email(note))
+    _nothing_stored(env, note)
+
+
+def test_a_deallocate_that_failed_then_the_name_parsed_again(env: EncEnv) -> None:
+    """DEALLOCATE in an aborted transaction fails (25P02); the statement stays."""
+    note = _note()
+    with env.psy() as conn:
+        assert types(raw(conn, parse("d2", INSERT) + SYNC, 1)) == ["1", "Z"]
+        aborted = query("BEGIN") + query("SELECT 1/0") + query("DEALLOCATE d2") + query("ROLLBACK")
+        assert sqlstates(raw(conn, aborted, 4)) == ["22012", "25P02"]
+        assert types(raw(conn, parse("d2", ECHO) + SYNC, 1)) == ["1", "Z"]
+        got = raw(conn, bind_params("", "d2", [_email(note), note]) + execute("") + SYNC, 1)
+        assert _echoed(got, _email(note)), sqlstates(got)
+    _nothing_stored(env, note)
+
+
+def test_the_other_way_round_the_new_text_runs_and_is_encrypted(env: EncEnv) -> None:
+    """The old statement a SELECT, the new one an INSERT: the INSERT runs, its value
+    encrypted (read back through pgcloak in clear)."""
+    note = _note()
+    with env.psy() as conn:
+        assert types(raw(conn, parse("d3", ECHO) + SYNC, 1)) == ["1", "Z"]
+        assert types(raw(conn, FAIL + close_statement("d3") + SYNC, 1)) == ["E", "Z"]
+        got = raw(conn, parse("d3", INSERT) + bind_params("", "d3", [_email(note), note]) + execute("") + SYNC, 1)
+        assert types(got) == ["1", "2", "C", "Z"], sqlstates(got)
+        row = conn.execute('SELECT "Email" FROM crm."Contacts" WHERE note = %s', (note,)).fetchall()
+        assert row == [(_email(note),)]
+    in_crm_encrypted(env, _email(note), note)
+
+
+def test_a_skipped_unnamed_parse_is_not_bound_later(env: EncEnv) -> None:
+    """The unnamed INSERT stays on the server when the Parse after it is skipped: a Bind
+    in a later batch is refused (26000) rather than run with the value as it came."""
+    note = _note()
+    with env.psy() as conn:
+        assert types(raw(conn, parse("", INSERT) + SYNC, 1)) == ["1", "Z"]
+        assert types(raw(conn, FAIL + parse("", ECHO) + SYNC, 1)) == ["E", "Z"]
+        got = raw(conn, bind_params("", "", [_email(note), note]) + execute("") + SYNC, 1)
+        assert sqlstates(got) == ["26000"]
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    _nothing_stored(env, note)
+
+
+def test_a_pipelined_bind_after_a_skipped_unnamed_parse(env: EncEnv) -> None:
+    """The same, sent in one go: when the Bind comes, pgcloak does not know yet whether
+    the Parse ran, so the Bind goes to the text prepared again under an internal name."""
+    note = _note()
+    with env.psy() as conn:
+        assert types(raw(conn, parse("", INSERT) + SYNC, 1)) == ["1", "Z"]
+        pipelined = FAIL + parse("", ECHO) + SYNC + bind_params("", "", [_email(note), note]) + execute("") + SYNC
+        got = raw(conn, pipelined, 2)
+        assert types(got) == ["E", "Z", "2", "D", "C", "Z"], sqlstates(got)
+        assert _echoed(got, _email(note))
+        assert len(internal_statements(conn)) <= 1
+    _nothing_stored(env, note)
+
+
+def test_a_statement_the_server_refused_is_not_bound(env: EncEnv) -> None:
+    """A Parse PostgreSQL refuses (an unknown column) leaves nothing under the name:
+    pgcloak forgets it, and answers a later Bind as PostgreSQL would (26000)."""
+    with env.psy() as conn:
+        failed = raw(conn, parse("d4", 'SELECT no_such_column FROM crm."Contacts"') + SYNC, 1)
+        assert sqlstates(failed) == ["42703"]
+        got = raw(conn, bind("", "d4") + execute("") + SYNC, 1)
+        assert sqlstates(got) == ["26000"]
+        assert types(raw(conn, parse("d4", "SELECT 1") + bind("", "d4") + execute("") + SYNC, 1)) == [
+            "1", "2", "D", "C", "Z"
+        ]
+
+
+def test_discard_all_frees_every_name(env: EncEnv) -> None:
+    """DISCARD ALL deallocates every statement (PgBouncer's reset query): names are
+    free again, and EXECUTE of a SQL-level one is refused as PostgreSQL refuses it."""
+    note = _note()
+    with env.psy(autocommit=True) as conn:
+        assert types(raw(conn, query("PREPARE d5(text, text) AS " + INSERT), 1)) == ["C", "Z"]
+        assert types(raw(conn, parse("d6", ECHO) + SYNC, 1)) == ["1", "Z"]
+        assert types(raw(conn, query("DISCARD ALL"), 1)) == ["C", "Z"]
+        assert sqlstates(raw(conn, query(f"EXECUTE d5('{_email(note)}', '{note}')"), 1)) == ["26000"]
+        got = raw(conn, parse("d5", INSERT) + bind_params("", "d5", [_email(note), note]) + execute("") + SYNC, 1)
+        assert types(got) == ["1", "2", "C", "Z"], sqlstates(got)
+        assert types(raw(conn, parse("d6", INSERT) + SYNC, 1)) == ["1", "Z"]
+    in_crm_encrypted(env, _email(note), note)
