@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -365,3 +367,79 @@ def test_a_quoted_table_is_selected_by_its_quoted_name(env: EncEnv, clean: None)
     assert code == 0, printed
     assert "public.users" not in printed  # only the table asked for
     env.assert_stored(env.raw_one('SELECT "Email" FROM crm."Contacts"'), email, "crm.Contacts", "Email")
+
+
+# -- the run in the audit trail ------------------------------------------------------------
+def _backfill_trail(env: EncEnv) -> Path:
+    """The backfill's own chain, next to the proxy's (the policy's default file sink)."""
+    return env.policy_path.parent / "pgcloak-audit.backfill.jsonl"
+
+
+def _last_run(path: Path) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    start = max(i for i, r in enumerate(records) if r.get("reason") == "started")
+    return [r for r in records[start:] if r["chain"] == records[start]["chain"]]
+
+
+def _verify(*files: Path) -> tuple[int, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["audit", "verify", *map(str, files)])
+    return code, out.getvalue() + err.getvalue()
+
+
+def test_the_run_is_recorded_in_its_own_chain_without_a_value(env: EncEnv, clean: None, tmp_path: Path) -> None:
+    """Reading every protected value of a table is an access a DPO must see: one event per
+    table (columns read and written, rows updated, counts), a seal at the end, verifiable;
+    no value and no row key in it."""
+    people = [(unique("trail"), "+1 555 010 0042", "321-54-9876", "L-4242", "t1"), (unique("trail"), None, None, None, "t2")]
+    ids = seed(env, people)
+    code, printed = backfill(env, "--table", "public.users")
+    assert code == 0, printed
+    path = _backfill_trail(env)
+    text = path.read_text(encoding="utf-8")
+    for values in people:
+        for value in values[:4]:
+            if value:
+                assert value not in text and value.lower() not in text
+    run = _last_run(path)
+    assert [r["type"] for r in run] == ["statement", "statement", "seal"]
+    started, users = run[0], run[1]
+    assert started["tables"] == ["public.users"] and started["application_name"] == "pgcloak backfill"
+    assert users["kind"] == "backfill" and users["tables"] == ["public.users"]
+    assert users["user"] == env.login.user and users["database"] == env.login.dbname
+    assert users["rows"] == len(ids)
+    assert set(users["columns_written"]) == {
+        env.policy.key_id("public.users", c) for c in ("email", "phone", "ssn", "loyalty_id")
+    }
+    assert users["reason"].startswith("5 encrypted, 0 stored again, 0 rotated, 0 failed")
+    assert not any(str(i) in json.dumps(users["reason"]) for i in ids if i > 9)  # no row key either
+
+    code, report = _verify(path)
+    assert code == 0, report
+    # The chain is the proof: a count edited after the fact is found.
+    edited = tmp_path / path.name
+    edited.write_text(text.replace(f'"rows":{len(ids)},', f'"rows":{len(ids) + 1},', 1), encoding="utf-8")
+    assert edited.read_text(encoding="utf-8") != text
+    assert _verify(edited)[0] != 0
+
+
+def test_a_trail_that_cannot_be_written_stops_the_backfill_when_the_policy_says_refuse(
+    env: EncEnv, clean: None, tmp_path: Path
+) -> None:
+    email = unique("untrailed")
+    ids = seed(env, [(email, None, None, None, "u")])
+    unwritable = f"audit:\n  sink: file:/dev/null/audit.jsonl\n  spill_dir: {tmp_path}\n"
+    refusing = tmp_path / "refusing.yaml"
+    refusing.write_text(policy_yaml() + unwritable + "  on_audit_failure: refuse\n")
+    code, printed = backfill(env, policy=str(refusing))
+    assert code == 2 and "on_audit_failure: refuse" in printed and "nothing written" in printed
+    assert stored(env, ids)[ids[0]][0] == email  # untouched
+    # With on_audit_failure: allow it runs, and its events wait in the spill file.
+    allowing = tmp_path / "allowing.yaml"
+    allowing.write_text(policy_yaml() + unwritable + "  on_audit_failure: allow\n")
+    code, printed = backfill(env, policy=str(allowing))
+    assert code == 0 and "wait in the spill file" in printed, printed
+    env.assert_stored(stored(env, ids)[ids[0]][0], email)
+    spilled = [json.loads(line) for p in tmp_path.glob("*.spill.jsonl") for line in p.read_text().splitlines()]
+    assert any(r.get("kind") == "backfill" and r.get("rows") == 1 for r in spilled), spilled

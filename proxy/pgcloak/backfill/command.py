@@ -23,6 +23,7 @@ from rich.progress import Progress as RichProgress
 
 from pgcloak.backfill.convert import ColumnJob, Converter, column_jobs
 from pgcloak.backfill.runner import TableReport, backfill, describe_error, merged, survey
+from pgcloak.backfill.trail import Trail
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.policy import Policy
 from pgcloak.policy.names import InvalidName, parse_table_name
@@ -91,6 +92,7 @@ async def _run(
     dsn: str,
     tables: dict[str, list[ColumnJob]],
     converter: Converter,
+    trail: Trail,
     *,
     batch_rows: int,
     rotate: bool,
@@ -99,12 +101,33 @@ async def _run(
 ) -> int:
     conn = await asyncpg.connect(dsn, timeout=30)
     try:
+        user, database = await conn.fetchrow("SELECT current_user::text, current_database()::text")
+        # The survey reads counts only; it also tells whether the master key is the one
+        # the values were sealed with, which the trail's MACs are made with too.
         surveys = [await survey(conn, jobs, converter.keyring.check_value) for jobs in tables.values()]
+        if not any(c.foreign_key for r in surveys for c in r.columns.values()):
+            if not await trail.start(user, database, list(tables)):
+                print(
+                    f"pgcloak backfill: the audit trail cannot be written ({trail.description}) and the "
+                    "policy says on_audit_failure: refuse; nothing written",
+                    file=sys.stderr,
+                )
+                return 2
+            if not trail.log.healthy:
+                print(
+                    f"warning: the audit trail cannot be written now ({trail.description}): its events "
+                    "wait in the spill file for the next run",
+                    file=sys.stderr,
+                )
         for report in surveys:
             _print_survey(report, out)
         problems = [(r.table, p) for r in surveys for p in r.problems]
         for table, problem in problems:
             print(f"pgcloak backfill: {table}: {problem}", file=sys.stderr)
+        if trail.started:
+            for report in surveys:
+                if report.problems:
+                    trail.refused(report.table, report.problems)
         if problems:
             print("pgcloak backfill: nothing written", file=sys.stderr)
             return 2
@@ -130,10 +153,15 @@ async def _run(
             for before, jobs in zip(surveys, tables.values(), strict=True):
                 if not rotate and not any(c.unconverted for c in before.columns.values()):
                     continue  # nothing in clear: no pass needed
-                report = await backfill(
-                    conn, jobs, converter, batch_rows=batch_rows, rotate=rotate, dry_run=dry_run, progress=_Bars(bars)
-                )
+                try:
+                    report = await backfill(
+                        conn, jobs, converter, batch_rows=batch_rows, rotate=rotate, dry_run=dry_run, progress=_Bars(bars)
+                    )
+                except asyncpg.PostgresError as exc:
+                    trail.stopped(before.table, jobs, getattr(exc, "sqlstate", None))
+                    raise
                 report = merged(before, report)
+                trail.done(report, jobs)
                 _print_run(report, out, dry_run=dry_run, rotate=rotate)
                 if any(c.failed for c in report.columns.values()):
                     status = 1
@@ -151,7 +179,10 @@ async def _run(
                         status = 1
         return status
     finally:
-        await conn.close()
+        try:
+            await trail.close()
+        finally:
+            await conn.close()
 
 
 def run(
@@ -174,9 +205,10 @@ def run(
         print(f"pgcloak backfill: {exc.args[0]}", file=sys.stderr)
         return 2
     converter = Converter.for_policy(policy, keyring)
+    trail = Trail(policy, keyring, rotate=rotate, dry_run=dry_run)
     try:
         return asyncio.run(
-            _run(dsn, jobs, converter, batch_rows=batch_rows, rotate=rotate, dry_run=dry_run, out=out)
+            _run(dsn, jobs, converter, trail, batch_rows=batch_rows, rotate=rotate, dry_run=dry_run, out=out)
         )
     except asyncpg.PostgresError as exc:
         # Its message or DETAIL can quote a value: never printed.
