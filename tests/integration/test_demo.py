@@ -23,6 +23,34 @@ def _psql(dsn: str, sql: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clients"
+
+
+def _examples(proxied: str, direct: str) -> None:
+    """examples/clients/, as their docstrings say to run them against the demo."""
+    refusals = {
+        "asyncpg_app.py": "bulk read refused: SQLSTATE 42501",
+        "psycopg_app.py": "LIKE on an encrypted column refused: SQLSTATE 0A000",
+    }
+    for script, refusal in refusals.items():
+        run = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), proxied, direct], capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, (script, run.stdout, run.stderr)
+        assert "found" in run.stdout and "stored in PostgreSQL: email = " in run.stdout and "deleted" in run.stdout
+        stored = [line for line in run.stdout.splitlines() if line.startswith("stored in PostgreSQL")]
+        assert stored and all(".pgc1:" in line or ": ssn = pgc1:" in line for line in stored), stored
+        assert refusal in run.stdout
+    sql = subprocess.run(
+        ["psql", "-X", "-f", str(EXAMPLES / "walkthrough.sql"), proxied], capture_output=True, text=True, timeout=60
+    )
+    assert sql.returncode == 0, sql.stderr
+    assert "Hedy | hedy@example.com | +1 555 010 4242 | 219-09-9999" in sql.stdout
+    assert sql.stdout.count(" Hedy\n") == 1  # EXECUTE found the row by its phone, written otherwise
+    assert "LIKE pattern matching" in sql.stderr and "unbounded_select" in sql.stderr
+    assert sql.stdout.rstrip().endswith("DELETE 1")
+
+
 def test_demo_walkthrough(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "demo.log"
@@ -72,6 +100,7 @@ def test_demo_walkthrough(tmp_path: Path) -> None:
         # Written straight to PostgreSQL, plaintext is refused by the policy's CHECK constraints.
         bypass = _psql(direct, "INSERT INTO users (name, email) VALUES ('Mallory', 'mallory@example.com')")
         assert bypass.returncode != 0 and "users_email_pgcloak_check" in bypass.stderr, bypass.stderr
+        _examples(proxied, direct)
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()
