@@ -7,7 +7,7 @@ from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import generate_master_key
 from pgcloak.policy import parse_policy
 from pgcloak.session.protection import Protection
-from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, cut
+from pgcloak.session.reprepare import INTERNAL_PREFIX, STATEMENT_PREFIX, Acks, cut
 from pgcloak.session.rewriter import Rewriter
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.wire.framing import iter_messages, scan_marked
@@ -61,8 +61,7 @@ def test_a_stale_bind_is_sent_to_the_text_prepared_again() -> None:
     s = _Session()
     s.send(P, Parse("s1", LOOKUP, ()).encode())
     s.send(S, Sync().encode())
-    # pgcloak's Close of the name before the client's Parse: its reply is not the client's.
-    assert s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
+    assert s.reply(PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE + Z_IDLE
     s.current = s.after  # phone is now compared on its blind index
     out = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
     assert [k for k, _ in out] == ["P", "B"]
@@ -82,7 +81,8 @@ def test_a_stale_bind_is_sent_to_the_text_prepared_again() -> None:
     assert s.reply(BIND_COMPLETE + Z_IDLE) == BIND_COMPLETE + Z_IDLE
     # The client's Close closes ours too; only the client's CloseComplete is delivered.
     closed = s.send(C, Close("S", "s1").encode())
-    assert [(k, Close.decode(b).name) for k, b in closed] == [("C", "s1"), ("C", parse.name)]
+    names = [(k, Close.decode(b).name) for k, b in closed]
+    assert [k for k, _ in names] == ["C", "C"] and names[0][1].startswith(STATEMENT_PREFIX) and names[1][1] == parse.name
     s.send(S, Sync().encode())
     assert s.reply(CLOSE_COMPLETE + CLOSE_COMPLETE + Z_IDLE) == CLOSE_COMPLETE + Z_IDLE
     assert not s.rewriter.acks.busy
@@ -92,7 +92,7 @@ def test_a_skipped_reprepare_is_made_again_at_the_next_bind() -> None:
     s = _Session()
     s.send(P, Parse("s1", LOOKUP, ()).encode())
     s.send(S, Sync().encode())
-    s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    s.reply(PARSE_COMPLETE + Z_IDLE)
     s.current = s.after
     first = s.send(B, Bind("", "s1", (), (b"555 0100",), ()).encode())
     s.send(S, Sync().encode())
@@ -149,16 +149,83 @@ def _refused(out: list[tuple[str, bytes]]) -> bool:
     return [k for k, _ in out] == ["B"] and Bind.decode(out[0][1]).statement.startswith("pgcloak_refused_")
 
 
-def test_a_named_parse_goes_after_pgcloaks_own_close_of_the_name() -> None:
+def _server_name(out: list[tuple[str, bytes]]) -> str:
+    (kind, body), = out
+    assert kind == "P"
+    return Parse.decode(body).name
+
+
+def test_a_named_statement_is_known_to_the_server_by_a_name_of_pgcloaks() -> None:
     """A Close or DEALLOCATE that failed may have left the name's old statement on the
-    server, which would refuse this Parse (42P05) and run the old one at each Bind."""
+    server, which would refuse a new Parse of it (42P05) and run the old one at each
+    Bind: the server never sees the client's names, only names pgcloak never reuses."""
     s = _Session()
-    out = s.send(P, Parse("s1", ECHO, ()).encode())
-    assert [(k, Close.decode(b).name if k == "C" else Parse.decode(b).name) for k, b in out] == [("C", "s1"), ("P", "s1")]
-    assert [k for k, _ in s.send(P, Parse("", ECHO, ()).encode())] == ["P"]  # the unnamed one is replaced anyway
+    server = _server_name(s.send(P, Parse("s1", ECHO, ()).encode()))
+    assert server.startswith(STATEMENT_PREFIX)
+    assert Bind.decode(s.send(B, Bind("", "s1", (), (b"x",), ()).encode())[0][1]).statement == server
+    described = s.send(ord("D"), b"D\x00\x00\x00\x08Ss1\x00")
+    assert described == [("D", b"S" + server.encode() + b"\x00")]
+    assert s.send(ord("D"), b"D\x00\x00\x00\x06P\x00") == [("D", b"P\x00")]  # a portal: as it came
+    assert [k for k, _ in s.send(P, Parse("", ECHO, ()).encode())] == ["P"]  # the unnamed one stays unnamed
     s.send(S, Sync().encode())
-    assert s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + PARSE_COMPLETE + Z_IDLE) == PARSE_COMPLETE * 2 + Z_IDLE
-    assert not s.rewriter.acks.busy
+    # The client's own replies, as they come: nothing of pgcloak's in between.
+    assert s.reply(PARSE_COMPLETE * 2 + BIND_COMPLETE + Z_IDLE) == PARSE_COMPLETE * 2 + BIND_COMPLETE + Z_IDLE
+    closed = s.send(C, Close("S", "s1").encode())
+    assert [(k, Close.decode(b).name) for k, b in closed] == [("C", server)]
+    again = _server_name(s.send(P, Parse("s1", INSERT, ()).encode()))
+    assert again.startswith(STATEMENT_PREFIX) and again != server  # never the same name twice
+
+
+def test_a_close_the_server_skipped_is_sent_again() -> None:
+    s = _Session()
+    server = _server_name(s.send(P, Parse("s1", ECHO, ()).encode()))
+    s.send(S, Sync().encode())
+    s.reply(PARSE_COMPLETE + Z_IDLE)
+    s.send(B, Bind("", "no_such", (), (), ()).encode())
+    s.send(C, Close("S", "s1").encode())
+    s.send(S, Sync().encode())
+    s.reply(ERROR + Z_IDLE)
+    out = s.send(P, Parse("s2", ECHO, ()).encode())  # pgcloak's Close goes with the next Parse
+    assert ("C", server) in [(k, Close.decode(b).name) for k, b in out if k == "C"]
+
+
+def test_sql_deallocate_of_a_protocol_statement_names_the_servers_name() -> None:
+    s = _Session()
+    server = _server_name(s.send(P, Parse("s1", ECHO, ()).encode()))
+    out = s.send(ord("Q"), Query("DEALLOCATE s1").encode())
+    assert Query.decode(out[0][1]).sql == f"DEALLOCATE {server}"
+    assert _refused(s.send(B, Bind("", "s1", (), (b"x",), ()).encode()))
+    refused = s.send(ord("Q"), Query(f"DEALLOCATE {server}").encode())  # the client may not name it
+    assert Query.decode(refused[0][1]).sql.startswith("pgcloak_refused_")
+
+
+def test_a_name_whose_parse_is_unanswered_may_be_parsed_again() -> None:
+    """Pipelined: the first Parse may have failed, which would leave the name free; the
+    second is taken, and the first's server statement closed."""
+    s = _Session()
+    first = _server_name(s.send(P, Parse("s1", INSERT, ()).encode()))
+    s.send(S, Sync().encode())
+    out = s.send(P, Parse("s1", ECHO, ()).encode())
+    second = Parse.decode(next(b for k, b in out if k == "P")).name
+    assert second != first and ("C", first) in [(k, Close.decode(b).name) for k, b in out if k == "C"]
+    assert Bind.decode(s.send(B, Bind("", "s1", (), (b"x",), ()).encode())[0][1]).statement == second
+
+
+def test_extended_discard_all_keeps_its_own_statement() -> None:
+    s = _Session()
+    s.send(P, Parse("s1", ECHO, ()).encode())
+    s.send(P, Parse("", "DISCARD ALL", ()).encode())
+    assert [k for k, _ in s.send(B, Bind("", "", (), (), ()).encode())] == ["B"]
+    assert _refused(s.send(B, Bind("", "s1", (), (b"x",), ()).encode()))
+
+
+def test_an_unanswered_unnamed_parse_is_refused_while_the_batch_count_is_uncertain() -> None:
+    s = _Session()
+    s.send(P, Parse("", ECHO, ()).encode())
+    s.send(S, Sync().encode())
+    s.path.uncertain = True
+    out = s.send(B, Bind("", "", (), (b"x",), ()).encode())
+    assert _refused(out)
 
 
 def test_a_refused_parse_is_sent_without_a_close() -> None:
@@ -172,12 +239,12 @@ def test_a_refused_parse_is_sent_without_a_close() -> None:
 
 def test_a_name_parsed_again_is_refused_and_keeps_its_statement() -> None:
     """PostgreSQL refuses a name it holds (42P05) and keeps the first statement: so does
-    pgcloak (sent without the Close), and a Bind runs the first, planned as it was."""
+    pgcloak, and a Bind runs the first, planned as it was."""
     s = _Session()
     s.current = s.after
     s.send(P, Parse("s1", "INSERT INTO users (phone) VALUES ($1)", ()).encode())
     s.send(S, Sync().encode())
-    s.reply(CLOSE_COMPLETE + PARSE_COMPLETE + Z_IDLE)
+    s.reply(PARSE_COMPLETE + Z_IDLE)
     again = s.send(P, Parse("s1", "SELECT $1::text", ()).encode())
     assert [k for k, _ in again] == ["P"] and Parse.decode(again[0][1]).query.startswith("pgcloak_refused_")
     s.send(S, Sync().encode())
@@ -190,7 +257,7 @@ def test_a_parse_the_server_refused_is_forgotten() -> None:
     s = _Session()
     s.send(P, Parse("s1", INSERT, ()).encode())
     s.send(S, Sync().encode())
-    assert s.reply(CLOSE_COMPLETE + ERROR + Z_IDLE) == ERROR + Z_IDLE
+    assert s.reply(ERROR + Z_IDLE) == ERROR + Z_IDLE
     assert _refused(s.send(B, Bind("", "s1", (), (b"a@example.com",), ()).encode()))
 
 
@@ -236,4 +303,4 @@ def test_discard_all_forgets_every_statement() -> None:
     executed = s.send(ord("Q"), Query("EXECUTE p('x')").encode())
     assert Query.decode(executed[0][1]).sql.startswith("pgcloak_refused_")  # 26000, as PostgreSQL says
     assert _refused(s.send(B, Bind("", "s1", (), (b"x",), ()).encode()))
-    assert [k for k, _ in s.send(P, Parse("p", ECHO, ()).encode())] == ["C", "P"]  # the name is free again
+    assert _server_name(s.send(P, Parse("p", ECHO, ()).encode())).startswith(STATEMENT_PREFIX)  # free again

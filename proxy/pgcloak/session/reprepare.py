@@ -1,30 +1,39 @@
-"""Statements pgcloak prepares on the client's behalf, and following the server's replies.
-
-A statement (named or unnamed) is planned once, at its Parse, for the policy and search_path of
-that moment. PostgreSQL analyses a prepared statement again, silently, when the
-search_path it was parsed under changes; pgcloak's plan (which columns are encrypted,
-which table a name is bound to) cannot follow it there. So when a statement is bound
-after the rules changed and its text now plans differently, the session parses the
-text again, as planned now, under an internal name, and sends the client's Bind to
-that name instead. The client sees what PostgreSQL would have shown it: its statement
-runs, under the rules in force (or is refused by them). While the session's count of
-batches is uncertain (:attr:`~pgcloak.session.search_path.SessionSearchPath.uncertain`),
-it gets 0A000 "prepare it again" instead.
+"""The names the server knows the client's statements by, statements pgcloak prepares
+on the client's behalf, and following the server's replies.
 
 What a Bind runs must be the text pgcloak planned under that name, whatever the server
 kept: a Close or DEALLOCATE that failed (an aborted transaction, a batch skipped after an
-error) leaves the old statement on the server, and PostgreSQL then refuses the client's
-next Parse of the name (42P05), so its Binds would run the old statement with values
-planned for the new one. So every named Parse goes out after pgcloak's own Close of the
-name, in the same batch (the name is free when the Parse runs, or neither runs), and the
-server's answer to each Parse is followed: a statement it did not prepare is forgotten.
+error) leaves the old statement on the server, PostgreSQL then refuses the client's next
+Parse of the name (42P05), and its Binds would run the old statement with values planned
+for the new one. So a named statement is prepared on the server under a name of
+pgcloak's that is never used twice (:func:`statement_name`), and the client's Bind,
+Describe and Close (and SQL-level DEALLOCATE) are sent to that name: a Parse the server
+refused or skipped leaves nothing a Bind could reach, whatever else failed. The unnamed
+statement is left unnamed (PostgreSQL plans it for each Bind's values, and drops it at
+the next Parse or Query); the one thing that could leave an older one in its place is a
+Parse the server skipped, so a Bind of it sent before the server answered that Parse,
+in a later batch, goes to the text prepared again (below).
 
-The server answers those extra messages with ParseComplete / CloseComplete, which the
-client must not see. Those
+A statement is planned once, at its Parse, for the policy and search_path of that moment.
+PostgreSQL analyses a prepared statement again, silently, when the search_path it was
+parsed under changes; pgcloak's plan (which columns are encrypted, which table a name is
+bound to) cannot follow it there. So when a statement is bound after the rules changed
+and its text now plans differently, the session parses the text again, as planned now,
+under an internal name, and sends the client's Bind to that name instead. The client
+sees what PostgreSQL would have shown it: its statement runs, under the rules in force
+(or is refused by them). While the session's count of batches is uncertain
+(:attr:`~pgcloak.session.search_path.SessionSearchPath.uncertain`), it gets 0A000
+"prepare it again" instead.
+
+The server answers that extra Parse (and the Close of an internal statement no longer
+needed) with ParseComplete / CloseComplete, which the client must not see. Those
 replies carry nothing to tell them apart, so :class:`Acks` keeps every Parse and
 Close in flight in the order the server answers them, with the batch (Query, Sync,
 FunctionCall) each belongs to: an ErrorResponse makes the server skip the rest of
 its batch, so whatever of a batch was not answered by its ReadyForQuery never will be.
+The same bookkeeping tells which of the client's Parses the server prepared: only for
+the client's sake (a statement that failed is answered 26000 under its own name) and
+to close what is no longer needed, never for what a Bind runs.
 
 Pure (no IO): the session feeds the client's messages and the server's marks.
 """
@@ -42,13 +51,26 @@ if TYPE_CHECKING:
     from pgcloak.session.protection import Protection
     from pgcloak.sql import Plan
 
-__all__ = ["ACKS", "INTERNAL_PREFIX", "Acks", "Prepared", "cut", "internal_name"]
+__all__ = [
+    "ACKS",
+    "INTERNAL_PREFIX",
+    "STATEMENT_PREFIX",
+    "Acks",
+    "Closing",
+    "Prepared",
+    "cut",
+    "internal_name",
+    "reserved",
+    "statement_name",
+]
 
 #: ParseComplete, CloseComplete: the replies counted here.
 ACKS: Final = frozenset(b"13")
 _READY: Final = ord("Z")
 #: Names of the statements pgcloak prepares itself; a client may not use them.
 INTERNAL_PREFIX: Final = "pgcloak_reprepared_"
+#: The server's names of the client's named statements.
+STATEMENT_PREFIX: Final = "pgcloak_stmt_"
 _serial = itertools.count(1)
 
 
@@ -57,35 +79,58 @@ def internal_name() -> str:
     return f"{INTERNAL_PREFIX}{next(_serial)}"
 
 
+def statement_name() -> str:
+    """The server's name for a client's named statement: never used twice."""
+    return f"{STATEMENT_PREFIX}{next(_serial)}"
+
+
+def reserved(name: str) -> bool:
+    """A name of pgcloak's own, which a client may not use."""
+    return name.startswith(INTERNAL_PREFIX) or name.startswith(STATEMENT_PREFIX)
+
+
 class Prepared:
     """A statement the client prepared with the protocol, as pgcloak planned it."""
 
-    __slots__ = ("batch", "name", "plan", "protection", "tail", "text")
+    __slots__ = ("answered", "batch", "name", "plan", "protection", "server", "tail", "text")
 
-    def __init__(self, name: str, protection: Protection, plan: Plan, text: str, tail: bytes, batch: int | None) -> None:
+    def __init__(
+        self, name: str, server: str, protection: Protection, plan: Plan, text: str, tail: bytes, batch: int | None
+    ) -> None:
         self.name = name
+        #: The name the server knows it by ("" for the unnamed statement).
+        self.server = server
         #: The rules it was planned under, its plan, its text and the Parse's tail (its
         #: parameter types).
         self.protection = protection
         self.plan = plan
         self.text = text
         self.tail = tail
-        #: The batch its Parse was sent in, until the server has prepared it (then None).
+        #: The batch its Parse was sent in (None without the session's count), and whether
+        #: the server answered it with ParseComplete.
         self.batch = batch
+        self.answered = batch is None
+
+
+class Closing:
+    """A client's Close of a named statement, sent to the server's name: closed again
+    (by pgcloak) if the server skips it."""
+
+    __slots__ = ("server",)
+
+    def __init__(self, server: str) -> None:
+        self.server = server
 
 
 class _Ours:
-    """A Parse (or Close) pgcloak sent itself: its reply is not the client's.
-    ``redo``: a Close the server skipped is sent again (not the one before a client's
-    Parse: that Parse was skipped with it)."""
+    """A Parse (or Close) pgcloak sent itself: its reply is not the client's."""
 
-    __slots__ = ("client_name", "internal", "parse", "redo")
+    __slots__ = ("client_name", "internal", "parse")
 
-    def __init__(self, parse: bool, client_name: str, internal: str, redo: bool = True) -> None:
+    def __init__(self, parse: bool, client_name: str, internal: str) -> None:
         self.parse = parse
         self.client_name = client_name
         self.internal = internal
-        self.redo = redo
 
 
 class Acks:
@@ -94,20 +139,21 @@ class Acks:
     __slots__ = ("_flight",)
 
     def __init__(self) -> None:
-        #: (batch number, the client's Parse or None for its Close, or :class:`_Ours`).
-        self._flight: deque[tuple[int, _Ours | Prepared | None]] = deque()
+        #: (batch number, the client's Parse or Close (None: nothing to follow of it),
+        #: or :class:`_Ours`).
+        self._flight: deque[tuple[int, _Ours | Prepared | Closing | None]] = deque()
 
     @property
     def busy(self) -> bool:
         return bool(self._flight)
 
-    def sent(self, batch: int, statement: Prepared | None = None) -> None:
+    def sent(self, batch: int, statement: Prepared | Closing | None = None) -> None:
         """The client sent a Parse (of ``statement``, when pgcloak took it) or a Close in
         batch ``batch`` (numbered by the session)."""
         self._flight.append((batch, statement))
 
-    def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str, redo: bool = True) -> None:
-        self._flight.append((batch, _Ours(parse, client_name, internal, redo)))
+    def sent_ours(self, batch: int, *, parse: bool, client_name: str, internal: str) -> None:
+        self._flight.append((batch, _Ours(parse, client_name, internal)))
 
     def renumber(self, after: int, by: int) -> None:
         """Batches after ``after`` are numbered ``by`` lower (Syncs PostgreSQL ignored)."""
@@ -115,17 +161,17 @@ class Acks:
 
     def replies(
         self, marks: Iterable[Mark], answered: int, seen: int = 0
-    ) -> tuple[list[tuple[int, int]], list[_Ours | Prepared]]:
+    ) -> tuple[list[tuple[int, int]], list[_Ours | Prepared | Closing]]:
         """Follow the server's replies (``marks``: ReadyForQuery, ParseComplete and
         CloseComplete at least, in order), ``answered`` batches having been answered
         before them; the first ``seen`` ReadyForQuery messages were followed already
         (held back while the session asked PostgreSQL something). Returns the spans of
-        our replies to cut out, and the Parses (ours and the client's) and our Closes
-        the server skipped or refused (it never prepared, or never closed, those
+        our replies to cut out, and the Parses and Closes (ours and the client's) the
+        server skipped or refused (it never prepared, or never closed, those
         statements). A client's statement the server prepared is marked so."""
         flight = self._flight
         cuts: list[tuple[int, int]] = []
-        failed: list[_Ours | Prepared] = []
+        failed: list[_Ours | Prepared | Closing] = []
         for kind, pos, end, _rows in marks:
             if kind == _READY:
                 if seen:
@@ -140,8 +186,8 @@ class Acks:
                 ours = flight.popleft()[1]
                 if isinstance(ours, _Ours):
                     cuts.append((pos, end))
-                elif ours is not None:
-                    ours.batch = None
+                elif isinstance(ours, Prepared):
+                    ours.answered = True
             if not flight:
                 break
         return cuts, failed

@@ -32,11 +32,21 @@ from pgcloak.session.protection import (
     ReadDenied,
     ValueRefused,
 )
-from pgcloak.session.reprepare import INTERNAL_PREFIX, Acks, Prepared, internal_name
+from pgcloak.session.reprepare import (
+    INTERNAL_PREFIX,
+    STATEMENT_PREFIX,
+    Acks,
+    Closing,
+    Prepared,
+    internal_name,
+    reserved,
+    statement_name,
+)
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
 from pgcloak.sql.lexer import LexError
-from pgcloak.sql.plan import DEALLOCATE_ALL
+from pgcloak.sql.lexer import copies_from_stdin as lexer_copies_from_stdin
+from pgcloak.sql.plan import DEALLOCATE_ALL, DISCARD_ALL
 from pgcloak.sql.planner import unglue_params
 from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes, truncated
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
@@ -70,13 +80,11 @@ CAPTURE = frozenset((Q, P, B, C, COPY_DATA, COPY_DONE, COPY_FAIL, SYNC, FUNCTION
 _HALF_SENT = frozenset((P, B, C, DESCRIBE, EXECUTE))
 #: (The same with an audit trail; kept as a name of its own for the session.)
 CAPTURE_AUDITED = CAPTURE
-_COPY_FROM_STDIN = re.compile(r"\s*copy\b[^;]*\bfrom\s+stdin\b", re.IGNORECASE | re.DOTALL)
-#: Comments before a statement's first word (not nested ones: /* /* */ */).
-_LEADING_COMMENTS = re.compile(r"(?:\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/))*", re.DOTALL)
-
 #: A statement name never prepared (a client's Close of an internal name closes it).
 _NO_STATEMENT = INTERNAL_PREFIX + "none"
-_RESERVED_NAME = f'statement names starting with "{INTERNAL_PREFIX}" are reserved for pgcloak'
+_RESERVED_NAME = (
+    f'statement names starting with "{INTERNAL_PREFIX}" or "{STATEMENT_PREFIX}" are reserved for pgcloak'
+)
 _STALE_STATEMENT = (
     "the pgcloak policy changed (or the session's search_path) since this statement was "
     "prepared; prepare it again"
@@ -144,12 +152,9 @@ def text_of(body: bytes, start: int, end: int) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def copies_from_stdin(text: str) -> bool:
-    """Whether a statement's text is ``COPY ... FROM STDIN`` (comments before it allowed).
-    Asked at every Bind, of the few texts a session prepares: cached."""
-    if "stdin" not in text.lower():
-        return False
-    skipped = _LEADING_COMMENTS.match(text)  # always matches (possibly nothing)
-    return _COPY_FROM_STDIN.match(text, skipped.end() if skipped else 0) is not None
+    """Whether a statement's text is ``COPY ... FROM STDIN``. Asked at every Bind, of the
+    few texts a session prepares: cached."""
+    return lexer_copies_from_stdin(text)
 
 
 def _renamed_bind(body: bytes, portal_end: int, stmt_end: int, name: str) -> tuple[bytes, int]:
@@ -199,8 +204,10 @@ class Rewriter:
         self.to_server: list[bytes] = []
         #: The client's protocol-level statements by name, as pgcloak planned them.
         self.statements: dict[str, Prepared] = {}
-        #: The one :meth:`_parse` took last (what the session's acks follow).
+        #: The one :meth:`_parse` took last, the one :meth:`_close` closed last (what the
+        #: session's acks follow).
         self._parsed: Prepared | None = None
+        self._closing: Closing | None = None
         #: Statements prepared again under other rules (see :mod:`.reprepare`): client
         #: name -> (the rules, the internal name, its plan).
         self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
@@ -325,7 +332,7 @@ class Rewriter:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             return msg
         if kind == DESCRIBE:
-            return msg
+            return self._describe(msg)
         if kind in (SYNC, FUNCTION_CALL):
             if kind == FUNCTION_CALL:
                 self._not_in_a_batch()
@@ -338,6 +345,8 @@ class Rewriter:
             out = self._query(msg)
             if path is not None:
                 path.batch_end()
+                if lexer_copies_from_stdin(Query.decode(msg[5:]).sql):
+                    path.copy_started(path.sent - 1)  # Syncs sent during its COPY are ignored
             return out
         if kind in (P, C):
             if path is None:
@@ -345,13 +354,13 @@ class Rewriter:
             # Answered by ParseComplete / CloseComplete, as pgcloak's own Parse and Close
             # are: told apart by their order (:attr:`acks`).
             before = self._our_closes()
+            self._parsed = None
             if kind == P:
-                self._parsed = None
                 out = self._parse(msg)
                 self.acks.sent(path.sent, self._parsed)
             else:
                 out = self._close(msg)
-                self.acks.sent(path.sent)
+                self.acks.sent(path.sent, self._closing)
             return before + out + self._our_closes()
         if kind != COPY_DATA and path is not None:
             path.copy_ended()  # CopyDone, CopyFail
@@ -367,6 +376,7 @@ class Rewriter:
                 self._forget_reprepared("")
         plan, literals = protection.planner.plan_simple(sql)
         bodies: dict[str, Definition] | None = None
+        named = plan.named
         if plan.named or plan.executes:
             if self._reserved(plan):
                 self.last_plan = None
@@ -404,8 +414,8 @@ class Rewriter:
             except ValueRefused as exc:
                 return self._refused_query(exc.sqlstate, exc.message)
             msg = Query(sent).encode()
-        if plan.named or bodies is not None:
-            self._sql_level_statements(plan, bodies)
+        if named or bodies is not None:
+            self._sql_level_statements(named, bodies)
         if audit is not None:
             audit.query(plan, lookups, sql)
         if change is not None:
@@ -432,11 +442,15 @@ class Rewriter:
             self._audit.query(None, {})  # its ReadyForQuery still comes
         return self._refuse_query(sqlstate, message)
 
-    def _reserved(self, plan: Plan) -> bool:
-        """SQL-level names of pgcloak's own statements: not the client's (42939)."""
+    def _reserved(self, plan: Plan, deallocated: frozenset[str] = frozenset()) -> bool:
+        """SQL-level names of pgcloak's own statements: not the client's (42939). Those
+        in ``deallocated`` may be DEALLOCATEd (pgcloak sent them for the client's names)."""
         return bool(plan.named or plan.executes) and any(
-            name.startswith(INTERNAL_PREFIX)
-            for name in itertools.chain((n for n, _ in plan.named), (c.name for c in plan.executes))
+            reserved(name)
+            for name in itertools.chain(
+                (n for n, inner in plan.named if inner is not None or n not in deallocated),
+                (c.name for c in plan.executes),
+            )
         )
 
     def _inlined(self, protection: Protection, text: str) -> tuple[str, dict[str, Definition]]:
@@ -449,42 +463,59 @@ class Rewriter:
             return entry.text if entry is not None and entry.text else None
 
         def vet(name: str, definition: Definition) -> None:
-            if name.startswith(INTERNAL_PREFIX):
+            if reserved(name):
                 raise InlineRefused("42939", _RESERVED_NAME)
             decision = protection.planner.plan(definition.body).decision
             if not decision.allowed:
                 raise InlineRefused(decision.sqlstate, f'prepared statement "{name}": {decision.message}')
 
+        def server_name(name: str) -> str | None:
+            entry = self.statements.get(name)
+            return entry.server if entry is not None and entry.server else None
+
+        discards = self._discards()
         try:
-            return inline_executes(text, self._bodies, protocol_text, vet)
+            return inline_executes(text, self._bodies, protocol_text, vet, server_name, discards)
         except LexError:
             pass
         try:
             # sqlglot reads "$1,$2" as a dollar quote; the planner planned it unglued too.
-            return inline_executes(unglue_params(text), self._bodies, protocol_text, vet)
+            return inline_executes(unglue_params(text), self._bodies, protocol_text, vet, server_name, discards)
         except LexError:
             raise InlineRefused("0A000", "pgcloak could not read this statement (PREPARE / EXECUTE)") from None
 
+    def _discards(self) -> bool:
+        """Whether a DISCARD ALL sent now would run: PostgreSQL refuses it in a
+        transaction block (25001), and then drops nothing."""
+        return self._search_path is None or not self._search_path.in_transaction
+
     def _reinlined(self, plan: Plan) -> Plan:
         """The plan of an inlined text: one that still executes, or names one of
-        pgcloak's statements, is refused (its EXECUTE would run the server's statement)."""
-        if self._reserved(plan):
+        pgcloak's statements, is refused (its EXECUTE would run the server's statement),
+        but for a DEALLOCATE of the server's name for one of the client's."""
+        ours = frozenset(e.server for e in self.statements.values() if e.server) if plan.named else frozenset()
+        if self._reserved(plan, ours):
             return dataclasses.replace(plan, decision=Decision(False, "42939", _RESERVED_NAME))
         if plan.executes:
             message = "EXECUTE inside a prepared statement is not supported by pgcloak"
             return dataclasses.replace(plan, decision=Decision(False, "0A000", message))
         return plan
 
-    def _sql_level_statements(self, plan: Plan, bodies: dict[str, Definition] | None) -> None:
-        """Follow SQL-level PREPARE / DEALLOCATE (``bodies``: the definitions once the text
-        ran, from :meth:`_inlined`). DEALLOCATE also closes a statement the client
-        prepared with the protocol (one namespace)."""
+    def _sql_level_statements(
+        self, named: tuple[tuple[str, Plan | None], ...], bodies: dict[str, Definition] | None
+    ) -> None:
+        """Follow SQL-level PREPARE / DEALLOCATE (``named``: the client's text's, before
+        :meth:`_inlined`; ``bodies``: the definitions once the text ran, from it).
+        DEALLOCATE also closes a statement the client prepared with the protocol (one
+        namespace; sent with the server's name for it)."""
         if bodies is not None:
             self._bodies = bodies if len(bodies) <= MAX_STATEMENTS else {}
-        for name, inner in plan.named:
+        for name, inner in named:
             if inner is not None:
                 continue
-            if name == DEALLOCATE_ALL:  # also DISCARD ALL
+            if name == DISCARD_ALL and not self._discards():
+                continue
+            if name in (DEALLOCATE_ALL, DISCARD_ALL):
                 self.statements.clear()
                 self._reprepared.clear()  # the server drops ours too
             else:
@@ -556,15 +587,14 @@ class Rewriter:
         cuts, failed = self.acks.replies(marks, path.sent - path.outstanding, seen)
         for ours in failed:
             if isinstance(ours, Prepared):
-                # The client's Parse failed: the server prepared nothing under the name
-                # (named: pgcloak closed it first; unnamed: dropped before parsing, or the
-                # previous one kept when skipped, which a Bind must not reach either).
+                # The client's Parse failed: the server prepared nothing under its name
+                # (the unnamed statement: dropped before parsing, or the previous one kept
+                # when skipped, which a Bind must not reach either).
                 if self.statements.get(ours.name) is ours:
                     self._forget(ours.name)
                 continue
-            if not ours.parse:
-                if ours.redo:
-                    self._closes_due.append(ours.internal)
+            if isinstance(ours, Closing) or not ours.parse:
+                self._closes_due.append(ours.server if isinstance(ours, Closing) else ours.internal)
                 continue
             found = self._reprepared.get(ours.client_name)
             if found is not None and found[1] == ours.internal:
@@ -581,9 +611,9 @@ class Rewriter:
             self._forget_reprepared(name)
 
     def _parse_failed(self, name: str) -> None:
-        """Our refusal makes this Parse fail (sent as a Parse the server fails, with no
-        Close before it): PostgreSQL has dropped the unnamed statement before parsing,
-        but keeps a named one it had, which pgcloak then keeps too."""
+        """Our refusal makes this Parse fail (sent as a Parse the server fails):
+        PostgreSQL has dropped the unnamed statement before parsing; a named one the
+        client had is kept (by pgcloak: the server knows it by another name)."""
         if not name:
             self._forget(name)
 
@@ -597,12 +627,14 @@ class Rewriter:
         name = truncated(body[:name_end].decode("utf-8", "surrogateescape"))
         if self._reprepared:
             self._forget_reprepared(name)  # the unnamed statement, or one closed unseen
-        if name.startswith(INTERNAL_PREFIX):
+        if reserved(name):
             self.last_plan = None
             return self._refuse_parse(name, "42939", _RESERVED_NAME)
-        if name and (name in self._bodies or name in self.statements):
+        held = self.statements.get(name) if name else None
+        if name in self._bodies or (held is not None and held.answered):
             # PostgreSQL's own answer (the name holds a statement), given by pgcloak: the
-            # Close sent before a Parse (below) would otherwise replace it.
+            # server knows the statement by another name. (One whose Parse the server has
+            # not answered yet is replaced: that Parse may have failed.)
             self.last_plan = None
             return self._refuse_parse(name, "42P05", f'prepared statement "{name}" already exists', refusal=False)
         if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
@@ -610,6 +642,7 @@ class Rewriter:
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
+        named = plan.named
         bodies: dict[str, Definition] | None = None
         if plan.executes or plan.named:
             # EXECUTE name(...) sent in a Parse (drivers do that): as in a Query, sent as
@@ -653,25 +686,26 @@ class Rewriter:
                 return self._refuse_parse(name, exc.sqlstate, exc.message)
             sent = rendered.encode("utf-8", "surrogateescape")
         # Taken: from here on, this is what the name stands for.
-        path = self._search_path
+        if named or bodies is not None:
+            # Followed at Parse (it runs at each Execute, maybe never: EXECUTE is sent as
+            # pgcloak's statement anyway, so the server's need not be known). Before this
+            # statement is kept: DEALLOCATE ALL / DISCARD ALL would drop it too.
+            self._sql_level_statements(named, bodies)
+        if held is not None:
+            self._closes_due.append(held.server)
         self._forget(name)
-        prepared = Prepared(name, protection, plan, text, body[query_end:], path.sent if path is not None else None)
+        path = self._search_path
+        server = statement_name() if name else ""
+        prepared = Prepared(name, server, protection, plan, text, body[query_end:], path.sent if path is not None else None)
         self.statements[name] = self._parsed = prepared
         if change is not None:
             self._path_changes[name] = change
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
-        if plan.named or bodies is not None:
-            # Followed at Parse (it runs at each Execute, maybe never: EXECUTE is sent as
-            # pgcloak's statement anyway, so the server's need not be known).
-            self._sql_level_statements(plan, bodies)
-        out = msg if sent is None else frame(b"P", body[: name_end + 1] + sent + body[query_end:])
-        if name and path is not None:
-            # The name may still hold a statement pgcloak took for gone (a Close or
-            # DEALLOCATE that failed): closed first, in the same batch (see reprepare).
-            self.acks.sent_ours(path.sent, parse=False, client_name=name, internal=name, redo=False)
-            return Close("S", name).encode() + out
-        return out
+        if sent is None and not name:
+            return msg
+        query = body[name_end + 1 : query_end] if sent is None else sent
+        return frame(b"P", server.encode() + b"\0" + query + body[query_end:])
 
     def _bind(self, msg: bytes) -> bytes:
         body = msg[5:]
@@ -697,12 +731,24 @@ class Rewriter:
                 portal.decode("utf-8", "surrogateescape"), "26000", _unknown_message(name), refusal=False
             )
         protection, plan, text = entry.protection, entry.plan, entry.text
+        if entry.server:
+            # The server knows a named statement by pgcloak's name for it (see reprepare).
+            body, stmt_end = _renamed_bind(body, portal_end, stmt_end, entry.server)
+            msg = frame(b"B", body)
         current = self._protection()
         before = b""
         path = self._search_path
         # The unnamed statement's Parse went in an earlier batch, still unanswered: if the
         # server skips it, the previous unnamed statement stays, and would run this Bind.
-        unsure = not name and entry.batch is not None and path is not None and entry.batch < path.sent
+        # (While the count of batches is uncertain, an answer may have been taken for
+        # another's: then the Bind is refused, below.)
+        unsure = (
+            not name
+            and path is not None
+            and entry.batch is not None
+            and entry.batch < path.sent
+            and (not entry.answered or path.uncertain)
+        )
         if (protection is not current or unsure) and text:
             # The policy or the search_path changed since Parse: plan the text again (and
             # prepare it again where the server's statement may not be this text).
@@ -711,8 +757,6 @@ class Rewriter:
                 plan = again[2]
                 body, stmt_end = _renamed_bind(body, portal_end, stmt_end, again[1])
                 msg = frame(b"B", body)
-            elif unsure and protection is current and path is not None and path.uncertain:
-                pass  # (not prepared again while the batch count is uncertain: see below)
             else:
                 replanned = current.planner.plan(text)
                 if not replanned.decision.allowed:
@@ -795,17 +839,35 @@ class Rewriter:
 
     def _close(self, msg: bytes) -> bytes:
         close = Close.decode(msg[5:])
-        if close.kind == "S" and close.name.startswith(INTERNAL_PREFIX):
+        if close.kind == "S" and reserved(close.name):
             # Never the client's to close: closed in name only (the reply is the same).
             return Close("S", _NO_STATEMENT).encode()
         if close.kind == "S":
             name = truncated(close.name)
+            entry = self.statements.get(name)
             self._forget(name)
             if self._bodies:
                 self._bodies.pop(name, None)  # one namespace: a SQL-level one is closed too
+            if entry is not None and entry.server:
+                # Sent to the server's name (closed again by pgcloak if the server skips it).
+                self._closing = Closing(entry.server)
+                return Close("S", entry.server).encode()
         elif self._audit is not None:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
         return msg
+
+    def _describe(self, msg: bytes) -> bytes:
+        """Describe of a named statement: sent to the server's name for it."""
+        if len(msg) < 7 or msg[5] != ord("S") or msg[6] == 0:
+            return msg  # a portal, or the unnamed statement
+        end = msg.find(b"\0", 6)
+        if end < 0:
+            return msg  # malformed: PostgreSQL says so
+        name = truncated(msg[6:end].decode("utf-8", "surrogateescape"))
+        entry = self.statements.get(name)
+        if entry is None or not entry.server:
+            return msg  # PostgreSQL answers as it would (unknown: 26000 under its name)
+        return frame(b"D", b"S" + entry.server.encode() + b"\0")
 
     def _not_in_a_batch(self) -> None:
         """A Query or FunctionCall inside an extended-protocol batch not yet ended by Sync

@@ -86,10 +86,12 @@ class SessionSearchPath:
         self._changed = True
         return None
 
-    def copy_started(self) -> None:
-        """The client bound a COPY FROM STDIN."""
+    def copy_started(self, batch: int | None = None) -> None:
+        """The client bound a COPY FROM STDIN in the current batch (or sent one in a simple
+        Query, batch ``batch``): the Syncs it sends until the server answers are tentative
+        (PostgreSQL ignores them in copy-in mode)."""
         self._copy = _COPY_BOUND
-        self._copy_batch = self.sent
+        self._copy_batch = self.sent if batch is None else batch
         self._tentative = 0
 
     def copy_ended(self) -> None:

@@ -491,6 +491,24 @@ def split_statements(tokens: list[Token]) -> list[tuple[int, int]]:
     return ranges
 
 
+def copies_from_stdin(sql: str) -> bool:
+    """Whether a statement of ``sql`` is ``COPY ... FROM STDIN`` (comments anywhere).
+    True for a text that cannot be tokenized but mentions STDIN: the caller only counts
+    the client's Syncs as tentative for it, which a COPY that never starts undoes."""
+    if "stdin" not in sql.lower():
+        return False
+    try:
+        toks = tokenize(sql)
+    except LexError:
+        return True
+    for a, b in split_statements(toks):
+        if toks[a].text.upper() != "COPY":
+            continue
+        if any(toks[i].text.upper() == "FROM" and toks[i + 1].text.upper() == "STDIN" for i in range(a, b - 1)):
+            return True
+    return False
+
+
 def matching_paren(toks: list[Token], i: int, end: int) -> int:
     """Index of the parenthesis closing the one at ``toks[i]`` (``end - 1`` if none)."""
     depth = 0

@@ -16,6 +16,8 @@ ActionKind = TLiteral["pass", "store", "lookup"]
 #: ``named``'s name for ``DEALLOCATE ALL`` (no statement name holds a NUL; ``"ALL"`` quoted
 #: is a statement of that name).
 DEALLOCATE_ALL = "\0ALL"
+#: ``named``'s name for ``DISCARD ALL``: DEALLOCATE ALL too, but never in a transaction block.
+DISCARD_ALL = "\0DISCARD"
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from pgcloak.sql.lexer import (
 from pgcloak.sql.plan import (
     ALLOW,
     DEALLOCATE_ALL,
+    DISCARD_ALL,
     INSUFFICIENT_PRIVILEGE,
     PASS,
     AuditFacts,
@@ -435,7 +436,7 @@ class Planner:
         if first == "DISCARD":
             st = simple("other")
             if a + 1 < b and toks[a + 1].text.upper() == "ALL":
-                st.deallocate = DEALLOCATE_ALL  # DISCARD ALL deallocates every statement too
+                st.deallocate = DISCARD_ALL  # DISCARD ALL deallocates every statement too
             return st
         if first == "COPY":
             return self._copy(sql, lexed, a, b)

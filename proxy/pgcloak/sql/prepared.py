@@ -146,6 +146,8 @@ def inline_executes(
     known: Mapping[str, Definition],
     protocol_text: Callable[[str], str | None] = lambda name: None,
     vet: Callable[[str, Definition], None] = lambda name, definition: None,
+    server_name: Callable[[str], str | None] = lambda name: None,
+    discards: bool = True,
 ) -> tuple[str, dict[str, Definition]]:
     """``sql`` with every ``EXECUTE name(args)`` statement replaced by the statement
     ``name`` stands for, and the session's SQL-level definitions once the text ran.
@@ -158,6 +160,9 @@ def inline_executes(
     ``vet`` sees each definition before it is used (with its ``$n``: the caller plans it
     under the rules in force and raises :class:`InlineRefused` for what they refuse,
     which the inlined text alone would not show, e.g. one parameter used twice).
+    ``server_name``: the name the server knows a protocol-level statement by; a
+    ``DEALLOCATE`` of it is sent with that name. ``discards``: whether a ``DISCARD ALL``
+    takes effect (PostgreSQL refuses it in a transaction block).
     """
     toks = tokenize(sql)
     local = dict(known)
@@ -171,7 +176,7 @@ def inline_executes(
                 local[found[0]] = found[1]
             continue
         if word == "DISCARD":
-            if a + 1 < b and toks[a + 1].text.upper() == "ALL":
+            if discards and a + 1 < b and toks[a + 1].text.upper() == "ALL":
                 local.clear()
             continue
         if word == "DEALLOCATE":
@@ -179,7 +184,13 @@ def inline_executes(
             if names and names[0].text.upper() == "ALL" and names[0].token_type != TokenType.IDENTIFIER:
                 local.clear()
             elif names and not escaped_name(names, 0):
-                local.pop(fold_name(names[0]), None)
+                name = fold_name(names[0])
+                server = None if name in local else server_name(name)
+                local.pop(name, None)
+                if server is not None:
+                    out.append(sql[at : names[0].start])
+                    out.append(server)
+                    at = names[0].end + 1
             continue
         if word != "EXECUTE":
             continue  # (EXECUTE inside another statement: the planner refuses it)
