@@ -48,10 +48,13 @@ def test_a_failed_deallocate_does_not_let_the_old_statement_run(env: EncEnv) -> 
         with pytest.raises(psycopg.errors.DuplicatePreparedStatement):
             conn.execute("PREPARE dw(text, text) AS SELECT $1, $2")
         assert "INSERT" in server_holds(conn, "dw")
-        # pgcloak sends the statement it saw prepared last, never the server's INSERT
-        # with an SSN it did not encrypt for it.
-        assert conn.execute(f"EXECUTE dw('dw-1', '{SSN}')").fetchone() == ("dw-1", SSN)
-    assert env.raw("SELECT 1 FROM users WHERE name = 'dw-1' OR ssn = %s", SSN) == []
+        # pgcloak knew the DEALLOCATE could not run (a failed transaction) and kept the
+        # INSERT too: EXECUTE runs it, as PostgreSQL does, with the SSN encrypted for it.
+        assert conn.execute(f"EXECUTE dw('dw-1', '{SSN}')").rowcount == 1
+    assert env.raw("SELECT 1 FROM users WHERE ssn = %s", SSN) == []
+    stored = env.raw("SELECT ssn FROM users WHERE name = 'dw-1'")
+    assert len(stored) == 1
+    env.assert_stored(stored[0][0], SSN, column="ssn")
 
 
 def test_a_deallocate_skipped_after_an_error_in_its_query_string(env: EncEnv) -> None:

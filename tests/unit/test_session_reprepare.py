@@ -275,24 +275,39 @@ def test_a_parse_skipped_after_an_error_is_forgotten() -> None:
     assert _refused(s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode()))
 
 
-def test_an_unanswered_unnamed_parse_of_an_earlier_batch_is_prepared_again() -> None:
-    """Pipelined: the Bind comes before the server said whether the Parse of an earlier
-    batch ran, so it is sent to the same text prepared again under an internal name."""
+def test_an_unnamed_statement_bound_in_a_later_batch_is_parsed_again_first() -> None:
+    """Had the server skipped its Parse, the unnamed statement before it would run the
+    Bind: the text goes again, in the Bind's batch, whether or not pgcloak saw an answer
+    (replies are matched by position: never what decides what a Bind runs)."""
     s = _Session()
     s.send(P, Parse("", ECHO, ()).encode())
     s.send(S, Sync().encode())
     out = s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())
     assert [k for k, _ in out] == ["P", "B"]
-    internal = Parse.decode(out[0][1])
-    assert internal.name.startswith(INTERNAL_PREFIX) and internal.query == ECHO
-    assert Bind.decode(out[1][1]).statement == internal.name
+    again = Parse.decode(out[0][1])
+    assert again.name == "" and again.query == ECHO and Bind.decode(out[1][1]).statement == ""
+    # A second Bind in the same batch needs nothing more.
+    assert [k for k, _ in s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())] == ["B"]
     s.send(S, Sync().encode())
-    assert s.reply(PARSE_COMPLETE + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE + Z_IDLE) == (
-        PARSE_COMPLETE + Z_IDLE + BIND_COMPLETE + Z_IDLE
+    assert s.reply(PARSE_COMPLETE + Z_IDLE + PARSE_COMPLETE + BIND_COMPLETE * 2 + Z_IDLE) == (
+        PARSE_COMPLETE + Z_IDLE + BIND_COMPLETE * 2 + Z_IDLE
     )
-    # In the same batch as its Parse, or once the server answered it: bound as it is.
+    # Answered, and bound in a later batch again: parsed again all the same.
+    assert [k for k, _ in s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())] == ["P", "B"]
+    # In the same batch as its Parse: bound as it is.
+    s.send(S, Sync().encode())
     s.send(P, Parse("", ECHO, ()).encode())
     assert [k for k, _ in s.send(B, Bind("", "", (), (b"a@example.com",), ()).encode())] == ["B"]
+
+
+def test_the_unnamed_statement_parsed_again_keeps_its_transformed_literals() -> None:
+    s = _Session()
+    s.current = s.after
+    s.send(P, Parse("", "SELECT id FROM users WHERE phone = '555 0100' AND id = $1", ()).encode())
+    s.send(S, Sync().encode())
+    out = s.send(B, Bind("", "", (), (b"1",), ()).encode())
+    query = Parse.decode(out[0][1]).query
+    assert "555 0100" not in query and "phone" in query
 
 
 def test_discard_all_forgets_every_statement() -> None:

@@ -41,6 +41,7 @@ Pure (no IO): the session feeds the client's messages and the server's marks.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
@@ -80,8 +81,9 @@ def internal_name() -> str:
 
 
 def statement_name() -> str:
-    """The server's name for a client's named statement: never used twice."""
-    return f"{STATEMENT_PREFIX}{next(_serial)}"
+    """The server's name for a client's named statement: never used twice, and not
+    guessable (a function could PREPARE the next one behind pgcloak's back)."""
+    return f"{STATEMENT_PREFIX}{next(_serial)}_{os.urandom(6).hex()}"
 
 
 def reserved(name: str) -> bool:
@@ -92,10 +94,18 @@ def reserved(name: str) -> bool:
 class Prepared:
     """A statement the client prepared with the protocol, as pgcloak planned it."""
 
-    __slots__ = ("answered", "batch", "name", "plan", "protection", "server", "tail", "text")
+    __slots__ = ("answered", "batch", "name", "plan", "protection", "query", "server", "tail", "text")
 
     def __init__(
-        self, name: str, server: str, protection: Protection, plan: Plan, text: str, tail: bytes, batch: int | None
+        self,
+        name: str,
+        server: str,
+        protection: Protection,
+        plan: Plan,
+        text: str,
+        query: bytes,
+        tail: bytes,
+        batch: int | None,
     ) -> None:
         self.name = name
         #: The name the server knows it by ("" for the unnamed statement).
@@ -105,9 +115,12 @@ class Prepared:
         self.protection = protection
         self.plan = plan
         self.text = text
+        #: The query as sent to the server (literals transformed), and the Parse's tail.
+        self.query = query
         self.tail = tail
-        #: The batch its Parse was sent in (None without the session's count), and whether
-        #: the server answered it with ParseComplete.
+        #: The client's batch its Parse was sent in (counted on the client's side: what
+        #: PostgreSQL takes as one batch), and whether the server answered it with
+        #: ParseComplete (only for the client's sake: replies are matched by position).
         self.batch = batch
         self.answered = batch is None
 

@@ -208,6 +208,10 @@ class Rewriter:
         #: session's acks follow).
         self._parsed: Prepared | None = None
         self._closing: Closing | None = None
+        #: The client's batches so far (Syncs, Queries, FunctionCalls it sent), counted on
+        #: its side: whether a Bind is in the same batch as the Parse before it never
+        #: depends on following the server's replies.
+        self._batches = 0
         #: Statements prepared again under other rules (see :mod:`.reprepare`): client
         #: name -> (the rules, the internal name, its plan).
         self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
@@ -334,6 +338,7 @@ class Rewriter:
         if kind == DESCRIBE:
             return self._describe(msg)
         if kind in (SYNC, FUNCTION_CALL):
+            self._batches += 1
             if kind == FUNCTION_CALL:
                 self._not_in_a_batch()
             answered = path.batch_end() if path is not None else True
@@ -341,6 +346,7 @@ class Rewriter:
                 self._audit.sync()
             return msg
         if kind == Q:
+            self._batches += 1
             self._not_in_a_batch()
             out = self._query(msg)
             if path is not None:
@@ -354,7 +360,7 @@ class Rewriter:
             # Answered by ParseComplete / CloseComplete, as pgcloak's own Parse and Close
             # are: told apart by their order (:attr:`acks`).
             before = self._our_closes()
-            self._parsed = None
+            self._parsed = self._closing = None
             if kind == P:
                 out = self._parse(msg)
                 self.acks.sent(path.sent, self._parsed)
@@ -489,6 +495,10 @@ class Rewriter:
         transaction block (25001), and then drops nothing."""
         return self._search_path is None or not self._search_path.in_transaction
 
+    def _deallocates(self) -> bool:
+        """Whether a DEALLOCATE sent now would run: not in a failed transaction (25P02)."""
+        return self._search_path is None or not self._search_path.aborted
+
     def _reinlined(self, plan: Plan) -> Plan:
         """The plan of an inlined text: one that still executes, or names one of
         pgcloak's statements, is refused (its EXECUTE would run the server's statement),
@@ -508,6 +518,8 @@ class Rewriter:
         :meth:`_inlined`; ``bodies``: the definitions once the text ran, from it).
         DEALLOCATE also closes a statement the client prepared with the protocol (one
         namespace; sent with the server's name for it)."""
+        if not self._deallocates():
+            return  # in a failed transaction block: PostgreSQL runs none of them
         if bodies is not None:
             self._bodies = bodies if len(bodies) <= MAX_STATEMENTS else {}
         for name, inner in named:
@@ -541,6 +553,8 @@ class Rewriter:
         after one of the client's extended-protocol messages, never inside a COPY)."""
         due = self._closes_due
         if not due or self._search_path is None or self._search_path.uncertain:
+            if len(due) > MAX_STATEMENTS:  # not sent for long (an uncertain count): kept bounded
+                del due[: len(due) - MAX_STATEMENTS]
             return b""
         batch = self._search_path.sent
         out = []
@@ -696,7 +710,9 @@ class Rewriter:
         self._forget(name)
         path = self._search_path
         server = statement_name() if name else ""
-        prepared = Prepared(name, server, protection, plan, text, body[query_end:], path.sent if path is not None else None)
+        query = body[name_end + 1 : query_end] if sent is None else sent
+        batch = self._batches if path is not None else None
+        prepared = Prepared(name, server, protection, plan, text, query, body[query_end:], batch)
         self.statements[name] = self._parsed = prepared
         if change is not None:
             self._path_changes[name] = change
@@ -704,7 +720,6 @@ class Rewriter:
             self._copy_out_csv = plan.copy_format == "csv"
         if sent is None and not name:
             return msg
-        query = body[name_end + 1 : query_end] if sent is None else sent
         return frame(b"P", server.encode() + b"\0" + query + body[query_end:])
 
     def _bind(self, msg: bytes) -> bytes:
@@ -737,19 +752,8 @@ class Rewriter:
             msg = frame(b"B", body)
         current = self._protection()
         before = b""
-        path = self._search_path
-        # The unnamed statement's Parse went in an earlier batch, still unanswered: if the
-        # server skips it, the previous unnamed statement stays, and would run this Bind.
-        # (While the count of batches is uncertain, an answer may have been taken for
-        # another's: then the Bind is refused, below.)
-        unsure = (
-            not name
-            and path is not None
-            and entry.batch is not None
-            and entry.batch < path.sent
-            and (not entry.answered or path.uncertain)
-        )
-        if (protection is not current or unsure) and text:
+        redirected = False  # sent to a statement pgcloak prepared in this batch
+        if protection is not current and text:
             # The policy or the search_path changed since Parse: plan the text again (and
             # prepare it again where the server's statement may not be this text).
             again = self._reprepared.get(name)
@@ -757,6 +761,7 @@ class Rewriter:
                 plan = again[2]
                 body, stmt_end = _renamed_bind(body, portal_end, stmt_end, again[1])
                 msg = frame(b"B", body)
+                redirected = True
             else:
                 replanned = current.planner.plan(text)
                 if not replanned.decision.allowed:
@@ -765,7 +770,7 @@ class Rewriter:
                         audit.bind(portal, None, {})
                     decision = replanned.decision
                     return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), decision.sqlstate, decision.message)
-                if replanned.sql != plan.sql or unsure:
+                if replanned.sql != plan.sql:
                     if self._search_path is None or self._search_path.uncertain:
                         # PostgreSQL's own error for a cached plan gone stale (0A000 from
                         # RevalidateCachedQuery): drivers with a statement cache prepare again.
@@ -782,8 +787,24 @@ class Rewriter:
                     before, internal, replanned = made
                     body, stmt_end = _renamed_bind(body, portal_end, stmt_end, internal)
                     msg = frame(b"B", body)
+                    redirected = True
                 plan = replanned
             protection = current
+        if not name and not redirected and entry.batch is not None and entry.batch != self._batches:
+            # The unnamed statement's Parse went in an earlier batch: had the server skipped
+            # it, the unnamed statement before it would run this Bind. PostgreSQL's one
+            # guarantee is the order within a batch, so the text goes again before the Bind.
+            # (Whether that Parse was answered is not asked: replies are matched by
+            # position, and a count thrown off would take another's answer for it.)
+            path = self._search_path
+            if path is None or path.uncertain:
+                # Its reply could not be told from the client's: "prepare it again".
+                if audit is not None:
+                    audit.bind(portal, None, {})
+                return self._refuse_bind("", "0A000", _STALE_STATEMENT, routine="RevalidateCachedQuery")
+            before = frame(b"P", b"\0" + entry.query + entry.tail)
+            self.acks.sent_ours(path.sent, parse=True, client_name="", internal="")
+            entry.batch = self._batches
         self.last_plan = plan
         out = self._bind_checked(msg, body, portal_end, stmt_end, name, protection, current, plan, text)
         return before + out if before else out

@@ -33,6 +33,7 @@ class SessionSearchPath:
         "_copy",
         "_copy_batch",
         "_tentative",
+        "aborted",
         "current",
         "in_transaction",
         "outstanding",
@@ -46,8 +47,9 @@ class SessionSearchPath:
         self.user = user
         #: What the planner resolves against; None: unknown until PostgreSQL is asked.
         self.current = current
-        #: In a transaction block, as of the last ReadyForQuery.
+        #: In a transaction block, and in a failed one, as of the last ReadyForQuery.
         self.in_transaction = False
+        self.aborted = False
         #: Batches (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
         self.outstanding = 0
         #: Batches sent in all: the client's current batch has this number, the oldest
@@ -135,6 +137,7 @@ class SessionSearchPath:
             self._copy = _NO_COPY  # the COPY's batch is over (or it never started)
             self._tentative = 0
         self.in_transaction = status != _IDLE
+        self.aborted = status == _FAILED
         if not self.in_transaction:
             self._block_changed = False
 
