@@ -26,6 +26,22 @@ def bind(portal: str, stmt: str) -> bytes:
     return message(b"B", portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!hhh", 0, 0, 0))
 
 
+def bind_params(portal: str, stmt: str, values: list[str]) -> bytes:
+    """A Bind of text parameters."""
+    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!hh", 0, len(values))
+    for v in values:
+        body += struct.pack("!i", len(v.encode())) + v.encode()
+    return message(b"B", body + struct.pack("!h", 0))
+
+
+def close_statement(name: str) -> bytes:
+    return message(b"C", b"S" + name.encode() + b"\0")
+
+
+def describe_statement(name: str) -> bytes:
+    return message(b"D", b"S" + name.encode() + b"\0")
+
+
 def execute(portal: str) -> bytes:
     return message(b"E", portal.encode() + b"\0" + struct.pack("!i", 0))
 
@@ -72,3 +88,13 @@ def copy_data(text: str) -> bytes:
 
 
 COPY_DONE = message(b"c", b"")
+
+
+def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:
+    """The SQLSTATEs of the ErrorResponses among ``msgs``, in order."""
+    out = []
+    for t, body in msgs:
+        if t == "E":
+            fields = {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}
+            out.append(fields["C"])
+    return out

@@ -32,7 +32,21 @@ from contacts_fixtures import (
     stored,
 )
 from encryption_fixtures import EncEnv
-from raw_wire import SYNC, bind, execute, message, parse, query, raw, read_messages, types
+from raw_wire import (
+    SYNC,
+    bind,
+    bind_params,
+    close_statement,
+    describe_statement,
+    execute,
+    message,
+    parse,
+    query,
+    raw,
+    read_messages,
+    sqlstates,
+    types,
+)
 
 from pgcloak.session import session as session_module
 
@@ -61,32 +75,16 @@ def _literal_insert(note: str) -> str:
     return f"INSERT INTO \"Contacts\" (\"Email\", note) VALUES ('{_email(note)}', '{note}')"
 
 
-def bind_params(portal: str, stmt: str, values: list[str]) -> bytes:
-    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + struct.pack("!hh", 0, len(values))
-    for v in values:
-        body += struct.pack("!i", len(v.encode())) + v.encode()
-    return message(b"B", body + struct.pack("!h", 0))
 
 
-def close_statement(name: str) -> bytes:
-    return message(b"C", b"S" + name.encode() + b"\0")
 
 
-def describe_statement(name: str) -> bytes:
-    return message(b"D", b"S" + name.encode() + b"\0")
 
 
 def execute_rows(portal: str, rows: int) -> bytes:
     return message(b"E", portal.encode() + b"\0" + struct.pack("!i", rows))
 
 
-def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:
-    out = []
-    for t, body in msgs:
-        if t == "E":
-            fields = {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}
-            out.append(fields["C"])
-    return out
 
 
 def _in_crm_encrypted(env: EncEnv, note: str) -> None:

@@ -30,13 +30,15 @@ from raw_wire import (
     COPY_DONE,
     SYNC,
     bind,
+    bind_params,
+    close_statement,
     copy_data,
     execute,
-    message,
     parse,
     query,
     raw,
     read_messages,
+    sqlstates,
     types,
 )
 
@@ -64,21 +66,10 @@ def _email(note: str) -> str:
     return f"sd-{note}@example.com"
 
 
-def bind_params(portal: str, stmt: str, values: list[str]) -> bytes:
-    body = portal.encode() + b"\0" + stmt.encode() + b"\0" + b"\0\0" + len(values).to_bytes(2, "big")
-    for v in values:
-        body += len(v.encode()).to_bytes(4, "big") + v.encode()
-    return message(b"B", body + b"\0\0")
 
 
-def close_statement(name: str) -> bytes:
-    return message(b"C", b"S" + name.encode() + b"\0")
 
 
-def sqlstates(msgs: list[tuple[str, bytes]]) -> list[str]:
-    return [
-        {f[:1].decode(): f[1:].decode() for f in body.split(b"\0") if f}["C"] for t, body in msgs if t == "E"
-    ]
 
 
 def _echoed(got: list[tuple[str, bytes]], email: str) -> bool:
