@@ -367,3 +367,23 @@ def test_every_scanner_alternative_is_handled() -> None:
     assert set(lexer_mod._SCAN.groupindex) == {
         "str", "num", "end", "estr", "nstr", "ustr", "comment", "dollar", "param", "bits", "hex",
     }
+
+
+@pytest.mark.parametrize(
+    ("sql", "copies"),
+    [
+        ("COPY t FROM STDIN", True),
+        ("copy t (a, b) from stdin with (format csv)", True),
+        ("/* x */ COPY t FROM /**/ STDIN", True),
+        ("SELECT 1; COPY t FROM STDIN", True),  # not only the first statement
+        ("COPY t TO STDOUT", False),
+        ("SELECT 'copy t from stdin'", False),  # in a string
+        ("COPY (SELECT 1) TO STDOUT; SELECT 'stdin'", False),
+        ("COPY t FROM 'stdin'", False),  # a file named stdin
+        ("COPY t FROM STDIN $1,$2", True),  # not tokenizable: counted as one (harmless)
+    ],
+)
+def test_copies_from_stdin(sql: str, copies: bool) -> None:
+    from pgcloak.sql.lexer import copies_from_stdin
+
+    assert copies_from_stdin(sql) is copies

@@ -540,7 +540,6 @@ class Rewriter:
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
 
-
     # -- statements prepared again -----------------------------------------------------
     def _forget_reprepared(self, name: str) -> None:
         """The client's statement is gone or redefined: its internal one is closed."""

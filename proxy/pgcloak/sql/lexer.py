@@ -504,8 +504,10 @@ def copies_from_stdin(sql: str) -> bool:
     for a, b in split_statements(toks):
         if toks[a].text.upper() != "COPY":
             continue
-        if any(toks[i].text.upper() == "FROM" and toks[i + 1].text.upper() == "STDIN" for i in range(a, b - 1)):
-            return True
+        for i in range(a, b - 1):
+            after = toks[i + 1]
+            if toks[i].text.upper() == "FROM" and after.text.upper() == "STDIN" and after.token_type != TokenType.STRING:
+                return True
     return False
 
 
