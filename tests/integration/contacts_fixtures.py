@@ -6,6 +6,8 @@ and what PostgreSQL holds (read directly) tells which, and whether it was encryp
 from __future__ import annotations
 
 import contextlib
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,3 +50,19 @@ def internal_statements(conn: psycopg.Connection) -> list[str]:
         prepare=False,
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def wait_for_policy(env: EncEnv, *, protected: bool) -> None:
+    """Until a fresh statement shows the policy in force (the watcher polls the file)."""
+    deadline = time.monotonic() + 10
+    while True:
+        note = uuid.uuid4().hex[:12]
+        with env.psy() as conn:
+            conn.execute('INSERT INTO crm."Contacts" ("Email", note) VALUES (%s, %s)', (f"w-{note}@example.com", note))
+        kept = stored(env, "crm", note)[0][0]
+        with env.direct() as direct:
+            direct.execute('DELETE FROM crm."Contacts" WHERE note = %s', (note,))
+        if kept.endswith("@example.com") != protected:
+            return
+        assert time.monotonic() < deadline, "the policy edit was not picked up"
+        time.sleep(0.05)

@@ -15,7 +15,6 @@ in every ordering of the client's own.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -27,6 +26,7 @@ from contacts_fixtures import (
     in_public_plain,
     internal_statements,
     stored,
+    wait_for_policy,
 )
 from encryption_fixtures import EncEnv, policy_yaml, unique
 from raw_wire import SYNC, bind, execute, message, parse, query, raw
@@ -200,37 +200,21 @@ def test_a_policy_edit_prepares_psycopg_statements_again(env: EncEnv) -> None:
     with env.without_check('crm."Contacts"', "Contacts_Email_pgcloak_check", plain_rows):
         env.write_policy(bare)
         try:
-            _wait_for(env, protected=False)
+            wait_for_policy(env, protected=False)
             with env.psy(prepare_threshold=0) as conn:
                 conn.execute("SET search_path = crm")
                 before, n0 = unique("rpp"), _note()
                 conn.execute(INSERT, (before, n0))
                 env.write_policy(policy_yaml())
-                _wait_for(env, protected=True)
+                wait_for_policy(env, protected=True)
                 after, n1 = unique("rpp"), _note()
                 conn.execute(INSERT, (after, n1))
                 assert conn.execute(LOOKUP, (after,)).fetchall() == [(n1,)]
         finally:
             env.write_policy(policy_yaml())
-            _wait_for(env, protected=True)
+            wait_for_policy(env, protected=True)
         assert stored(env, "crm", n0) == [(before,)]  # written before the edit: as it came
         in_crm_encrypted(env, after, n1)
-
-
-def _wait_for(env: EncEnv, *, protected: bool) -> None:
-    """Until a fresh statement shows the policy in force (the watcher polls the file)."""
-    deadline = time.monotonic() + 10
-    while True:
-        note = _note()
-        with env.psy() as conn:
-            conn.execute('INSERT INTO crm."Contacts" ("Email", note) VALUES (%s, %s)', (unique("w"), note))
-        kept = stored(env, "crm", note)[0][0]
-        with env.direct() as direct:
-            direct.execute('DELETE FROM crm."Contacts" WHERE note = %s', (note,))
-        if kept.endswith("@example.com") != protected:
-            return
-        assert time.monotonic() < deadline, "the policy edit was not picked up"
-        time.sleep(0.05)
 
 
 def test_client_names_with_our_prefix_are_refused(env: EncEnv) -> None:

@@ -22,10 +22,17 @@ import uuid
 from collections.abc import Iterator
 
 import asyncpg
+import pg8000.dbapi
 import psycopg
 import pytest
-from contacts_fixtures import contacts_env, in_crm_encrypted, internal_statements, stored
-from encryption_fixtures import EncEnv
+from contacts_fixtures import (
+    contacts_env,
+    in_crm_encrypted,
+    internal_statements,
+    stored,
+    wait_for_policy,
+)
+from encryption_fixtures import EncEnv, policy_yaml
 from raw_wire import (
     COPY_DONE,
     SYNC,
@@ -33,6 +40,7 @@ from raw_wire import (
     bind_params,
     close_statement,
     copy_data,
+    describe_statement,
     execute,
     parse,
     query,
@@ -400,3 +408,61 @@ def test_server_names_cannot_be_guessed(env: EncEnv) -> None:
         assert len(names) == 3
         suffixes = {n.rsplit("_", 1)[1] for n in names}
         assert len(suffixes) == 3 and all(len(x) == 12 for x in suffixes)  # 48 random bits each
+
+
+# -- a third review --------------------------------------------------------------------------
+CRM_LINE = '  crm."Contacts":\n    \'"Email"\': {encrypt: true, index: exact, normalize: email}\n'
+LITERAL_INSERT = 'INSERT INTO crm."Contacts" ("Email", note) VALUES (\'{email}\', $1)'
+
+
+@pytest.mark.parametrize("name", ["", "d18"])
+def test_a_literal_of_a_column_protected_after_its_parse(env: EncEnv, name: str) -> None:
+    """Parsed before a policy edit protects crm."Contacts", bound after: the server's
+    text has the e-mail as it was sent then, so the statement is prepared again (the
+    planned SQL is the same; only what is done to the literal changed)."""
+    note = _note()
+    env.write_policy(policy_yaml().replace(CRM_LINE, ""))
+    try:
+        wait_for_policy(env, protected=False)
+        with env.psy() as conn:
+            assert types(raw(conn, parse(name, LITERAL_INSERT.format(email=_email(note))) + SYNC, 1)) == ["1", "Z"]
+            env.write_policy(policy_yaml())
+            wait_for_policy(env, protected=True)
+            got = raw(conn, bind_params("", name, [note]) + execute("") + SYNC, 1)
+            assert types(got)[-2:] == ["C", "Z"], sqlstates(got)
+    finally:
+        env.write_policy(policy_yaml())
+        wait_for_policy(env, protected=True)
+    in_crm_encrypted(env, _email(note), note)
+
+
+def test_a_describe_after_pgcloaks_own_query_dropped_the_unnamed_statement(env: EncEnv) -> None:
+    """pgcloak asks the search_path with a Query of its own (here: at every ReadyForQuery
+    of a transaction block that set it), which drops the server's unnamed statement; a
+    driver that parses, describes and binds in separate batches (pg8000) describes it."""
+    note = _note()
+    with env.psy() as conn:
+        assert sqlstates(raw(conn, query("BEGIN") + query("SET search_path TO crm, public"), 2)) == []
+        assert types(raw(conn, parse("", INSERT) + SYNC, 1)) == ["1", "Z"]
+        assert types(raw(conn, describe_statement("") + SYNC, 1)) == ["t", "n", "Z"]
+        got = raw(conn, bind_params("", "", [_email(note), note]) + execute("") + SYNC, 1)
+        assert types(got) == ["2", "C", "Z"], sqlstates(got)
+        assert sqlstates(raw(conn, query("COMMIT"), 1)) == []
+    in_crm_encrypted(env, _email(note), note)
+
+
+def test_pg8000_after_set_search_path_in_a_transaction(env: EncEnv) -> None:
+    note = _note()
+    kwargs = env.proxy.kwargs(env.login.user, env.login.password, env.login.dbname)
+    con = pg8000.dbapi.connect(
+        user=kwargs["user"], password=kwargs["password"], host=kwargs["host"], port=kwargs["port"],
+        database=kwargs["database"], ssl_context=False,
+    )  # fmt: skip
+    try:
+        cur = con.cursor()  # autocommit off: a transaction block
+        cur.execute("SET search_path TO crm, public")
+        cur.execute('INSERT INTO "Contacts" ("Email", note) VALUES (%s, %s)', (_email(note), note))
+        con.commit()
+    finally:
+        con.close()
+    in_crm_encrypted(env, _email(note), note)

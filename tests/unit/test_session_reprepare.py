@@ -319,3 +319,15 @@ def test_discard_all_forgets_every_statement() -> None:
     assert Query.decode(executed[0][1]).sql.startswith("pgcloak_refused_")  # 26000, as PostgreSQL says
     assert _refused(s.send(B, Bind("", "s1", (), (b"x",), ()).encode()))
     assert _server_name(s.send(P, Parse("p", ECHO, ()).encode())).startswith(STATEMENT_PREFIX)  # free again
+
+
+def test_pgcloaks_statement_names_cannot_be_guessed() -> None:
+    """A function could PREPARE the next name first: its Parse would then fail (42P05) and
+    a Bind run the function's statement."""
+    from pgcloak.session.reprepare import internal_name, statement_name
+
+    for make, prefix in ((internal_name, INTERNAL_PREFIX), (statement_name, STATEMENT_PREFIX)):
+        a, b = make(), make()
+        assert a.startswith(prefix) and b.startswith(prefix)
+        suffixes = {a.rsplit("_", 1)[1], b.rsplit("_", 1)[1]}
+        assert len(suffixes) == 2 and all(len(x) == 12 for x in suffixes)

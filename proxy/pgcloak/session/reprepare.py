@@ -76,8 +76,9 @@ _serial = itertools.count(1)
 
 
 def internal_name() -> str:
-    """A statement name no client statement has (clients are refused the prefix)."""
-    return f"{INTERNAL_PREFIX}{next(_serial)}"
+    """A statement name no client statement has (clients are refused the prefix), and
+    not guessable (a function could PREPARE it first)."""
+    return f"{INTERNAL_PREFIX}{next(_serial)}_{os.urandom(6).hex()}"
 
 
 def statement_name() -> str:

@@ -212,6 +212,9 @@ class Rewriter:
         #: its side: whether a Bind is in the same batch as the Parse before it never
         #: depends on following the server's replies.
         self._batches = 0
+        #: The unnamed statement a Query of pgcloak's own dropped on the server (the
+        #: search_path probe): parsed again before the client's next Describe of it.
+        self._unnamed_dropped: Prepared | None = None
         #: Statements prepared again under other rules (see :mod:`.reprepare`): client
         #: name -> (the rules, the internal name, its plan).
         self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
@@ -769,7 +772,9 @@ class Rewriter:
                         audit.bind(portal, None, {})
                     decision = replanned.decision
                     return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), decision.sqlstate, decision.message)
-                if replanned.sql != plan.sql:
+                if replanned.sql != plan.sql or replanned.literals != plan.literals:
+                    # (A literal of a column protected since: the server's text has it as
+                    # it was sent then.)
                     if self._search_path is None or self._search_path.uncertain:
                         # PostgreSQL's own error for a cached plan gone stale (0A000 from
                         # RevalidateCachedQuery): drivers with a statement cache prepare again.
@@ -876,8 +881,20 @@ class Rewriter:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
         return msg
 
+    def unnamed_dropped(self) -> None:
+        """The session sent a Query of its own, which drops the server's unnamed statement
+        (the client's Binds of it are parsed again anyway: they come in a later batch)."""
+        self._unnamed_dropped = self.statements.get("")
+
     def _describe(self, msg: bytes) -> bytes:
         """Describe of a named statement: sent to the server's name for it."""
+        if len(msg) >= 7 and msg[5] == ord("S") and msg[6] == 0 and self._unnamed_dropped is not None:
+            dropped, self._unnamed_dropped = self._unnamed_dropped, None
+            path = self._search_path
+            if dropped is self.statements.get("") and path is not None and not path.uncertain:
+                self.acks.sent_ours(path.sent, parse=True, client_name="", internal="")
+                dropped.batch = self._batches
+                return frame(b"P", b"\0" + dropped.query + dropped.tail) + msg
         if len(msg) < 7 or msg[5] != ord("S") or msg[6] == 0:
             return msg  # a portal, or the unnamed statement
         end = msg.find(b"\0", 6)

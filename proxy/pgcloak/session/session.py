@@ -846,6 +846,7 @@ class Session:
         assert self._rewriter is not None
         self._path_probe = _PathProbe(held, status)
         self._rewriter.to_server.append(_PATH_PROBE)  # between two of the client's messages
+        self._rewriter.unnamed_dropped()  # (a Query drops the unnamed statement)
         self._flush_to_server()
 
     def _path_probe_reply(self, data: bytes) -> tuple[bytes, int]:
