@@ -11,8 +11,10 @@ Describe and Close (and SQL-level DEALLOCATE) are sent to that name: a Parse the
 refused or skipped leaves nothing a Bind could reach, whatever else failed. The unnamed
 statement is left unnamed (PostgreSQL plans it for each Bind's values, and drops it at
 the next Parse or Query); the one thing that could leave an older one in its place is a
-Parse the server skipped, so a Bind of it sent before the server answered that Parse,
-in a later batch, goes to the text prepared again (below).
+Parse the server skipped, so a Bind of it in a later batch than its Parse (counted on
+the client's side) is sent after that Parse again, in its own batch: PostgreSQL's one
+guarantee is the order within a batch. Names are never guessable either (random bits):
+a function could PREPARE a name before pgcloak does.
 
 A statement is planned once, at its Parse, for the policy and search_path of that moment.
 PostgreSQL analyses a prepared statement again, silently, when the search_path it was
