@@ -5,8 +5,10 @@ value would be), 1 when some values could not be converted (listed by primary ke
 ``ctid``, never by value) or are still not in the stored form after the run (written
 meanwhile by someone else: run again), 2 when it could not run: the policy, the key or
 the database cannot be read, or a table is not fit (missing, a column not ``text``,
-values under another master key) - nothing written then - or the database failed in the
-middle (batches committed before stay converted).
+values under another master key), or the audit trail cannot be written and the policy
+says ``on_audit_failure: refuse`` - nothing written then - or the database failed in the
+middle (batches committed before stay converted). The run is recorded in the audit
+trail (:mod:`.trail`).
 """
 
 from __future__ import annotations
