@@ -466,3 +466,16 @@ def test_pg8000_after_set_search_path_in_a_transaction(env: EncEnv) -> None:
     finally:
         con.close()
     in_crm_encrypted(env, _email(note), note)
+
+
+def test_postgresqls_errors_name_the_clients_statement(env: EncEnv) -> None:
+    with env.psy() as conn:
+        got = raw(conn, parse("d19", "SELECT $1::int, $2::int") + bind_params("", "d19", ["1"]) + execute("") + SYNC, 1)
+        (error,) = [body for t, body in got if t == "E"]
+        assert b'prepared statement "d19" requires 2' in error and b"pgcloak_stmt_" not in error
+        got = raw(conn, describe_statement("d19") + bind_params("", "d19", ["1", "2"]) + execute("") + SYNC, 1)
+        assert types(got) == ["t", "T", "2", "D", "C", "Z"]
+        # A Bind sent before pgcloak saw the Parse fail: PostgreSQL's 26000, the client's name.
+        got = raw(conn, parse("d20", "SELECT no_such_column") + SYNC + bind("", "d20") + execute("") + SYNC, 2)
+        errors = [body for t, body in got if t == "E"]
+        assert len(errors) == 2 and b'"d20"' in errors[1] and b"pgcloak_stmt_" not in errors[1]

@@ -64,6 +64,9 @@ from pgcloak.wire.messages import (
 
 MARKER = b"pgcloak_refused_"
 _MARKER_ID = re.compile(rb"pgcloak_refused_(\d+)")
+#: The server's names for the client's statements, in PostgreSQL's errors about them.
+_SERVER_NAME = STATEMENT_PREFIX.encode()
+_SERVER_NAME_RE = re.compile(re.escape(_SERVER_NAME) + rb"\d+_[0-9a-f]{12}")
 _ids = itertools.count(1)
 #: Named prepared statements tracked per session (PostgreSQL has no limit; we need one).
 MAX_STATEMENTS = 100_000
@@ -215,6 +218,9 @@ class Rewriter:
         #: The unnamed statement a Query of pgcloak's own dropped on the server (the
         #: search_path probe): parsed again before the client's next Describe of it.
         self._unnamed_dropped: Prepared | None = None
+        #: The client's name of each named statement, by the server's name for it: put
+        #: back into PostgreSQL's errors (insertion-ordered: the oldest go first).
+        self._client_names: dict[str, str] = {}
         #: Statements prepared again under other rules (see :mod:`.reprepare`): client
         #: name -> (the rules, the internal name, its plan).
         self._reprepared: dict[str, tuple[Protection, str, Plan]] = {}
@@ -532,10 +538,10 @@ class Rewriter:
                 continue
             if name in (DEALLOCATE_ALL, DISCARD_ALL):
                 self.statements.clear()
+                self._client_names.clear()
                 self._reprepared.clear()  # the server drops ours too
             else:
-                self.statements.pop(name, None)
-                self._forget_reprepared(name)
+                self._forget(name)
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
@@ -716,6 +722,13 @@ class Rewriter:
         batch = self._batches if path is not None else None
         prepared = Prepared(name, server, protection, plan, text, query, body[query_end:], batch)
         self.statements[name] = self._parsed = prepared
+        if server:
+            # Kept after the statement is gone (an error about it may come later; the
+            # server's names are never reused), the oldest dropped past the bound.
+            names = self._client_names
+            names[server] = name
+            if len(names) > MAX_STATEMENTS:
+                del names[next(iter(names))]
         if change is not None:
             self._path_changes[name] = change
         if plan.copy_out:
@@ -942,6 +955,7 @@ class Rewriter:
             or self._pii_rows > 0
             or ENVELOPE_PREFIX in chunk
             or (bool(self._refusals) and MARKER in chunk)
+            or (bool(self._client_names) and _SERVER_NAME in chunk)
         )
 
     def backend_chunk(self, chunk: bytes) -> bytes:
@@ -989,6 +1003,8 @@ class Rewriter:
                     m = _MARKER_ID.search(chunk, start, end)
                     if m is not None:
                         replacement = self._refusals.pop(MARKER + m.group(1), None)
+                if replacement is None and kind == ERROR and self._client_names and _SERVER_NAME in chunk[start:end]:
+                    replacement = self._client_named(chunk[start:end])
             if replacement is None:
                 continue
             if head > run:
@@ -1000,6 +1016,18 @@ class Rewriter:
         if run < len(chunk):
             out.append(chunk[run:])
         return b"".join(out)
+
+    def _client_named(self, body: bytes) -> bytes | None:
+        """An ErrorResponse naming the server's name for a client's statement, with the
+        client's name instead (None: none it knows)."""
+        names = self._client_names
+
+        def client(m: re.Match[bytes]) -> bytes:
+            found = names.get(m.group(0).decode())
+            return m.group(0) if found is None else found.encode("utf-8", "surrogateescape")
+
+        renamed = _SERVER_NAME_RE.sub(client, body)
+        return None if renamed == body else frame(b"E", renamed)
 
     def _reveal_row(self, protection: Protection, view: ReadView | None, body: bytes) -> bytes | None:
         """The DataRow with stored values decided; untouched values are spliced through."""
