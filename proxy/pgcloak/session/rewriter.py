@@ -218,6 +218,8 @@ class Rewriter:
         #: The unnamed statement a Query of pgcloak's own dropped on the server (the
         #: search_path probe): parsed again before the client's next Describe of it.
         self._unnamed_dropped: Prepared | None = None
+        #: Whether the last simple Query holds a COPY FROM STDIN (the session's batch count).
+        self._query_copies = False
         #: The client's name of each named statement, by the server's name for it: put
         #: back into PostgreSQL's errors (insertion-ordered: the oldest go first).
         self._client_names: dict[str, str] = {}
@@ -360,7 +362,7 @@ class Rewriter:
             out = self._query(msg)
             if path is not None:
                 path.batch_end()
-                if lexer_copies_from_stdin(Query.decode(msg[5:]).sql):
+                if self._query_copies:
                     path.copy_started(path.sent - 1)  # Syncs sent during its COPY are ignored
             return out
         if kind in (P, C):
@@ -384,6 +386,7 @@ class Rewriter:
     def _query(self, msg: bytes) -> bytes:
         protection = self._protection()
         sql = Query.decode(msg[5:]).sql
+        self._query_copies = lexer_copies_from_stdin(sql)
         # A simple Query destroys the unnamed statement (ours too, if it was prepared again).
         if self.statements.pop("", None) is not None:
             self._path_changes.pop("", None)
@@ -819,9 +822,7 @@ class Rewriter:
                 if audit is not None:
                     audit.bind(portal, None, {})
                 return self._refuse_bind("", "0A000", _STALE_STATEMENT, routine="RevalidateCachedQuery")
-            before = frame(b"P", b"\0" + entry.query + entry.tail)
-            self.acks.sent_ours(path.sent, parse=True, client_name="", internal="")
-            entry.batch = self._batches
+            before = self._unnamed_again(entry, path)
         self.last_plan = plan
         out = self._bind_checked(msg, body, portal_end, stmt_end, name, protection, current, plan, text)
         return before + out if before else out
@@ -894,6 +895,12 @@ class Rewriter:
             self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
         return msg
 
+    def _unnamed_again(self, entry: Prepared, path: SessionSearchPath) -> bytes:
+        """The unnamed statement's Parse, sent again in the current batch (its reply cut)."""
+        self.acks.sent_ours(path.sent, parse=True, client_name="", internal="")
+        entry.batch = self._batches
+        return frame(b"P", b"\0" + entry.query + entry.tail)
+
     def unnamed_dropped(self) -> None:
         """The session sent a Query of its own, which drops the server's unnamed statement
         (the client's Binds of it are parsed again anyway: they come in a later batch)."""
@@ -905,9 +912,7 @@ class Rewriter:
             dropped, self._unnamed_dropped = self._unnamed_dropped, None
             path = self._search_path
             if dropped is self.statements.get("") and path is not None and not path.uncertain:
-                self.acks.sent_ours(path.sent, parse=True, client_name="", internal="")
-                dropped.batch = self._batches
-                return frame(b"P", b"\0" + dropped.query + dropped.tail) + msg
+                return self._unnamed_again(dropped, path) + msg
         if len(msg) < 7 or msg[5] != ord("S") or msg[6] == 0:
             return msg  # a portal, or the unnamed statement
         end = msg.find(b"\0", 6)
