@@ -25,6 +25,7 @@ from pgcloak.crypto.keyring import Keyring
 from pgcloak.policy import Policy, ReadView, mask_value
 from pgcloak.sql import Literal, Plan, Planner, ValueAction
 from pgcloak.sql.search_path import DEFAULT_PATH
+from pgcloak.wire.copy_data import CopyReader, Field, csv_value, record_line, text_value
 
 _I32 = struct.Struct("!i")
 _PARSE_CACHE_SIZE = 4096
@@ -314,7 +315,7 @@ class Protection:
         def replace(m: re.Match[bytes]) -> bytes:
             plain = self.reveal(m.group(0), view)
             if not csv:
-                return _copy_text_escape(plain)
+                return text_value(plain)
             start, end = m.span()
             if row[start - 1 : start] == b'"' and row[end : end + 1] == b'"':
                 # already quoted by the server (FORCE_QUOTE): escape inside the quotes
@@ -381,171 +382,55 @@ def render_text_array(items: list[str | None]) -> str:
 
 # -- COPY formats ----------------------------------------------------------------------------
 
-_TEXT_ESCAPES = {ord("\\"): "\\\\", ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
-_TEXT_UNESCAPE = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-def _copy_text_escape(value: bytes) -> bytes:
-    return value.decode("utf-8", "surrogateescape").translate(_TEXT_ESCAPES).encode("utf-8", "surrogateescape")
-
-
 def _csv_quote(value: bytes) -> bytes:
     return b'"' + value.replace(b'"', b'""') + b'"'
 
 
-def _copy_text_unescape(field: str) -> str | None:
-    if field == "\\N":
-        return None
-    if "\\" not in field:
-        return field
-    out: list[str] = []
-    i, n = 0, len(field)
-    while i < n:
-        c = field[i]
-        if c != "\\" or i + 1 >= n:
-            out.append(c)
-            i += 1
-            continue
-        d = field[i + 1]
-        if d in _TEXT_UNESCAPE:
-            out.append(_TEXT_UNESCAPE[d])
-            i += 2
-        elif d in "01234567":
-            j = i + 1
-            while j < n and j < i + 4 and field[j] in "01234567":
-                j += 1
-            out.append(chr(int(field[i + 1 : j], 8)))
-            i = j
-        elif d == "x" and i + 2 < n and field[i + 2] in "0123456789abcdefABCDEF":
-            j = i + 2
-            while j < n and j < i + 4 and field[j] in "0123456789abcdefABCDEF":
-                j += 1
-            out.append(chr(int(field[i + 2 : j], 16)))
-            i = j
-        else:
-            out.append(d)
-            i += 2
-    return "".join(out)
-
-
-def _split_csv_record(record: str) -> list[tuple[str, bool]]:
-    """Fields of one CSV record as (value, was_quoted): quoting tells NULL from ''."""
-    fields: list[tuple[str, bool]] = []
-    i, n = 0, len(record)
-    while True:
-        if i < n and record[i] == '"':
-            i += 1
-            buf: list[str] = []
-            while i < n:
-                if record[i] == '"':
-                    if i + 1 < n and record[i + 1] == '"':
-                        buf.append('"')
-                        i += 2
-                        continue
-                    i += 1
-                    break
-                buf.append(record[i])
-                i += 1
-            # anything up to the next comma after a closing quote is kept verbatim
-            j = record.find(",", i)
-            tail = record[i:] if j < 0 else record[i:j]
-            fields.append(("".join(buf) + tail, True))
-            if j < 0:
-                return fields
-            i = j + 1
-        else:
-            j = record.find(",", i)
-            if j < 0:
-                fields.append((record[i:], False))
-                return fields
-            fields.append((record[i:j], False))
-            i = j + 1
-
-
 class CopyInRewriter:
-    """Transforms the protected columns of a COPY FROM STDIN stream, row by row.
+    """Transforms the protected fields of a COPY FROM STDIN stream, record by record.
 
-    CopyData messages split rows anywhere, so complete rows are rewritten and the
-    remainder waits for the next message. Text format rows end at an unescaped
-    newline; CSV records may hold newlines inside quotes, so quote parity decides.
+    Records and fields are found by PostgreSQL's rules (:mod:`pgcloak.wire.copy_data`),
+    then written again in one canonical form, so that PostgreSQL stores each field where
+    pgcloak decided: CopyData messages split records anywhere, and a record is rewritten
+    once it is whole. With ``header``, the first record is PostgreSQL's to skip (or
+    match against the column names): passed on as it came.
     """
 
-    def __init__(self, actions: tuple[ValueAction, ...], fmt: str, transform: Callable[[ValueAction, str | None], str | None]) -> None:
+    def __init__(
+        self,
+        actions: tuple[ValueAction, ...],
+        fmt: str,
+        transform: Callable[[ValueAction, str | None], str | None],
+        header: bool = False,
+    ) -> None:
         self.actions = actions
         self.csv = fmt == "csv"
         self._transform = transform
-        self._pending = b""
+        self._reader = CopyReader(self.csv)
+        self._header = header
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._pending + data
-        end = self._complete_end(buf)
-        self._pending = buf[end:]
-        return self._rows(buf[:end]) if end else b""
+        return self._lines(self._reader.feed(data))
 
     def finish(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        if not rest:
+        return self._lines(self._reader.finish())
+
+    def _lines(self, records: list[list[Field]]) -> bytes:
+        if not records:
             return b""
-        return self._rows(rest + b"\n")
-
-    def _complete_end(self, buf: bytes) -> int:
-        if not self.csv:
-            return buf.rfind(b"\n") + 1
-        quoted = False
-        end = 0
-        for i, byte in enumerate(buf):
-            if byte == 0x22:
-                quoted = not quoted
-            elif byte == 0x0A and not quoted:
-                end = i + 1
-        return end
-
-    def _rows(self, block: bytes) -> bytes:
-        text = block.decode("utf-8")
-        out: list[str] = []
-        for line in self._records(text):
-            if not self.csv and line == "\\.":
-                out.append(line)
-                continue
-            out.append(self._csv_row(line) if self.csv else self._text_row(line))
-        return ("\n".join(out) + "\n").encode("utf-8")
-
-    def _records(self, text: str) -> list[str]:
-        if not self.csv:
-            lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
-            # \r\n line ends (a data carriage return is always escaped as \r in text format)
-            return [line.removesuffix("\r") for line in lines]
-        records: list[str] = []
-        start = 0
-        quoted = False
-        for i, c in enumerate(text):
-            if c == '"':
-                quoted = not quoted
-            elif c == "\n" and not quoted:
-                records.append(text[start:i].removesuffix("\r"))
-                start = i + 1
-        if start < len(text):
-            records.append(text[start:])
-        return records
-
-    def _text_row(self, line: str) -> str:
-        fields = line.split("\t")
-        for i, action in enumerate(self.actions):
-            if action.kind != "pass" and i < len(fields):
-                value = _copy_text_unescape(fields[i])
-                new = self._transform(action, value)
-                fields[i] = "\\N" if new is None else new
-        return "\t".join(fields)
-
-    def _csv_row(self, line: str) -> str:
-        fields = _split_csv_record(line)
-        out: list[str] = []
-        for i, (value, quoted) in enumerate(fields):
-            action = self.actions[i] if i < len(self.actions) else None
-            if action is None or action.kind == "pass":
-                out.append('"' + value.replace('"', '""') + '"' if quoted else value)
-                continue
-            plain = value if (quoted or value) else None
-            new = self._transform(action, plain)
-            out.append("" if new is None else new)
-        return ",".join(out)
+        out: list[bytes] = []
+        csv = self.csv
+        actions = self.actions
+        escape = csv_value if csv else text_value
+        for fields in records:
+            line = [f.raw for f in fields]
+            if self._header:
+                self._header = False
+            else:
+                for i, action in enumerate(actions):
+                    if action.kind != "pass" and i < len(fields):
+                        value = fields[i].value
+                        new = self._transform(action, None if value is None else value.decode("utf-8"))
+                        line[i] = escape(None if new is None else new.encode("utf-8"))
+            out.append(record_line(line, csv))
+        return b"".join(out)

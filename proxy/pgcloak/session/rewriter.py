@@ -50,6 +50,7 @@ from pgcloak.sql.plan import DEALLOCATE_ALL, DISCARD_ALL
 from pgcloak.sql.planner import unglue_params
 from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes, truncated
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
+from pgcloak.wire.copy_data import CopyFormatError
 from pgcloak.wire.errors import ProtocolError
 from pgcloak.wire.framing import Mark, frame, iter_messages
 from pgcloak.wire.messages import (
@@ -71,6 +72,8 @@ _ids = itertools.count(1)
 #: Named prepared statements tracked per session (PostgreSQL has no limit; we need one).
 MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
+#: COPY portals remembered until they run (a client binds one, then executes it).
+_MAX_COPY_PORTALS = 1_000
 
 Q, P, B, C = ord("Q"), ord("P"), ord("B"), ord("C")
 EXECUTE, SYNC, FUNCTION_CALL, DESCRIBE = ord("E"), ord("S"), ord("F"), ord("D")
@@ -235,6 +238,9 @@ class Rewriter:
         self._bodies: dict[str, Definition] = {}
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
+        #: Portals bound to a COPY FROM STDIN of a protected table (as sent): the plan
+        #: whose rewriter its data gets once it is executed.
+        self._copy_portals: dict[bytes, tuple[Protection, Plan]] = {}
         self._copy_out_csv = False
         self._dropping = False
         #: The statement being handled: what a refusal's audit event describes.
@@ -341,10 +347,16 @@ class Rewriter:
             path.unsynced = True
         # Most frequent first: an extended-protocol statement is Bind, Execute, Sync.
         if kind == B:
+            if self._copy_portals:
+                self._copy_portals.pop(msg[5 : msg.find(b"\0", 5)], None)  # bound again
             return self._bind(msg)
         if kind == EXECUTE:
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
+            if self._copy_portals:
+                copy = self._copy_portals.pop(msg[5 : msg.find(b"\0", 5)], None)
+                if copy is not None:
+                    self._start_copy(*copy)
             return msg
         if kind == DESCRIBE:
             return self._describe(msg)
@@ -548,7 +560,9 @@ class Rewriter:
 
     def _start_copy(self, protection: Protection, plan: Plan) -> None:
         if plan.copy_in is not None:
-            self._copy_in = CopyInRewriter(plan.copy_in, plan.copy_format or "text", protection.transform)
+            self._copy_in = CopyInRewriter(
+                plan.copy_in, plan.copy_format or "text", protection.transform, plan.copy_header
+            )
         if plan.copy_out:
             self._copy_out_csv = plan.copy_format == "csv"
 
@@ -857,7 +871,11 @@ class Rewriter:
                 assert self._search_path is not None
                 self._search_path.apply(change)  # refused ones were refused at Parse
         if plan.copy_in is not None:
-            self._start_copy(protection, plan)
+            # Its data is rewritten when the portal runs (Execute): another COPY may be
+            # bound meanwhile.
+            if len(self._copy_portals) >= _MAX_COPY_PORTALS:
+                self._copy_portals.clear()  # portals end with their transaction, untold
+            self._copy_portals[portal] = (protection, plan)
         if self._search_path is not None and (plan.copy_in is not None or copies_from_stdin(text)):
             self._search_path.copy_started()
         actions = plan.params
@@ -891,8 +909,11 @@ class Rewriter:
                 # Sent to the server's name (closed again by pgcloak if the server skips it).
                 self._closing = Closing(entry.server)
                 return Close("S", entry.server).encode()
-        elif self._audit is not None:
-            self._audit.close_portal(close.name.encode("utf-8", "surrogateescape"))
+        else:
+            portal = close.name.encode("utf-8", "surrogateescape")
+            self._copy_portals.pop(portal, None)
+            if self._audit is not None:
+                self._audit.close_portal(portal)
         return msg
 
     def _unnamed_again(self, entry: Prepared, path: SessionSearchPath) -> bytes:
@@ -945,10 +966,12 @@ class Rewriter:
                 rest = rewriter.finish()
                 return (CopyData(rest).encode() if rest else b"") + msg
             return msg
-        except (ValueRefused, UnicodeDecodeError) as exc:
+        except (ValueRefused, CopyFormatError, UnicodeDecodeError) as exc:
             self._copy_in = None
             if isinstance(exc, ValueRefused):
                 state, text = exc.sqlstate, exc.message
+            elif isinstance(exc, CopyFormatError):
+                state, text = exc.sqlstate, f"COPY data for a protected table: {exc}"
             else:
                 state, text = "22021", "COPY data for a protected column is not valid UTF-8"
             return CopyFail(self._arm(state, text).decode()).encode()

@@ -137,6 +137,8 @@ class Plan:
     audit: AuditFacts
     copy_in: tuple[ValueAction, ...] | None = None
     copy_format: str | None = None
+    #: COPY FROM with HEADER: the data's first record is PostgreSQL's to skip or match.
+    copy_header: bool = False
     #: Segments around literal slots: ``len(template) == len(literals) + 1``.
     template: tuple[str, ...] | None = None
     #: Every SQL-level ``PREPARE name AS ...`` (name, the inner statement's plan, whose

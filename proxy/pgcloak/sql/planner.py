@@ -157,6 +157,7 @@ class _Stmt:
     deallocate: str | None = None
     copy_in: tuple[ValueAction, ...] | None = None
     copy_format: str | None = None
+    copy_header: bool = False
     copy_out: bool = False
     edited: bool = False
 
@@ -336,6 +337,13 @@ class Planner:
             read.extend(k for k in sorted(an.read) if k not in read)
             written.extend(k for k in sorted(an.written) if k not in written)
             touches = touches or an.touches
+        copies = [st for st in stmts if st.analysis.kind in ("copy", "copy_in", "copy_out")]
+        if len(copies) > 1 and any(st.copy_in is not None for st in copies):
+            # One rewriter per Query: the data of a second COPY would pass it by.
+            denials.append(
+                "a COPY FROM STDIN into a protected table must be the only COPY of its query "
+                "string: send each COPY on its own"
+            )
         edited = any(st.edited for st in stmts)
         template = tuple(segments)
         sql_out = _join_template(template) if edited else None
@@ -367,6 +375,7 @@ class Planner:
             ),
             copy_in=copy_st.copy_in if copy_st else None,
             copy_format=copy_st.copy_format if copy_st else None,
+            copy_header=copy_st.copy_header if copy_st else False,
             template=template,
             named=tuple(named),
             executes=tuple(c for st in stmts for c in st.executes),
@@ -639,6 +648,7 @@ class Planner:
             an.written.add(f"{table}.{c}")
         st.copy_in = tuple(actions)
         st.copy_format = fmt
+        st.copy_header = _copy_header(rest)
         return st
 
     def _query(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
@@ -864,17 +874,50 @@ def _copy_out_denial(options: list[str]) -> str:
     )
 
 
-#: COPY FROM options that change how fields are split, quoted or read as NULL.
-_COPY_IN_UNSUPPORTED = ("DELIMITER", "QUOTE", "ESCAPE", "NULL", "FORCE_NULL", "FORCE_NOT_NULL", "DEFAULT")
+#: The words a COPY FROM STDIN of a protected table may use after STDIN, in either
+#: syntax: the format (text or csv), HEADER, FREEZE and a UTF-8 ENCODING. Anything else
+#: (DELIMITER, the old USING DELIMITERS, NULL, QUOTE, ESCAPE, FORCE_*, DEFAULT, options
+#: of later releases) may change how PostgreSQL splits or reads fields, which the COPY
+#: rewriter must know exactly: refused, so an unknown option never lets a field by.
+_COPY_IN_WORDS: Final = frozenset(
+    {"WITH", "(", ")", ",", "FORMAT", "TEXT", "CSV", "HEADER", "MATCH", "FREEZE", "ENCODING"}
+    | {"TRUE", "FALSE", "ON", "OFF", "1", "0"}
+)
+_UTF8_NAMES: Final = frozenset(("UTF8", "UNICODE"))
+
+
+#: Option words named in the refusal (other words, option values among them, are not
+#: repeated back: they come from the statement's text).
+_COPY_OPTION_NAMES: Final = frozenset(
+    {"DELIMITER", "DELIMITERS", "NULL", "QUOTE", "ESCAPE", "FORCE_QUOTE", "FORCE_NOT_NULL"}
+    | {"FORCE_NULL", "FORCE", "DEFAULT", "BINARY", "OIDS", "ON_ERROR", "REJECT_LIMIT", "LOG_VERBOSITY"}
+)
 
 
 def _copy_in_options(words: Sequence[str]) -> list[str]:
     """The options of a COPY FROM that the COPY rewriter does not implement."""
-    found = [w for w in _COPY_IN_UNSUPPORTED if w in words]
+    found: list[str] = []
+    unknown = False
     for j, word in enumerate(words):
-        if word == "ENCODING" and j + 1 < len(words) and words[j + 1].strip("'").replace("-", "") != "UTF8":
-            found.append("ENCODING")
+        if j and words[j - 1] == "ENCODING":
+            if "".join(c for c in word if c.isalnum()) not in _UTF8_NAMES:
+                found.append("ENCODING")
+        elif word in _COPY_OPTION_NAMES:
+            if word not in found:
+                found.append(word)
+        elif word not in _COPY_IN_WORDS:
+            unknown = True
+    if unknown and not found:
+        found.append("(an option pgcloak does not know)")
     return found
+
+
+def _copy_header(words: Sequence[str]) -> bool:
+    """Whether COPY FROM's options ask for a header line (HEADER, HEADER true / MATCH)."""
+    for j, word in enumerate(words):
+        if word == "HEADER":
+            return j + 1 >= len(words) or words[j + 1] not in ("FALSE", "OFF", "0")
+    return False
 
 
 _ESCAPED_NAME: Final = (
