@@ -936,6 +936,26 @@ def test_max_pii_rows_guard(env: RoleEnv) -> None:
         conn.commit()
 
 
+def test_max_pii_rows_counts_values_not_rows(env: RoleEnv) -> None:
+    """One row can carry many people's values: a scalar subquery per person, a self-join.
+    The limit is on one column's values in a result (review of session 13: all five
+    e-mails came back in one row with max_pii_rows: 3)."""
+    ids3 = [env.id(p) for p in PEOPLE[:3]]
+    subqueries = ", ".join(f"(SELECT email FROM users ORDER BY id LIMIT 1 OFFSET {i})" for i in range(5))
+    with env.psy(WRITER) as conn:
+        refused(conn, f"SELECT {subqueries}", None, "54000", "public.users.email")
+        refused(
+            conn,
+            "SELECT a.email, b.email FROM users a JOIN users b ON a.id < b.id WHERE a.id = ANY(%s) AND b.id = ANY(%s)",
+            (ids3, ids3),
+            "54000",
+            "max_pii_rows",
+        )  # 3 rows, 6 e-mails
+        # three people's e-mail, phone and ssn: three values of each column
+        rows = conn.execute("SELECT email, phone, ssn FROM users WHERE id = ANY(%s) ORDER BY id", (ids3,)).fetchall()
+        assert rows == [(p.email, p.phone, p.ssn) for p in PEOPLE[:3]]
+
+
 async def test_max_pii_rows_guard_with_asyncpg(env: RoleEnv) -> None:
     conn = await env.apg(WRITER)
     try:

@@ -37,7 +37,7 @@ roles:
     read: {users.email: mask, users.phone: mask, users.ssn: deny}
 guards:
   unbounded_select: deny      # SELECT of protected columns with no WHERE / LIMIT
-  max_pii_rows: 1000          # rows with protected values per statement
+  max_pii_rows: 1000          # values of one protected column per statement
 """
 
 DEMO_SCHEMA = """\

@@ -177,7 +177,7 @@ class Guards(BaseModel):
     max_pii_rows: int | None = Field(
         default=1000,
         ge=1,
-        description="Most rows carrying PII one statement may return; null for no limit.",
+        description="Most values of one protected column one statement may return (rows carrying PII, as a rule); null for no limit.",
     )
 
 

@@ -22,7 +22,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from pgcloak.crypto.envelope import ENVELOPE_PREFIX
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
 from pgcloak.policy import ReadView
 from pgcloak.session.auditing import SessionAudit
 from pgcloak.session.protection import (
@@ -72,6 +72,8 @@ _ids = itertools.count(1)
 #: Named prepared statements tracked per session (PostgreSQL has no limit; we need one).
 MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
+#: A stored value in a server message: its base64url body's start (enough for the header).
+_ENVELOPE_BODY = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
 #: COPY portals remembered until they run (a client binds one, then executes it).
 _MAX_COPY_PORTALS = 1_000
 
@@ -204,8 +206,10 @@ class Rewriter:
         #: policy's read decisions are made for.
         self.roles = roles
         self._view: tuple[Protection | None, ReadView | None] = (None, None)
-        #: Rows carrying stored values in the current statement's result (max_pii_rows).
+        #: Rows carrying stored values in the current statement's result, and its stored
+        #: values by column key id (max_pii_rows).
         self._pii_rows = 0
+        self._pii_values: dict[str, int] = {}
         #: Messages for the server that the session sends after :meth:`backend_chunk`.
         self.to_server: list[bytes] = []
         #: The client's protocol-level statements by name, as pgcloak planned them.
@@ -1003,6 +1007,7 @@ class Rewriter:
                     if kind == READY:
                         self._dropping = False
                         self._pii_rows = 0
+                        self._pii_values.clear()
                     continue
                 if kind in _COPY_WAITS:
                     # A later COPY FROM STDIN of the batch: end it, or the server waits
@@ -1014,11 +1019,12 @@ class Rewriter:
                     continue
                 self._at = head
                 self._pii_rows += 1
-                if limit is not None and self._pii_rows > limit:
+                over = self._over_limit(chunk, start, end, limit) if limit is not None else None
+                if over is not None:
                     replacement = self._fail_result(
                         "54000",
-                        f"more than {limit} rows with protected values in one result: refused by "
-                        "the pgcloak policy (guards.max_pii_rows); narrow the query or page it",
+                        f"more than {limit} values of protected column {over} in one result: refused "
+                        "by the pgcloak policy (guards.max_pii_rows); narrow the query or page it",
                         refusal=True,
                     )
                 elif kind == DATA_ROW:
@@ -1027,6 +1033,7 @@ class Rewriter:
                     replacement = self._reveal_copy(protection, view, chunk[start:end])
             elif kind in _ROWS_END:
                 self._pii_rows = 0
+                self._pii_values.clear()
                 if kind == ERROR and MARKER in chunk[start:end]:
                     m = _MARKER_ID.search(chunk, start, end)
                     if m is not None:
@@ -1044,6 +1051,19 @@ class Rewriter:
         if run < len(chunk):
             out.append(chunk[run:])
         return b"".join(out)
+
+    def _over_limit(self, chunk: bytes, start: int, end: int, limit: int) -> str | None:
+        """Count the stored values in one row by column (their envelopes' key ids): the
+        column whose count passes ``limit`` now, if any. By value, not by row: one row
+        can carry many people's values (a scalar subquery per person, a self-join)."""
+        counts = self._pii_values
+        for found in _ENVELOPE_BODY.finditer(chunk, start, end):
+            key = key_id_in(found.group(1)) or "(unreadable key id)"
+            n = counts.get(key, 0) + 1
+            counts[key] = n
+            if n > limit:
+                return key
+        return None
 
     def _client_named(self, body: bytes) -> bytes | None:
         """An ErrorResponse naming the server's name for a client's statement, with the
@@ -1109,6 +1129,7 @@ class Rewriter:
         the trail by the session (:attr:`cut_short`), which knows whose result it was."""
         self._dropping = True
         self._pii_rows = 0
+        self._pii_values.clear()
         if refusal:
             self._refused[sqlstate] += 1
             if self._audit is not None:
