@@ -730,6 +730,24 @@ def test_fingerprint_reads_like_sql_whatever_the_spacing(planner: Planner, sql: 
     assert planner.plan(sql).audit.fingerprint == expected
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id FROM users WHERE email = X'7A65642E68334070726976'",
+        "SELECT id FROM users WHERE email = B'0111101001100101'",
+        "SELECT id FROM users WHERE email IN (X'7A65642E68334070726976', 'a')",
+        "SELECT id FROM users WHERE email = ANY(ARRAY[X'7A65642E68334070726976'])",
+    ],
+)
+def test_hex_and_bit_strings_are_values_too(planner: Planner, sql: str) -> None:
+    # Refused statements go to the audit trail with their fingerprint and reason: a value
+    # spelled as a hex or bit string must be in neither (review of session 13).
+    plan = planner.plan(sql)
+    assert not plan.decision.allowed
+    for text in (plan.audit.fingerprint, plan.decision.message):
+        assert "7A65" not in text and "0111101" not in text, text
+
+
 def test_explain_text(planner: Planner) -> None:
     text = explain_text(planner.plan("select * from users where email = $1"))
     assert "decision: allow" in text and "left(email, 22)" in text and "$1: lookup public.users.email" in text

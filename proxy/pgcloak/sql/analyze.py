@@ -709,7 +709,7 @@ class Analyzer:
                     continue
                 ref = value_ref(item)
                 if ref is None:
-                    return f"IN with {item.sql('postgres')}"
+                    return f"IN with {_shown(item)}"
                 self._set(ref, self._action("lookup", origin))
             self._wrap(col, origin)
             return None
@@ -746,7 +746,7 @@ class Analyzer:
                         continue
                     r = value_ref(item)
                     if r is None:
-                        return f"ANY(ARRAY[...]) with {item.sql('postgres')}"
+                        return f"ANY(ARRAY[...]) with {_shown(item)}"
                     self._set(r, self._action("lookup", origin))
                 self._wrap(col, origin)
                 return None
@@ -798,7 +798,7 @@ class Analyzer:
                 for item in rows:
                     why = self._store(item, origin, where)
                     if why is not None:
-                        return f"{why} (in the VALUES list {src.sql('postgres')} comes from)"
+                        return f"{why} (in the VALUES list {_shown(src)} comes from)"
                 return None
             found = self._resolve(src)
             if isinstance(found, Origin) and _copyable(found, origin):
@@ -1081,7 +1081,13 @@ def _no_limit(node: exp.Expr) -> bool:
     return isinstance(bound, exp.Null) or (isinstance(bound, exp.Var) and bound.name.upper() == "ALL")
 
 
+#: Constants that are not literal slots (hex and bit strings): values all the same.
+_CONSTANTS = (exp.HexString, exp.BitString, exp.ByteString)
+
+
 def _shown(node: exp.Expression) -> str:
     """An expression for a message: its literals as ``?`` (never their values, which
     may be personal data; nor pgcloak's slot markers)."""
+    if node.find(*_CONSTANTS) is not None:
+        node = node.transform(lambda n: exp.Var(this="?") if isinstance(n, _CONSTANTS) else n)
     return _PRINTED_SLOT.sub("?", node.sql("postgres"))

@@ -131,11 +131,19 @@ _TIGHT_AFTER = frozenset(("(", "[", ".", "::", "$"))
 _TIGHT_BEFORE = frozenset((")", "]", ",", ";", ".", "::"))
 
 
+#: Constants that are not literal slots (the planner has no use for them) but are values
+#: all the same: never in a fingerprint.
+_OTHER_CONSTANTS = frozenset((TokenType.HEX_STRING, TokenType.BIT_STRING))
+
+
 def _fingerprint(lexed: Lexed, sql: str) -> str:
     out: list[str] = []
     prev = "("  # no space before the first token
     for i, tok in enumerate(lexed.tokens):
-        text = "?" if i in lexed.slot_of_token else sql[tok.start : tok.end + 1]
+        if i in lexed.slot_of_token or tok.token_type in _OTHER_CONSTANTS:
+            text = "?"
+        else:
+            text = sql[tok.start : tok.end + 1]
         if prev not in _TIGHT_AFTER and text not in _TIGHT_BEFORE:
             out.append(" ")
         out.append(text)
