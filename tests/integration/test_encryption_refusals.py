@@ -280,3 +280,32 @@ def test_ddl_checks_of_two_columns_whose_names_truncate_alike_both_hold(env: Enc
             stored_plain = False
     assert checks == (2,), f"one CHECK per protected column expected, found {checks}"
     assert not stored_plain, f"plaintext stored in {table}.{home}: its CHECK was dropped by {work}'s"
+
+
+def test_client_encodings_pgcloak_cannot_read_are_refused(env: EncEnv) -> None:
+    """In SJIS, BIG5, GBK, UHC, GB18030 and JOHAB a character's second byte can be a
+    backslash, a quote or a TAB: PostgreSQL converts the text before it parses it, pgcloak
+    parses the bytes, so a COPY line or a string literal could be split one way by pgcloak
+    and another by PostgreSQL (review of session 13). Statements on protected tables are
+    refused under them, and switching to them is refused before it runs."""
+    name = unique("sjis")
+    with psycopg.connect(env.proxy_dsn(), autocommit=True, client_encoding="SJIS") as conn:
+        for sql in (
+            f"INSERT INTO users (name, email) VALUES ('{name}', '{name}@example.com')",
+            "COPY users (name, email) FROM STDIN",
+            "SELECT email FROM users WHERE id = 1",
+        ):
+            with pytest.raises(errors.FeatureNotSupported) as caught:
+                conn.execute(sql)
+            assert "client encoding SJIS" in str(caught.value)
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # nothing protected: as it is
+        conn.execute("SET client_encoding TO 'UTF8'")
+        conn.execute("INSERT INTO users (name, email) VALUES (%s, %s)", (name, f"{name}@example.com"))
+    with env.psy() as conn:
+        for sql in ("SET client_encoding TO 'BIG5'", "SET NAMES 'sjis'", "SELECT set_config('client_encoding', 'GBK', false)"):
+            with pytest.raises(errors.FeatureNotSupported):
+                conn.execute(sql)
+        assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)
+        conn.execute("SET client_encoding TO 'LATIN1'")  # every byte of it is what it looks like
+        assert conn.execute("SELECT name FROM users WHERE email = %s", (f"{name}@example.com",)).fetchone() == (name,)
+    env.assert_stored(env.raw_one("SELECT email FROM users WHERE name = %s", name), f"{name}@example.com")

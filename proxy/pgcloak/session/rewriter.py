@@ -74,6 +74,24 @@ MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
 #: A stored value in a server message: its base64url body's start (enough for the header).
 _ENVELOPE_BODY = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
+#: Client encodings whose multibyte characters can hold ASCII bytes (a backslash, a
+#: quote, a TAB): PostgreSQL converts text from them before it parses it, pgcloak parses
+#: the bytes it gets, so it could not tell what PostgreSQL will read (server encodings
+#: never have such characters; these are client-only). As ParameterStatus names them.
+UNSAFE_ENCODINGS = frozenset(("SJIS", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"))
+#: A statement that may switch the client encoding to one of them (SET client_encoding,
+#: SET NAMES, set_config): refused before it runs, so that nothing pipelined after it is
+#: read by pgcloak one way and by PostgreSQL another. Spellings PostgreSQL accepts for them.
+_ENCODING_SWITCH = re.compile(r"(?i)client_encoding|\bnames\b")
+_UNSAFE_ENCODING_NAME = re.compile(
+    r"(?i)(?<![a-z0-9_])(?:s_?jis|shift_?jis|mskanji|(?:win|windows|cp)(?:932|936|949|950)|big5|gbk"
+    r"|uhc|gb18030|johab)(?![a-z0-9_])"
+)
+_UNSAFE_ENCODING = (
+    "pgcloak cannot read statements in client encoding {name} (its characters can hold ASCII "
+    "bytes that PostgreSQL reads after converting them): use UTF8 on a session that touches "
+    "protected tables"
+)
 #: COPY portals remembered until they run (a client binds one, then executes it).
 _MAX_COPY_PORTALS = 1_000
 
@@ -242,6 +260,9 @@ class Rewriter:
         self._bodies: dict[str, Definition] = {}
         self._refusals: dict[bytes, bytes] = {}
         self._copy_in: CopyInRewriter | None = None
+        #: The session's client encoding when it is one of UNSAFE_ENCODINGS (as the
+        #: server reports it), else None.
+        self._unsafe_encoding: str | None = None
         #: Portals bound to a COPY FROM STDIN of a protected table (as sent): the plan
         #: whose rewriter its data gets once it is executed.
         self._copy_portals: dict[bytes, tuple[Protection, Plan]] = {}
@@ -429,6 +450,9 @@ class Rewriter:
         audit = self._audit
         if not plan.decision.allowed:
             return self._refused_query(plan.decision.sqlstate, plan.decision.message)
+        unreadable = self._encoding_refusal(protection, plan, sql)
+        if unreadable is not None:
+            return self._refused_query("0A000", unreadable)
         change = self._path_change(sql, plan) if self._search_path is not None else None
         if change is not None and change.kind == "refuse":
             return self._refused_query("0A000", change.message)
@@ -470,6 +494,24 @@ class Rewriter:
         if change is None and changes and any(c.name in changes for c in plan.executes):
             return PROBE
         return change
+
+    def client_encoding(self, name: str) -> None:
+        """The server reported the session's client encoding (at startup, after a SET)."""
+        upper = name.upper()
+        self._unsafe_encoding = upper if upper in UNSAFE_ENCODINGS else None
+
+    def _encoding_refusal(self, protection: Protection, plan: Plan, sql: str) -> str | None:
+        """Why ``sql`` cannot run under the session's client encoding (None: it can)."""
+        if _ENCODING_SWITCH.search(sql) is not None:
+            found = _UNSAFE_ENCODING_NAME.search(sql)
+            if found is not None:
+                return _UNSAFE_ENCODING.format(name=found.group(0).upper())
+        name = self._unsafe_encoding
+        if name is not None and (
+            plan.touches_pii or any(protection.policy.columns_of(t) for t in plan.audit.tables)
+        ):
+            return _UNSAFE_ENCODING.format(name=name)
+        return None
 
     def _refused_query(self, sqlstate: str, message: str) -> bytes:
         if self._audit is not None:
@@ -716,6 +758,10 @@ class Rewriter:
             self._parse_failed(name)
             return self._refuse_parse(name, denied.sqlstate, denied.message)
         text = text_of(body, name_end, query_end)
+        unreadable = self._encoding_refusal(protection, plan, text)
+        if unreadable is not None:
+            self._parse_failed(name)
+            return self._refuse_parse(name, "0A000", unreadable)
         change = self._path_change(text, plan) if self._search_path is not None else None
         if change is not None and change.kind == "refuse":
             self._parse_failed(name)

@@ -87,6 +87,8 @@ _PATH_PROBE = Query("SHOW search_path; SHOW role; SHOW session_authorization").e
 #: CopyInResponse (PostgreSQL ignores Sync in copy-in mode).
 _COPY_IN = ord("G")
 _MARKED = REPLY_ENDS | ACKS | {_COPY_IN}
+_PARAMETER_STATUS = ord("S")
+_CLIENT_ENCODING = b"client_encoding\0"
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 
@@ -153,6 +155,8 @@ class Session:
         self._protections: tuple[Protection | None, tuple[str, ...] | None, Protection | None] = (None, (), None)
         self._path_probe: _PathProbe | None = None
         self._server_version = ""
+        #: As PostgreSQL reported it at startup (the rewriter follows later changes).
+        self._client_encoding = "UTF8"
 
     @property
     def bytes_to_client(self) -> int:
@@ -593,6 +597,8 @@ class Session:
             t, body = await self._read_backend()
             if t == ord("S") and body.startswith(b"server_version\0"):
                 self._server_version = body[len(b"server_version\0") :].rstrip(b"\0").decode("ascii", "replace")
+            elif t == ord("S") and body.startswith(_CLIENT_ENCODING):
+                self._client_encoding = body[len(_CLIENT_ENCODING) :].rstrip(b"\0").decode("ascii", "replace")
             if t == ord("Z") and self.server.protection is not None:
                 self.roles, setting, current_user = await self._session_facts()
                 self.search_path = SessionSearchPath(current_user or self.user, None)
@@ -672,6 +678,7 @@ class Session:
             self._rewriter = Rewriter(
                 self._current_protection, self._audit, self.roles, self.server.refusals, self.search_path
             )
+            self._rewriter.client_encoding(self._client_encoding)
             if self._audit is not None:
                 self._audit.masked_of = self._rewriter.masked_columns
                 self._audit.columns_of_keys = self._rewriter.columns_of_keys
@@ -776,6 +783,8 @@ class Session:
             data = data[:end]
         else:
             self._b2c_held = b""
+        if _CLIENT_ENCODING in data:
+            self._follow_encoding(data)
         if self._path_probe is not None:
             data, counted = self._path_probe_reply(data)
             if data:
@@ -783,6 +792,14 @@ class Session:
                 self._to_client_protected(data, marks, tail_rows, counted)
         elif data:
             self._to_client_protected(data, marks, tail_rows)
+
+    def _follow_encoding(self, data: bytes) -> None:
+        """The server reported a new client encoding (ParameterStatus, after a SET): the
+        rewriter refuses what it could not read under some of them."""
+        assert self._rewriter is not None
+        for kind, start, end in iter_messages(data):
+            if kind == _PARAMETER_STATUS and data.startswith(_CLIENT_ENCODING, start):
+                self._rewriter.client_encoding(data[start + len(_CLIENT_ENCODING) : end].rstrip(b"\0").decode("ascii", "replace"))
 
     def _to_client_protected(self, data: bytes, marks: list[Mark], tail_rows: int, counted: int = 0) -> None:
         """The server's whole messages for the client (``marks``: where its replies end):
