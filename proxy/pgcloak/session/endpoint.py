@@ -136,8 +136,12 @@ class Endpoint(asyncio.Protocol):
         return bool(self._buf)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """Send ``data``, or nothing once the socket is closing: a transport closed under
+        us (a TLS handshake that failed never reports connection_lost to this protocol)
+        raises on write with uvloop."""
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

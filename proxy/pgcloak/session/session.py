@@ -129,6 +129,8 @@ class Session:
         self.application_name = ""
         self.client_addr = ""
         self.client_tls = False
+        #: The client's TLS handshake is under way: its socket carries no messages of ours.
+        self._client_handshake = False
         self.backend_tls = False
         self.started = time.monotonic()
         self.ready = False  # in the relay phase
@@ -270,7 +272,7 @@ class Session:
     def _client_at_boundary(self) -> bool:
         """Can a message of ours be written to the client without splitting one of the server's?"""
         if not self.ready:
-            return True  # start-up writes whole messages
+            return not self._client_handshake  # start-up writes whole messages
         if self._rewriter is not None:
             return not self._b2c_held  # protected sessions forward whole messages only
         return self._b2c_idle
@@ -327,6 +329,10 @@ class Session:
             self._fatal("08006", "pgcloak lost a connection during start-up")
             log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__})
             self._finish("start-up failed")
+        finally:
+            if not self.ready and not self.closing:
+                # Whatever went wrong above, the session never outlives its start-up task.
+                self._finish("start-up failed")
 
     async def _negotiate(self) -> StartupMessage | None:
         """SSLRequest / GSSENCRequest / CancelRequest / StartupMessage, like the postmaster."""
@@ -382,7 +388,16 @@ class Session:
     async def _upgrade_client(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         assert self.client.transport is not None
-        transport = await loop.start_tls(self.client.transport, self.client, ctx, server_side=True)
+        self._client_handshake = True
+        try:
+            transport = await loop.start_tls(self.client.transport, self.client, ctx, server_side=True)
+        except BaseException:
+            # start_tls closed the socket; its SSL protocol does not report the loss to
+            # ours, so say it here: nothing may be written to it any more.
+            self.client.closed = True
+            raise
+        finally:
+            self._client_handshake = False
         if transport is None:
             raise ConnectionClosed("client closed during TLS handshake")
         self.client.transport = transport

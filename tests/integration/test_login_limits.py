@@ -1,0 +1,144 @@
+"""The login phase cannot hold pgcloak's resources: timeouts, the connection limit, resets.
+
+Everything between accept and the session's first ReadyForQuery (SSLRequest and the TLS
+handshake, the StartupMessage, the SASL or password exchange) is bounded by
+``client_login_timeout``; every connection holds one of the ``max_client_connections``
+slots from accept, logged in or not; PostgreSQL giving up on a login (its
+``authentication_timeout``) ends the client's session too. Raw sockets throughout: no
+driver stalls on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+import psycopg
+import pytest
+
+from pgcloak.demo.postgres import DbLogin
+from pgcloak.wire.messages import ErrorResponse
+from pgcloak.wire.startup import SSLRequest, StartupMessage
+from proxyctl import ThreadedProxy
+
+WAIT = 10.0  # upper bound for anything that should happen "promptly"
+
+MakeProxy = Callable[..., AbstractContextManager[ThreadedProxy]]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def until_closed(sock: socket.socket | ssl.SSLSocket, timeout: float = WAIT) -> bytes:
+    """Everything the proxy sends until it closes the connection (fails on a timeout)."""
+    sock.settimeout(timeout)
+    got = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+    except (ConnectionResetError, ssl.SSLEOFError):
+        return got
+    except TimeoutError:
+        pass
+    raise AssertionError(f"still open after {timeout}s; received {got!r}")
+
+
+def errors(data: bytes) -> list[ErrorResponse]:
+    """The ErrorResponses among whole messages ``data``."""
+    out = []
+    while len(data) >= 5:
+        (n,) = struct.unpack_from("!I", data, 1)
+        if data[:1] == b"E":
+            out.append(ErrorResponse.decode(data[5 : 1 + n]))
+        data = data[1 + n :]
+    return out
+
+
+def one_fatal(data: bytes) -> ErrorResponse:
+    found = errors(data)
+    assert len(found) == 1, data
+    assert found[0].severity == "FATAL", found[0]
+    return found[0]
+
+
+def startup(login: DbLogin) -> bytes:
+    return StartupMessage({"user": login.user, "database": login.dbname}).encode()
+
+
+def raw(p: ThreadedProxy) -> socket.socket:
+    return socket.create_connection((p.host, p.port), timeout=WAIT)
+
+
+def tls(p: ThreadedProxy) -> ssl.SSLSocket:
+    """A client-side TLS connection (SSLRequest, 'S', handshake), certificate not checked."""
+    sock = raw(p)
+    sock.sendall(SSLRequest().encode())
+    assert sock.recv(1) == b"S"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx.wrap_socket(sock)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0), as a crashed client or a middlebox does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def login_ok(p: ThreadedProxy, login: DbLogin) -> None:
+    with psycopg.connect(p.dsn(login.user, login.password, login.dbname), connect_timeout=5) as c:
+        assert c.execute("select 1").fetchone() == (1,)
+
+
+@contextlib.contextmanager
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+# ------------------------------------------------------------------ TLS handshake resets
+
+
+@pytest.mark.parametrize("how", ["reset", "garbage"])
+def test_client_failing_its_tls_handshake_leaves_no_session(
+    make_proxy: MakeProxy, pg_app_user: DbLogin, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake fails inside start_tls (ConnectionResetError, or ssl.SSLError for bytes
+    that are no ClientHello); pgcloak must not write its FATAL into the dead transport
+    (RuntimeError: the session was never finished) nor plaintext into a TLS handshake."""
+    with make_proxy() as p, caplog.at_level("ERROR"):
+        for _ in range(3):
+            s = raw(p)
+            s.sendall(SSLRequest().encode())
+            assert s.recv(1) == b"S"
+            if how == "reset":
+                s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+                time.sleep(0.1)
+                reset(s)
+            else:
+                s.sendall(b"\x16\x03\x01\x00\x05hello, not TLS" + b"\0" * 100)
+                got = until_closed(s)
+                assert b"E" not in got[:1], "a plaintext ErrorResponse in the TLS handshake"
+                s.close()
+        wait_until(lambda: p.session_count == 0, what="the failed handshakes' sessions to end")
+        login_ok(p, pg_app_user)
+    assert "exception was never retrieved" not in caplog.text
