@@ -17,11 +17,13 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from pgcloak.demo.postgres import DbLogin
+from pgcloak.demo.postgres import DbLogin, TemporaryPostgres
 from pgcloak.wire.messages import ErrorResponse
 from pgcloak.wire.startup import SSLRequest, StartupMessage
 from proxyctl import ThreadedProxy
@@ -73,6 +75,22 @@ def one_fatal(data: bytes) -> ErrorResponse:
     assert len(found) == 1, data
     assert found[0].severity == "FATAL", found[0]
     return found[0]
+
+
+def read_message(sock: socket.socket | ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """One whole message: (type, body)."""
+    head = b""
+    while len(head) < 5:
+        chunk = sock.recv(5 - len(head))
+        assert chunk, "closed"
+        head += chunk
+    (n,) = struct.unpack_from("!I", head, 1)
+    body = b""
+    while len(body) < n - 4:
+        chunk = sock.recv(n - 4 - len(body))
+        assert chunk, "closed"
+        body += chunk
+    return head[:1], body
 
 
 def startup(login: DbLogin) -> bytes:
@@ -142,3 +160,48 @@ def test_client_failing_its_tls_handshake_leaves_no_session(
         wait_until(lambda: p.session_count == 0, what="the failed handshakes' sessions to end")
         login_ok(p, pg_app_user)
     assert "exception was never retrieved" not in caplog.text
+
+
+# --------------------------------------------------- PostgreSQL giving up on a login
+
+
+@pytest.fixture
+def pg_authentication_timeout_1s(pg: TemporaryPostgres) -> Iterator[None]:
+    """PostgreSQL drops a login that takes more than 1 s (it logs it, sends nothing)."""
+    pg.run_sql("ALTER SYSTEM SET authentication_timeout = '1s'")
+    pg.run_sql("SELECT pg_reload_conf()")
+    wait_until(lambda: pg.run_sql("SHOW authentication_timeout").strip() == "1s", what="the reload")
+    try:
+        yield
+    finally:
+        pg.run_sql("ALTER SYSTEM RESET authentication_timeout")
+        pg.run_sql("SELECT pg_reload_conf()")
+
+
+@pytest.mark.usefixtures("pg_authentication_timeout_1s")
+@pytest.mark.parametrize("auth_mode", ["relay", "scram"])
+def test_postgresql_giving_up_on_a_stalled_login_ends_it_and_frees_its_slot(
+    make_proxy: MakeProxy, pg: TemporaryPostgres, pg_app_user: DbLogin, auth_mode: str, tmp_path: Path
+) -> None:
+    """The client sends its StartupMessage, gets AuthenticationSASL and goes silent.
+    PostgreSQL closes the backend connection after its authentication_timeout (relay: it
+    waits for the SASL answer; scram: pgcloak has not sent it a StartupMessage yet); the
+    session ends with 08006 and its max_client_connections slot is free again, long
+    before pgcloak's own client_login_timeout."""
+    extra: dict[str, Any] = {}
+    if auth_mode == "scram":
+        verifier = pg.run_sql(f"select rolpassword from pg_authid where rolname = '{pg_app_user.user}'").strip()
+        userlist = tmp_path / "userlist.txt"
+        userlist.write_text(f'"{pg_app_user.user}" "{verifier}"\n')
+        extra = {"auth_file": str(userlist)}
+    with make_proxy(auth_mode=auth_mode, max_client_connections=1, **extra) as p:
+        with raw(p) as s:
+            s.sendall(startup(pg_app_user))
+            t, body = read_message(s)
+            assert (t, body[:4]) == (b"R", struct.pack("!I", 10))  # AuthenticationSASL: now go silent
+            started = time.monotonic()
+            error = one_fatal(until_closed(s))
+            assert error.code == "08006", error
+            assert time.monotonic() - started < 8
+        wait_until(lambda: p.session_count == 0, what="the session to end")
+        login_ok(p, pg_app_user)  # the only slot is free

@@ -175,9 +175,14 @@ class Session:
         if self.closing:
             return
         if not self.ready:
-            # The start-up task sees the closed endpoint on its next read and reports it.
             if endpoint is self.client:
                 self._finish("client closed during start-up")
+            elif endpoint is self.backend:
+                # PostgreSQL gave up on the login (authentication_timeout, a shutdown) while
+                # the start-up task may be waiting for the client, who may never answer:
+                # end that wait too. The task reports it (08006) and ends the session. A
+                # wait on the backend sees the close itself, after what PostgreSQL sent.
+                self.client.fail("the PostgreSQL server closed the connection during start-up")
             return
         if endpoint is self.client:
             # Client gone: tell the backend politely if we are between its messages.
