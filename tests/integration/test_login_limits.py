@@ -194,7 +194,7 @@ def test_postgresql_giving_up_on_a_stalled_login_ends_it_and_frees_its_slot(
         userlist = tmp_path / "userlist.txt"
         userlist.write_text(f'"{pg_app_user.user}" "{verifier}"\n')
         extra = {"auth_file": str(userlist)}
-    with make_proxy(auth_mode=auth_mode, max_client_connections=1, **extra) as p:
+    with make_proxy(auth_mode=auth_mode, max_client_connections=1, client_login_timeout=60, **extra) as p:
         with raw(p) as s:
             s.sendall(startup(pg_app_user))
             t, body = read_message(s)
@@ -205,3 +205,109 @@ def test_postgresql_giving_up_on_a_stalled_login_ends_it_and_frees_its_slot(
             assert time.monotonic() - started < 8
         wait_until(lambda: p.session_count == 0, what="the session to end")
         login_ok(p, pg_app_user)  # the only slot is free
+
+
+# ------------------------------------------------------------------ client_login_timeout
+
+
+def _userlist(pg: TemporaryPostgres, login: DbLogin, tmp_path: Path) -> str:
+    verifier = pg.run_sql(f"select rolpassword from pg_authid where rolname = '{login.user}'").strip()
+    path = tmp_path / "userlist.txt"
+    path.write_text(f'"{login.user}" "{verifier}"\n')
+    return str(path)
+
+
+def _stall(p: ThreadedProxy, login: DbLogin, phase: str) -> socket.socket | ssl.SSLSocket:
+    """A client that stops at ``phase`` of its login."""
+    if phase == "nothing":
+        return raw(p)
+    if phase == "ssl_request":
+        s = raw(p)
+        s.sendall(SSLRequest().encode())
+        assert s.recv(1) == b"S"
+        return s  # and no ClientHello
+    if phase == "half_startup":
+        s = raw(p)
+        s.sendall(startup(login)[:12])
+        return s
+    sock = tls(p) if phase.startswith("tls") else raw(p)
+    if phase == "tls":
+        return sock
+    sock.sendall(startup(login))
+    t, body = read_message(sock)
+    assert (t, body[:4]) == (b"R", struct.pack("!I", 10))  # AuthenticationSASL: no answer
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("phase", "auth_mode"),
+    [
+        ("nothing", "relay"),
+        ("ssl_request", "relay"),
+        ("half_startup", "relay"),
+        ("tls", "relay"),
+        ("sasl", "relay"),
+        ("tls_sasl", "relay"),
+        ("sasl", "scram"),
+    ],
+)
+def test_a_login_stalled_anywhere_ends_at_client_login_timeout(
+    make_proxy: MakeProxy, pg: TemporaryPostgres, pg_app_user: DbLogin, tmp_path: Path, phase: str, auth_mode: str
+) -> None:
+    """PostgreSQL's authentication_timeout is its default 60 s here: pgcloak's own 1 s ends
+    the login, with FATAL 08P01 where the client can read it (not in a TLS handshake)."""
+    extra: dict[str, Any] = {"auth_file": _userlist(pg, pg_app_user, tmp_path)} if auth_mode == "scram" else {}
+    with make_proxy(auth_mode=auth_mode, client_login_timeout=1, **extra) as p:
+        started = time.monotonic()
+        with _stall(p, pg_app_user, phase) as s:
+            got = until_closed(s)
+        elapsed = time.monotonic() - started
+        assert 0.9 <= elapsed < 6, elapsed
+        if phase == "ssl_request":
+            assert got == b"", "plaintext written where the client expects a TLS handshake"
+        else:
+            error = one_fatal(got)
+            assert error.code == "08P01", error
+            assert error.message == "canceling authentication due to timeout"
+        wait_until(lambda: p.session_count == 0, what="the session to end")
+        assert p.server is not None and p.server.login_timeouts == 1
+        if phase in ("sasl", "tls_sasl"):
+            assert not pg.backend_pids(), "PostgreSQL still has the timed-out login's backend"
+        login_ok(p, pg_app_user)  # a login well within the timeout is untouched
+        assert p.server.login_timeouts == 1
+
+
+def test_connections_hold_slots_from_accept_and_are_bounded(make_proxy: MakeProxy, pg_app_user: DbLogin) -> None:
+    """Silent connections count against max_client_connections; as many again are read
+    (so they get a readable 53300 after their StartupMessage); past twice the limit a
+    connection is closed at once. The login timeout frees them all."""
+    with make_proxy(max_client_connections=2, client_login_timeout=3) as p, sockets() as silent:
+        silent += [raw(p), raw(p)]
+        wait_until(lambda: p.session_count == 2, what="the silent connections")
+        with pytest.raises(psycopg.OperationalError, match="sorry, too many clients already"):
+            login_ok(p, pg_app_user)
+        wait_until(lambda: p.session_count == 2, what="the refused client to go")
+        silent += [raw(p), raw(p)]  # the overflow: read, not refused yet
+        wait_until(lambda: p.session_count == 4, what="the overflow connections")
+        with raw(p) as past:
+            assert until_closed(past, 2) == b""  # past twice the limit: closed unread
+        assert p.session_count == 4
+        for s in silent:
+            assert one_fatal(until_closed(s)).code == "08P01"
+        wait_until(lambda: p.session_count == 0, what="the timed-out sessions to end")
+        assert p.server is not None and p.server.login_timeouts == 4
+        login_ok(p, pg_app_user)
+
+
+def test_overflow_connection_gets_in_when_a_slot_frees(make_proxy: MakeProxy, pg_app_user: DbLogin) -> None:
+    """Accepted while the proxy was full, logging in after a slot freed: it is served."""
+    with make_proxy(max_client_connections=1) as p:
+        holder = raw(p)
+        wait_until(lambda: p.session_count == 1, what="the slot to be taken")
+        with raw(p) as late:
+            wait_until(lambda: p.session_count == 2, what="the overflow connection")
+            holder.close()
+            wait_until(lambda: p.session_count == 1, what="the slot to free")
+            late.sendall(startup(pg_app_user))
+            t, body = read_message(late)
+            assert (t, body[:4]) == (b"R", struct.pack("!I", 10))
