@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -311,3 +312,20 @@ def test_overflow_connection_gets_in_when_a_slot_frees(make_proxy: MakeProxy, pg
             late.sendall(startup(pg_app_user))
             t, body = read_message(late)
             assert (t, body[:4]) == (b"R", struct.pack("!I", 10))
+
+
+async def test_cancel_request_reaches_postgresql_when_every_slot_is_taken(
+    make_proxy: MakeProxy, pg_app_user: DbLogin
+) -> None:
+    """The CancelRequest comes on a connection of its own, accepted as overflow."""
+    login = pg_app_user
+    with make_proxy(max_client_connections=1) as p:
+        conn = await asyncpg.connect(**p.kwargs(login.user, login.password, login.dbname), ssl=False)
+        try:
+            with pytest.raises(TimeoutError):  # asyncpg sends a CancelRequest on its timeout
+                await conn.fetchval("select pg_sleep(30)", timeout=0.5)
+            started = time.monotonic()
+            assert await conn.fetchval("select 1", timeout=5) == 1
+            assert time.monotonic() - started < 3, "the sleep was not cancelled"
+        finally:
+            await conn.close()
