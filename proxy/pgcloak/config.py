@@ -62,7 +62,15 @@ class Settings(BaseModel):
     master_key_shares: str | None = Field(
         None, description="comma-separated files of k-of-n Shamir shares of the master key"
     )
-    max_client_connections: int = Field(1000, ge=1)
+    max_client_connections: int = Field(
+        1000, ge=1, description="client connections open at once, logged in or not; past it: 53300"
+    )
+    client_login_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds from accept to the end of the login (TLS, StartupMessage, "
+        "authentication); then FATAL 08P01",
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds sessions may finish after SIGTERM")
     connect_timeout: float = Field(10.0, gt=0)
     max_message_size: int = Field(256 * 1024 * 1024, ge=1024)

@@ -28,6 +28,7 @@ class State:
 
     connections_active: int = 2
     connections_total: int = 7
+    login_timeouts: int = 4
     bytes_received: int = 1000
     bytes_sent: int = 5000
     refusals: Mapping[str, int] = field(default_factory=lambda: {"0A000": 3, "42501": 1})
@@ -56,6 +57,7 @@ def test_metrics_report_the_state() -> None:
     got = _samples(state)
     assert got[("pgcloak_client_connections_open", ())] == 2
     assert got[("pgcloak_client_connections_accepted_total", ())] == 7
+    assert got[("pgcloak_client_login_timeouts_total", ())] == 4
     assert got[("pgcloak_client_bytes_received_total", ())] == 1000
     assert got[("pgcloak_client_bytes_sent_total", ())] == 5000
     assert got[("pgcloak_refusals_total", (("sqlstate", "0A000"),))] == 3

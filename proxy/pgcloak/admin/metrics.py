@@ -41,6 +41,8 @@ class ProxyState(Protocol):
     @property
     def connections_total(self) -> int: ...
     @property
+    def login_timeouts(self) -> int: ...
+    @property
     def bytes_received(self) -> int: ...
     @property
     def bytes_sent(self) -> int: ...
@@ -84,6 +86,11 @@ class ProxyCollector(Collector):
         )
         yield CounterMetricFamily(
             "pgcloak_client_connections_accepted", "Client connections accepted", value=s.connections_total
+        )
+        yield CounterMetricFamily(
+            "pgcloak_client_login_timeouts",
+            "Client connections closed because they had not logged in within client_login_timeout",
+            value=s.login_timeouts,
         )
         yield CounterMetricFamily(
             "pgcloak_client_bytes_received",

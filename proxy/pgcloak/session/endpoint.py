@@ -42,6 +42,8 @@ class Endpoint(asyncio.Protocol):
         self._on_lost = on_lost
         self._buf = bytearray()
         self._eof = False
+        #: Set by fail(): why the start-up phase's reads end although this socket is open.
+        self._failed: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused_peer = False
 
@@ -89,8 +91,17 @@ class Endpoint(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def fail(self, reason: str) -> None:
+        """End the start-up phase's wait on this socket (and any later one) with
+        ConnectionClosed: the session's other socket is gone, so what this one would
+        send can no longer be answered."""
+        self._failed = reason
+        self._wake()
+
     async def _wait_for(self, n: int) -> None:
         while len(self._buf) < n:
+            if self._failed is not None:
+                raise ConnectionClosed(self._failed)
             if self._eof:
                 raise ConnectionClosed(f"{self.name} closed the connection")
             self._waiter = asyncio.get_running_loop().create_future()
@@ -136,8 +147,12 @@ class Endpoint(asyncio.Protocol):
         return bool(self._buf)
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
+        """Send ``data``, or nothing once the socket is closing: a transport closed under
+        us (a TLS handshake that failed never reports connection_lost to this protocol)
+        raises on write with uvloop."""
+        transport = self.transport
+        if transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

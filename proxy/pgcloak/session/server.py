@@ -110,8 +110,10 @@ class ProxyServer:
         #: The audit trail (with a policy); created on the loop in start().
         self.audit: AuditLog | None = None
         self.sessions: set[Session] = set()
-        #: Sessions past their StartupMessage, counted against max_client_connections.
-        self.authenticated = 0
+        #: Connections holding one of the max_client_connections slots (see take_slot).
+        self.clients = 0
+        #: Logins that did not finish within client_login_timeout.
+        self.login_timeouts = 0
         #: Seeds the fake salts of mock SCRAM exchanges for unknown roles.
         self.mock_secret = os.urandom(32)
         self._server: asyncio.Server | None = None
@@ -134,6 +136,34 @@ class ProxyServer:
     def _accept(self) -> asyncio.Protocol:
         self.connections_total += 1
         return Session(self).client
+
+    def take_slot(self) -> bool:
+        """One of the ``max_client_connections`` slots for a connection, if one is free.
+
+        A connection takes its slot when it is accepted, not when it has logged in, as
+        in PgBouncer (max_client_conn) and PostgreSQL (max_connections counts backends
+        still authenticating): the one limit then bounds sockets and memory, and a
+        client that opens connections and sends nothing fills no more than that limit,
+        each connection for at most ``client_login_timeout``. A separate cap on logins
+        in progress would be one more number to tune that an attacker can fill with the
+        same effect (new logins refused) while existing sessions keep working either way.
+        """
+        if self.clients >= self.settings.max_client_connections:
+            return False
+        self.clients += 1
+        return True
+
+    def admits_overflow(self) -> bool:
+        """May a connection arriving with every slot taken still be read?
+
+        Up to ``max_client_connections`` of them are: that is how their client gets a
+        readable 53300 after its StartupMessage (as PostgreSQL answers), how a
+        CancelRequest still reaches PostgreSQL when the proxy is full (that is when one
+        is needed most), and how a client gets in whose slot freed while it negotiated.
+        They are bounded by the login timeout too. Past that, connections are closed
+        as soon as they are accepted: at most twice the limit is ever open.
+        """
+        return len(self.sessions) - self.clients < self.settings.max_client_connections
 
     def count_closed(self, session: Session) -> None:
         """Fold a finished session's byte counts into the totals."""

@@ -131,6 +131,8 @@ class Session:
         self.application_name = ""
         self.client_addr = ""
         self.client_tls = False
+        #: The client's TLS handshake is under way: its socket carries no messages of ours.
+        self._client_handshake = False
         self.backend_tls = False
         self.started = time.monotonic()
         self.ready = False  # in the relay phase
@@ -147,7 +149,10 @@ class Session:
         self._audit_wait: asyncio.Task[None] | None = None
         self._info: SessionInfo | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Holds one of the server's max_client_connections slots (ProxyServer.take_slot).
         self._counted = False
+        #: The loop time by which the client must be logged in (client_login_timeout).
+        self._login_deadline = 0.0
         #: The login role and the roles it is a member of (asked at start-up, with a policy).
         self.roles: frozenset[str] = frozenset()
         #: The schemas unqualified table names mean (asked at start-up and after changes).
@@ -170,16 +175,30 @@ class Session:
         peer = self.client.transport.get_extra_info("peername") if self.client.transport else None
         if peer:
             self.client_addr = f"{peer[0]}:{peer[1]}"
-        self.server.sessions.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._startup())
+        server = self.server
+        self._counted = server.take_slot()
+        if not self._counted and not server.admits_overflow():
+            # Twice max_client_connections open already: not a byte read or written.
+            self.closing = True
+            self.client.abort()
+            return
+        server.sessions.add(self)
+        loop = asyncio.get_running_loop()
+        self._login_deadline = loop.time() + self.settings.client_login_timeout
+        self._task = loop.create_task(self._startup())
 
     def _lost(self, endpoint: Endpoint, exc: Exception | None) -> None:
         if self.closing:
             return
         if not self.ready:
-            # The start-up task sees the closed endpoint on its next read and reports it.
             if endpoint is self.client:
                 self._finish("client closed during start-up")
+            elif endpoint is self.backend:
+                # PostgreSQL gave up on the login (authentication_timeout, a shutdown) while
+                # the start-up task may be waiting for the client, who may never answer:
+                # end that wait too. The task reports it (08006) and ends the session. A
+                # wait on the backend sees the close itself, after what PostgreSQL sent.
+                self.client.fail("the PostgreSQL server closed the connection during start-up")
             return
         if endpoint is self.client:
             # Client gone: tell the backend politely if we are between its messages.
@@ -208,7 +227,7 @@ class Session:
         self.server.sessions.discard(self)
         self.server.count_closed(self)
         if self._counted:
-            self.server.authenticated -= 1
+            self.server.clients -= 1
         if self.ready:
             self._audit_connection("disconnected", reason=reason)
             log.info(
@@ -274,7 +293,7 @@ class Session:
     def _client_at_boundary(self) -> bool:
         """Can a message of ours be written to the client without splitting one of the server's?"""
         if not self.ready:
-            return True  # start-up writes whole messages
+            return not self._client_handshake  # start-up writes whole messages
         if self._rewriter is not None:
             return not self._b2c_held  # protected sessions forward whole messages only
         return self._b2c_idle
@@ -288,17 +307,26 @@ class Session:
 
     # -- start-up ---------------------------------------------------------------------
     async def _startup(self) -> None:
+        # client_login_timeout covers everything from accept to the first ReadyForQuery:
+        # TLS handshake, StartupMessage, authentication, PostgreSQL's own start-up.
+        login = asyncio.timeout_at(self._login_deadline)
         try:
-            startup = await self._negotiate()
-            if startup is None:
-                return
-            await self._connect_backend()
-            if self.settings.auth_mode == "scram":
-                await self._authenticate_scram(startup)
-            else:
-                await self._authenticate_relay(startup)
-            await self._until_ready()
+            async with login:
+                startup = await self._negotiate()
+                if startup is None:
+                    return
+                await self._connect_backend()
+                if self.settings.auth_mode == "scram":
+                    await self._authenticate_scram(startup)
+                else:
+                    await self._authenticate_relay(startup)
+                await self._until_ready()
             self._enter_relay()
+        except TimeoutError as exc:
+            if login.expired():
+                self._login_timed_out()
+            else:
+                self._lost_during_startup(exc)
         except SessionError as exc:
             self._fatal(exc.sqlstate, exc.message, exc.detail)
             if exc.sqlstate.startswith("28"):
@@ -328,9 +356,42 @@ class Session:
         except asyncio.CancelledError:
             self._finish("cancelled")
         except (OSError, ssl.SSLError) as exc:
-            self._fatal("08006", "pgcloak lost a connection during start-up")
-            log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__})
-            self._finish("start-up failed")
+            self._lost_during_startup(exc)
+        finally:
+            if not self.ready and not self.closing:
+                # Whatever went wrong above, the session never outlives its start-up task.
+                self._finish("start-up failed")
+
+    def _lost_during_startup(self, exc: Exception) -> None:
+        self._fatal("08006", "pgcloak lost a connection during start-up")
+        log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__})
+        self._finish("start-up failed")
+
+    def _login_timed_out(self) -> None:
+        """client_login_timeout expired: FATAL 08P01 (when the client can read it) and close.
+
+        PostgreSQL, on its authentication_timeout, logs "canceling authentication due to
+        timeout" (57014) and closes without a word to the client. pgcloak tells the
+        client, in its words, with 08P01 as PgBouncer does on client_login_timeout: a
+        connection-class error that drivers report as a failed connection attempt, where
+        57014 (query_canceled) would read as a statement cancelled by the user.
+        """
+        self.server.login_timeouts += 1
+        timeout = self.settings.client_login_timeout
+        self._fatal(
+            "08P01",
+            "canceling authentication due to timeout",
+            f"The client did not log in within pgcloak's client_login_timeout ({timeout:g} s).",
+        )
+        if self.user:
+            self._audit_connection("auth_failed", sqlstate="08P01", reason="login timeout")
+        log.info(
+            "login timed out",
+            extra={"session": self.id, "client": self.client_addr, "user": self.user, "timeout_s": timeout},
+        )
+        if self.backend is not None:
+            self.backend.abort()  # mid-login: PostgreSQL has nothing of ours to finish
+        self._finish("login timeout")
 
     async def _negotiate(self) -> StartupMessage | None:
         """SSLRequest / GSSENCRequest / CancelRequest / StartupMessage, like the postmaster."""
@@ -367,10 +428,11 @@ class Session:
                         "pgcloak requires TLS from clients (client_tls_mode=require)",
                         "connect with sslmode=require or stronger",
                     )
-                if self.server.authenticated >= self.settings.max_client_connections:
-                    raise SessionError("53300", "sorry, too many clients already")
-                self.server.authenticated += 1
-                self._counted = True
+                if not self._counted:
+                    # Accepted with every slot taken: one may have freed since.
+                    self._counted = self.server.take_slot()
+                    if not self._counted:
+                        raise SessionError("53300", "sorry, too many clients already")
                 return self._settle_protocol(msg)
 
     def _settle_protocol(self, msg: StartupMessage) -> StartupMessage:
@@ -386,7 +448,20 @@ class Session:
     async def _upgrade_client(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         assert self.client.transport is not None
-        transport = await loop.start_tls(self.client.transport, self.client, ctx, server_side=True)
+        self._client_handshake = True
+        # The login timeout bounds the handshake (start_tls's own default is 60 s).
+        handshake_timeout = self._login_deadline - loop.time() + 1.0
+        try:
+            transport = await loop.start_tls(
+                self.client.transport, self.client, ctx, server_side=True, ssl_handshake_timeout=handshake_timeout
+            )
+        except BaseException:
+            # start_tls closed the socket; its SSL protocol does not report the loss to
+            # ours, so say it here: nothing may be written to it any more.
+            self.client.closed = True
+            raise
+        finally:
+            self._client_handshake = False
         if transport is None:
             raise ConnectionClosed("client closed during TLS handshake")
         self.client.transport = transport
