@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from pgcloak.crypto.errors import CryptoError
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import MasterKey, master_key_from_text
 from pgcloak.crypto.sources import FileKeySource, SharesKeySource
-from pgcloak.policy import Policy, PolicyError, load_policy
+from pgcloak.policy import Policy, PolicyError, load_policy, policy_from_bytes, read_policy_file
 from pgcloak.session.protection import Protection
 from pgcloak.session.session import Session
 from pgcloak.session.tls import TlsContexts, build_tls
@@ -81,6 +82,69 @@ def make_audit_log(settings: Settings, protection: Protection) -> AuditLog:
     return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
 
 
+#: What a poll looks at first: size, mtime, inode and device (a rename or a ConfigMap's
+#: symlink swap changes the inode); None while the file is missing.
+FileStamp = tuple[int, int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+class PolicyFileWatch:
+    """When an edited policy file is read: once it has stayed the same for one poll.
+
+    An editor or a ``cat > policy.yaml`` that rewrites the file in place in several
+    writes shows a prefix of the new policy for a moment, and a prefix is often a valid
+    policy (one missing its last column). So a change (stamp differs from the file last
+    taken) is read and hashed, and taken only when the next poll finds the same stamp
+    and the same hash: what is applied has been on disk, whole and unchanged, for one
+    poll interval. A cheap ``stat`` is all a poll costs while nothing changes. A file
+    replaced by a rename (editors, Kubernetes ConfigMaps) is taken the same way, one
+    poll later than it could be.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        #: The stamp of the file last taken (applied or refused).
+        self.taken: FileStamp = file_stamp(path)
+        self._candidate: tuple[FileStamp, bytes | None] | None = None
+
+    def poll(self) -> bytes | None:
+        """The file's bytes once a change has settled, else None. Raises
+        :class:`PolicyError` once when the file stays unreadable (removed, no permission)."""
+        stamp = file_stamp(self.path)
+        if stamp == self.taken:
+            self._candidate = None
+            return None
+        raw: bytes | None
+        error: PolicyError | None = None
+        try:
+            raw = read_policy_file(self.path)
+        except PolicyError as exc:
+            raw, error = None, exc
+        seen = (stamp, hashlib.sha256(raw).digest() if raw is not None else None)
+        if seen != self._candidate:
+            self._candidate = seen  # changed since the last poll: look again next time
+            return None
+        self._candidate = None
+        self.taken = stamp
+        if error is not None:
+            raise error
+        return raw
+
+    def take(self) -> tuple[FileStamp, bytes]:
+        """Read the file now (SIGHUP: the operator says the edit is done)."""
+        stamp = file_stamp(self.path)
+        raw = read_policy_file(self.path)
+        self.taken, self._candidate = stamp, None
+        return stamp, raw
+
+
 class Service(Protocol):
     """Something that runs beside the proxy in its process (the admin endpoints)."""
 
@@ -105,8 +169,11 @@ class ProxyServer:
         self.verifiers = VerifierSource(settings, self.tls.backend)
         #: Swapped whole on a policy reload; sessions read it per statement.
         self.protection = load_protection(settings)
-        self._policy_stamp = self._stamp()
+        self._policy_watch = PolicyFileWatch(settings.policy) if settings.policy is not None else None
         self._watch: asyncio.Task[None] | None = None
+        #: One reload at a time (the watcher and SIGHUP).
+        self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
         #: The audit trail (with a policy); created on the loop in start().
         self.audit: AuditLog | None = None
         self.sessions: set[Session] = set()
@@ -191,43 +258,71 @@ class ProxyServer:
         for service in self.services:
             await service.start()
 
-    def _stamp(self) -> tuple[float, int, int] | None:
-        if self.settings.policy is None:
-            return None
-        try:
-            st = os.stat(self.settings.policy)
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size, st.st_ino)
+    async def reload_policy(self, raw: bytes | None = None) -> bool:
+        """Swap in an edited policy (``raw``: the file's bytes, read now when None).
 
-    def reload_policy(self) -> bool:
-        """Swap in an edited policy; an invalid edit is refused and the old one keeps serving."""
-        if self.protection is None or self.settings.policy is None:
+        Whatever goes wrong, the edit is refused (logged, counted) and the policy in force
+        keeps serving: this never raises.
+        """
+        if self.protection is None or self._policy_watch is None:
             return False
-        self._policy_stamp = self._stamp()
-        try:
-            policy: Policy = load_policy(self.settings.policy)
-        except PolicyError as exc:
-            log.error("policy edit refused, still serving the previous policy", extra={"reason": str(exc)})
-            self.policy_reloads["refused"] += 1
-            return False
-        if policy.fingerprint == self.protection.policy.fingerprint:
-            return False
-        self.protection = Protection.build(policy, self.protection.keyring)
-        self.policy_reloads["applied"] += 1
-        log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
-        return True
+        async with self._reloading:
+            source = str(self._policy_watch.path)
+            try:
+                if raw is None:
+                    _, raw = self._policy_watch.take()
+                policy: Policy = policy_from_bytes(raw, source)
+                if policy.fingerprint == self.protection.policy.fingerprint:
+                    return False
+                protection = Protection.build(policy, self.protection.keyring)
+            except PolicyError as exc:
+                self._refused(str(exc))
+                return False
+            except Exception as exc:
+                log.exception("policy edit refused: it could not be applied")
+                self._refused(f"{source}: {type(exc).__name__}")
+                return False
+            self.protection = protection
+            self.policy_reloads["applied"] += 1
+            log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
+            return True
+
+    def _refused(self, reason: str) -> None:
+        log.error("policy edit refused, still serving the previous policy", extra={"reason": reason})
+        self.policy_reloads["refused"] += 1
 
     async def _watch_policy(self) -> None:
-        """Poll the policy file: works for editors' renames and Kubernetes ConfigMap swaps."""
+        """Poll the policy file: works for editors' renames and Kubernetes ConfigMap swaps.
+
+        Nothing that goes wrong in one poll stops the polling: a dead watcher would leave
+        every later edit (a column newly protected) silently unapplied.
+        """
+        watch = self._policy_watch
+        assert watch is not None
         while True:
             await asyncio.sleep(self.settings.policy_poll_interval)
-            if self._stamp() != self._policy_stamp:
-                self.reload_policy()
+            try:
+                try:
+                    raw = watch.poll()
+                except PolicyError as exc:
+                    self._refused(str(exc))
+                    continue
+                if raw is not None:
+                    await self.reload_policy(raw)
+            except Exception:
+                log.exception("policy watcher: this check failed; still watching")
+                self.policy_reloads["refused"] += 1
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy, certificate and user files; a failure keeps the old ones."""
-        self.reload_policy()
+        task = asyncio.get_running_loop().create_task(self.reload_files())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload_files(self) -> None:
+        """What SIGHUP does. The policy and the TLS and user files each stand alone: one
+        that fails keeps its previous version and does not stop the others."""
+        await self.reload_policy()
         try:
             tls = build_tls(self.settings)
             verifiers = VerifierSource(self.settings, tls.backend)
