@@ -19,9 +19,9 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pgcloak.audit import AuditLog
 from pgcloak.config import ConfigError, Settings
@@ -174,8 +174,12 @@ class ProxyServer:
         #: One reload at a time (the watcher and SIGHUP).
         self._reloading = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
-        #: The audit trail (with a policy); created on the loop in start().
+        #: The audit trail (with a policy); created on the loop in start(), replaced by a
+        #: reload that changes the policy's ``audit:`` section.
         self.audit: AuditLog | None = None
+        #: Trails replaced by a reload that turned auditing off, kept open (and closed
+        #: with their shutdown seal) until the sessions still writing to them end.
+        self._retired: set[AuditLog] = set()
         self.sessions: set[Session] = set()
         #: Sessions past their StartupMessage, counted against max_client_connections.
         self.authenticated = 0
@@ -267,14 +271,20 @@ class ProxyServer:
         if self.protection is None or self._policy_watch is None:
             return False
         async with self._reloading:
+            if self._draining:
+                return False
             source = str(self._policy_watch.path)
             try:
                 if raw is None:
                     _, raw = self._policy_watch.take()
                 policy: Policy = policy_from_bytes(raw, source)
-                if policy.fingerprint == self.protection.policy.fingerprint:
+                current = self.protection.policy
+                audit_changed = policy.audit != current.audit
+                if policy.fingerprint == current.fingerprint and not audit_changed:
                     return False
                 protection = Protection.build(policy, self.protection.keyring)
+                # Made before anything is swapped: a trail that cannot be set up refuses the edit.
+                trail = make_audit_log(self.settings, protection) if audit_changed and policy.audit.enabled else None
             except PolicyError as exc:
                 self._refused(str(exc))
                 return False
@@ -282,10 +292,89 @@ class ProxyServer:
                 log.exception("policy edit refused: it could not be applied")
                 self._refused(f"{source}: {type(exc).__name__}")
                 return False
+            old = self.audit
+            # Policy and trail change together: a session that starts after this line
+            # gets both (nothing below awaits before both are swapped).
             self.protection = protection
+            if audit_changed:
+                self.audit = trail
             self.policy_reloads["applied"] += 1
             log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
+            if audit_changed:
+                await self._switch_audit(old, trail, policy)
             return True
+
+    async def _switch_audit(self, old: AuditLog | None, new: AuditLog | None, policy: Policy) -> None:
+        """Put a reloaded ``audit:`` section in force.
+
+        Turned on or changed: every audited session writes to the new trail from its next
+        event on, the trails before it are closed (their queued events, then their
+        shutdown seal), and only then is the new trail opened. So two trails never write
+        at once: they may name one file (and so one spill file), and with rotation a
+        second writer would break both chains. The new trail is a chain of its own (a new
+        chain id), which ``pgcloak audit verify`` checks on its own, as after a restart;
+        events the sessions emit meanwhile wait in its queue.
+        Turned off: sessions audited so far keep their trail until they end (it is closed
+        then); new sessions are not audited.
+        """
+        config = policy.audit
+        unaudited = 0
+        for session in self.sessions:
+            audit = session.statement_audit
+            if audit is None:
+                unaudited += session.ready
+            elif new is not None:
+                audit.switch(new, config.statements)
+        if new is None:
+            if old is not None:
+                self._retired.add(old)
+                log.warning(
+                    "audit trail turned off by the policy: new sessions are not audited",
+                    extra={"sink": old.sink.description, "sessions": len(self.sessions) - unaudited},
+                )
+                self.release_audit(old)
+            return
+        if unaudited:
+            log.warning(
+                "audit trail turned on: sessions opened before stay unaudited until they reconnect",
+                extra={"sessions": unaudited},
+            )
+        retiring = [trail for trail in (old, *self._retired) if trail is not None]
+        self._retired.clear()
+        try:
+            for trail in retiring:
+                try:
+                    await trail.aclose()
+                except Exception:  # the new trail starts all the same
+                    log.exception("the previous audit trail could not be closed")
+                for name, value in trail.metrics.as_dict().items():  # counters stay monotonic
+                    setattr(new.metrics, name, getattr(new.metrics, name) + value)
+                if trail.spill_bytes and trail.spill.path != new.spill.path:
+                    log.warning(
+                        "audit records left in the spill file of the previous sink; "
+                        "a proxy started with that sink replays them",
+                        extra={"file": str(trail.spill.path), "bytes": trail.spill_bytes},
+                    )
+        finally:
+            await new.start()  # a sink that cannot be opened: unhealthy, retried, spilled
+        log.info(
+            "audit trail reloaded",
+            extra={"sink": new.sink.description, "chain": new.chain_id, "statements": config.statements},
+        )
+
+    def release_audit(self, trail: AuditLog | None) -> None:
+        """A session that wrote to ``trail`` ended: close it if it is retired and unused."""
+        if trail is None or trail not in self._retired:
+            return
+        if any(s.statement_audit is not None and s.statement_audit.log is trail for s in self.sessions):
+            return
+        self._retired.discard(trail)
+        self._spawn(trail.aclose())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _refused(self, reason: str) -> None:
         log.error("policy edit refused, still serving the previous policy", extra={"reason": reason})
@@ -315,9 +404,7 @@ class ProxyServer:
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy, certificate and user files; a failure keeps the old ones."""
-        task = asyncio.get_running_loop().create_task(self.reload_files())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.reload_files())
 
     async def reload_files(self) -> None:
         """What SIGHUP does. The policy and the TLS and user files each stand alone: one
@@ -340,8 +427,9 @@ class ProxyServer:
         self._draining = True  # /readyz says no from now on
         if self._server is not None:
             self._server.close()
-        if self._watch is not None:
-            self._watch.cancel()
+        async with self._reloading:  # a reload under way finishes first (it may switch trails)
+            if self._watch is not None:
+                self._watch.cancel()
         deadline = time.monotonic() + timeout
         if self.sessions:
             log.info("draining", extra={"sessions": len(self.sessions), "timeout_s": timeout})
@@ -350,8 +438,12 @@ class ProxyServer:
         for session in list(self.sessions):
             session.terminate(*ADMIN_SHUTDOWN)
         await asyncio.sleep(0)
-        if self.audit is not None:
-            await self.audit.aclose()  # the shutdown seal
+        for trail in (self.audit, *self._retired):
+            if trail is not None:
+                await trail.aclose()  # the shutdown seal
+        self._retired.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.verifiers.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
