@@ -7,6 +7,7 @@ looks at it from outside: exit codes, what clients see, and the captured log.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -278,6 +279,10 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path) -> None:
     addresses = ["--listen", "127.0.0.1:1", "--backend", "postgresql://127.0.0.1:1"]
     (tmp_path / "negative.yaml").write_text("drain_timeout: -1\n")
     (tmp_path / "typo.yaml").write_text("log_fromat: json\n")
+    # YAML that breaks the parser (RecursionError) or a constructor (ValueError)
+    (tmp_path / "nested.yaml").write_text("[" * 5000 + "\n")
+    (tmp_path / "digits.yaml").write_text("version: 1" + "0" * 5000 + "\ntables: {}\n")
+    key = base64.b64encode(os.urandom(32)).decode()
     # (arguments, environment, texts the message must contain)
     cases: dict[str, tuple[list[str], dict[str, str], list[str]]] = {
         "flag": (
@@ -292,6 +297,16 @@ def test_bad_settings_exit_2_naming_the_setting(tmp_path: Path) -> None:
             ["drain_timeout", str(tmp_path / "negative.yaml")],
         ),
         "unknown key": (["--config", str(tmp_path / "typo.yaml"), *addresses], {}, ["log_fromat"]),
+        "policy too deep": (
+            [*addresses, "--policy", str(tmp_path / "nested.yaml")],
+            {"PGCLOAK_MASTER_KEY": key},
+            [f"policy refused: {tmp_path / 'nested.yaml'}:1:", "nesting depth"],
+        ),
+        "policy huge number": (
+            [*addresses, "--policy", str(tmp_path / "digits.yaml")],
+            {"PGCLOAK_MASTER_KEY": key},
+            [f"policy refused: {tmp_path / 'digits.yaml'}:1:10: ", "int value cannot be read"],
+        ),
         "backend url": (
             ["--listen", "127.0.0.1:1", "--backend", "mysql://127.0.0.1:1"],
             {},

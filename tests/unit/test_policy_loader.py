@@ -393,3 +393,51 @@ def test_control_characters_are_refused_with_a_position() -> None:
 def test_columns_count_characters_not_bytes() -> None:
     err = _err('version: 1\ntables:\n  "é": {x: {index: exakt}}\n')
     assert (err.line, err.column) == (3, 20)
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "fragment"),
+    [
+        ("[" * 5000 + "\n", (1, 1001), "nesting depth"),
+        ("{" * 5000 + "\n", (1, 1001), "nesting depth"),
+        ("- " * 5000 + "x\n", None, "nest"),
+        ("version: 1" + "0" * 5000 + "\ntables: {}\n", (1, 10), "int value cannot be read"),
+        ("version: 1\ntables: {users: {email: {key_version: 1" + "0" * 5000 + "}}}\n", (2, 39), "int value"),
+        ("version: 1\ntables: {}\nx: 2020-13-01\n", (3, 4), "timestamp value cannot be read"),
+        ("version: 1\ntables: {}\nx: !!int nope-secret\n", (3, 4), "int value cannot be read"),
+        ("version: 1\ntables: {}\nx: !!float nope-secret\n", (3, 4), "float value cannot be read"),
+    ],
+    ids=["brackets", "braces", "dashes", "huge-int", "huge-key-version", "bad-date", "bad-int", "bad-float"],
+)
+def test_yaml_that_breaks_the_parser_or_a_constructor_is_a_policy_error(
+    tmp_path: Path, text: str, where: tuple[int, int] | None, fragment: str
+) -> None:
+    """Not a RecursionError or a ValueError escaping: a reload would die of it, and
+    ``pgcloak run`` would print a traceback instead of the file and the reason."""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    err = info.value
+    assert err.file == str(path)
+    assert fragment in err.reason
+    if where is not None:
+        assert (err.line, err.column) == where
+    assert "secret" not in str(err)  # the value is not repeated
+    assert len(str(err)) < 300
+
+
+def test_any_other_failure_is_a_policy_error_without_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgcloak.policy import loader
+
+    def boom(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("postgresql://audit:hunter2@db/x")
+
+    monkeypatch.setattr(loader, "_build", boom)
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\ntables: {}\n")
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert str(info.value) == f"{path}: the policy cannot be read (RuntimeError)"

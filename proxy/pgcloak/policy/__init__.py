@@ -18,7 +18,9 @@ from pgcloak.policy.loader import (
     load_policy,
     load_policy_or_keep,
     parse_policy,
+    policy_from_bytes,
     policy_from_mapping,
+    read_policy_file,
 )
 from pgcloak.policy.mask import MASK, mask_value
 from pgcloak.policy.model import (
@@ -53,6 +55,8 @@ __all__ = [
     "load_policy_or_keep",
     "mask_value",
     "parse_policy",
+    "policy_from_bytes",
     "policy_from_mapping",
+    "read_policy_file",
     "schema_json",
 ]

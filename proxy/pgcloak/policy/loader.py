@@ -33,27 +33,42 @@ from pgcloak.policy.yamlsource import Located, YamlProblem, load_located
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
-    """Parse and validate a YAML policy. Raises :class:`PolicyError`."""
+    """Parse and validate a YAML policy. Raises :class:`PolicyError`, and only that."""
     try:
-        located = load_located(text)
-    except YamlProblem as exc:
-        pos = exc.position
-        raise PolicyError(
-            source,
-            [PolicyIssue("", exc.reason, pos.line if pos else None, pos.column if pos else None)],
-        ) from None
-    return _build(located, source)
+        try:
+            located = load_located(text)
+        except YamlProblem as exc:
+            pos = exc.position
+            raise PolicyError(
+                source,
+                [PolicyIssue("", exc.reason, pos.line if pos else None, pos.column if pos else None)],
+            ) from None
+        return _build(located, source)
+    except PolicyError:
+        raise
+    except Exception as exc:  # whatever else fails, the policy is refused
+        raise _unexpected(source, exc) from None
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and validate a policy file. Raises :class:`PolicyError` (also for IO errors)."""
-    source = os.fspath(path)
+    return policy_from_bytes(read_policy_file(path), os.fspath(path))
+
+
+def read_policy_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a policy file. Raises :class:`PolicyError` when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            return f.read()
     except OSError as exc:
         reason = f"cannot read the policy: {exc.strerror or exc}"
-        raise PolicyError(source, [PolicyIssue("", reason)]) from None
+        raise PolicyError(os.fspath(path), [PolicyIssue("", reason)]) from None
+    except Exception as exc:  # MemoryError, a path that is not one, ...
+        raise _unexpected(os.fspath(path), exc) from None
+
+
+def policy_from_bytes(raw: bytes, source: str) -> Policy:
+    """Decode (UTF-8, optional BOM) and validate a policy. Raises :class:`PolicyError`."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -64,6 +79,18 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             source, [PolicyIssue("", "the policy is not valid UTF-8", line, column)]
         ) from None
     return parse_policy(text, source)
+
+
+def _unexpected(source: str, exc: BaseException) -> PolicyError:
+    """A failure the loader has no better words for; its message is not repeated (the
+    policy may name a sink with a password), only its kind."""
+    if isinstance(exc, RecursionError):
+        reason = "the policy nests too deeply to be read"
+    elif isinstance(exc, MemoryError):
+        reason = "the policy is too large to be read"
+    else:
+        reason = f"the policy cannot be read ({type(exc).__name__})"
+    return PolicyError(source, [PolicyIssue("", reason)])
 
 
 def load_policy_or_keep(

@@ -82,11 +82,19 @@ def load_located(text: str) -> Located:
     """Parse one YAML document. Raises :class:`YamlProblem` for syntax and structure errors."""
     try:
         root = yaml.compose(text, Loader=_LOADER)
+    except RecursionError:
+        raise YamlProblem(_TOO_DEEP, Position(1, 1)) from None
     except yaml.YAMLError as fast_error:
         # Errors are rare: redo them with the pure-Python loader, whose messages and
         # positions (characters, not UTF-8 bytes) do not depend on libyaml.
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except RecursionError:
+            # libyaml stops at its nesting limit; the pure-Python loader recurses until
+            # Python's limit: libyaml's report is the one to give.
+            if isinstance(fast_error, MarkedYAMLError):
+                raise YamlProblem(_describe(fast_error), Position.of(fast_error.problem_mark)) from None
+            raise YamlProblem(_TOO_DEEP, Position(1, 1)) from None
         except MarkedYAMLError as exc:
             raise YamlProblem(_describe(exc), Position.of(exc.problem_mark)) from None
         except ReaderError as exc:
@@ -98,6 +106,17 @@ def load_located(text: str) -> Located:
     if root is None:
         raise YamlProblem("the policy is empty", Position(1, 1))
     return _Walker().run(root)
+
+
+_TOO_DEEP = "YAML: the policy nests too deeply to be read"
+
+
+def _unreadable(node: ScalarNode, exc: Exception) -> str:
+    kind = node.tag.rsplit(":", 1)[-1]
+    detail = str(exc).replace(node.value, "...") if node.value else str(exc)
+    if len(detail) > 120:
+        detail = detail[:117] + "..."
+    return f"YAML: this {kind} value cannot be read ({detail})"
 
 
 def _describe(exc: MarkedYAMLError) -> str:
@@ -147,6 +166,10 @@ class _Walker:
                 raise YamlProblem(
                     f"YAML: {exc.problem}", Position.of(exc.problem_mark or node.start_mark)
                 ) from None
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                # int() of more than 4300 digits, a timestamp with month 13, ...: the
+                # constructors' own errors. The value itself is never repeated.
+                raise self.fail(_unreadable(node, exc), node) from None
         if node.tag not in _PLAIN_COLLECTION_TAGS:
             raise self.fail(f"unsupported YAML tag {node.tag!r}", node)
         if isinstance(node, SequenceNode):

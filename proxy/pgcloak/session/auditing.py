@@ -213,6 +213,13 @@ class SessionAudit:
         #: Whether a key id is a protected column's (values of watched statements).
         self.is_column_key: Callable[[str], bool] = _no_column
 
+    def switch(self, log: AuditLog, mode: StatementsMode) -> None:
+        """From now on, write to ``log`` and record ``mode``'s statements (a policy reload)."""
+        self.log = log
+        if mode != self._mode:
+            self._mode = mode
+            self._recipes.clear()  # which plans are recorded may differ
+
     def _emit(self, event: dict[str, object]) -> None:
         """Never let an audit problem break the client's stream: log it (no values) instead."""
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -18,9 +19,9 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pgcloak.audit import AuditLog
 from pgcloak.config import ConfigError, Settings
@@ -28,7 +29,7 @@ from pgcloak.crypto.errors import CryptoError
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import MasterKey, master_key_from_text
 from pgcloak.crypto.sources import FileKeySource, SharesKeySource
-from pgcloak.policy import Policy, PolicyError, load_policy
+from pgcloak.policy import Policy, PolicyError, load_policy, policy_from_bytes, read_policy_file
 from pgcloak.session.protection import Protection
 from pgcloak.session.session import Session
 from pgcloak.session.tls import TlsContexts, build_tls
@@ -81,6 +82,69 @@ def make_audit_log(settings: Settings, protection: Protection) -> AuditLog:
     return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
 
 
+#: What a poll looks at first: size, mtime, inode and device (a rename or a ConfigMap's
+#: symlink swap changes the inode); None while the file is missing.
+FileStamp = tuple[int, int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+class PolicyFileWatch:
+    """When an edited policy file is read: once it has stayed the same for one poll.
+
+    An editor or a ``cat > policy.yaml`` that rewrites the file in place in several
+    writes shows a prefix of the new policy for a moment, and a prefix is often a valid
+    policy (one missing its last column). So a change (stamp differs from the file last
+    taken) is read and hashed, and taken only when the next poll finds the same stamp
+    and the same hash: what is applied has been on disk, whole and unchanged, for one
+    poll interval. A cheap ``stat`` is all a poll costs while nothing changes. A file
+    replaced by a rename (editors, Kubernetes ConfigMaps) is taken the same way, one
+    poll later than it could be.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        #: The stamp of the file last taken (applied or refused).
+        self.taken: FileStamp = file_stamp(path)
+        self._candidate: tuple[FileStamp, bytes | None] | None = None
+
+    def poll(self) -> bytes | None:
+        """The file's bytes once a change has settled, else None. Raises
+        :class:`PolicyError` once when the file stays unreadable (removed, no permission)."""
+        stamp = file_stamp(self.path)
+        if stamp == self.taken:
+            self._candidate = None
+            return None
+        raw: bytes | None
+        error: PolicyError | None = None
+        try:
+            raw = read_policy_file(self.path)
+        except PolicyError as exc:
+            raw, error = None, exc
+        seen = (stamp, hashlib.sha256(raw).digest() if raw is not None else None)
+        if seen != self._candidate:
+            self._candidate = seen  # changed since the last poll: look again next time
+            return None
+        self._candidate = None
+        self.taken = stamp
+        if error is not None:
+            raise error
+        return raw
+
+    def take(self) -> tuple[FileStamp, bytes]:
+        """Read the file now (SIGHUP: the operator says the edit is done)."""
+        stamp = file_stamp(self.path)
+        raw = read_policy_file(self.path)
+        self.taken, self._candidate = stamp, None
+        return stamp, raw
+
+
 class Service(Protocol):
     """Something that runs beside the proxy in its process (the admin endpoints)."""
 
@@ -105,10 +169,17 @@ class ProxyServer:
         self.verifiers = VerifierSource(settings, self.tls.backend)
         #: Swapped whole on a policy reload; sessions read it per statement.
         self.protection = load_protection(settings)
-        self._policy_stamp = self._stamp()
+        self._policy_watch = PolicyFileWatch(settings.policy) if settings.policy is not None else None
         self._watch: asyncio.Task[None] | None = None
-        #: The audit trail (with a policy); created on the loop in start().
+        #: One reload at a time (the watcher and SIGHUP).
+        self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        #: The audit trail (with a policy); created on the loop in start(), replaced by a
+        #: reload that changes the policy's ``audit:`` section.
         self.audit: AuditLog | None = None
+        #: Trails replaced by a reload that turned auditing off, kept open (and closed
+        #: with their shutdown seal) until the sessions still writing to them end.
+        self._retired: set[AuditLog] = set()
         self.sessions: set[Session] = set()
         #: Connections holding one of the max_client_connections slots (see take_slot).
         self.clients = 0
@@ -221,43 +292,154 @@ class ProxyServer:
         for service in self.services:
             await service.start()
 
-    def _stamp(self) -> tuple[float, int, int] | None:
-        if self.settings.policy is None:
-            return None
-        try:
-            st = os.stat(self.settings.policy)
-        except OSError:
-            return None
-        return (st.st_mtime, st.st_size, st.st_ino)
+    async def reload_policy(self, raw: bytes | None = None) -> bool:
+        """Swap in an edited policy (``raw``: the file's bytes, read now when None).
 
-    def reload_policy(self) -> bool:
-        """Swap in an edited policy; an invalid edit is refused and the old one keeps serving."""
-        if self.protection is None or self.settings.policy is None:
+        Whatever goes wrong, the edit is refused (logged, counted) and the policy in force
+        keeps serving: this never raises.
+        """
+        if self.protection is None or self._policy_watch is None:
             return False
-        self._policy_stamp = self._stamp()
+        async with self._reloading:
+            if self._draining:
+                return False
+            source = str(self._policy_watch.path)
+            try:
+                if raw is None:
+                    _, raw = self._policy_watch.take()
+                policy: Policy = policy_from_bytes(raw, source)
+                current = self.protection.policy
+                audit_changed = policy.audit != current.audit
+                if policy.fingerprint == current.fingerprint and not audit_changed:
+                    return False
+                protection = Protection.build(policy, self.protection.keyring)
+                # Made before anything is swapped: a trail that cannot be set up refuses the edit.
+                trail = make_audit_log(self.settings, protection) if audit_changed and policy.audit.enabled else None
+            except PolicyError as exc:
+                self._refused(str(exc))
+                return False
+            except Exception as exc:
+                log.exception("policy edit refused: it could not be applied")
+                self._refused(f"{source}: {type(exc).__name__}")
+                return False
+            old = self.audit
+            # Policy and trail change together: a session that starts after this line
+            # gets both (nothing below awaits before both are swapped).
+            self.protection = protection
+            if audit_changed:
+                self.audit = trail
+            self.policy_reloads["applied"] += 1
+            log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
+            if audit_changed:
+                await self._switch_audit(old, trail, policy)
+            return True
+
+    async def _switch_audit(self, old: AuditLog | None, new: AuditLog | None, policy: Policy) -> None:
+        """Put a reloaded ``audit:`` section in force.
+
+        Turned on or changed: every audited session writes to the new trail from its next
+        event on, the trails before it are closed (their queued events, then their
+        shutdown seal), and only then is the new trail opened. So two trails never write
+        at once: they may name one file (and so one spill file), and with rotation a
+        second writer would break both chains. The new trail is a chain of its own (a new
+        chain id), which ``pgcloak audit verify`` checks on its own, as after a restart;
+        events the sessions emit meanwhile wait in its queue.
+        Turned off: sessions audited so far keep their trail until they end (it is closed
+        then); new sessions are not audited.
+        """
+        config = policy.audit
+        unaudited = 0
+        for session in self.sessions:
+            audit = session.statement_audit
+            if audit is None:
+                unaudited += session.ready
+            elif new is not None:
+                audit.switch(new, config.statements)
+        if new is None:
+            if old is not None:
+                self._retired.add(old)
+                log.warning(
+                    "audit trail turned off by the policy: new sessions are not audited",
+                    extra={"sink": old.sink.description, "sessions": len(self.sessions) - unaudited},
+                )
+                self.release_audit(old)
+            return
+        if unaudited:
+            log.warning(
+                "audit trail turned on: sessions opened before stay unaudited until they reconnect",
+                extra={"sessions": unaudited},
+            )
+        retiring = [trail for trail in (old, *self._retired) if trail is not None]
+        self._retired.clear()
         try:
-            policy: Policy = load_policy(self.settings.policy)
-        except PolicyError as exc:
-            log.error("policy edit refused, still serving the previous policy", extra={"reason": str(exc)})
-            self.policy_reloads["refused"] += 1
-            return False
-        if policy.fingerprint == self.protection.policy.fingerprint:
-            return False
-        self.protection = Protection.build(policy, self.protection.keyring)
-        self.policy_reloads["applied"] += 1
-        log.info("policy reloaded", extra={"fingerprint": policy.fingerprint[:12]})
-        return True
+            for trail in retiring:
+                try:
+                    await trail.aclose()
+                except Exception:  # the new trail starts all the same
+                    log.exception("the previous audit trail could not be closed")
+                for name, value in trail.metrics.as_dict().items():  # counters stay monotonic
+                    setattr(new.metrics, name, getattr(new.metrics, name) + value)
+                if trail.spill_bytes and trail.spill.path != new.spill.path:
+                    log.warning(
+                        "audit records left in the spill file of the previous sink; "
+                        "a proxy started with that sink replays them",
+                        extra={"file": str(trail.spill.path), "bytes": trail.spill_bytes},
+                    )
+        finally:
+            await new.start()  # a sink that cannot be opened: unhealthy, retried, spilled
+        log.info(
+            "audit trail reloaded",
+            extra={"sink": new.sink.description, "chain": new.chain_id, "statements": config.statements},
+        )
+
+    def release_audit(self, trail: AuditLog | None) -> None:
+        """A session that wrote to ``trail`` ended: close it if it is retired and unused."""
+        if trail is None or trail not in self._retired:
+            return
+        if any(s.statement_audit is not None and s.statement_audit.log is trail for s in self.sessions):
+            return
+        self._retired.discard(trail)
+        self._spawn(trail.aclose())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _refused(self, reason: str) -> None:
+        log.error("policy edit refused, still serving the previous policy", extra={"reason": reason})
+        self.policy_reloads["refused"] += 1
 
     async def _watch_policy(self) -> None:
-        """Poll the policy file: works for editors' renames and Kubernetes ConfigMap swaps."""
+        """Poll the policy file: works for editors' renames and Kubernetes ConfigMap swaps.
+
+        Nothing that goes wrong in one poll stops the polling: a dead watcher would leave
+        every later edit (a column newly protected) silently unapplied.
+        """
+        watch = self._policy_watch
+        assert watch is not None
         while True:
             await asyncio.sleep(self.settings.policy_poll_interval)
-            if self._stamp() != self._policy_stamp:
-                self.reload_policy()
+            try:
+                try:
+                    raw = watch.poll()
+                except PolicyError as exc:
+                    self._refused(str(exc))
+                    continue
+                if raw is not None:
+                    await self.reload_policy(raw)
+            except Exception:
+                log.exception("policy watcher: this check failed; still watching")
+                self.policy_reloads["refused"] += 1
 
     def reload(self) -> None:
         """SIGHUP: re-read the policy, certificate and user files; a failure keeps the old ones."""
-        self.reload_policy()
+        self._spawn(self.reload_files())
+
+    async def reload_files(self) -> None:
+        """What SIGHUP does. The policy and the TLS and user files each stand alone: one
+        that fails keeps its previous version and does not stop the others."""
+        await self.reload_policy()
         try:
             tls = build_tls(self.settings)
             verifiers = VerifierSource(self.settings, tls.backend)
@@ -275,8 +457,9 @@ class ProxyServer:
         self._draining = True  # /readyz says no from now on
         if self._server is not None:
             self._server.close()
-        if self._watch is not None:
-            self._watch.cancel()
+        async with self._reloading:  # a reload under way finishes first (it may switch trails)
+            if self._watch is not None:
+                self._watch.cancel()
         deadline = time.monotonic() + timeout
         if self.sessions:
             log.info("draining", extra={"sessions": len(self.sessions), "timeout_s": timeout})
@@ -285,8 +468,12 @@ class ProxyServer:
         for session in list(self.sessions):
             session.terminate(*ADMIN_SHUTDOWN)
         await asyncio.sleep(0)
-        if self.audit is not None:
-            await self.audit.aclose()  # the shutdown seal
+        for trail in (self.audit, *self._retired):
+            if trail is not None:
+                await trail.aclose()  # the shutdown seal
+        self._retired.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.verifiers.close()
         if self._server is not None:
             with contextlib.suppress(Exception):

@@ -230,6 +230,8 @@ class Session:
             self.server.clients -= 1
         if self.ready:
             self._audit_connection("disconnected", reason=reason)
+            if self._audit is not None:
+                self.server.release_audit(self._audit.log)
             log.info(
                 "session closed",
                 extra={
@@ -259,9 +261,15 @@ class Session:
             self._info = info  # who the session is no longer changes
         return info
 
+    @property
+    def statement_audit(self) -> SessionAudit | None:
+        """The session's audit events (None: not audited); a reload may switch its trail."""
+        return self._audit
+
     def _audit_connection(self, action: str, *, sqlstate: str | None = None, reason: str | None = None) -> None:
-        """Connection events are always recorded when there is an audit trail."""
-        trail = self.server.audit
+        """Connection events are always recorded when there is an audit trail (the session's
+        own, once it has one: after a reload turned auditing off, it is kept until the end)."""
+        trail = self._audit.log if self._audit is not None else self.server.audit
         if trail is None:
             return
         totals: dict[str, object] = {}

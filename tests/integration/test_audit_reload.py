@@ -1,0 +1,186 @@
+"""A policy reload that changes ``audit:`` is applied, not only counted.
+
+Before, the trail was built once at start: a reload that turned auditing on, moved the
+sink or changed its settings was counted as applied while nothing changed (PII read
+unaudited, events in the old file). Now the new trail is built and started; sessions
+write to it from their next event; the previous trail ends with its shutdown seal
+before the new one opens (they may share a file); every file verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from encryption_fixtures import USERS, EncEnv, encryption_env, unique
+from test_audit_trail import POLICY, Audited, audit_section, audited, pgcloak_cli, wait_until
+
+from pgcloak.audit import AuditLog
+from pgcloak.session.server import ProxyServer
+
+SSN = f"{USERS}.ssn"
+
+
+@pytest.fixture(scope="module")
+def env(pg: Any, pg_app_user: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EncEnv]:
+    with encryption_env(pg, pg_app_user, tmp_path_factory.mktemp("audit_reload"), "auditreload", policy=POLICY) as e:
+        yield e
+
+
+def server_of(a: Audited) -> ProxyServer:
+    server = a.proxy.server
+    assert server is not None
+    return server
+
+
+def reload_audit(a: Audited, **audit: Any) -> None:
+    """Replace the policy file (a rename) with another ``audit:``; wait until applied."""
+    server = server_of(a)
+    applied = server.policy_reloads["applied"]
+    policy = a.directory / "policy.yaml"
+    tmp = policy.with_name(".policy.yaml.tmp")
+    tmp.write_text(POLICY + audit_section(**audit), encoding="utf-8")
+    os.replace(tmp, policy)
+    wait_until(lambda: server.policy_reloads["applied"] > applied, "the reload to be applied")
+    # applied, and the new trail started (or none)
+    wait_until(lambda: server.audit is None or server.audit._task is not None, "the new trail to start")
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_ssn(a: Audited, app: str, email: str) -> None:
+    with a.psy(app) as conn:
+        conn.execute("INSERT INTO users (email, ssn) VALUES (%s, %s)", (email, "078-05-1120"))
+        assert conn.execute("SELECT ssn FROM users WHERE email = %s", (email,)).fetchone() == ("078-05-1120",)
+
+
+def ssn_reads(recs: list[dict[str, Any]], app: str) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in recs
+        if r["type"] == "statement" and r["application_name"] == app and SSN in r["columns_read"]
+    ]
+
+
+def verified(env: EncEnv, *files: Path) -> str:
+    done = pgcloak_cli(env, "audit", "verify", *map(str, files))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def chains(recs: list[dict[str, Any]]) -> list[str]:
+    """Chain ids in the order they first appear."""
+    return list(dict.fromkeys(r["chain"] for r in recs))
+
+
+def test_turning_the_trail_on_audits_the_sessions_that_start_after(env: EncEnv, tmp_path: Path) -> None:
+    with audited(env, tmp_path, audit={"enabled": False}, policy_poll_interval=0.1) as a:
+        server = server_of(a)
+        assert server.audit is None
+        with a.psy("opened-before") as early:
+            reload_audit(a, enabled=True, sink="file:trail/on.jsonl")
+            assert server.audit is not None
+            read_ssn(a, "after-on", unique("on"))
+            # A session open while auditing was off has no audit state to switch: it stays
+            # unaudited until it reconnects (README, and a warning in the log).
+            early.execute("SELECT ssn FROM users LIMIT 1").fetchall()
+        a.stop()  # the shutdown seal
+    trail = tmp_path / "trail" / "on.jsonl"
+    recs = records(trail)
+    assert len(ssn_reads(recs, "after-on")) == 1
+    # (its end is recorded: connection events go to whatever trail there is)
+    early_events = [(r["type"], r.get("action")) for r in recs if r.get("application_name") == "opened-before"]
+    assert early_events == [("connection", "disconnected")]
+    assert recs[-1]["type"] == "seal" and recs[-1]["reason"] == "shutdown"
+    verified(env, trail)
+
+
+def test_moving_the_sink_moves_every_session_and_seals_the_old_trail(env: EncEnv, tmp_path: Path) -> None:
+    with audited(env, tmp_path, audit={"sink": "file:trail/first.jsonl"}, policy_poll_interval=0.1) as a:
+        server = server_of(a)
+        first_log = server.audit
+        email = unique("moved")
+        with a.psy("spanning") as conn:
+            conn.execute("INSERT INTO users (email, ssn) VALUES (%s, %s)", (email, "078-05-1120"))
+            conn.execute("SELECT ssn FROM users WHERE email = %s", (email,)).fetchall()
+            reload_audit(a, sink="file:trail/second.jsonl", queue_size=500, on_full="drop")
+            new_log = server.audit
+            assert isinstance(new_log, AuditLog) and new_log is not first_log
+            assert (new_log.queue_size, new_log.config.on_full) == (500, "drop")
+            assert first_log is not None and first_log._closed  # sealed before the new one opened
+            # the session open across the reload writes to the new trail from now on
+            conn.execute("SELECT ssn FROM users WHERE email = %s", (email,)).fetchall()
+        read_ssn(a, "after-move", unique("moved"))
+        a.stop()
+    first, second = tmp_path / "trail" / "first.jsonl", tmp_path / "trail" / "second.jsonl"
+    old, new = records(first), records(second)
+    assert len(ssn_reads(old, "spanning")) == 1 and len(ssn_reads(new, "spanning")) == 1
+    assert ssn_reads(new, "after-move") and not ssn_reads(old, "after-move")
+    assert old[-1]["type"] == "seal" and old[-1]["reason"] == "shutdown"
+    assert new[-1]["type"] == "seal" and new[-1]["reason"] == "shutdown"
+    assert len(chains(old)) == 1 and len(chains(new)) == 1 and chains(old) != chains(new)
+    # the session's disconnect went to the trail it was writing to then
+    assert [r["action"] for r in new if r["type"] == "connection" and r["application_name"] == "spanning"] == [
+        "disconnected"
+    ]
+    verified(env, first, second)
+
+
+def test_changing_settings_of_the_same_sink_chains_one_trail_after_the_other(
+    env: EncEnv, tmp_path: Path
+) -> None:
+    """One file, two chains: the first sealed before the second starts (no interleaving),
+    and the new ``statements: all`` applies to a session open across the reload too."""
+    with audited(env, tmp_path, policy_poll_interval=0.1) as a:
+        server = server_of(a)
+        with a.psy("spanning") as conn:
+            conn.execute("SELECT 1").fetchall()  # not recorded in pii mode
+            read_ssn(a, "before", unique("same"))
+            before = server.audit
+            assert before is not None
+            a.proxy.call(before.flush, 10)
+            written = before.metrics.written
+            reload_audit(a, statements="all", queue_size=100, fsync="always")
+            after = server.audit
+            assert after is not None and after is not before and after.chain_id != before.chain_id
+            assert after.metrics.written >= written + 1  # counters carried over (+ the seal)
+            conn.execute("SELECT 2").fetchall()  # recorded now
+        a.stop()
+    trail = tmp_path / "trail" / "audit.jsonl"
+    recs = records(trail)
+    first, second = chains(recs)
+    cut = next(i for i, r in enumerate(recs) if r["chain"] == second)
+    assert {r["chain"] for r in recs[:cut]} == {first} and {r["chain"] for r in recs[cut:]} == {second}
+    assert recs[cut - 1]["type"] == "seal" and recs[cut - 1]["reason"] == "shutdown"
+    spanning = [r for r in recs if r["type"] == "statement" and r["application_name"] == "spanning"]
+    assert [r["chain"] for r in spanning] == [second]  # SELECT 2 only
+    verified(env, trail)
+
+
+def test_turning_the_trail_off_keeps_it_for_the_sessions_that_have_it(env: EncEnv, tmp_path: Path) -> None:
+    with audited(env, tmp_path, policy_poll_interval=0.1) as a:
+        server = server_of(a)
+        trail = tmp_path / "trail" / "audit.jsonl"
+        old = server.audit
+        assert old is not None
+        email = unique("off")
+        with a.psy("audited-session") as conn:
+            conn.execute("INSERT INTO users (email, ssn) VALUES (%s, %s)", (email, "078-05-1120"))
+            reload_audit(a, enabled=False)
+            assert server.audit is None and not old._closed
+            read_ssn(a, "unaudited", unique("off"))  # a new session: not audited
+            conn.execute("SELECT ssn FROM users WHERE email = %s", (email,)).fetchall()
+        # its last session ended: the trail is closed with its shutdown seal
+        wait_until(lambda: old._closed, "the retired trail to be closed")
+        recs = records(trail)
+        assert recs[-1]["type"] == "seal" and recs[-1]["reason"] == "shutdown"
+        assert len(ssn_reads(recs, "audited-session")) == 1
+        assert not [r for r in recs if r.get("application_name") == "unaudited"]
+        a.stop()
+    verified(env, trail)
