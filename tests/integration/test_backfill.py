@@ -44,7 +44,9 @@ def master_key(env: EncEnv, monkeypatch: pytest.MonkeyPatch) -> None:
 def backfill(env: EncEnv, *flags: str, policy: str | None = None) -> tuple[int, str]:
     """Run the CLI; its exit status and everything it printed (stdout and stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # In the proxy's working directory, as an operator runs it: a relative (here the
+    # default) file sink is resolved against it, so the two trails sit side by side.
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(env.workdir):
         code = cli.main(["backfill", policy or str(env.policy_path), "--dsn", env.direct_dsn(), *flags])
     return code, out.getvalue() + err.getvalue()
 
@@ -371,8 +373,10 @@ def test_a_quoted_table_is_selected_by_its_quoted_name(env: EncEnv, clean: None)
 
 # -- the run in the audit trail ------------------------------------------------------------
 def _backfill_trail(env: EncEnv) -> Path:
-    """The backfill's own chain, next to the proxy's (the policy's default file sink)."""
-    return env.policy_path.parent / "pgcloak-audit.backfill.jsonl"
+    """The backfill's own chain, next to the proxy's (the policy's default file sink, in
+    the working directory; the policy's own directory gets nothing)."""
+    assert not list(env.policy_path.parent.glob("*.jsonl"))
+    return env.workdir / "pgcloak-audit.backfill.jsonl"
 
 
 def _last_run(path: Path) -> list[dict[str, Any]]:

@@ -104,7 +104,8 @@ def read_policy(*, support_email: str = "mask", support_phone: str = "mask", aud
     )
 
 
-#: An audit section for the tests that read the trail (relative: next to the policy file).
+#: An audit section for the tests that read the trail (relative: in the proxy's working
+#: directory, the policy's directory here).
 AUDIT = (
     "audit:\n"
     "  sink: file:trail/audit.jsonl\n"
@@ -368,7 +369,7 @@ def own_proxy(env: RoleEnv, directory: Path, policy: str, **settings: Any) -> It
         "master_key": env.enc.key_text,
     }
     base.update(settings)
-    with ThreadedProxy(make_settings(**base)) as proxy:
+    with ThreadedProxy(make_settings(**base), cwd=directory) as proxy:
         yield proxy
 
 
