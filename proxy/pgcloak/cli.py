@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--backend",
         default=None,
-        help="use this PostgreSQL (postgresql://USER:PASSWORD@HOST:PORT/DB, a superuser) instead of starting one",
+        help="instead, relay to this existing PostgreSQL (postgresql://USER@HOST:PORT/DB): a plain "
+        "pass-through, with no policy, no encryption and no demo table (nothing is created there); "
+        "USER and DB only go into the psql command it prints",
     )
     demo.add_argument("--keep-data", action="store_true", help="do not delete the throwaway server's data")
     demo.set_defaults(func=cmd_demo)

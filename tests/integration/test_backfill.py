@@ -385,7 +385,7 @@ def _last_run(path: Path) -> list[dict[str, Any]]:
     return [r for r in records[start:] if r["chain"] == records[start]["chain"]]
 
 
-def _verify(*files: Path) -> tuple[int, str]:
+def _verify(*files: Path | str) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["audit", "verify", *map(str, files)])
@@ -421,6 +421,17 @@ def test_the_run_is_recorded_in_its_own_chain_without_a_value(env: EncEnv, clean
 
     code, report = _verify(path)
     assert code == 0, report
+    # The README's glob (here for the default sink pgcloak-audit.jsonl) takes in both
+    # chains, the proxy's (still running: --live) and the backfill's.
+    with env.psy() as conn:  # an event in the proxy's chain
+        conn.execute("SELECT name FROM users WHERE email = %s", (people[0][0],))
+    server = env.proxy.server
+    assert server is not None and server.audit is not None
+    env.proxy.call(server.audit.flush, 10)
+    files = sorted(env.workdir.glob("pgcloak-audit*.jsonl*"))
+    assert path in files and env.workdir / "pgcloak-audit.jsonl" in files
+    code, report = _verify("--live", *files)
+    assert code == 0 and report.startswith("OK: ") and "in 2 source(s)" in report, report
     # The chain is the proof: a count edited after the fact is found.
     edited = tmp_path / path.name
     edited.write_text(text.replace(f'"rows":{len(ids)},', f'"rows":{len(ids) + 1},', 1), encoding="utf-8")
