@@ -56,6 +56,7 @@ import pytest
 from encryption_fixtures import USERS, EncEnv, encryption_env
 
 from pgcloak.audit.sinks import iter_file_lines
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX_TEXT
 from pgcloak.demo.postgres import TemporaryPostgres
 from pgcloak.policy import load_policy
 from proxyctl import ThreadedProxy, make_settings
@@ -705,6 +706,25 @@ def test_deny_covers_envelopes_inside_composite_values(env: RoleEnv) -> None:
             for sql in ("SELECT u FROM users u WHERE id = %s", "SELECT row_to_json(u) FROM users u WHERE id = %s"):
                 refused(conn, sql, (alice,), "0A000", "whole-row reference", EMAIL)
             assert conn.execute("SELECT count(u) FROM users u WHERE id = %s", (alice,)).fetchone() == (1,)
+
+
+def test_values_inside_other_values_come_back_as_stored_only_when_built_out_of_sight(env: RoleEnv) -> None:
+    """What the README says of values inside other values: ``ARRAY[ssn]`` (or
+    ``array_agg``, ``ROW``, JSON) on the protected table is refused for every role
+    (0A000), reveal included; the same built over a view pgcloak cannot see into comes
+    back as stored (ciphertext, never plaintext) to a role that may read every value."""
+    alice = env.id(ALICE)
+    with env.psy(WRITER) as writer:
+        for sql in (
+            "SELECT ARRAY[ssn] FROM users WHERE id = %s",
+            "SELECT array_agg(ssn) FROM users WHERE id = %s",
+            "SELECT json_build_object('s', ssn) FROM users WHERE id = %s",
+        ):
+            refused(writer, sql, (alice,), "0A000", SSN)
+        row = writer.execute("SELECT ARRAY[ssn] FROM user_ssn WHERE id = %s", (alice,)).fetchone()
+        assert row is not None and len(row[0]) == 1
+        assert row[0][0].startswith(ENVELOPE_PREFIX_TEXT) and ALICE.ssn not in row[0][0]
+        assert writer.execute("SELECT ssn FROM user_ssn WHERE id = %s", (alice,)).fetchone() == (ALICE.ssn,)
 
 
 async def test_a_copy_in_after_a_cut_short_result_does_not_hang(env: RoleEnv) -> None:
