@@ -234,3 +234,15 @@ def test_the_compose_schema_is_the_policy_ddl() -> None:
     db = _compose()["services"]["db"]
     assert "./schema.sql:/docker-entrypoint-initdb.d/10-schema.sql:ro" in db["volumes"]
     assert db["environment"]["POSTGRES_USER"] in yaml.safe_load((COMPOSE / "policy.yaml").read_text())["roles"]
+
+
+def test_the_commands_in_the_example_policys_comments_are_ones_pgcloak_parses() -> None:
+    """`pgcloak --policy FILE` (no subcommand) was once written there."""
+    from pgcloak import cli
+
+    text = (ROOT / "policies" / "example.yaml").read_text()
+    commands = re.findall(r"`pgcloak ([^`]+)`", text)
+    assert commands
+    for command in commands:
+        args = cli.build_parser().parse_args(command.split())
+        assert callable(args.func), command
