@@ -439,6 +439,18 @@ def test_the_run_is_recorded_in_its_own_chain_without_a_value(env: EncEnv, clean
     assert _verify(edited)[0] != 0
 
 
+def test_a_table_with_nothing_to_convert_gets_no_event_of_its_own(env: EncEnv, clean: None) -> None:
+    """As the README says: `started` names the tables, a table needing no pass gets no
+    event, the chain ends with its seal."""
+    seed(env, [(unique("again"), None, None, None, "a")])
+    assert backfill(env, "--table", "public.users")[0] == 0
+    code, printed = backfill(env, "--table", "public.users")
+    assert code == 0, printed
+    run = _last_run(_backfill_trail(env))
+    assert [(r["type"], r.get("reason")) for r in run] == [("statement", "started"), ("seal", "shutdown")]
+    assert run[0]["tables"] == ["public.users"] and run[0]["kind"] == "backfill"
+
+
 def test_a_trail_that_cannot_be_written_stops_the_backfill_when_the_policy_says_refuse(
     env: EncEnv, clean: None, tmp_path: Path
 ) -> None:
