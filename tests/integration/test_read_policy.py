@@ -1096,6 +1096,53 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
     assert done.stdout.startswith("OK"), done.stdout
 
 
+async def test_a_refused_lookup_is_found_by_who_accessed(env: RoleEnv, tmp_path: Path) -> None:
+    """The help desk may not read SSNs: `SELECT ssn ... WHERE email = ...` is refused
+    (42501), but it is still an attempt to read Alice's row, so the refusal carries the
+    blind index of the e-mail it looked up (never the e-mail) and `pgcloak audit
+    who-accessed --column users.email --value <her e-mail>` lists it: a simple Query, and
+    a Parse with the literal in its text. A statement refused at its Parse with a `$1`
+    (asyncpg prepares first) never gets the value: it is in the trail, tied to no one."""
+    with own_proxy(env, tmp_path, read_policy(audit=AUDIT)) as proxy:
+        conn = await env.apg(AGENT, proxy)
+        try:
+            for sql, args in (
+                (f"SELECT ssn FROM users WHERE email = '{ALICE.email.upper()}'", ()),  # no args: a simple Query
+                ("SELECT ssn FROM users WHERE email = 'nobody@example.com'", ()),  # someone else
+                ("SELECT ssn FROM users WHERE email = $1", (ALICE.email,)),  # refused at Parse, before $1
+            ):
+                with pytest.raises(asyncpg.PostgresError) as info:
+                    await (conn.fetch(sql, *args) if args else conn.execute(sql))
+                assert info.value.sqlstate == "42501"
+        finally:
+            await conn.close()
+        with env.psy(AGENT, proxy, app="rp-literal") as agent:  # Parse with the literal
+            refused(agent, f"SELECT ssn FROM users WHERE email = '{ALICE.email}'", None, "42501", SSN, prepare=True)
+        wait_until(lambda: proxy.session_count == 0, "the sessions to end")
+        proxy.stop()
+    files = trail_files(tmp_path)
+    text = "".join(p.read_text(encoding="utf-8") for p in files)
+    assert ALICE.email not in text and ALICE.email.upper() not in text and "nobody@" not in text
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    environ["PGCLOAK_MASTER_KEY"] = env.enc.key_text
+
+    def who(*extra: str) -> list[tuple[str, str, str]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pgcloak.cli", "audit", "who-accessed", "--column", "users.email",
+             "--value", ALICE.email, "--policy", str(tmp_path / "policy.yaml"), "--json", *extra, *map(str, files)],
+            env=environ, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [(e["type"], e["sqlstate"], e["fingerprint"]) for e in map(json.loads, done.stdout.splitlines())]
+
+    looked_up = ("refusal", "42501", "SELECT ssn FROM users WHERE email = ?")
+    assert who() == [looked_up, looked_up]
+    assert ("refusal", "42501", "SELECT ssn FROM users WHERE email = $1") not in who("--include-scans")
+    records = [json.loads(line) for p in files for line in iter_file_lines(p) if line.strip()]
+    prepared = [r for r in records if r.get("fingerprint") == "SELECT ssn FROM users WHERE email = $1"]
+    assert [(r["type"], r["lookups"], r["columns_read"]) for r in prepared] == [("refusal", {}, [SSN])]
+
+
 # -- reload -------------------------------------------------------------------------------
 def test_policy_reload_changes_what_agent_sees(env: RoleEnv, tmp_path: Path) -> None:
     """Editing the policy file (support: users.email reveal) changes what a running
