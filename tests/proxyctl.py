@@ -51,10 +51,16 @@ class ProxyBase:
 
 
 class ThreadedProxy(ProxyBase):
-    """pgcloak's ProxyServer on a uvloop loop in a daemon thread."""
+    """pgcloak's ProxyServer on a uvloop loop in a daemon thread.
 
-    def __init__(self, settings: Settings) -> None:
+    ``cwd``: the working directory it starts in, where a relative audit sink (the
+    default one included) and spill directory land, as for ``pgcloak run``; the test
+    process's own one is restored once it listens (the paths are resolved by then).
+    Without it a relative sink lands in the test process's working directory."""
+
+    def __init__(self, settings: Settings, cwd: Path | None = None) -> None:
         self.settings = settings
+        self.cwd = cwd
         self.server: ProxyServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -65,9 +71,10 @@ class ThreadedProxy(ProxyBase):
         install_event_loop_policy()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="pgcloak-proxy", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(20):
-            raise RuntimeError("proxy did not start")
+        with contextlib.chdir(self.cwd) if self.cwd is not None else contextlib.nullcontext():
+            self._thread.start()
+            if not self._ready.wait(20):
+                raise RuntimeError("proxy did not start")
         if self._error is not None:
             raise self._error
         return self
@@ -121,19 +128,25 @@ def free_port() -> int:
 
 
 class SubprocessProxy(ProxyBase):
-    """`pgcloak run` as a child process, its log captured in a file."""
+    """`pgcloak run` as a child process, its log captured in a file.
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    It runs in ``cwd``, by default its log's directory (a test's scratch directory, never
+    the repository): a relative audit sink or spill directory lands there."""
+
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.args = ["--listen", f"127.0.0.1:{self.port}", *args]
         self.log_path = log_path
+        self.cwd = cwd if cwd is not None else log_path.parent
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> SubprocessProxy:
         cmd = [sys.executable, "-m", "pgcloak.cli", "run", *self.args]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

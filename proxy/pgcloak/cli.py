@@ -28,6 +28,47 @@ NOBODY_READS = (
 # Settings that must not be given on a command line (visible in `ps`).
 _NO_FLAG = {"auth_password", "master_key"}
 
+_KEY_SOURCES = "PGCLOAK_MASTER_KEY, --master-key-file or --master-key-shares"
+
+
+def _refuse_secret_flag(flag: str, how: str) -> type[argparse.Action]:
+    """An action for ``flag`` (never offered) that says how the secret is given instead:
+    without it argparse answers ``--master-key`` with "ambiguous option". The value is
+    never echoed."""
+
+    class Refuse(argparse.Action):
+        def __call__(
+            self,
+            parser: argparse.ArgumentParser,
+            namespace: argparse.Namespace,
+            values: object,
+            option_string: str | None = None,
+        ) -> None:
+            parser.error(f"{flag} is not accepted: a secret on the command line shows in ps and shell history; {how}")
+
+    return Refuse
+
+
+def _add_secret_refusals(parser: argparse.ArgumentParser, *, config: bool) -> None:
+    also = " (or master_key in the --config file)" if config else ""
+    parser.add_argument(
+        "--master-key",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        action=_refuse_secret_flag("--master-key", f"give the master key with {_KEY_SOURCES}{also}"),
+        help=argparse.SUPPRESS,
+    )
+    if config:
+        parser.add_argument(
+            "--auth-password",
+            nargs="?",
+            default=argparse.SUPPRESS,
+            action=_refuse_secret_flag(
+                "--auth-password", "give it with PGCLOAK_AUTH_PASSWORD or auth_password in the --config file"
+            ),
+            help=argparse.SUPPRESS,
+        )
+
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("settings (override --config and PGCLOAK_* variables)")
@@ -453,6 +494,7 @@ def cmd_audit_who_accessed(args: argparse.Namespace) -> int:
 def _add_key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--master-key-file", type=Path, help="default: PGCLOAK_MASTER_KEY")
     parser.add_argument("--master-key-shares", help="comma-separated share files")
+    _add_secret_refusals(parser, config=False)
     parser.add_argument("--dsn", help="read the PostgreSQL audit sink table too")
 
 
@@ -464,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy in front of a PostgreSQL server")
     run.add_argument("--config", type=Path, default=None, help="YAML settings file")
     _add_settings_flags(run)
+    _add_secret_refusals(run, config=True)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="a throwaway PostgreSQL with pgcloak in front, for trying it out")
@@ -471,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--backend",
         default=None,
-        help="use this PostgreSQL (postgresql://USER:PASSWORD@HOST:PORT/DB, a superuser) instead of starting one",
+        help="instead, relay to this existing PostgreSQL (postgresql://USER@HOST:PORT/DB): a plain "
+        "pass-through, with no policy, no encryption and no demo table (nothing is created there); "
+        "USER and DB only go into the psql command it prints",
     )
     demo.add_argument("--keep-data", action="store_true", help="do not delete the throwaway server's data")
     demo.set_defaults(func=cmd_demo)
@@ -580,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true", help="count what would change; write nothing")
     backfill.add_argument("--master-key-file", type=Path, help="default: PGCLOAK_MASTER_KEY")
     backfill.add_argument("--master-key-shares", help="comma-separated share files")
+    _add_secret_refusals(backfill, config=False)
     backfill.set_defaults(func=cmd_backfill)
 
     keys = sub.add_parser("keys", help="master key tools").add_subparsers(dest="keys_command", required=True)

@@ -54,7 +54,9 @@ class Settings(BaseModel):
     auth_user: str | None = Field(None, description="scram mode: role for the auth query connection")
     auth_password: SecretStr | None = None
     auth_query: str = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
-    auth_dbname: str = "postgres"
+    auth_dbname: str = Field(
+        "postgres", description="scram mode: database of the auth query connection when backend names none"
+    )
     policy: Path | None = Field(None, description="YAML policy naming the protected columns (enables encryption)")
     policy_poll_interval: float = Field(1.0, gt=0, description="seconds between checks of the policy file for edits")
     master_key: SecretStr | None = Field(None, description="base64 master key (use PGCLOAK_MASTER_KEY, never a flag)")
@@ -72,7 +74,9 @@ class Settings(BaseModel):
         "authentication); then FATAL 08P01",
     )
     drain_timeout: float = Field(30.0, ge=0, description="seconds sessions may finish after SIGTERM")
-    connect_timeout: float = Field(10.0, gt=0)
+    connect_timeout: float = Field(
+        10.0, gt=0, description="seconds to wait for a TCP connection to PostgreSQL (a session's, the auth query's)"
+    )
     max_message_size: int = Field(256 * 1024 * 1024, ge=1024)
     workers: int = Field(1, ge=1, le=64)
     admin_listen: str | None = Field(

@@ -95,6 +95,9 @@ class EncEnv:
     keyring: Keyring
     policy_path: Path
     policy: Policy
+    #: The proxy's working directory, where its (relative, default) audit trail is; the
+    #: policy is in a directory of its own, as a container mounts it (read-only).
+    workdir: Path
 
     # -- connections ------------------------------------------------------------------
     @property
@@ -207,9 +210,10 @@ def encryption_env(
     name = f"enc_{module}_{uuid.uuid4().hex[:6]}"
     pg.create_database(name, owner=pg_app_user.user)
     login = DbLogin(pg_app_user.user, pg_app_user.password, name)
-    policy_path = directory / "policy.yaml"
+    (directory / "policy").mkdir()
+    policy_path = directory / "policy" / "policy.yaml"
     policy_path.write_text(policy or policy_yaml(), encoding="utf-8")
-    full = directory / "full-policy.yaml"
+    full = directory / "policy" / "full-policy.yaml"
     full.write_text(policy_yaml(), encoding="utf-8")
     key = generate_master_key()
     key_text = master_key_to_text(key)
@@ -230,10 +234,11 @@ def encryption_env(
             "master_key": key_text,
         }
         base.update(settings)
-        with ThreadedProxy(make_settings(**base)) as proxy:
-            yield EncEnv(pg, login, proxy, key_text, Keyring(key), policy_path, load_policy(full))
-        # The audit trail (a sink next to the policy file) must not hold a plaintext
-        # value either: every e-mail the tests use ends in @example.com.
+        with ThreadedProxy(make_settings(**base), cwd=directory) as proxy:
+            yield EncEnv(pg, login, proxy, key_text, Keyring(key), policy_path, load_policy(full), directory)
+        # The audit trail (the default sink, in the working directory) must not hold a
+        # plaintext value either: every e-mail the tests use ends in @example.com.
+        assert not list(policy_path.parent.glob("*.jsonl"))  # nothing next to the policy
         for audit in directory.glob("*.jsonl"):
             assert "@example.com" not in audit.read_text(encoding="utf-8", errors="replace"), audit
     finally:

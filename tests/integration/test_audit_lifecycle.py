@@ -129,8 +129,8 @@ def run_args(env: EncEnv, policy: Path, *extra: str) -> list[str]:
 def test_each_worker_keeps_its_own_chain_and_verify_checks_every_chain(
     env: EncEnv, tmp_path: Path
 ) -> None:
-    """``pgcloak run --workers 2``: files ``audit.w0.jsonl`` and ``audit.w1.jsonl`` next to
-    the policy, one chain each, events carrying their worker id; verify (CLI) says OK."""
+    """``pgcloak run --workers 2``: files ``audit.w0.jsonl`` and ``audit.w1.jsonl`` in its
+    working directory's ``trail/`` (the relative sink), one chain each, events carrying their worker id; verify (CLI) says OK."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY + audit_section(), encoding="utf-8")
     trail = tmp_path / "trail"

@@ -68,7 +68,8 @@ def env(
 
 
 def audit_section(**overrides: Any) -> str:
-    """The policy's ``audit:`` block. The sink path is relative: next to the policy file."""
+    """The policy's ``audit:`` block. The sink path is relative: in the proxy's working
+    directory (``audited`` starts it in ``directory``)."""
     audit: dict[str, Any] = {
         "sink": "file:trail/audit.jsonl",
         "statements": "pii",
@@ -216,7 +217,7 @@ def audited(env: EncEnv, directory: Path, **settings: Any) -> Iterator[Audited]:
         "master_key": env.key_text,
     }
     base.update(settings)
-    with ThreadedProxy(make_settings(**base)) as proxy:
+    with ThreadedProxy(make_settings(**base), cwd=directory) as proxy:
         yield Audited(env, proxy, directory)
 
 

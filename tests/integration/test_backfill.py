@@ -44,7 +44,9 @@ def master_key(env: EncEnv, monkeypatch: pytest.MonkeyPatch) -> None:
 def backfill(env: EncEnv, *flags: str, policy: str | None = None) -> tuple[int, str]:
     """Run the CLI; its exit status and everything it printed (stdout and stderr)."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    # In the proxy's working directory, as an operator runs it: a relative (here the
+    # default) file sink is resolved against it, so the two trails sit side by side.
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(env.workdir):
         code = cli.main(["backfill", policy or str(env.policy_path), "--dsn", env.direct_dsn(), *flags])
     return code, out.getvalue() + err.getvalue()
 
@@ -371,8 +373,10 @@ def test_a_quoted_table_is_selected_by_its_quoted_name(env: EncEnv, clean: None)
 
 # -- the run in the audit trail ------------------------------------------------------------
 def _backfill_trail(env: EncEnv) -> Path:
-    """The backfill's own chain, next to the proxy's (the policy's default file sink)."""
-    return env.policy_path.parent / "pgcloak-audit.backfill.jsonl"
+    """The backfill's own chain, next to the proxy's (the policy's default file sink, in
+    the working directory; the policy's own directory gets nothing)."""
+    assert not list(env.policy_path.parent.glob("*.jsonl"))
+    return env.workdir / "pgcloak-audit.backfill.jsonl"
 
 
 def _last_run(path: Path) -> list[dict[str, Any]]:
@@ -381,7 +385,7 @@ def _last_run(path: Path) -> list[dict[str, Any]]:
     return [r for r in records[start:] if r["chain"] == records[start]["chain"]]
 
 
-def _verify(*files: Path) -> tuple[int, str]:
+def _verify(*files: Path | str) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["audit", "verify", *map(str, files)])
@@ -417,11 +421,34 @@ def test_the_run_is_recorded_in_its_own_chain_without_a_value(env: EncEnv, clean
 
     code, report = _verify(path)
     assert code == 0, report
+    # The README's glob (here for the default sink pgcloak-audit.jsonl) takes in both
+    # chains, the proxy's (still running: --live) and the backfill's.
+    with env.psy() as conn:  # an event in the proxy's chain
+        conn.execute("SELECT name FROM users WHERE email = %s", (people[0][0],))
+    server = env.proxy.server
+    assert server is not None and server.audit is not None
+    env.proxy.call(server.audit.flush, 10)
+    files = sorted(env.workdir.glob("pgcloak-audit*.jsonl*"))
+    assert path in files and env.workdir / "pgcloak-audit.jsonl" in files
+    code, report = _verify("--live", *files)
+    assert code == 0 and report.startswith("OK: ") and "in 2 source(s)" in report, report
     # The chain is the proof: a count edited after the fact is found.
     edited = tmp_path / path.name
     edited.write_text(text.replace(f'"rows":{len(ids)},', f'"rows":{len(ids) + 1},', 1), encoding="utf-8")
     assert edited.read_text(encoding="utf-8") != text
     assert _verify(edited)[0] != 0
+
+
+def test_a_table_with_nothing_to_convert_gets_no_event_of_its_own(env: EncEnv, clean: None) -> None:
+    """As the README says: `started` names the tables, a table needing no pass gets no
+    event, the chain ends with its seal."""
+    seed(env, [(unique("again"), None, None, None, "a")])
+    assert backfill(env, "--table", "public.users")[0] == 0
+    code, printed = backfill(env, "--table", "public.users")
+    assert code == 0, printed
+    run = _last_run(_backfill_trail(env))
+    assert [(r["type"], r.get("reason")) for r in run] == [("statement", "started"), ("seal", "shutdown")]
+    assert run[0]["tables"] == ["public.users"] and run[0]["kind"] == "backfill"
 
 
 def test_a_trail_that_cannot_be_written_stops_the_backfill_when_the_policy_says_refuse(

@@ -54,11 +54,14 @@ def _examples(proxied: str, direct: str) -> None:
 def test_demo_walkthrough(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "demo.log"
+    here = tmp_path / "here"  # where the user starts it: the demo leaves nothing there
+    here.mkdir()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pgcloak.cli", "demo", "--listen", f"127.0.0.1:{port}"],
             stdout=out,
             stderr=subprocess.STDOUT,
+            cwd=here,
         )
     try:
         deadline = time.monotonic() + 90
@@ -104,3 +107,4 @@ def test_demo_walkthrough(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0, log.read_text()
+    assert list(here.iterdir()) == []  # its audit trail went with the throwaway data

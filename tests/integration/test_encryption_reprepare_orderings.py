@@ -529,7 +529,7 @@ def test_many_pipelined_batches(env: EncEnv) -> None:
 
 
 def _audit_events(env: EncEnv, keep) -> list[dict]:
-    trail = env.policy_path.parent / "pgcloak-audit.jsonl"
+    trail = env.workdir / "pgcloak-audit.jsonl"
     deadline = time.monotonic() + 5
     while True:
         lines = trail.read_text().splitlines() if trail.exists() else []

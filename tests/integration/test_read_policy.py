@@ -56,6 +56,7 @@ import pytest
 from encryption_fixtures import USERS, EncEnv, encryption_env
 
 from pgcloak.audit.sinks import iter_file_lines
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX_TEXT
 from pgcloak.demo.postgres import TemporaryPostgres
 from pgcloak.policy import load_policy
 from proxyctl import ThreadedProxy, make_settings
@@ -104,7 +105,8 @@ def read_policy(*, support_email: str = "mask", support_phone: str = "mask", aud
     )
 
 
-#: An audit section for the tests that read the trail (relative: next to the policy file).
+#: An audit section for the tests that read the trail (relative: in the proxy's working
+#: directory, the policy's directory here).
 AUDIT = (
     "audit:\n"
     "  sink: file:trail/audit.jsonl\n"
@@ -368,7 +370,7 @@ def own_proxy(env: RoleEnv, directory: Path, policy: str, **settings: Any) -> It
         "master_key": env.enc.key_text,
     }
     base.update(settings)
-    with ThreadedProxy(make_settings(**base)) as proxy:
+    with ThreadedProxy(make_settings(**base), cwd=directory) as proxy:
         yield proxy
 
 
@@ -704,6 +706,25 @@ def test_deny_covers_envelopes_inside_composite_values(env: RoleEnv) -> None:
             for sql in ("SELECT u FROM users u WHERE id = %s", "SELECT row_to_json(u) FROM users u WHERE id = %s"):
                 refused(conn, sql, (alice,), "0A000", "whole-row reference", EMAIL)
             assert conn.execute("SELECT count(u) FROM users u WHERE id = %s", (alice,)).fetchone() == (1,)
+
+
+def test_values_inside_other_values_come_back_as_stored_only_when_built_out_of_sight(env: RoleEnv) -> None:
+    """What the README says of values inside other values: ``ARRAY[ssn]`` (or
+    ``array_agg``, ``ROW``, JSON) on the protected table is refused for every role
+    (0A000), reveal included; the same built over a view pgcloak cannot see into comes
+    back as stored (ciphertext, never plaintext) to a role that may read every value."""
+    alice = env.id(ALICE)
+    with env.psy(WRITER) as writer:
+        for sql in (
+            "SELECT ARRAY[ssn] FROM users WHERE id = %s",
+            "SELECT array_agg(ssn) FROM users WHERE id = %s",
+            "SELECT json_build_object('s', ssn) FROM users WHERE id = %s",
+        ):
+            refused(writer, sql, (alice,), "0A000", SSN)
+        row = writer.execute("SELECT ARRAY[ssn] FROM user_ssn WHERE id = %s", (alice,)).fetchone()
+        assert row is not None and len(row[0]) == 1
+        assert row[0][0].startswith(ENVELOPE_PREFIX_TEXT) and ALICE.ssn not in row[0][0]
+        assert writer.execute("SELECT ssn FROM user_ssn WHERE id = %s", (alice,)).fetchone() == (ALICE.ssn,)
 
 
 async def test_a_copy_in_after_a_cut_short_result_does_not_hang(env: RoleEnv) -> None:
@@ -1093,6 +1114,53 @@ def test_refusals_are_audited_without_plaintext(env: RoleEnv, tmp_path: Path) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("OK"), done.stdout
+
+
+async def test_a_refused_lookup_is_found_by_who_accessed(env: RoleEnv, tmp_path: Path) -> None:
+    """The help desk may not read SSNs: `SELECT ssn ... WHERE email = ...` is refused
+    (42501), but it is still an attempt to read Alice's row, so the refusal carries the
+    blind index of the e-mail it looked up (never the e-mail) and `pgcloak audit
+    who-accessed --column users.email --value <her e-mail>` lists it: a simple Query, and
+    a Parse with the literal in its text. A statement refused at its Parse with a `$1`
+    (asyncpg prepares first) never gets the value: it is in the trail, tied to no one."""
+    with own_proxy(env, tmp_path, read_policy(audit=AUDIT)) as proxy:
+        conn = await env.apg(AGENT, proxy)
+        try:
+            for sql, args in (
+                (f"SELECT ssn FROM users WHERE email = '{ALICE.email.upper()}'", ()),  # no args: a simple Query
+                ("SELECT ssn FROM users WHERE email = 'nobody@example.com'", ()),  # someone else
+                ("SELECT ssn FROM users WHERE email = $1", (ALICE.email,)),  # refused at Parse, before $1
+            ):
+                with pytest.raises(asyncpg.PostgresError) as info:
+                    await (conn.fetch(sql, *args) if args else conn.execute(sql))
+                assert info.value.sqlstate == "42501"
+        finally:
+            await conn.close()
+        with env.psy(AGENT, proxy, app="rp-literal") as agent:  # Parse with the literal
+            refused(agent, f"SELECT ssn FROM users WHERE email = '{ALICE.email}'", None, "42501", SSN, prepare=True)
+        wait_until(lambda: proxy.session_count == 0, "the sessions to end")
+        proxy.stop()
+    files = trail_files(tmp_path)
+    text = "".join(p.read_text(encoding="utf-8") for p in files)
+    assert ALICE.email not in text and ALICE.email.upper() not in text and "nobody@" not in text
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    environ["PGCLOAK_MASTER_KEY"] = env.enc.key_text
+
+    def who(*extra: str) -> list[tuple[str, str, str]]:
+        done = subprocess.run(
+            [sys.executable, "-m", "pgcloak.cli", "audit", "who-accessed", "--column", "users.email",
+             "--value", ALICE.email, "--policy", str(tmp_path / "policy.yaml"), "--json", *extra, *map(str, files)],
+            env=environ, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return [(e["type"], e["sqlstate"], e["fingerprint"]) for e in map(json.loads, done.stdout.splitlines())]
+
+    looked_up = ("refusal", "42501", "SELECT ssn FROM users WHERE email = ?")
+    assert who() == [looked_up, looked_up]
+    assert ("refusal", "42501", "SELECT ssn FROM users WHERE email = $1") not in who("--include-scans")
+    records = [json.loads(line) for p in files for line in iter_file_lines(p) if line.strip()]
+    prepared = [r for r in records if r.get("fingerprint") == "SELECT ssn FROM users WHERE email = $1"]
+    assert [(r["type"], r["lookups"], r["columns_read"]) for r in prepared] == [("refusal", {}, [SSN])]
 
 
 # -- reload -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 
@@ -67,13 +68,37 @@ def test_backend_tls_modes(make_proxy, pg_app_user, mode, expect_ssl):
         assert conn.execute(BACKEND_SSL).fetchone() == (expect_ssl,)
 
 
-def test_backend_verify_full_rejects_unknown_ca(make_proxy, pg_app_user, tmp_path: Path):
+def test_backend_verify_full_rejects_unknown_ca(make_proxy, pg_app_user, tmp_path: Path, caplog):
     other = make_tls_files(tmp_path)
     with make_proxy(backend_tls_mode="verify-full", backend_tls_ca=str(other.ca_cert)) as p:
-        with pytest.raises(psycopg.OperationalError) as info:
+        with caplog.at_level(logging.INFO, logger="pgcloak.session"), pytest.raises(psycopg.OperationalError) as info:
             connect(p, pg_app_user)
         assert "pgcloak" in str(info.value)
         assert "secret" not in str(info.value)
+    # The log says why, not only the exception's class name.
+    failed = [r for r in caplog.records if r.getMessage() == "start-up failed"]
+    assert failed and failed[0].error == "SSLCertVerificationError"
+    assert "certificate" in failed[0].reason, failed[0].reason
+
+
+def test_backend_verify_full_logs_a_hostname_mismatch(make_proxy, pg, pg_app_user, caplog):
+    """The server's certificate is for 127.0.0.1 / ::1 / its DNS names: reached by another
+    name that resolves to it, verify-full refuses it and the log names the mismatch."""
+    import socket
+
+    try:
+        name = socket.gethostname()
+        assert socket.gethostbyname(name)
+    except (OSError, AssertionError):
+        pytest.skip("no resolvable host name")
+    with socket.socket() as probe:
+        if probe.connect_ex((name, pg.port)) != 0:
+            pytest.skip(f"PostgreSQL is not reachable as {name}")
+    with make_proxy(backend=f"postgresql://{name}:{pg.port}", backend_tls_mode="verify-full") as p:
+        with caplog.at_level(logging.INFO, logger="pgcloak.session"), pytest.raises(psycopg.OperationalError):
+            connect(p, pg_app_user)
+    failed = [r for r in caplog.records if r.getMessage() == "start-up failed"]
+    assert failed and "Hostname mismatch" in failed[0].reason, [vars(r) for r in failed]
 
 
 def test_backend_tls_required_but_server_has_none(pg_app_user, tmp_path: Path):

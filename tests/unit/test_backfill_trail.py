@@ -23,18 +23,23 @@ tables:
 @pytest.mark.parametrize(
     ("sink", "expected"),
     [
-        (None, "file:/etc/pgcloak/pgcloak-audit.backfill.jsonl"),  # the default, next to the policy
-        ("file:logs/audit.jsonl", "file:/etc/pgcloak/logs/audit.backfill.jsonl"),
+        # Relative (the default too): in the working directory, as the proxy's trail;
+        # never next to the policy file (a read-only mount in a container).
+        (None, "file:{cwd}/pgcloak-audit.backfill.jsonl"),
+        ("file:logs/audit.jsonl", "file:{cwd}/logs/audit.backfill.jsonl"),
         ("file:/var/log/pgcloak/trail", "file:/var/log/pgcloak/trail.backfill"),
         ("stdout", "stderr"),  # stdout carries the report
         ("stderr", "stderr"),
         ("postgresql://audit@db/app?table=pgcloak_audit", "postgresql://audit@db/app?table=pgcloak_audit"),
     ],
 )
-def test_the_backfill_writes_beside_the_proxys_trail(sink: str | None, expected: str) -> None:
+def test_the_backfill_writes_beside_the_proxys_trail(
+    sink: str | None, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     text = TABLES + (f"audit:\n  sink: {sink}\n" if sink else "")
     config = backfill_audit_config(parse_policy(text, "/etc/pgcloak/policy.yaml"))
-    assert config.sink == expected
+    assert config.sink == expected.format(cwd=tmp_path)
 
 
 def _report(**counts: int) -> TableReport:
@@ -72,9 +77,16 @@ def test_a_dry_run_writes_no_column() -> None:
     assert event["fingerprint"] == "pgcloak backfill public.users --rotate --dry-run"
 
 
-def test_the_source_path_of_a_policy_read_from_a_file(tmp_path: Path) -> None:
+def test_a_policy_read_from_a_file_elsewhere_does_not_move_the_trail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pgcloak.policy import load_policy
 
-    path = tmp_path / "p.yaml"
-    path.write_text(TABLES)
-    assert backfill_audit_config(load_policy(path)).sink == f"file:{tmp_path.resolve()}/pgcloak-audit.backfill.jsonl"
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "work").mkdir()
+    path = tmp_path / "policy" / "p.yaml"
+    path.write_text(TABLES + "audit:\n  sink: file:audit.jsonl\n  spill_dir: spill\n")
+    monkeypatch.chdir(tmp_path / "work")
+    config = backfill_audit_config(load_policy(path))
+    assert config.sink == f"file:{tmp_path}/work/audit.backfill.jsonl"
+    assert config.spill_dir == f"{tmp_path}/work/spill"

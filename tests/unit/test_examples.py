@@ -205,9 +205,18 @@ def test_the_compose_proxy_command_is_one_pgcloak_runs() -> None:
     assert f":{admin_port}/readyz" in " ".join(proxy["healthcheck"]["test"])
     assert f"{ENV_PREFIX}MASTER_KEY" in proxy["environment"]
     assert args.master_key_file is None  # the key never sits in the compose directory
-    # The audit trail (a relative file sink) lands in the volume at the image's workdir.
+    # The policy's directory is a read-only mount: nothing may be written next to it.
+    assert f"{policy_host}:{args.policy}:ro" in proxy["volumes"]
+    # The audit trail is a relative file sink, which pgcloak resolves against its working
+    # directory (tests/unit/test_audit_paths.py; not the policy's directory): the image's
+    # workdir, where the compose file mounts the `audit` volume. Its spill file goes
+    # next to it, unless a spill_dir says otherwise.
+    audit = parse_policy((COMPOSE / policy_host).read_text(), source=policy_host).audit
+    assert audit.sink.startswith("file:") and not Path(audit.sink[len("file:") :]).is_absolute()
+    assert audit.spill_dir is None
     workdir = re.findall(r"^WORKDIR (\S+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)[-1]
     assert f"audit:{workdir}" in proxy["volumes"]  # (the final stage's)
+    assert not Path(workdir).is_relative_to(Path(args.policy).parent)
 
 
 def test_the_compose_schema_is_the_policy_ddl() -> None:
@@ -225,3 +234,15 @@ def test_the_compose_schema_is_the_policy_ddl() -> None:
     db = _compose()["services"]["db"]
     assert "./schema.sql:/docker-entrypoint-initdb.d/10-schema.sql:ro" in db["volumes"]
     assert db["environment"]["POSTGRES_USER"] in yaml.safe_load((COMPOSE / "policy.yaml").read_text())["roles"]
+
+
+def test_the_commands_in_the_example_policys_comments_are_ones_pgcloak_parses() -> None:
+    """`pgcloak --policy FILE` (no subcommand) was once written there."""
+    from pgcloak import cli
+
+    text = (ROOT / "policies" / "example.yaml").read_text()
+    commands = re.findall(r"`pgcloak ([^`]+)`", text)
+    assert commands
+    for command in commands:
+        args = cli.build_parser().parse_args(command.split())
+        assert callable(args.func), command

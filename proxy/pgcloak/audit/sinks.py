@@ -52,6 +52,7 @@ __all__ = [
     "make_sink",
     "read_table_lines",
     "redact_dsn",
+    "resolve_paths",
     "rotated_name",
     "spill_path_for",
     "worker_path",
@@ -126,6 +127,23 @@ def rotated_name(path: Path, when: datetime | None = None) -> Path:
         candidate = path.with_name(f"{path.name}.{stamp}.{n}")
         n += 1
     return candidate
+
+
+def resolve_paths(config: Audit, base: Path | None = None) -> Audit:
+    """``config`` with a relative file sink and ``spill_dir`` made absolute against
+    ``base``, the working directory by default (never the policy file's directory: in a
+    container that is a read-only mount, the working directory a writable volume).
+
+    Resolved once, when the trail starts, so the files stay put whatever happens next."""
+    base = Path.cwd() if base is None else base
+    update: dict[str, str] = {}
+    if config.sink.startswith("file:"):
+        path = Path(config.sink[len("file:") :])
+        if not path.is_absolute():
+            update["sink"] = f"file:{base / path}"
+    if config.spill_dir is not None and not Path(config.spill_dir).is_absolute():
+        update["spill_dir"] = str(base / config.spill_dir)
+    return config.model_copy(update=update) if update else config
 
 
 def spill_path_for(

@@ -3,7 +3,8 @@ protected value of a table, which a data protection officer must be able to see.
 
 The backfill runs beside the proxy, not in it, so it keeps a chain of its own (its own
 chain id, sealed when it ends), next to the proxy's: a file sink ``audit.jsonl`` gets
-``audit.backfill.jsonl`` (``pgcloak audit verify`` checks both), a PostgreSQL sink the
+``audit.backfill.jsonl`` (``pgcloak audit verify`` checks both; a relative path is in
+the working directory, as for the proxy), a PostgreSQL sink the
 same table, and ``stdout`` becomes stderr (stdout carries the report). Events carry
 table names, column key ids and counts: never a value, never a row's key.
 
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, statement_event
+from pgcloak.audit.sinks import resolve_paths
 from pgcloak.backfill.convert import ColumnJob
 from pgcloak.backfill.runner import TableReport
 from pgcloak.crypto.keyring import Keyring
@@ -37,13 +39,11 @@ _START_TIMEOUT = 10.0
 
 def backfill_audit_config(policy: Policy) -> Audit:
     """The policy's audit section, with the backfill's own sink (see the module docstring);
-    a relative file sink is next to the policy file, as for the proxy."""
-    config = policy.audit
+    a relative file sink (or ``spill_dir``) is in the working directory, as for the proxy."""
+    config = resolve_paths(policy.audit)
     sink = config.sink
     if sink.startswith("file:"):
         path = Path(sink[len("file:") :])
-        if not path.is_absolute():
-            path = Path(policy.source).parent.resolve() / path
         name = f"{path.stem}.{KIND}{path.suffix}" if path.suffix else f"{path.name}.{KIND}"
         sink = f"file:{path.with_name(name)}"
     elif sink == "stdout":

@@ -76,7 +76,13 @@ help desk (the support login below) through pgcloak:
 
 def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
     """Serve until Ctrl-C. With a throwaway server, the demo schema is protected by
-    DEMO_POLICY under a fresh master key that lives only as long as the demo."""
+    DEMO_POLICY under a fresh master key that lives only as long as the demo.
+
+    With ``backend`` (an existing server), pgcloak only relays: no policy, no master key,
+    nothing created there (setting up the demo's roles, table and constraints would
+    change someone's server, and values encrypted under a key that dies with the demo
+    could never be read again). Its user and database only shape the psql command
+    printed; the client authenticates to that server as usual."""
     setup_logging("text", "info")
     if backend is not None:
         parts = urlsplit(backend)
@@ -95,7 +101,9 @@ def run_demo(listen: str, backend: str | None, keep: bool = False) -> int:
         server.create_role(SUPPORT_USER, SUPPORT_PASSWORD)
         server.run_sql(demo_schema(), dbname=DEMO_DB)
         policy = server.base_dir / "demo-policy.yaml"
-        policy.write_text(DEMO_POLICY)
+        # The trail goes with the throwaway data (a relative sink would land in the
+        # directory the demo was started from, and outlive it).
+        policy.write_text(DEMO_POLICY + f"audit:\n  sink: file:{server.base_dir / 'audit.jsonl'}\n")
         print(f"pgcloak demo: PostgreSQL {server.version_string} on {server.host}:{server.port}", file=sys.stderr)
         direct = f"psql 'postgresql://{DEMO_USER}:{DEMO_PASSWORD}@{server.host}:{server.port}/{DEMO_DB}'"
         return _serve(
@@ -128,7 +136,7 @@ def _serve(
         print("\npgcloak is running. Connect through it with:\n", file=sys.stderr)
         print(f"  psql 'postgresql://{auth}@{settings.listen_host}:{proxy.port}/{dbname}'\n", file=sys.stderr)
         if policy is not None:
-            print(f"Protected by {policy}:\n\n{DEMO_POLICY}", file=sys.stderr)
+            print(f"Protected by {policy}:\n\n{policy.read_text()}", file=sys.stderr)
             print(WALKTHROUGH, file=sys.stderr)
         if policy is not None:
             support = f"{SUPPORT_USER}:{SUPPORT_PASSWORD}@{settings.listen_host}:{proxy.port}/{dbname}"

@@ -202,7 +202,8 @@ class Audit(BaseModel):
     sink: str = Field(
         default="file:pgcloak-audit.jsonl",
         json_schema_extra={"pattern": AUDIT_SINK_PATTERN},
-        description="Destination: 'file:<path>' (JSON lines; with several workers each writes "
+        description="Destination: 'file:<path>' (JSON lines; a relative path is in pgcloak's "
+        "working directory, not the policy file's; with several workers each writes "
         "'<name>.w<id><suffix>'), 'stdout', 'stderr', or a PostgreSQL table "
         "'postgresql://user@host:port/db?table=pgcloak_audit' (keep the password out of the "
         "policy: PGPASSWORD or ~/.pgpass work).",
@@ -256,8 +257,9 @@ class Audit(BaseModel):
     spill_dir: str | None = Field(
         default=None,
         min_length=1,
-        description="Directory of the spill file that holds events while the sink fails. "
-        "Default: next to a file sink; for other sinks <tmp>/pgcloak-audit-spill.",
+        description="Directory of the spill file that holds events while the sink fails "
+        "(a relative one is in the working directory). Default: next to a file sink; for "
+        "other sinks <tmp>/pgcloak-audit-spill.",
     )
     spill_max_bytes: int = Field(
         default=1024 * 1024 * 1024,

@@ -297,11 +297,16 @@ class SessionAudit:
         """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
         self._units.append(_SYNC)
 
-    def refused(self, plan: Plan | None, sqlstate: str, reason: str) -> None:
-        """Refusals are always recorded, whatever ``audit.statements`` says."""
+    def refused(
+        self, plan: Plan | None, sqlstate: str, reason: str, lookups: dict[str, list[str]] | None = None
+    ) -> None:
+        """Refusals are always recorded, whatever ``audit.statements`` says; ``lookups``:
+        the blind-index values the refused statement searched for (never the values)."""
         described = _described(plan.audit, self.masked_of(plan)) if plan is not None else _UNPLANNED
         self._emit(
-            refusal_event(self._info(), reason=trail_reason(reason), sqlstate=sqlstate, **described)
+            refusal_event(
+                self._info(), reason=trail_reason(reason), sqlstate=sqlstate, lookups=lookups or None, **described
+            )
         )
 
     # -- server side ---------------------------------------------------------------------

@@ -14,13 +14,14 @@ chunk without the envelope prefix or the marker is forwarded as it came.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
 from pgcloak.policy import ReadView
@@ -46,7 +47,7 @@ from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
 from pgcloak.sql.lexer import LexError
 from pgcloak.sql.lexer import copies_from_stdin as lexer_copies_from_stdin
-from pgcloak.sql.plan import DEALLOCATE_ALL, DISCARD_ALL
+from pgcloak.sql.plan import DEALLOCATE_ALL, DISCARD_ALL, Literal
 from pgcloak.sql.planner import unglue_params
 from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes, truncated
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
@@ -135,6 +136,33 @@ _ROWS_END = frozenset(b"CIEZ")
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 _NULL = _I.pack(-1)
+
+
+def _literal_lookups(protection: Protection, plan: Plan, literals: Sequence[Literal]) -> dict[str, list[str]]:
+    """The blind-index values a refused simple Query searched for, per column key id (the
+    values themselves are never kept): a refused read is an access attempt, and
+    ``pgcloak audit who-accessed`` finds events by these. A value that cannot be
+    normalized is left out."""
+    lookups: dict[str, list[str]] = {}
+    for literal, action in zip(literals, plan.literals, strict=False):
+        if action.kind == "lookup":
+            with contextlib.suppress(ValueRefused):
+                protection.transform(action, literal.value, lookups)
+    return lookups
+
+
+def _bind_lookups(
+    body: bytes, pos: int, actions: tuple[ValueAction, ...], protection: Protection
+) -> dict[str, list[str]]:
+    """:func:`_literal_lookups` for a refused Bind's parameters (nothing is encrypted)."""
+    lookups: dict[str, list[str]] = {}
+    only = tuple(a if a.kind == "lookup" else PASS for a in actions)
+    if any(a.kind == "lookup" for a in only):
+        try:
+            _rewrite_bind_values(body, pos, only, protection, lookups)
+        except (ValueRefused, ProtocolError):
+            return {}
+    return lookups
 
 
 def _rewrite_bind_values(
@@ -277,7 +305,15 @@ class Rewriter:
         self._at = 0
 
     # -- refusals ------------------------------------------------------------------
-    def _arm(self, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True) -> bytes:
+    def _arm(
+        self,
+        sqlstate: str,
+        message: str,
+        routine: str | None = None,
+        *,
+        refusal: bool = True,
+        lookups: dict[str, list[str]] | None = None,
+    ) -> bytes:
         """Remember our error; return the marker the server will echo in its error.
         ``refusal``: a refusal by pgcloak (counted and audited), not an error PostgreSQL
         would have given anyway."""
@@ -289,14 +325,16 @@ class Rewriter:
             error = ErrorResponse((*error.fields, ("R", routine)))
         self._refusals[marker] = error.encode()
         if refusal:
-            self._record_refusal(self.last_plan, sqlstate, message)
+            self._record_refusal(self.last_plan, sqlstate, message, lookups)
         return marker
 
-    def _record_refusal(self, plan: Plan | None, sqlstate: str, message: str) -> None:
+    def _record_refusal(
+        self, plan: Plan | None, sqlstate: str, message: str, lookups: dict[str, list[str]] | None = None
+    ) -> None:
         """Count a refusal (the /metrics) and put it in the audit trail."""
         self._refused[sqlstate] += 1
         if self._audit is not None:
-            self._audit.refused(plan, sqlstate, message)
+            self._audit.refused(plan, sqlstate, message, lookups)
 
     def _audit_down(self, protection: Protection, plan: Plan) -> bool:
         """on_audit_failure: refuse — no PII statement runs while the trail cannot be written."""
@@ -307,17 +345,33 @@ class Rewriter:
             and protection.policy.audit.on_audit_failure == "refuse"
         )
 
-    def _refuse_query(self, sqlstate: str, message: str) -> bytes:
-        return Query(self._arm(sqlstate, message).decode()).encode()
+    def _refuse_query(self, sqlstate: str, message: str, lookups: dict[str, list[str]] | None = None) -> bytes:
+        return Query(self._arm(sqlstate, message, lookups=lookups).decode()).encode()
 
-    def _refuse_parse(self, name: str, sqlstate: str, message: str, *, refusal: bool = True) -> bytes:
-        return Parse(name, self._arm(sqlstate, message, refusal=refusal).decode(), ()).encode()
+    def _refuse_parse(
+        self,
+        name: str,
+        sqlstate: str,
+        message: str,
+        *,
+        refusal: bool = True,
+        lookups: dict[str, list[str]] | None = None,
+    ) -> bytes:
+        return Parse(name, self._arm(sqlstate, message, refusal=refusal, lookups=lookups).decode(), ()).encode()
 
     def _refuse_bind(
-        self, portal: str, sqlstate: str, message: str, routine: str | None = None, *, refusal: bool = True
+        self,
+        portal: str,
+        sqlstate: str,
+        message: str,
+        routine: str | None = None,
+        *,
+        refusal: bool = True,
+        lookups: dict[str, list[str]] | None = None,
     ) -> bytes:
         # Binding a statement that does not exist fails at Bind, naming the marker.
-        return Bind(portal, self._arm(sqlstate, message, routine, refusal=refusal).decode(), (), (), ()).encode()
+        marker = self._arm(sqlstate, message, routine, refusal=refusal, lookups=lookups)
+        return Bind(portal, marker.decode(), (), (), ()).encode()
 
     # -- read decisions --------------------------------------------------------------
     def _read_view(self, protection: Protection) -> ReadView | None:
@@ -458,7 +512,8 @@ class Rewriter:
             return self._refused_query("0A000", change.message)
         denied = self._denied_read(protection, plan)
         if denied is not None:
-            return self._refused_query(denied.sqlstate, denied.message)
+            # An attempt to read someone's value: who-accessed must find it by the lookup.
+            return self._refused_query(denied.sqlstate, denied.message, _literal_lookups(protection, plan, literals))
         if self._audit_down(protection, plan):
             return self._refused_query("58000", AUDIT_DOWN)
         self._start_copy(protection, plan)
@@ -513,10 +568,10 @@ class Rewriter:
             return _UNSAFE_ENCODING.format(name=name)
         return None
 
-    def _refused_query(self, sqlstate: str, message: str) -> bytes:
+    def _refused_query(self, sqlstate: str, message: str, lookups: dict[str, list[str]] | None = None) -> bytes:
         if self._audit is not None:
             self._audit.query(None, {})  # its ReadyForQuery still comes
-        return self._refuse_query(sqlstate, message)
+        return self._refuse_query(sqlstate, message, lookups)
 
     def _reserved(self, plan: Plan, deallocated: frozenset[str] = frozenset()) -> bool:
         """SQL-level names of pgcloak's own statements: not the client's (42939). Those
@@ -756,7 +811,9 @@ class Rewriter:
         denied = self._denied_read(protection, plan)
         if denied is not None:
             self._parse_failed(name)
-            return self._refuse_parse(name, denied.sqlstate, denied.message)
+            # Its literals' lookups (a parameter's value is not sent yet: none for it).
+            lookups = _literal_lookups(protection, plan, entry.literals) if entry.literals else None
+            return self._refuse_parse(name, denied.sqlstate, denied.message, lookups=lookups)
         text = text_of(body, name_end, query_end)
         unreadable = self._encoding_refusal(protection, plan, text)
         if unreadable is not None:
@@ -910,7 +967,12 @@ class Rewriter:
         if denied is not None:
             if audit is not None:
                 audit.bind(portal, None, {})
-            return self._refuse_bind(portal.decode("utf-8", "surrogateescape"), denied.sqlstate, denied.message)
+            return self._refuse_bind(
+                portal.decode("utf-8", "surrogateescape"),
+                denied.sqlstate,
+                denied.message,
+                lookups=_bind_lookups(body, stmt_end + 1, plan.params, protection) if audit is not None else None,
+            )
         if self._audit_down(protection, plan):
             if audit is not None:
                 audit.bind(portal, None, {})

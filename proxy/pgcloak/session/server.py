@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pgcloak.audit import AuditLog
+from pgcloak.audit.sinks import resolve_paths
 from pgcloak.config import ConfigError, Settings
 from pgcloak.crypto.errors import CryptoError
 from pgcloak.crypto.keyring import Keyring
@@ -71,13 +72,11 @@ def load_protection(settings: Settings, keyring: Keyring | None = None) -> Prote
     return Protection.build(policy, keyring or Keyring(load_master_key(settings)))
 
 
-def make_audit_log(settings: Settings, protection: Protection) -> AuditLog:
-    """The worker's audit trail; a relative file sink lives next to the policy file."""
-    config = protection.policy.audit
-    if config.sink.startswith("file:") and settings.policy is not None:
-        path = Path(config.sink[len("file:") :])
-        if not path.is_absolute():
-            config = config.model_copy(update={"sink": f"file:{settings.policy.parent.resolve() / path}"})
+def make_audit_log(protection: Protection) -> AuditLog:
+    """The worker's audit trail; a relative file sink (the default one included) and a
+    relative ``spill_dir`` are in the working directory, never next to the policy file
+    (a read-only mount in a container; the image's working directory is a volume)."""
+    config = resolve_paths(protection.policy.audit)
     worker = os.environ.get("PGCLOAK_WORKER_ID")
     return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
 
@@ -275,7 +274,7 @@ class ProxyServer:
         if self.protection is not None:
             # The trail is up before the first client can connect.
             if self.protection.policy.audit.enabled:
-                self.audit = make_audit_log(self.settings, self.protection)
+                self.audit = make_audit_log(self.protection)
                 await self.audit.start()
             self._watch = loop.create_task(self._watch_policy())
         if sock is not None:
@@ -314,7 +313,7 @@ class ProxyServer:
                     return False
                 protection = Protection.build(policy, self.protection.keyring)
                 # Made before anything is swapped: a trail that cannot be set up refuses the edit.
-                trail = make_audit_log(self.settings, protection) if audit_changed and policy.audit.enabled else None
+                trail = make_audit_log(protection) if audit_changed and policy.audit.enabled else None
             except PolicyError as exc:
                 self._refused(str(exc))
                 return False

@@ -99,6 +99,17 @@ _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 _MAX_AUTH_MESSAGE = 65535 + 4
 
 
+
+def _tls_detail(exc: BaseException) -> dict[str, str]:
+    """What a TLS failure says, for the log: a certificate's verification message
+    ("Hostname mismatch, certificate is not valid for 'db'.", "unable to get local issuer
+    certificate") or OpenSSL's reason code. Neither holds a secret."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return {"reason": str(exc.verify_message)}
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return {"reason": str(exc.reason)}
+    return {}
+
 class SessionError(Exception):
     """Ends the session with an ErrorResponse to the client (FATAL unless said otherwise)."""
 
@@ -372,7 +383,7 @@ class Session:
 
     def _lost_during_startup(self, exc: Exception) -> None:
         self._fatal("08006", "pgcloak lost a connection during start-up")
-        log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__})
+        log.info("start-up failed", extra={"session": self.id, "error": type(exc).__name__, **_tls_detail(exc)})
         self._finish("start-up failed")
 
     def _login_timed_out(self) -> None:
