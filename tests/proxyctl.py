@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -55,12 +57,15 @@ class ThreadedProxy(ProxyBase):
 
     ``cwd``: the working directory it starts in, where a relative audit sink (the
     default one included) and spill directory land, as for ``pgcloak run``; the test
-    process's own one is restored once it listens (the paths are resolved by then).
-    Without it a relative sink lands in the test process's working directory."""
+    process's own one is restored once it listens (the server keeps the directory it
+    started in). Without it, a new temporary directory."""
 
     def __init__(self, settings: Settings, cwd: Path | None = None) -> None:
         self.settings = settings
-        self.cwd = cwd
+        # a directory of its own by default (removed at stop): a test never leaves a
+        # trail in the repository
+        self._own_cwd = cwd is None
+        self.cwd = cwd if cwd is not None else Path(tempfile.mkdtemp(prefix="pgcloak-proxy-"))
         self.server: ProxyServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -71,7 +76,7 @@ class ThreadedProxy(ProxyBase):
         install_event_loop_policy()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="pgcloak-proxy", daemon=True)
-        with contextlib.chdir(self.cwd) if self.cwd is not None else contextlib.nullcontext():
+        with contextlib.chdir(self.cwd):
             self._thread.start()
             if not self._ready.wait(20):
                 raise RuntimeError("proxy did not start")
@@ -113,6 +118,8 @@ class ThreadedProxy(ProxyBase):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop = None
+        if self._own_cwd:
+            shutil.rmtree(self.cwd, ignore_errors=True)
 
     def __enter__(self) -> ThreadedProxy:
         return self.start()

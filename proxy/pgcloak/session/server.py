@@ -72,11 +72,12 @@ def load_protection(settings: Settings, keyring: Keyring | None = None) -> Prote
     return Protection.build(policy, keyring or Keyring(load_master_key(settings)))
 
 
-def make_audit_log(protection: Protection) -> AuditLog:
+def make_audit_log(protection: Protection, workdir: Path | None = None) -> AuditLog:
     """The worker's audit trail; a relative file sink (the default one included) and a
-    relative ``spill_dir`` are in the working directory, never next to the policy file
+    relative ``spill_dir`` are in the working directory (``workdir``: the one the proxy
+    started in, also for a trail a policy reload makes), never next to the policy file
     (a read-only mount in a container; the image's working directory is a volume)."""
-    config = resolve_paths(protection.policy.audit)
+    config = resolve_paths(protection.policy.audit, workdir)
     worker = os.environ.get("PGCLOAK_WORKER_ID")
     return AuditLog(config, protection.keyring.audit_key(), worker=int(worker) if worker else None)
 
@@ -166,6 +167,8 @@ class ProxyServer:
         self.settings = settings
         self.tls = tls if tls is not None else build_tls(settings)
         self.verifiers = VerifierSource(settings, self.tls.backend)
+        #: Where relative audit paths are, whenever a trail is made (a reload's too).
+        self.workdir = Path.cwd()
         #: Swapped whole on a policy reload; sessions read it per statement.
         self.protection = load_protection(settings)
         self._policy_watch = PolicyFileWatch(settings.policy) if settings.policy is not None else None
@@ -274,7 +277,7 @@ class ProxyServer:
         if self.protection is not None:
             # The trail is up before the first client can connect.
             if self.protection.policy.audit.enabled:
-                self.audit = make_audit_log(self.protection)
+                self.audit = make_audit_log(self.protection, self.workdir)
                 await self.audit.start()
             self._watch = loop.create_task(self._watch_policy())
         if sock is not None:
@@ -313,7 +316,7 @@ class ProxyServer:
                     return False
                 protection = Protection.build(policy, self.protection.keyring)
                 # Made before anything is swapped: a trail that cannot be set up refuses the edit.
-                trail = make_audit_log(protection) if audit_changed and policy.audit.enabled else None
+                trail = make_audit_log(protection, self.workdir) if audit_changed and policy.audit.enabled else None
             except PolicyError as exc:
                 self._refused(str(exc))
                 return False
