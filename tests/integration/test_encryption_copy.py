@@ -129,3 +129,56 @@ def test_data_postgresql_would_refuse_is_refused_with_its_sqlstate(env: EncEnv) 
             copy.write(f"{name}\t{name}@example.com\n{name}\t{name}-2@example.com\r".encode())
     assert f"{name}@example.com" not in str(caught.value)
     assert not _stored(env, name)
+
+
+# -- second review (session 13): what the first fixes missed --------------------------------
+
+
+def test_the_old_binary_keyword_is_binary_format(env: EncEnv) -> None:
+    # COPY BINARY table (before 7.3, still accepted): read as the table name "BINARY",
+    # the statement named no protected table and its data went by untouched.
+    with env.psy() as conn, pytest.raises(psycopg.errors.FeatureNotSupported) as caught:
+        conn.execute("COPY BINARY users (name, email) FROM STDIN")
+    assert "binary format" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        'COPY U&"user\\0073" (name, email) FROM STDIN',
+        'COPY users (name, U&"emai\\006c") FROM STDIN',
+        "INSERT INTO U&\"user\\0073\" (name, email) VALUES ('n', 'u-escaped@example.com')",
+    ],
+)
+def test_unicode_escaped_names_are_refused(env: EncEnv, sql: str) -> None:
+    with env.psy() as conn, pytest.raises(psycopg.errors.FeatureNotSupported) as caught:
+        conn.execute(sql)
+    assert 'U&"..."' in str(caught.value)
+    assert not env.raw("SELECT 1 FROM users WHERE email = 'u-escaped@example.com'")
+
+
+def test_a_copy_portal_is_known_by_the_name_postgresql_keeps(env: EncEnv) -> None:
+    # PostgreSQL cuts portal names to 63 bytes: bound as one spelling, run as another.
+    name = unique("long")
+    email = f"{name}@example.com"
+    with env.psy() as conn:
+        os.write(
+            conn.pgconn.socket,
+            parse("cl", "COPY users (name, email) FROM STDIN") + bind("P" * 63 + "a", "cl") + execute("P" * 63 + "b"),
+        )
+        assert "G" in types(read_messages(conn, lambda out: any(t in "GEZ" for t, _ in out)))
+        assert not sqlstates(raw(conn, copy_data(f"{name}\t{email}\n") + COPY_DONE + SYNC, 1))
+    [value] = _stored(env, name)
+    env.assert_stored(value, email)
+
+
+def test_copy_portals_past_the_bound_are_refused_not_forgotten(env: EncEnv) -> None:
+    with env.psy() as conn:
+        os.write(
+            conn.pgconn.socket,
+            parse("cm", "COPY users (name, email) FROM STDIN")
+            + b"".join(bind(f"p{i}", "cm") for i in range(1001))
+            + SYNC,
+        )
+        replies = read_messages(conn, lambda out: any(t == "Z" for t, _ in out))
+    assert sqlstates(replies) == ["54000"], sqlstates(replies)

@@ -289,6 +289,9 @@ def test_client_encodings_pgcloak_cannot_read_are_refused(env: EncEnv) -> None:
     and another by PostgreSQL (review of session 13). Statements on protected tables are
     refused under them, and switching to them is refused before it runs."""
     name = unique("sjis")
+    with psycopg.connect(env.proxy_dsn(), autocommit=True, client_encoding="SHIFT_JIS_2004") as conn:
+        with pytest.raises(errors.FeatureNotSupported):
+            conn.execute("SELECT email FROM users WHERE id = 1")
     with psycopg.connect(env.proxy_dsn(), autocommit=True, client_encoding="SJIS") as conn:
         for sql in (
             f"INSERT INTO users (name, email) VALUES ('{name}', '{name}@example.com')",
@@ -302,7 +305,15 @@ def test_client_encodings_pgcloak_cannot_read_are_refused(env: EncEnv) -> None:
         conn.execute("SET client_encoding TO 'UTF8'")
         conn.execute("INSERT INTO users (name, email) VALUES (%s, %s)", (name, f"{name}@example.com"))
     with env.psy() as conn:
-        for sql in ("SET client_encoding TO 'BIG5'", "SET NAMES 'sjis'", "SELECT set_config('client_encoding', 'GBK', false)"):
+        for sql in (
+            "SET client_encoding TO 'BIG5'",
+            "SET NAMES 'sjis'",
+            "SELECT set_config('client_encoding', 'GBK', false)",
+            "SET client_encoding TO 'S-JIS'",  # PostgreSQL ignores what is not a letter or digit
+            "SET client_encoding TO 'SHIFT_JIS_2004'",
+            # whatever it sets applies to the COPY data that follows
+            "SET client_encoding TO 'UTF8'; COPY users (name, email) FROM STDIN",
+        ):
             with pytest.raises(errors.FeatureNotSupported):
                 conn.execute(sql)
         assert conn.execute("SHOW client_encoding").fetchone() == ("UTF8",)

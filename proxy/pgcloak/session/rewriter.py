@@ -78,16 +78,19 @@ _ENVELOPE_BODY = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400
 #: Client encodings whose multibyte characters can hold ASCII bytes (a backslash, a
 #: quote, a TAB): PostgreSQL converts text from them before it parses it, pgcloak parses
 #: the bytes it gets, so it could not tell what PostgreSQL will read (server encodings
-#: never have such characters; these are client-only). As ParameterStatus names them.
-UNSAFE_ENCODINGS = frozenset(("SJIS", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"))
-#: A statement that may switch the client encoding to one of them (SET client_encoding,
-#: SET NAMES, set_config): refused before it runs, so that nothing pipelined after it is
-#: read by pgcloak one way and by PostgreSQL another. Spellings PostgreSQL accepts for them.
+#: never have such characters; these are client-only). Names as PostgreSQL compares
+#: them: letters and digits only, any case.
+UNSAFE_ENCODINGS = frozenset(("SJIS", "SHIFTJIS2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"))
+#: A statement that may change the client encoding (SET client_encoding, SET NAMES,
+#: set_config): checked before it runs, so that nothing sent after it is read by pgcloak
+#: one way and by PostgreSQL another.
 _ENCODING_SWITCH = re.compile(r"(?i)client_encoding|\bnames\b")
+#: Every name PostgreSQL knows those encodings by, cleaned as it cleans them (letters and
+#: digits, lowercase): found in a statement's cleaned text.
 _UNSAFE_ENCODING_NAME = re.compile(
-    r"(?i)(?<![a-z0-9_])(?:s_?jis|shift_?jis|mskanji|(?:win|windows|cp)(?:932|936|949|950)|big5|gbk"
-    r"|uhc|gb18030|johab)(?![a-z0-9_])"
+    r"s_?jis|shiftjis|mskanji|windows9(?:32|36|49|50)|win9(?:32|36|49|50)|big5|gbk|uhc|gb18030|johab"
 )
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
 _UNSAFE_ENCODING = (
     "pgcloak cannot read statements in client encoding {name} (its characters can hold ASCII "
     "bytes that PostgreSQL reads after converting them): use UTF8 on a session that touches "
@@ -226,6 +229,13 @@ def _sql_prepared_message(name: str) -> str:
         f'prepared statement "{name}" was prepared with SQL PREPARE: through pgcloak it runs '
         "only as EXECUTE (prepare it with the protocol, as drivers do, to bind it)"
     )
+
+
+def _portal_key(name: bytes) -> bytes:
+    """A portal name as PostgreSQL keeps it (cut to 63 bytes, never inside a character)."""
+    if len(name) <= 63:
+        return name
+    return truncated(name.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
 class Rewriter:
@@ -427,13 +437,13 @@ class Rewriter:
         # Most frequent first: an extended-protocol statement is Bind, Execute, Sync.
         if kind == B:
             if self._copy_portals:
-                self._copy_portals.pop(msg[5 : msg.find(b"\0", 5)], None)  # bound again
+                self._copy_portals.pop(_portal_key(msg[5 : msg.find(b"\0", 5)]), None)  # bound again
             return self._bind(msg)
         if kind == EXECUTE:
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             if self._copy_portals:
-                copy = self._copy_portals.pop(msg[5 : msg.find(b"\0", 5)], None)
+                copy = self._copy_portals.pop(_portal_key(msg[5 : msg.find(b"\0", 5)]), None)
                 if copy is not None:
                     self._start_copy(*copy)
             return msg
@@ -552,19 +562,27 @@ class Rewriter:
 
     def client_encoding(self, name: str) -> None:
         """The server reported the session's client encoding (at startup, after a SET)."""
-        upper = name.upper()
-        self._unsafe_encoding = upper if upper in UNSAFE_ENCODINGS else None
+        self._unsafe_encoding = name if _NOT_ALNUM.sub("", name.lower()).upper() in UNSAFE_ENCODINGS else None
 
     def _encoding_refusal(self, protection: Protection, plan: Plan, sql: str) -> str | None:
-        """Why ``sql`` cannot run under the session's client encoding (None: it can)."""
+        """Why ``sql`` cannot run under the session's client encoding (None: it can).
+
+        A statement that may change the encoding is refused when it names one of the
+        unsafe ones, and when it comes with a statement on a protected table (the
+        encoding it sets, maybe computed, would apply to what follows it: COPY data).
+        """
+        protected = plan.touches_pii or any(protection.policy.columns_of(t) for t in plan.audit.tables)
         if _ENCODING_SWITCH.search(sql) is not None:
-            found = _UNSAFE_ENCODING_NAME.search(sql)
+            found = _UNSAFE_ENCODING_NAME.search(_NOT_ALNUM.sub("", sql.lower()))
             if found is not None:
                 return _UNSAFE_ENCODING.format(name=found.group(0).upper())
+            if protected and re.search(r"(?i)\bset\b|set_config", sql):
+                return (
+                    "a statement that sets the client encoding must not come with statements on "
+                    "protected tables: send it on its own"
+                )
         name = self._unsafe_encoding
-        if name is not None and (
-            plan.touches_pii or any(protection.policy.columns_of(t) for t in plan.audit.tables)
-        ):
+        if name is not None and protected:
             return _UNSAFE_ENCODING.format(name=name)
         return None
 
@@ -984,10 +1002,18 @@ class Rewriter:
                 self._search_path.apply(change)  # refused ones were refused at Parse
         if plan.copy_in is not None:
             # Its data is rewritten when the portal runs (Execute): another COPY may be
-            # bound meanwhile.
-            if len(self._copy_portals) >= _MAX_COPY_PORTALS:
-                self._copy_portals.clear()  # portals end with their transaction, untold
-            self._copy_portals[portal] = (protection, plan)
+            # bound meanwhile. Portals end with their transaction, untold: past the bound
+            # the Bind is refused (forgetting one would let its data by).
+            key = _portal_key(portal)
+            if key not in self._copy_portals and len(self._copy_portals) >= _MAX_COPY_PORTALS:
+                if audit is not None:
+                    audit.bind(portal, None, {})
+                return self._refuse_bind(
+                    portal.decode("utf-8", "surrogateescape"),
+                    "54000",
+                    f"too many COPY portals bound and not executed in one session (limit {_MAX_COPY_PORTALS})",
+                )
+            self._copy_portals[key] = (protection, plan)
         if self._search_path is not None and (plan.copy_in is not None or copies_from_stdin(text)):
             self._search_path.copy_started()
         actions = plan.params
@@ -1023,7 +1049,7 @@ class Rewriter:
                 return Close("S", entry.server).encode()
         else:
             portal = close.name.encode("utf-8", "surrogateescape")
-            self._copy_portals.pop(portal, None)
+            self._copy_portals.pop(_portal_key(portal), None)
             if self._audit is not None:
                 self._audit.close_portal(portal)
         return msg

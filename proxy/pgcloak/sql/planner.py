@@ -290,6 +290,14 @@ class Planner:
                 "supported in statements naming a protected table",
                 fp,
             )
+        if _has_escaped_identifier(lexed):
+            # U&"user\0073" is "users": pgcloak reads names as written, so it would not know
+            # the table or column (and so what to encrypt).
+            return _deny_plan(
+                'identifiers written U&"..." are not supported by pgcloak (it could not tell which '
+                "table or column they name): write the name plainly or in double quotes",
+                fp,
+            )
         stmts: list[_Stmt] = []
         pieces: list[Piece] = []
         pos = 0
@@ -553,6 +561,10 @@ class Planner:
             return inner
         an = Analysis(kind="copy")
         st = _Stmt(self._verbatim(sql, lexed, s0, e0), an)
+        # COPY BINARY table ... (the syntax before 7.3, still accepted): binary format
+        binary = i < b and toks[i].token_type != TokenType.IDENTIFIER and toks[i].text.upper() == "BINARY"
+        if binary:
+            i += 1
         # table name: ident [. ident]
         parts: list[str] = []
         while i < b:
@@ -589,7 +601,7 @@ class Planner:
         direction = toks[i].text.upper() if i < b else ""
         target = toks[i + 1].text.upper() if i + 1 < b else ""
         rest = [t.text.upper() for t in toks[i + 2 : b]]
-        fmt = _copy_format(rest)
+        fmt = "binary" if binary else _copy_format(rest)
         protected = self.policy.columns_of(table)
         an.tables.add(table)
         if not protected:
@@ -848,6 +860,24 @@ def _has_opaque_strings(lexed: Lexed) -> bool:
             if prev is not None and prev.token_type in strings:
                 return True
         prev = tok
+    return False
+
+
+def _has_escaped_identifier(lexed: Lexed) -> bool:
+    """Whether the text holds a ``U&"..."`` identifier (lexed as ``U``, ``&``, a quoted
+    name, with nothing between them)."""
+    toks = lexed.tokens
+    for i in range(len(toks) - 2):
+        u, amp, name = toks[i], toks[i + 1], toks[i + 2]
+        if (
+            amp.token_type == TokenType.AMP
+            and name.token_type == TokenType.IDENTIFIER
+            and u.text in ("U", "u")
+            and u.token_type != TokenType.IDENTIFIER
+            and amp.start == u.end + 1
+            and name.start == amp.end + 1
+        ):
+            return True
     return False
 
 

@@ -44,6 +44,9 @@ _UNKNOWN, _NL, _CR_ONLY, _CRNL = 0, 1, 2, 3
 #: Bytes that matter while looking for the end of a line.
 _TEXT_LINE: Final = re.compile(rb"[\\\r\n]")
 _CSV_LINE: Final = re.compile(rb'["\r\n]')
+#: What ends a run of plain lines (bytes.split does the rest).
+_TEXT_OTHER: Final = re.compile(rb"[\\\r]")
+_CSV_OTHER: Final = re.compile(rb'["\r]')
 _TEXT_FIELD: Final = re.compile(rb"[\t\\]")
 _CSV_FIELD: Final = re.compile(rb'[,"]')
 #: A backslash escape of text format: octal (1-3 digits), hex (1-2), or any byte; a
@@ -153,13 +156,20 @@ def _csv_fields(line: bytes) -> list[Field]:
 
 
 class CopyReader:
-    """Records of a COPY FROM STDIN stream, fed as the CopyData messages come."""
+    """Records of a COPY FROM STDIN stream, fed as the CopyData messages come.
+
+    Linear in the data however it is split: the buffer is consumed by offset, and a
+    run of lines with nothing special in it (no CR; in text format no backslash, in CSV
+    no quote) is split with ``bytes.split``, the common case of a bulk load.
+    """
 
     def __init__(self, csv: bool) -> None:
         self.csv = csv
         self._buf = b""
-        #: Where the search for the current line's end resumes (bytes before it belong
-        #: to the line: whole escapes, and in CSV the quoted state below).
+        #: Where the current (unfinished) line starts in ``_buf``.
+        self._start = 0
+        #: Where the search for its end resumes (bytes before it belong to the line:
+        #: whole escapes, and in CSV the quoted state below).
         self._scan = 0
         self._in_quote = False
         self._eol = _UNKNOWN
@@ -170,7 +180,11 @@ class CopyReader:
         """The records that ``data`` completes."""
         if self.ended:
             return []
-        self._buf += data
+        if self._start:
+            self._buf = self._buf[self._start :]
+            self._scan -= self._start
+            self._start = 0
+        self._buf = self._buf + data if self._buf else data
         return self._records(final=False)
 
     def finish(self) -> list[list[Field]]:
@@ -179,30 +193,57 @@ class CopyReader:
             return []
         records = self._records(final=True)
         self._buf = b""
+        self._start = self._scan = 0
         return records
 
     def _records(self, final: bool) -> list[list[Field]]:
         records: list[list[Field]] = []
+        split = _csv_fields if self.csv else _text_fields
         while not self.ended:
+            if self._scan == self._start and not self._in_quote:
+                self._plain_lines(records)
             line = self._line(final)
             if line is None:
                 break
-            if self.csv:
-                if line == b"\\.":  # PostgreSQL before 18 ends CSV data there, as psql does
-                    self.ended = True
-                    break
-                records.append(_csv_fields(line))
-            else:
-                records.append(_text_fields(line))
+            if self.csv and line == b"\\.":  # PostgreSQL before 18 ends CSV data there, as psql does
+                self.ended = True
+                break
+            records.append(split(line))
         if self.ended:
             self._buf = b""
+            self._start = self._scan = 0
         return records
+
+    def _plain_lines(self, records: list[list[Field]]) -> None:
+        """Whole lines from the current one on with nothing special in them, split fast."""
+        if self._eol not in (_UNKNOWN, _NL):
+            return
+        buf = self._buf
+        start = self._start
+        # the lines up to the last LF before the first byte that needs the slow path
+        found = (_CSV_OTHER if self.csv else _TEXT_OTHER).search(buf, start)
+        end = buf.rfind(b"\n", start, len(buf) if found is None else found.start())
+        if end < 0:
+            return
+        lines = buf[start:end].split(b"\n")
+        self._eol = _NL
+        if self.csv:
+            for line in lines:
+                if line == b"\\.":
+                    self.ended = True
+                    self._start = self._scan = end + 1
+                    return
+                records.append([Field(raw, raw if raw else None) for raw in line.split(b",")])
+        else:
+            for line in lines:
+                records.append([Field(raw, raw) for raw in line.split(b"\t")])
+        self._start = self._scan = end + 1
 
     def _line(self, final: bool) -> bytes | None:
         """The next whole line (without its end), or None until more data comes."""
         buf = self._buf
         n = len(buf)
-        if final and not n:
+        if final and self._start >= n:
             return None
         pos = self._scan
         pattern = _CSV_LINE if self.csv else _TEXT_LINE
@@ -256,7 +297,7 @@ class CopyReader:
     def _marker(self, at: int, final: bool) -> bytes | None:
         """``\\.`` in text format: the end of the data, if alone on its line."""
         buf = self._buf
-        if at > 0:
+        if at > self._start:
             raise CopyFormatError("end-of-copy marker is not alone on its line")
         after = buf[at + 2 : at + 4]
         if not final and len(after) < (2 if self._eol in (_UNKNOWN, _CRNL) else 1) and not after.startswith(b"\n"):
@@ -268,9 +309,8 @@ class CopyReader:
         return None
 
     def _take(self, end: int, after: int) -> bytes:
-        line = self._buf[:end]
-        self._buf = self._buf[after:]
-        self._scan = 0
+        line = self._buf[self._start : end]
+        self._start = self._scan = after
         self._in_quote = False
         return line
 
