@@ -248,13 +248,17 @@ def test_simple_query_pipelined_begin_set_rollback(env: EncEnv) -> None:
         safe(probe(env, conn))
 
 
-def test_unicode_escape_set(env: EncEnv) -> None:
+@pytest.mark.parametrize(
+    "sql",
+    ['SET search_path = U&"\\0063rm"', "SELECT U&\"set\\005fconfig\"(U&'search\\005fpath', 'crm', false)"],
+)
+def test_unicode_escaped_names_are_refused_and_the_path_stays(env: EncEnv, sql: str) -> None:
+    # pgcloak reads names as written: U&"..." identifiers are refused (0A000), so the
+    # path they would have set is never in doubt.
     with connect(env) as conn:
-        try:
-            conn.execute('SET search_path = U&"\\0063rm"')
-        except psycopg.errors.FeatureNotSupported as exc:
-            pytest.skip(f"refused: {exc}")
-        safe(probe(env, conn))
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute(sql)
+        assert probe(env, conn) == "public:plaintext"  # public."Contacts" is not protected here
 
 
 def test_do_block_set_config(env: EncEnv) -> None:
@@ -331,12 +335,6 @@ def test_sql_level_execute_of_a_change(env: EncEnv) -> None:
     with connect(env) as conn:
         conn.execute("PREPARE sp AS SELECT set_config('search_path', 'crm', false)")
         conn.execute("EXECUTE sp")
-        assert probe(env, conn) == "crm:encrypted"
-
-
-def test_unicode_escaped_set_config(env: EncEnv) -> None:
-    with connect(env) as conn:
-        conn.execute("SELECT U&\"set\\005fconfig\"(U&'search\\005fpath', 'crm', false)")
         assert probe(env, conn) == "crm:encrypted"
 
 
