@@ -571,8 +571,12 @@ class Rewriter:
         unsafe ones, and when it comes with a statement on a protected table (the
         encoding it sets, maybe computed, would apply to what follows it: COPY data).
         """
+        switch = _ENCODING_SWITCH.search(sql) is not None
+        name = self._unsafe_encoding
+        if not switch and name is None:
+            return None  # the common case: nothing to look at
         protected = plan.touches_pii or any(protection.policy.columns_of(t) for t in plan.audit.tables)
-        if _ENCODING_SWITCH.search(sql) is not None:
+        if switch:
             found = _UNSAFE_ENCODING_NAME.search(_NOT_ALNUM.sub("", sql.lower()))
             if found is not None:
                 return _UNSAFE_ENCODING.format(name=found.group(0).upper())
@@ -581,7 +585,6 @@ class Rewriter:
                     "a statement that sets the client encoding must not come with statements on "
                     "protected tables: send it on its own"
                 )
-        name = self._unsafe_encoding
         if name is not None and protected:
             return _UNSAFE_ENCODING.format(name=name)
         return None
