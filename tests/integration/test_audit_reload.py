@@ -184,3 +184,25 @@ def test_turning_the_trail_off_keeps_it_for_the_sessions_that_have_it(env: EncEn
         assert not [r for r in recs if r.get("application_name") == "unaudited"]
         a.stop()
     verified(env, trail)
+
+
+def test_off_then_on_at_once_seals_the_old_trail_before_the_new_one_opens(env: EncEnv, tmp_path: Path) -> None:
+    # Turned off with no audited session, the trail was closed in the background; turned
+    # on again at once, the new one opened the same file before the old one's seal
+    # (review of session 13).
+    with audited(env, tmp_path, audit={"sink": "file:trail/audit.jsonl"}, policy_poll_interval=3600) as a:
+        server = server_of(a)
+        old = server.audit
+        assert old is not None
+
+        async def off_then_on() -> tuple[bool, bool]:
+            assert await server.reload_policy((POLICY + audit_section(enabled=False)).encode())
+            on = POLICY + audit_section(sink="file:trail/audit.jsonl", statements="all")
+            assert await server.reload_policy(on.encode())
+            assert server.audit is not None
+            return old._closed, server.audit._task is not None
+
+        closed_first, started = a.proxy.call(off_then_on)
+        assert started and closed_first
+        a.proxy.stop()
+    verified(env, tmp_path / "trail" / "audit.jsonl")

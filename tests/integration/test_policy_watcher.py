@@ -9,6 +9,7 @@ rewritten in place in several writes showed the watcher a valid prefix of the po
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from encryption_fixtures import USERS, EncEnv, encryption_env, policy_yaml, uniq
 
 from pgcloak.policy import PolicyError, parse_policy
 from pgcloak.session import server as server_module
-from pgcloak.session.server import PolicyFileWatch, ProxyServer
+from pgcloak.session.server import PolicyFileWatch, ProxyServer, file_stamp
 
 
 def wait_until(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -197,3 +198,41 @@ def test_policy_file_watch_takes_a_change_once_it_has_settled(tmp_path: Path) ->
     path.write_text("five\n")
     assert watch.poll() is None
     assert watch.poll() == b"five\n"
+
+
+def test_a_file_rewritten_every_poll_with_the_same_bytes_is_applied(tmp_path: Path) -> None:
+    # An agent re-syncing the file in place every poll gives it a new mtime each time:
+    # settling on stamps, the edit was never applied (review of session 13).
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"old: 1\n")
+    watch = PolicyFileWatch(path)
+    got = []
+    for tick in range(2, 6):
+        path.write_bytes(b"new: 2\n")
+        os.utime(path, ns=(tick * 1_000_000_000, tick * 1_000_000_000))
+        got.append(watch.poll())
+    assert got[:2] == [None, b"new: 2\n"], got
+
+
+def test_a_settled_edit_older_than_a_sighup_is_not_applied_over_it(pg, pg_app_user, tmp_path: Path) -> None:
+    """The watcher reads an edit, then waits for a reload under way; a SIGHUP queued
+    before it reads the newer file. The watcher's older bytes must not replace it (they
+    did, and the newer edit was then never looked at again)."""
+    with encryption_env(pg, pg_app_user, tmp_path, "stale", policy=WHOLE, policy_poll_interval=0.1) as env:
+        server = server_of(env)
+        proxy = env.proxy
+        loop = proxy._loop
+        assert loop is not None
+        assert asyncio.run_coroutine_threadsafe(server._reloading.acquire(), loop).result(5)  # a reload under way
+        try:
+            env.write_policy(PREFIX)  # B: phone unprotected
+            loop.call_soon_threadsafe(server.reload)  # SIGHUP, queued behind the reload under way
+            assert wait_until(lambda: server._policy_watch is not None and server._policy_watch.taken == file_stamp(env.policy_path))
+            time.sleep(0.3)  # the watcher waits for the lock with B's bytes
+            env.write_policy(WHOLE.replace("    ssn: {encrypt: true}\n", ""))  # C: phone protected, ssn not
+        finally:
+            loop.call_soon_threadsafe(server._reloading.release)
+        time.sleep(1.0)  # the SIGHUP applies C; the watcher's B comes after it and is dropped
+        policy = server.protection.policy if server.protection is not None else None
+        assert policy is not None
+        assert policy.column(USERS, "phone") is not None and policy.column(USERS, "ssn") is None

@@ -101,9 +101,10 @@ class PolicyFileWatch:
     An editor or a ``cat > policy.yaml`` that rewrites the file in place in several
     writes shows a prefix of the new policy for a moment, and a prefix is often a valid
     policy (one missing its last column). So a change (stamp differs from the file last
-    taken) is read and hashed, and taken only when the next poll finds the same stamp
-    and the same hash: what is applied has been on disk, whole and unchanged, for one
-    poll interval. A cheap ``stat`` is all a poll costs while nothing changes. A file
+    taken) is read and hashed, and taken only when the next poll reads the same content
+    (size and hash; the mtime may differ, as when an agent re-syncs the file in place
+    every poll): what is applied has been read whole and identical twice, a poll
+    interval apart. A cheap ``stat`` is all a poll costs while nothing changes. A file
     replaced by a rename (editors, Kubernetes ConfigMaps) is taken the same way, one
     poll later than it could be.
     """
@@ -112,7 +113,7 @@ class PolicyFileWatch:
         self.path = path
         #: The stamp of the file last taken (applied or refused).
         self.taken: FileStamp = file_stamp(path)
-        self._candidate: tuple[FileStamp, bytes | None] | None = None
+        self._candidate: tuple[int | None, bytes | None] | None = None
 
     def poll(self) -> bytes | None:
         """The file's bytes once a change has settled, else None. Raises
@@ -127,7 +128,9 @@ class PolicyFileWatch:
             raw = read_policy_file(self.path)
         except PolicyError as exc:
             raw, error = None, exc
-        seen = (stamp, hashlib.sha256(raw).digest() if raw is not None else None)
+        # Settled when the content is the same twice (a file re-synced in place every poll
+        # with the same bytes has a new mtime each time, and would never settle on stamps).
+        seen = (len(raw) if raw is not None else None, hashlib.sha256(raw).digest() if raw is not None else None)
         if seen != self._candidate:
             self._candidate = seen  # changed since the last poll: look again next time
             return None
@@ -182,6 +185,8 @@ class ProxyServer:
         #: Trails replaced by a reload that turned auditing off, kept open (and closed
         #: with their shutdown seal) until the sessions still writing to them end.
         self._retired: set[AuditLog] = set()
+        #: Retired trails being closed (their queued events, their shutdown seal).
+        self._trail_closes: set[asyncio.Task[None]] = set()
         self.sessions: set[Session] = set()
         #: Connections holding one of the max_client_connections slots (see take_slot).
         self.clients = 0
@@ -294,8 +299,10 @@ class ProxyServer:
         for service in self.services:
             await service.start()
 
-    async def reload_policy(self, raw: bytes | None = None) -> bool:
-        """Swap in an edited policy (``raw``: the file's bytes, read now when None).
+    async def reload_policy(self, raw: bytes | None = None, stamp: FileStamp = None) -> bool:
+        """Swap in an edited policy (``raw``: the file's bytes, read now when None; the
+        watcher's, read at ``stamp``, are dropped if the file was taken again meanwhile, by
+        a SIGHUP while this waited for the reload before it: they are older).
 
         Whatever goes wrong, the edit is refused (logged, counted) and the policy in force
         keeps serving: this never raises.
@@ -306,6 +313,8 @@ class ProxyServer:
             if self._draining:
                 return False
             source = str(self._policy_watch.path)
+            if raw is not None and stamp is not None and self._policy_watch.taken != stamp:
+                return False
             try:
                 if raw is None:
                     _, raw = self._policy_watch.take()
@@ -388,6 +397,8 @@ class ProxyServer:
                         extra={"file": str(trail.spill.path), "bytes": trail.spill_bytes},
                     )
         finally:
+            if self._trail_closes:  # trails turned off earlier, still writing their seal
+                await asyncio.gather(*self._trail_closes, return_exceptions=True)
             await new.start()  # a sink that cannot be opened: unhealthy, retried, spilled
         log.info(
             "audit trail reloaded",
@@ -401,7 +412,11 @@ class ProxyServer:
         if any(s.statement_audit is not None and s.statement_audit.log is trail for s in self.sessions):
             return
         self._retired.discard(trail)
-        self._spawn(trail.aclose())
+        task = asyncio.get_running_loop().create_task(trail.aclose())
+        # Awaited by a reload that turns a trail on again before the new one opens (they
+        # may name one file, one spill file).
+        self._trail_closes.add(task)
+        task.add_done_callback(self._trail_closes.discard)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -429,7 +444,7 @@ class ProxyServer:
                     self._refused(str(exc))
                     continue
                 if raw is not None:
-                    await self.reload_policy(raw)
+                    await self.reload_policy(raw, watch.taken)
             except Exception:
                 log.exception("policy watcher: this check failed; still watching")
                 self.policy_reloads["refused"] += 1
