@@ -144,6 +144,8 @@ class Session:
         self.client_tls = False
         #: The client's TLS handshake is under way: its socket carries no messages of ours.
         self._client_handshake = False
+        #: A CancelRequest is being forwarded (the client may already have gone).
+        self._cancelling = False
         self.backend_tls = False
         self.started = time.monotonic()
         self.ready = False  # in the relay phase
@@ -203,6 +205,11 @@ class Session:
             return
         if not self.ready:
             if endpoint is self.client:
+                if not self.user and (self._cancelling or self.client.has_pending()):
+                    # A client may send its CancelRequest and close at once (tokio-postgres
+                    # does): the start-up task reads what came and forwards the cancel, as
+                    # the postmaster would, then ends the session.
+                    return
                 self._finish("client closed during start-up")
             elif endpoint is self.backend:
                 # PostgreSQL gave up on the login (authentication_timeout, a shutdown) while
@@ -431,6 +438,7 @@ class Session:
             elif isinstance(msg, GSSENCRequest):
                 client.write(b"N")
             elif isinstance(msg, CancelRequest):
+                self._cancelling = True
                 await self._forward_cancel(packet)
                 self._finish("cancel request")
                 return None
