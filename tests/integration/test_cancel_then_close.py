@@ -64,3 +64,30 @@ def test_a_cancel_request_is_forwarded_whatever_the_client_does_next(
         while (proxy.server.clients or proxy.server.sessions) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proxy.server.clients == 0 and not proxy.server.sessions
+
+
+def test_a_failure_entering_the_relay_ends_the_session_and_frees_its_slot(
+    pg: Any, pg_app_user: DbLogin, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session is ready by then: the start-up task's cleanup did not apply, and the
+    # slot stayed taken (review of session 13).
+    from encryption_fixtures import encryption_env
+
+    from pgcloak.session import session as session_module
+
+    with encryption_env(pg, pg_app_user, tmp_path, "relayfail") as env:
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("made to fail")
+
+        monkeypatch.setattr(session_module, "Rewriter", broken)
+        with pytest.raises(Exception) as caught:
+            with env.psy() as conn:
+                conn.execute("SELECT 1")
+        assert "internal error" in str(caught.value)
+        server = env.proxy.server
+        assert server is not None
+        deadline = time.monotonic() + 5
+        while (server.clients or server.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.clients == 0 and not server.sessions

@@ -347,7 +347,14 @@ class Session:
                 else:
                     await self._authenticate_relay(startup)
                 await self._until_ready()
-            self._enter_relay()
+            try:
+                self._enter_relay()
+            except Exception:
+                # ready is set by then: the finally below would not end the session, and
+                # its slot would never be freed.
+                log.exception("internal error entering the relay", extra={"session": self.id})
+                self._fatal("XX000", "pgcloak internal error; the session is closed")
+                self._finish("internal error")
         except TimeoutError as exc:
             if login.expired():
                 self._login_timed_out()
