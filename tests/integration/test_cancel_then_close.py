@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import pg8000.native
+import psycopg
 import pytest
 
 from pgcloak.demo.postgres import DbLogin
@@ -81,10 +82,10 @@ def test_a_failure_entering_the_relay_ends_the_session_and_frees_its_slot(
             raise RuntimeError("made to fail")
 
         monkeypatch.setattr(session_module, "Rewriter", broken)
-        with pytest.raises(Exception) as caught:
-            with env.psy() as conn:
-                conn.execute("SELECT 1")
-        assert "internal error" in str(caught.value)
+        # The client already had its ReadyForQuery: it may read the FATAL XX000, or only
+        # the closed connection.
+        with pytest.raises(psycopg.Error), env.psy() as conn:
+            conn.execute("SELECT 1")
         server = env.proxy.server
         assert server is not None
         deadline = time.monotonic() + 5
