@@ -49,6 +49,8 @@ nonces: keep each (key id, version) under 2^32 encryptions; rotate before.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -68,6 +70,7 @@ __all__ = [
     "encrypt",
     "is_envelope",
     "key_id_in",
+    "key_ids_in",
     "parse_header",
 ]
 
@@ -214,6 +217,18 @@ def key_id_in(body: bytes) -> str | None:
         return _parse_key_id_version(head)[0]
     except (ValueError, MalformedEnvelopeError):
         return None
+
+
+#: An envelope in a server message: the start of its base64url body, as much as can hold
+#: a header (it may run on past the value; only the header is read).
+_ENVELOPE_IN_TEXT: Final = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
+
+
+def key_ids_in(data: bytes, start: int = 0, stop: int | None = None) -> Iterator[str | None]:
+    """The key id of every envelope in ``data[start:stop]`` (a server message or a run
+    of them), None for one whose header cannot be read; see :func:`key_id_in`."""
+    for found in _ENVELOPE_IN_TEXT.finditer(data, start, len(data) if stop is None else stop):
+        yield key_id_in(found.group(1))
 
 
 def decrypt(keyring: Keyring, envelope: str | bytes | bytearray | memoryview) -> bytes:

@@ -35,7 +35,7 @@ from typing import TypedDict
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
 from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
-from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_ids_in
 from pgcloak.sql import AuditFacts, Plan, fingerprint
 from pgcloak.wire.framing import Mark
 
@@ -73,9 +73,6 @@ class _Watched:
 
 #: How a plan's events are made: a template, the slow way, watched, or None (not recorded).
 _Recipe = StatementTemplate | _Slow | _Watched | None
-#: An envelope in a server message: the start of its base64url body, as much as can hold
-#: a header (it may run on a little past the value; only the header is read).
-_ENVELOPE = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
 
 
 class _Unit(PendingStatement):
@@ -458,8 +455,7 @@ class SessionAudit:
             return
         known = self.is_column_key
         keys = unit.keys
-        for found in _ENVELOPE.finditer(chunk, start, stop):
-            key = key_id_in(found.group(1))
+        for key in key_ids_in(chunk, start, stop):
             if key is not None and (keys is None or key not in keys) and known(key):
                 if keys is None:
                     keys = unit.keys = set()

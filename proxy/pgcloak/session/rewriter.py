@@ -23,7 +23,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_id_in
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_ids_in
 from pgcloak.policy import ReadView
 from pgcloak.session.auditing import SessionAudit
 from pgcloak.session.protection import (
@@ -73,8 +73,6 @@ _ids = itertools.count(1)
 #: Named prepared statements tracked per session (PostgreSQL has no limit; we need one).
 MAX_STATEMENTS = 100_000
 _MAX_REFUSALS = 10_000
-#: A stored value in a server message: its base64url body's start (enough for the header).
-_ENVELOPE_BODY = re.compile(re.escape(ENVELOPE_PREFIX) + rb"([A-Za-z0-9_-]{8,400})")
 #: Client encodings whose multibyte characters can hold ASCII bytes (a backslash, a
 #: quote, a TAB): PostgreSQL converts text from them before it parses it, pgcloak parses
 #: the bytes it gets, so it could not tell what PostgreSQL will read (server encodings
@@ -1194,8 +1192,8 @@ class Rewriter:
         column whose count passes ``limit`` now, if any. By value, not by row: one row
         can carry many people's values (a scalar subquery per person, a self-join)."""
         counts = self._pii_values
-        for found in _ENVELOPE_BODY.finditer(chunk, start, end):
-            key = key_id_in(found.group(1)) or "(unreadable key id)"
+        for found in key_ids_in(chunk, start, end):
+            key = found or "(unreadable key id)"
             n = counts.get(key, 0) + 1
             counts[key] = n
             if n > limit:
