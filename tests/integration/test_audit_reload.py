@@ -9,6 +9,7 @@ before the new one opens (they may share a file); every file verifies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -79,25 +80,94 @@ def chains(recs: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["chain"] for r in recs))
 
 
-def test_turning_the_trail_on_audits_the_sessions_that_start_after(env: EncEnv, tmp_path: Path) -> None:
+def test_turning_the_trail_on_audits_new_sessions_and_those_open_before(env: EncEnv, tmp_path: Path) -> None:
     with audited(env, tmp_path, audit={"enabled": False}, policy_poll_interval=0.1) as a:
         server = server_of(a)
         assert server.audit is None
         with a.psy("opened-before") as early:
+            early.execute("SELECT ssn FROM users LIMIT 1").fetchall()  # not audited: no trail
             reload_audit(a, enabled=True, sink="file:trail/on.jsonl")
             assert server.audit is not None
             read_ssn(a, "after-on", unique("on"))
-            # A session open while auditing was off has no audit state to switch: it stays
-            # unaudited until it reconnects (README, and a warning in the log).
+            # A pooled connection open across the reload is audited from its next idle
+            # moment on, without reconnecting.
             early.execute("SELECT ssn FROM users LIMIT 1").fetchall()
+            early.execute("SELECT ssn FROM users LIMIT 0").fetchall()
         a.stop()  # the shutdown seal
     trail = tmp_path / "trail" / "on.jsonl"
     recs = records(trail)
     assert len(ssn_reads(recs, "after-on")) == 1
-    # (its end is recorded: connection events go to whatever trail there is)
-    early_events = [(r["type"], r.get("action")) for r in recs if r.get("application_name") == "opened-before"]
-    assert early_events == [("connection", "disconnected")]
+    early_events = [(r["type"], r.get("action"), r.get("rows")) for r in recs if r.get("application_name") == "opened-before"]
+    assert early_events == [
+        ("connection", "audit_started", None),
+        ("statement", None, 1),
+        ("statement", None, 0),
+        ("connection", "disconnected", None),
+    ]
+    started = next(r for r in recs if r.get("action") == "audit_started")
+    assert started["reason"] == "audit turned on by a policy reload"
+    assert next(r for r in recs if r.get("action") == "disconnected" and r["application_name"] == "opened-before")[
+        "statements"
+    ] == 2
     assert recs[-1]["type"] == "seal" and recs[-1]["reason"] == "shutdown"
+    verified(env, trail)
+
+
+def test_a_session_in_a_transaction_joins_the_trail_when_it_ends(env: EncEnv, tmp_path: Path) -> None:
+    """Portals bound before the trail came may run until the transaction ends: the session
+    joins it at the first moment with no transaction open, so nothing it runs is half seen."""
+    with audited(env, tmp_path, audit={"enabled": False}, policy_poll_interval=0.1) as a:
+        read_ssn(a, "in-tx-seed", unique("tx"))
+        with a.psy("in-tx") as early:
+            early.execute("BEGIN")
+            early.execute("SELECT ssn FROM users LIMIT 1").fetchall()
+            reload_audit(a, enabled=True, sink="file:trail/tx.jsonl")
+            early.execute("SELECT ssn FROM users LIMIT 1").fetchall()  # same transaction
+            early.execute("COMMIT")
+            early.execute("SELECT ssn FROM users LIMIT 0").fetchall()
+        a.stop()
+    trail = tmp_path / "trail" / "tx.jsonl"
+    recs = records(trail)
+    events = [(r["type"], r.get("action"), r.get("rows")) for r in recs if r.get("application_name") == "in-tx"]
+    assert events == [
+        ("connection", "audit_started", None),
+        ("statement", None, 0),
+        ("connection", "disconnected", None),
+    ]
+    verified(env, trail)
+
+
+def test_statements_prepared_before_the_trail_are_recorded_with_their_lookups(env: EncEnv, tmp_path: Path) -> None:
+    """asyncpg prepares first: a statement prepared while there was no trail, run after the
+    reload, is recorded with the blind index of the value it looked up (never the value)."""
+    email = unique("prepared-before")
+
+    async def scenario(a: Audited) -> None:
+        conn = await a.apg("apg-before")
+        try:
+            await conn.execute("INSERT INTO users (email, ssn) VALUES ($1, $2)", email, "078-05-1120")
+            lookup = await conn.prepare("SELECT ssn FROM users WHERE email = $1")
+            assert await lookup.fetchval(email) == "078-05-1120"
+            await asyncio.to_thread(reload_audit, a, enabled=True, sink="file:trail/prep.jsonl")
+            assert await lookup.fetchval(email) == "078-05-1120"
+        finally:
+            await conn.close()
+
+    with audited(env, tmp_path, audit={"enabled": False}, policy_poll_interval=0.1) as a:
+        asyncio.run(scenario(a))
+        a.stop()
+    trail = tmp_path / "trail" / "prep.jsonl"
+    text = trail.read_text()
+    assert email not in text and "078-05-1120" not in text
+    reads = ssn_reads(records(trail), "apg-before")
+    assert len(reads) == 1 and reads[0]["rows"] == 1
+    assert list(reads[0]["lookups"]) == [f"{USERS}.email"] and len(reads[0]["lookups"][f"{USERS}.email"]) == 1
+    policy = tmp_path / "policy.yaml"
+    found = pgcloak_cli(
+        env, "audit", "who-accessed", "--column", "users.email", "--value", email, "--json", "--policy", str(policy), str(trail)
+    )
+    assert found.returncode == 0, found.stdout + found.stderr
+    assert [json.loads(line)["id"] for line in found.stdout.splitlines()] == [reads[0]["id"]]
     verified(env, trail)
 
 

@@ -66,12 +66,12 @@ __all__ = [
 ]
 
 EventType = Literal["connection", "statement", "refusal", "gap", "seal"]
-ConnectionAction = Literal["authenticated", "auth_failed", "disconnected"]
+ConnectionAction = Literal["authenticated", "auth_failed", "audit_started", "disconnected"]
 SealReason = Literal["periodic", "rotation", "shutdown"]
 StatementsMode = Literal["pii", "writes", "all"]
 
 EVENT_TYPES: Final = frozenset({"connection", "statement", "refusal", "gap", "seal"})
-CONNECTION_ACTIONS: Final = frozenset({"authenticated", "auth_failed", "disconnected"})
+CONNECTION_ACTIONS: Final = frozenset({"authenticated", "auth_failed", "audit_started", "disconnected"})
 SEAL_REASONS: Final = frozenset({"periodic", "rotation", "shutdown"})
 #: Statement kinds that change data (``audit.statements: writes`` records them all).
 WRITE_KINDS: Final = frozenset({"insert", "update", "delete", "merge", "copy", "truncate"})
@@ -344,7 +344,8 @@ def connection_event(
     sqlstate: str | None = None,
     ts: datetime | None = None,
 ) -> dict[str, Any]:
-    """A connection event: ``authenticated``, ``auth_failed`` or ``disconnected``.
+    """A connection event: ``authenticated``, ``auth_failed``, ``audit_started`` (a session
+    opened before a reload turned the trail on, audited from then on) or ``disconnected``.
 
     Totals (``duration_ms``, ``bytes_in``, ``bytes_out``, ``statements``) belong to
     ``disconnected``; ``reason``/``sqlstate`` say why authentication failed or why the

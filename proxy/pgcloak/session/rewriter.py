@@ -344,6 +344,11 @@ class Rewriter:
         if self._audit is not None:
             self._audit.refused(plan, sqlstate, message, lookups)
 
+    def audit_to(self, audit: SessionAudit) -> None:
+        """Record the statements from now on (a session a reload put under audit, between
+        two batches: no statement of its is half handled)."""
+        self._audit = audit
+
     def _audit_down(self, protection: Protection, plan: Plan) -> bool:
         """on_audit_failure: refuse — no PII statement runs while the trail cannot be written."""
         return (

@@ -355,6 +355,9 @@ class ProxyServer:
         second writer would break both chains. The new trail is a chain of its own (a new
         chain id), which ``pgcloak audit verify`` checks on its own, as after a restart;
         events the sessions emit meanwhile wait in its queue.
+        Turned on: sessions opened before are audited from their next idle moment (no
+        transaction open, nothing in flight; ``Session._join_trail``), with an
+        ``audit_started`` connection event.
         Turned off: sessions audited so far keep their trail until they end (it is closed
         then); new sessions are not audited.
         """
@@ -377,7 +380,7 @@ class ProxyServer:
             return
         if unaudited:
             log.warning(
-                "audit trail turned on: sessions opened before stay unaudited until they reconnect",
+                "audit trail turned on: sessions opened before are audited from their next idle moment",
                 extra={"sessions": unaudited},
             )
         retiring = [trail for trail in (old, *self._retired) if trail is not None]

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pgcloak.audit import SessionInfo, connection_event
+from pgcloak.audit.events import ConnectionAction
 from pgcloak.session.auditing import REPLY_ENDS, SessionAudit, sqlstate_of
 from pgcloak.session.endpoint import ConnectionClosed, Endpoint
 from pgcloak.session.protection import Protection
@@ -51,6 +52,7 @@ from pgcloak.wire.startup import (
 )
 
 if TYPE_CHECKING:
+    from pgcloak.audit import AuditLog
     from pgcloak.session.server import ProxyServer
 
 log = logging.getLogger("pgcloak.session")
@@ -284,7 +286,7 @@ class Session:
         """The session's audit events (None: not audited); a reload may switch its trail."""
         return self._audit
 
-    def _audit_connection(self, action: str, *, sqlstate: str | None = None, reason: str | None = None) -> None:
+    def _audit_connection(self, action: ConnectionAction, *, sqlstate: str | None = None, reason: str | None = None) -> None:
         """Connection events are always recorded when there is an audit trail (the session's
         own, once it has one: after a reload turned auditing off, it is kept until the end)."""
         trail = self._audit.log if self._audit is not None else self.server.audit
@@ -301,7 +303,7 @@ class Session:
         try:
             event = connection_event(
                 self.audit_info(),
-                action=action,  # type: ignore[arg-type]
+                action=action,
                 tls=self.client_tls,
                 sqlstate=sqlstate,
                 reason=reason,
@@ -780,18 +782,12 @@ class Session:
         self.client.relay = self._relay_client
         self.backend.relay = self._relay_backend
         if self.server.protection is not None:
-            trail = self.server.audit
-            if trail is not None:
-                self._audit = SessionAudit(trail, self.audit_info, self.server.protection.policy.audit.statements)
-                self._audit_connection("authenticated")
             self._rewriter = Rewriter(
-                self._current_protection, self._audit, self.roles, self.server.refusals, self.search_path
+                self._current_protection, None, self.roles, self.server.refusals, self.search_path
             )
             self._rewriter.client_encoding(self._client_encoding)
-            if self._audit is not None:
-                self._audit.masked_of = self._rewriter.masked_columns
-                self._audit.columns_of_keys = self._rewriter.columns_of_keys
-                self._audit.is_column_key = self._rewriter.is_column_key
+            if self.server.audit is not None:
+                self._start_audit(self.server.audit, "authenticated")
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
             self.backend.relay = self._relay_backend_protected
         if self.backend.has_pending():
@@ -829,6 +825,39 @@ class Session:
         self._protections = (protection, path, found)
         return found
 
+    def _start_audit(self, trail: AuditLog, action: ConnectionAction, reason: str | None = None) -> None:
+        """Record this session's statements in ``trail`` from now on."""
+        rewriter, protection = self._rewriter, self.server.protection
+        assert rewriter is not None and protection is not None
+        audit = SessionAudit(trail, self.audit_info, protection.policy.audit.statements)
+        audit.masked_of = rewriter.masked_columns
+        audit.columns_of_keys = rewriter.columns_of_keys
+        audit.is_column_key = rewriter.is_column_key
+        self._audit = audit
+        rewriter.audit_to(audit)
+        self._audit_connection(action, reason=reason)
+
+    def _join_trail(self) -> None:
+        """A reload turned the trail on after this session started: audit it from its first
+        idle moment on (no transaction open, nothing in flight or half sent), where no
+        statement, portal or reply is left that the new trail could not follow."""
+        path = self.search_path
+        rewriter = self._rewriter
+        trail = self.server.audit
+        if (
+            trail is None
+            or rewriter is None
+            or path.outstanding
+            or path.unsynced
+            or path.in_transaction
+            or self._path_probe is not None
+            or rewriter.acks.busy
+            or rewriter.to_server
+        ):
+            return
+        self._start_audit(trail, "audit_started", "audit turned on by a policy reload")
+        log.info("session audited from now on (a reload turned the trail on)", extra={"session": self.id})
+
     def _client_segments(self, segments: list[Segment]) -> None:
         assert self.backend is not None and self.backend.transport is not None
         rewriter = self._rewriter
@@ -836,6 +865,8 @@ class Session:
             for _kind, chunk in segments:
                 self.backend.transport.write(chunk)
             return
+        if self._audit is None and self.server.audit is not None:
+            self._join_trail()
         out: list[bytes] = []
         try:
             for kind, chunk in segments:
