@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +279,51 @@ def test_off_then_on_at_once_seals_the_old_trail_before_the_new_one_opens(env: E
         assert started and closed_first
         a.proxy.stop()
     verified(env, tmp_path / "trail" / "audit.jsonl")
+
+
+def test_busy_pooled_sessions_all_join_a_trail_turned_on_mid_run(env: EncEnv, tmp_path: Path) -> None:
+    """pgbench's clients keep their connections and prepared statements for the whole run;
+    the trail is turned on half-way: every client joins it, and each one's disconnect
+    counts exactly the statement events the trail holds for it."""
+    binary = shutil.which("pgbench") or str(env.pg.bin_dir / "pgbench")
+    script = tmp_path / "reads.sql"
+    script.write_text("\\set id random(1, 50)\nSELECT ssn FROM users WHERE id = :id;\n")
+    clients = 4
+    with audited(env, tmp_path, audit={"enabled": False}, policy_poll_interval=0.1) as a:
+        for i in range(3):
+            read_ssn(a, "seed", unique(f"bench{i}"))
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {
+            "PGHOST": a.proxy.host,
+            "PGPORT": str(a.proxy.port),
+            "PGUSER": env.login.user,
+            "PGPASSWORD": env.login.password,
+            "PGSSLMODE": "disable",
+            "PGAPPNAME": "bench-joined",
+        }
+        bench = subprocess.Popen(
+            [binary, "-n", "-M", "prepared", "-c", str(clients), "-T", "4", "-f", str(script), env.dbname],
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)
+            reload_audit(a, enabled=True, sink="file:trail/bench.jsonl")
+            out, err = bench.communicate(timeout=60)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+        assert bench.returncode == 0, out + err
+        a.stop()
+    trail = tmp_path / "trail" / "bench.jsonl"
+    recs = [r for r in records(trail) if r.get("application_name") == "bench-joined"]
+    sessions = {r["session"] for r in recs}
+    assert len(sessions) == clients
+    for session in sessions:
+        mine = [r for r in recs if r["session"] == session]
+        assert mine[0]["action"] == "audit_started" and mine[-1]["action"] == "disconnected"
+        statements = [r for r in mine if r["type"] == "statement"]
+        assert statements and all(r["columns_read"] == [SSN] and r["decision"] == "allow" for r in statements)
+        assert mine[-1]["statements"] == len(statements)
+    verified(env, trail)
