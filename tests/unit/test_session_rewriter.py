@@ -25,6 +25,7 @@ from pgcloak.wire.messages import (
     Bind,
     CommandComplete,
     CopyData,
+    CopyDone,
     DataRow,
     ErrorResponse,
     Parse,
@@ -158,6 +159,42 @@ def test_copy_in_text_rows_split_across_messages(rewriter: Rewriter, protection:
     rows = (CopyData.decode(part1[5:]).data + CopyData.decode(part2[5:]).data).decode().splitlines()
     assert [r.split("\t")[1] for r in rows] == ["Ann", "\\N"]
     assert [decrypt(protection.keyring, r.split("\t")[0]) for r in rows] == [b"a@b.c", b"c@d.e"]
+
+
+def _copied(protection: Protection, out: bytes) -> list[tuple[bytes, str]]:
+    """The (email, name) rows of the CopyData messages in ``out``, the email decrypted."""
+    data = b"".join(out[start:end] for kind, start, end in iter_messages(out) if kind == ord("d"))
+    rows = [line.split("\t") for line in data.decode().splitlines()]
+    return [(decrypt(protection.keyring, email), name) for email, name in rows]
+
+
+def test_copy_data_fed_in_slices_is_rewritten_as_the_whole_message(protection: Protection) -> None:
+    # The session feeds a big CopyData to copy_data a slice at a time: the slices cut
+    # records, escapes and CRLF line ends anywhere.
+    data = b"".join(f"u{i}@b.c\tN\\{i}\r\n".encode() for i in range(50))
+    copy, done = Query("COPY users (email, name) FROM STDIN").encode(), CopyDone().encode()
+    whole = Rewriter(lambda: protection)
+    whole.client_message(ord("Q"), copy)
+    expected = whole.client_message(ord("d"), CopyData(data).encode()) + whole.client_message(ord("c"), done)
+    for size in (1, 2, 7, 64):
+        sliced = Rewriter(lambda: protection)
+        sliced.client_message(ord("Q"), copy)
+        out = b"".join(sliced.copy_data(data[i : i + size]) for i in range(0, len(data), size))
+        assert sliced.copying_in
+        out += sliced.client_message(ord("c"), done)
+        assert not sliced.copying_in
+        assert _copied(protection, out) == _copied(protection, expected)
+        assert len(_copied(protection, out)) == 50
+
+
+def test_a_refused_slice_ends_the_copy_and_drops_the_rest(rewriter: Rewriter) -> None:
+    rewriter.client_message(ord("Q"), Query("COPY users (email, phone) FROM STDIN").encode())
+    data = b"a@b.c\t+1 555\n" * 20 + b"d@e.f\tcall me maybe\n" + b"g@h.i\t+1 555\n" * 20
+    outs = [rewriter.copy_data(data[i : i + 16]) for i in range(0, len(data), 16)]
+    failed = [i for i, out in enumerate(outs) if out.startswith(b"f")]
+    assert len(failed) == 1 and not rewriter.copying_in
+    assert not any(outs[failed[0] + 1 :])  # nothing of the rest, in clear or not
+    assert b"call me" not in b"".join(outs)
 
 
 def test_copy_in_csv_quoted_newlines_and_nulls(protection: Protection) -> None:

@@ -46,6 +46,12 @@ class Endpoint(asyncio.Protocol):
         self._failed: str | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused_peer = False
+        #: The session stopped reading this socket for a reason of its own (a CopyData it
+        #: encrypts in slices): the peer's resume_writing leaves it stopped.
+        self.reading_held = False
+        #: The transport's write buffer is past its high-water mark (pause_writing).
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,19 +77,51 @@ class Endpoint(asyncio.Protocol):
         self.closed = True
         self._eof = True
         self._wake()
+        self._wake_drained()
         self._on_lost(self, exc)
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.closed:
             peer.transport.pause_reading()
             self._paused_peer = True
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_drained()
         peer = self.peer
-        if self._paused_peer and peer is not None and peer.transport is not None and not peer.closed:
+        if (
+            self._paused_peer
+            and peer is not None
+            and peer.transport is not None
+            and not peer.closed
+            and not peer.reading_held
+        ):
             peer.transport.resume_reading()
         self._paused_peer = False
+
+    @property
+    def holds_peer(self) -> bool:
+        """This socket's full write buffer keeps the peer from being read (resume_writing
+        lets it read again)."""
+        return self._paused_peer
+
+    async def drained(self) -> None:
+        """Until the write buffer is back under its low-water mark (at once if it never
+        passed the high one), or the socket is closed: for a writer that makes its own
+        data, as the relay's peer-pausing cannot hold it back."""
+        while self._writing_paused and not self.closed:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def _wake_drained(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     # -- start-up phase reads ---------------------------------------------------------
     def _wake(self) -> None:

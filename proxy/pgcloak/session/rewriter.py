@@ -1097,28 +1097,50 @@ class Rewriter:
         if self._search_path is not None and self._search_path.unsynced:
             self._search_path.uncertain = True
 
+    @property
+    def copying_in(self) -> bool:
+        """A COPY FROM STDIN into a protected table is under way: its data is rewritten."""
+        return self._copy_in is not None
+
+    def copy_data(self, data: bytes) -> bytes:
+        """A piece of the COPY data under way (a CopyData's payload, or a slice of one:
+        records may span pieces): the CopyData for the server (b"" while no record is
+        whole), or the CopyFail that ends the COPY refused. b"" once it was refused
+        (PostgreSQL ignores COPY data after a CopyFail; none of it goes in clear)."""
+        rewriter = self._copy_in
+        if rewriter is None:
+            return b""
+        try:
+            rows = rewriter.feed(data)
+        except (ValueRefused, CopyFormatError, UnicodeDecodeError) as exc:
+            return self._copy_refused(exc)
+        return CopyData(rows).encode() if rows else b""
+
     def _copy(self, kind: int, msg: bytes) -> bytes:
         rewriter = self._copy_in
         if rewriter is None:
             return msg
-        try:
-            if kind == COPY_DATA:
-                rows = rewriter.feed(CopyData.decode(msg[5:]).data)
-                return CopyData(rows).encode() if rows else b""
-            self._copy_in = None
-            if kind == COPY_DONE:
-                rest = rewriter.finish()
-                return (CopyData(rest).encode() if rest else b"") + msg
+        if kind == COPY_DATA:
+            return self.copy_data(CopyData.decode(msg[5:]).data)
+        self._copy_in = None
+        if kind != COPY_DONE:
             return msg
+        try:
+            rest = rewriter.finish()
         except (ValueRefused, CopyFormatError, UnicodeDecodeError) as exc:
-            self._copy_in = None
-            if isinstance(exc, ValueRefused):
-                state, text = exc.sqlstate, exc.message
-            elif isinstance(exc, CopyFormatError):
-                state, text = exc.sqlstate, f"COPY data for a protected table: {exc}"
-            else:
-                state, text = "22021", "COPY data for a protected column is not valid UTF-8"
-            return CopyFail(self._arm(state, text).decode()).encode()
+            return self._copy_refused(exc)
+        return (CopyData(rest).encode() if rest else b"") + msg
+
+    def _copy_refused(self, exc: ValueRefused | CopyFormatError | UnicodeDecodeError) -> bytes:
+        """The CopyFail that ends the COPY under way, with pgcloak's error for ``exc``."""
+        self._copy_in = None
+        if isinstance(exc, ValueRefused):
+            state, text = exc.sqlstate, exc.message
+        elif isinstance(exc, CopyFormatError):
+            state, text = exc.sqlstate, f"COPY data for a protected table: {exc}"
+        else:
+            state, text = "22021", "COPY data for a protected column is not valid UTF-8"
+        return CopyFail(self._arm(state, text).decode()).encode()
 
     # -- server messages ---------------------------------------------------------------
     def needs_inspection(self, chunk: bytes) -> bool:

@@ -93,6 +93,14 @@ _PARAMETER_STATUS = ord("S")
 _CLIENT_ENCODING = b"client_encoding\0"
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
+_COPY_DATA = ord("d")
+#: COPY data encrypted per turn of the event loop: a CopyData into a protected COPY with
+#: more than _COPY_SLICED_ABOVE bytes of data (some drivers send megabytes in one, about
+#: 1 s of work per 8 MB) is encrypted a slice at a time, so that the process's other
+#: sessions are served in between (a slice takes milliseconds); a smaller one at once
+#: (psycopg's largest, 128 KiB, too).
+_COPY_SLICE = 64 * 1024
+_COPY_SLICED_ABOVE = 2 * _COPY_SLICE
 
 # Authentication request codes that expect a message from the client in return.
 _AUTH_NEEDS_RESPONSE = {3, 5, 7, 8, 9, 10, 11}
@@ -164,6 +172,10 @@ class Session:
         self._audit_wait: asyncio.Task[None] | None = None
         self._info: SessionInfo | None = None
         self._task: asyncio.Task[None] | None = None
+        #: A big CopyData being encrypted slice by slice (_copy_in_slices); meanwhile the
+        #: client is not read, and what it had sent already waits in _held_in.
+        self._slicing: asyncio.Task[None] | None = None
+        self._held_in: list[bytes] = []
         #: Holds one of the server's max_client_connections slots (ProxyServer.take_slot).
         self._counted = False
         #: The loop time by which the client must be logged in (client_login_timeout).
@@ -244,6 +256,9 @@ class Session:
             self.backend.close()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        if self._slicing is not None:
+            self._slicing.cancel()
+            self._slicing = None
         self.server.sessions.discard(self)
         self.server.count_closed(self)
         if self._counted:
@@ -798,6 +813,13 @@ class Session:
             self._lost(self.client, None)
 
     def _relay_client(self, data: bytes) -> None:
+        if self._slicing is not None:
+            # Already received when reading stopped: after the CopyData being sliced,
+            # in order.
+            self._held_in.append(data)
+            if self.client.transport is not None:
+                self.client.transport.pause_reading()
+            return
         self.bytes_from_client += len(data)
         try:
             segments = self._c2b.feed(data)
@@ -869,8 +891,15 @@ class Session:
             self._join_trail()
         out: list[bytes] = []
         try:
-            for kind, chunk in segments:
-                out.append(chunk if kind == PASS else rewriter.client_message(kind, chunk))
+            for i, (kind, chunk) in enumerate(segments):
+                if kind == PASS:
+                    out.append(chunk)
+                elif kind == _COPY_DATA and len(chunk) - 5 > _COPY_SLICED_ABOVE and rewriter.copying_in:
+                    self.backend.transport.write(b"".join(out))
+                    self._slice_copy_data(chunk, segments[i + 1 :])
+                    return
+                else:
+                    out.append(rewriter.client_message(kind, chunk))
         except ProtocolError as exc:
             self._protocol_violation(exc)
             return
@@ -890,11 +919,65 @@ class Session:
         """Send the rewriter's own messages for the server, between two of the client's
         (the client may be half-way through a message; then after it)."""
         rewriter = self._rewriter
-        if rewriter is None or not rewriter.to_server or not self._c2b.at_boundary:
+        if rewriter is None or not rewriter.to_server or not self._c2b.at_boundary or self._slicing is not None:
             return
         assert self.backend is not None
         self.backend.write(b"".join(rewriter.to_server))
         rewriter.to_server.clear()
+
+    def _slice_copy_data(self, message: bytes, rest: list[Segment]) -> None:
+        """Encrypt a big CopyData (``message``) slice by slice on a task of its own; the
+        client's messages after it (``rest``, then whatever it sends) wait until it is done."""
+        assert self.client.transport is not None
+        self.client.reading_held = True
+        self.client.transport.pause_reading()
+        self._slicing = asyncio.get_running_loop().create_task(self._copy_in_slices(message, rest))
+
+    async def _copy_in_slices(self, message: bytes, rest: list[Segment]) -> None:
+        """Each slice's records go to PostgreSQL as a CopyData of their own (COPY data is
+        one stream to it; a record may span slices, the rewriter keeps its start). Between
+        slices the loop serves the other sessions, and PostgreSQL's leg drains below its
+        high-water mark. A refusal ends the COPY with the CopyFail the rewriter makes, the
+        rest of the message dropped, as when it is encrypted whole. A session that ends
+        meanwhile cancels this task."""
+        rewriter, backend = self._rewriter, self.backend
+        assert rewriter is not None and backend is not None
+        try:
+            for start in range(5, len(message), _COPY_SLICE):
+                out = rewriter.copy_data(message[start : start + _COPY_SLICE])
+                if out:
+                    backend.write(out)
+                if not rewriter.copying_in:
+                    break  # refused: the CopyFail is sent
+                await asyncio.sleep(0)
+                await backend.drained()
+            self._slicing = None
+            if self.closing:
+                return
+            self.client.reading_held = False
+            held, self._held_in = self._held_in, []
+            self._client_segments(rest)
+            for data in held:
+                if self.closing:
+                    return
+                self._relay_client(data)  # held again if another big CopyData is sliced
+        except Exception:
+            log.exception("internal error applying the policy", extra={"session": self.id})
+            self._fatal("XX000", "pgcloak internal error; the session is closed")
+            self._finish("internal error")
+            return
+        finally:
+            if self._slicing is asyncio.current_task():
+                self._slicing = None
+        transport = self.client.transport
+        if (
+            self._slicing is None
+            and not self.closing
+            and self._audit_wait is None
+            and not backend.holds_peer
+            and transport is not None
+        ):
+            transport.resume_reading()
 
     def _pause_for_audit(self, audit: SessionAudit) -> None:
         """on_full: block — stop reading this client until the audit queue has room."""
@@ -907,7 +990,7 @@ class Session:
                 await audit.log.wait_for_room()
             finally:
                 self._audit_wait = None
-                if not self.client.closed and self.client.transport is not None:
+                if not self.client.closed and self.client.transport is not None and not self.client.reading_held:
                     self.client.transport.resume_reading()
 
         self._audit_wait = asyncio.get_running_loop().create_task(wait())
