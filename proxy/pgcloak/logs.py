@@ -55,3 +55,9 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # sqlglot warns with the statement's text (literals and all) when it falls back to a
+    # Command; with no handler of its own Python's last-resort handler would print that
+    # on stderr. Statement text never goes in our logs, so its records stop here.
+    quiet = logging.getLogger("sqlglot")
+    quiet.handlers[:] = [logging.NullHandler()]
+    quiet.propagate = False
