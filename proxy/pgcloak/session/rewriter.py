@@ -45,10 +45,10 @@ from pgcloak.session.reprepare import (
 )
 from pgcloak.session.search_path import SessionSearchPath
 from pgcloak.sql import PASS, Decision, Plan, ValueAction, read_denial
-from pgcloak.sql.lexer import LexError
+from pgcloak.sql.lexer import LexError, pin_backslashes
 from pgcloak.sql.lexer import copies_from_stdin as lexer_copies_from_stdin
 from pgcloak.sql.plan import DEALLOCATE_ALL, DISCARD_ALL, Literal
-from pgcloak.sql.planner import unglue_params
+from pgcloak.sql.planner import names_protected_table, unglue_params
 from pgcloak.sql.prepared import Definition, InlineRefused, inline_executes, truncated
 from pgcloak.sql.search_path import PROBE, SearchPathChange, search_path_change
 from pgcloak.wire.copy_data import CopyFormatError
@@ -299,6 +299,9 @@ class Rewriter:
         #: The session's client encoding when it is one of UNSAFE_ENCODINGS (as the
         #: server reports it), else None.
         self._unsafe_encoding: str | None = None
+        #: standard_conforming_strings is off (as the server reports it): a backslash in
+        #: '...' escapes, and texts are read that way (see :meth:`_spelled`).
+        self._escaping = False
         #: Portals bound to a COPY FROM STDIN of a protected table (as sent): the plan
         #: whose rewriter its data gets once it is executed.
         self._copy_portals: dict[bytes, tuple[Protection, Plan]] = {}
@@ -490,6 +493,15 @@ class Rewriter:
     def _query(self, msg: bytes) -> bytes:
         protection = self._protection()
         sql = Query.decode(msg[5:]).sql
+        if "\\" in sql:
+            try:
+                spelled = self._spelled(protection, sql)
+            except LexError as exc:
+                self.last_plan = None
+                return self._refused_query("0A000", str(exc))
+            if spelled is not sql:
+                sql = spelled
+                msg = Query(sql).encode()
         self._query_copies = lexer_copies_from_stdin(sql)
         # A simple Query destroys the unnamed statement (ours too, if it was prepared again).
         if self.statements.pop("", None) is not None:
@@ -562,6 +574,31 @@ class Rewriter:
         if change is None and changes and any(c.name in changes for c in plan.executes):
             return PROBE
         return change
+
+    def standard_conforming_strings(self, value: str) -> None:
+        """The server reported the setting (at startup, after a SET)."""
+        self._escaping = value.strip().lower() != "on"
+
+    def _spelled(self, protection: Protection, text: str) -> str:
+        """``text`` as sent to the server: its ``'...'`` constants that hold a backslash
+        spelled ``E''`` (:func:`pin_backslashes`), read as the server reads them now.
+
+        With standard_conforming_strings on (pgcloak's own reading) that is needed only in
+        statements naming a protected table: it keeps a pipelined ``SET ... = off`` from
+        making the server read a text other than the one pgcloak planned. With it off,
+        every text is respelled, so that pgcloak plans (and fingerprints) what the server
+        will run. Raises :class:`LexError` for a text naming a protected table that cannot
+        be read that way (the message quotes none of it).
+        """
+        protected = names_protected_table(text, protection.policy)
+        if not protected and not self._escaping:
+            return text
+        try:
+            return pin_backslashes(text, escaping=self._escaping)
+        except LexError:
+            if protected:
+                raise
+            return text  # the server will say what is wrong with it
 
     def client_encoding(self, name: str) -> None:
         """The server reported the session's client encoding (at startup, after a SET)."""
@@ -804,6 +841,19 @@ class Rewriter:
         if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
             self.last_plan = None
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
+        if b"\\" in body[name_end + 1 : query_end]:
+            original = text_of(body, name_end, query_end)
+            try:
+                spelled = self._spelled(protection, original)
+            except LexError as exc:
+                self.last_plan = None
+                self._parse_failed(name)
+                return self._refuse_parse(name, "0A000", str(exc))
+            if spelled is not original:
+                query = spelled.encode("utf-8", "surrogateescape")
+                body = body[: name_end + 1] + query + body[query_end:]
+                query_end = name_end + 1 + len(query)
+                msg = frame(b"P", body)
         entry = protection.plan_parse(body[name_end + 1 : query_end])
         plan = entry.plan
         named = plan.named

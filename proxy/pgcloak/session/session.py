@@ -91,6 +91,7 @@ _COPY_IN = ord("G")
 _MARKED = REPLY_ENDS | ACKS | {_COPY_IN}
 _PARAMETER_STATUS = ord("S")
 _CLIENT_ENCODING = b"client_encoding\0"
+_STANDARD_STRINGS = b"standard_conforming_strings\0"
 _PASSING = frozenset(b"ANS")  # notifications, notices, ParameterStatus: the client's
 _READY, _DATA_ROW, _ERROR = ord("Z"), ord("D"), ord("E")
 _COPY_DATA = ord("d")
@@ -108,6 +109,11 @@ _AUTH_NAMES = {3: "password", 5: "md5", 7: "gss", 8: "gss", 9: "sspi", 10: "sasl
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 _MAX_AUTH_MESSAGE = 65535 + 4
 
+
+
+def _setting(data: bytes, start: int, end: int) -> str:
+    """The value of a ParameterStatus whose name ends at ``start``."""
+    return data[start:end].rstrip(b"\0").decode("ascii", "replace")
 
 
 def _tls_detail(exc: BaseException) -> dict[str, str]:
@@ -189,6 +195,7 @@ class Session:
         self._server_version = ""
         #: As PostgreSQL reported it at startup (the rewriter follows later changes).
         self._client_encoding = "UTF8"
+        self._standard_strings = "on"
 
     @property
     def bytes_to_client(self) -> int:
@@ -724,7 +731,9 @@ class Session:
             if t == ord("S") and body.startswith(b"server_version\0"):
                 self._server_version = body[len(b"server_version\0") :].rstrip(b"\0").decode("ascii", "replace")
             elif t == ord("S") and body.startswith(_CLIENT_ENCODING):
-                self._client_encoding = body[len(_CLIENT_ENCODING) :].rstrip(b"\0").decode("ascii", "replace")
+                self._client_encoding = _setting(body, len(_CLIENT_ENCODING), len(body))
+            elif t == ord("S") and body.startswith(_STANDARD_STRINGS):
+                self._standard_strings = _setting(body, len(_STANDARD_STRINGS), len(body))
             if t == ord("Z") and self.server.protection is not None:
                 self.roles, setting, current_user = await self._session_facts()
                 self.search_path = SessionSearchPath(current_user or self.user, None)
@@ -801,6 +810,7 @@ class Session:
                 self._current_protection, None, self.roles, self.server.refusals, self.search_path
             )
             self._rewriter.client_encoding(self._client_encoding)
+            self._rewriter.standard_conforming_strings(self._standard_strings)
             if self.server.audit is not None:
                 self._start_audit(self.server.audit, "authenticated")
             self._c2b.capture = CAPTURE if self._audit is None else CAPTURE_AUDITED
@@ -1006,8 +1016,8 @@ class Session:
             data = data[:end]
         else:
             self._b2c_held = b""
-        if _CLIENT_ENCODING in data:
-            self._follow_encoding(data)
+        if _CLIENT_ENCODING in data or _STANDARD_STRINGS in data:
+            self._follow_settings(data)
         if self._path_probe is not None:
             data, counted = self._path_probe_reply(data)
             if data:
@@ -1016,13 +1026,18 @@ class Session:
         elif data:
             self._to_client_protected(data, marks, tail_rows)
 
-    def _follow_encoding(self, data: bytes) -> None:
-        """The server reported a new client encoding (ParameterStatus, after a SET): the
-        rewriter refuses what it could not read under some of them."""
-        assert self._rewriter is not None
+    def _follow_settings(self, data: bytes) -> None:
+        """The server reported a new client encoding or standard_conforming_strings
+        (ParameterStatus, after a SET): both change how the rewriter reads statements."""
+        rewriter = self._rewriter
+        assert rewriter is not None
         for kind, start, end in iter_messages(data):
-            if kind == _PARAMETER_STATUS and data.startswith(_CLIENT_ENCODING, start):
-                self._rewriter.client_encoding(data[start + len(_CLIENT_ENCODING) : end].rstrip(b"\0").decode("ascii", "replace"))
+            if kind != _PARAMETER_STATUS:
+                continue
+            if data.startswith(_CLIENT_ENCODING, start):
+                rewriter.client_encoding(_setting(data, start + len(_CLIENT_ENCODING), end))
+            elif data.startswith(_STANDARD_STRINGS, start):
+                rewriter.standard_conforming_strings(_setting(data, start + len(_STANDARD_STRINGS), end))
 
     def _to_client_protected(self, data: bytes, marks: list[Mark], tail_rows: int, counted: int = 0) -> None:
         """The server's whole messages for the client (``marks``: where its replies end):

@@ -243,6 +243,56 @@ def quote_literal(value: str) -> str:
     return "'" + body + "'"
 
 
+class NationalBackslash(LexError):
+    """An ``N'...'`` constant holds a backslash: it has no ``E''`` spelling to pin it to."""
+
+
+class _EscapingTokenizer(_Tokenizer):
+    # standard_conforming_strings = off: a backslash escapes the next character in '...'.
+    STRING_ESCAPES: ClassVar[list[str]] = ["'", "\\"]
+
+
+_ESCAPING_TOKENIZER = _EscapingTokenizer(dialect=Postgres())
+
+
+def pin_backslashes(sql: str, *, escaping: bool = False) -> str:
+    """``sql`` with each plain ``'...'`` constant that holds a backslash spelled ``E''``.
+
+    Such a constant reads differently under the two settings of
+    ``standard_conforming_strings``; spelled ``E''`` it reads the same under both, so the
+    server runs what pgcloak planned even if the setting changed behind pgcloak's back
+    (a pipelined SET, a function that sets it). ``escaping``: read ``sql`` as the server
+    does with the setting off (the backslash escapes), else with it on (pgcloak's own
+    reading, which the rest of the planner assumes). The text is returned unchanged
+    when no such constant is in it.
+    """
+    if "\\" not in sql:
+        return sql
+    try:
+        tokens = (_ESCAPING_TOKENIZER if escaping else _TOKENIZER).tokenize(sql)
+    except TokenError:
+        raise LexError("the statement could not be tokenized (an unterminated string, quote or comment?)") from None
+    out: list[str] = []
+    at = 0
+    for tok in tokens:
+        tt = tok.token_type
+        if tt is not TokenType.STRING and tt is not TokenType.NATIONAL_STRING:
+            continue
+        start, end = tok.start, tok.end + 1
+        raw = sql[start:end]
+        if "\\" not in raw:
+            continue
+        if raw[:1] != "'":
+            raise NationalBackslash("N'...' string constants with a backslash are not supported by pgcloak")
+        out.append(sql[at:start])
+        out.append("E" + raw if escaping else "E'" + raw[1:-1].replace("\\", "\\\\") + "'")
+        at = end
+    if not out:
+        return sql
+    out.append(sql[at:])
+    return "".join(out)
+
+
 # -- fast path --------------------------------------------------------------------
 #
 # What sqlglot's Postgres tokenizer (as configured above) does, restricted to what
