@@ -33,8 +33,8 @@ tables:
   crm."Contacts":
     note: {encrypt: true}
 """
-ENVELOPE_ONLY = "^pgc1:[A-Za-z0-9_-]+$"
-INDEXED = r"^[A-Za-z0-9_-]{22}\.pgc1:[A-Za-z0-9_-]+$"
+ENVELOPE_ONLY = "^pgc1:[A-Za-z0-9_-]{47,}$"
+INDEXED = r"^[A-Za-z0-9_-]{22}\.pgc1:[A-Za-z0-9_-]{47,}$"
 HASH_ONLY = "^[A-Za-z0-9_-]{22}$"
 
 

@@ -87,9 +87,9 @@ def test_every_protected_column_gets_a_ciphertext_only_check(tmp_path: Path) -> 
     assert (
         'ALTER TABLE crm."Contacts" DROP CONSTRAINT IF EXISTS "Contacts_Email_pgcloak_check", '
         'ADD CONSTRAINT "Contacts_Email_pgcloak_check" CHECK ("Email" IS NULL OR "Email" ~ '
-        "'^[A-Za-z0-9_-]{22}\\.pgc1:[A-Za-z0-9_-]+$') NOT VALID;"
+        "'^[A-Za-z0-9_-]{22}\\.pgc1:[A-Za-z0-9_-]{47,}$') NOT VALID;"
     ) in text
-    assert "CHECK (note IS NULL OR note ~ '^pgc1:[A-Za-z0-9_-]+$') NOT VALID;" in text
+    assert "CHECK (note IS NULL OR note ~ '^pgc1:[A-Za-z0-9_-]{47,}$') NOT VALID;" in text
     assert text.count("ADD CONSTRAINT") == 4  # one per protected column
     path = tmp_path / "policy.yaml"
     out = io.StringIO()
@@ -125,7 +125,8 @@ def test_the_check_pattern_takes_what_pgcloak_stores_and_refuses_plaintext(
     for value in ["alice@example.com", "", "x" * 500, "ünïcødé 😀"]:
         stored = protection.transform(plan.params[0], value)
         assert stored is not None and pattern.fullmatch(stored), stored
-    for plain in ["alice@example.com", "555-0100", "pgc1:", "123-45-6789", "pgc1:has space"]:
+    plaintext_dressed_up = ["pgc1:078-05-1120", "pgc1:alice_example_com", "X" * 22 + ".pgc1:555-0100"]
+    for plain in ["alice@example.com", "555-0100", "pgc1:", "123-45-6789", "pgc1:has space", *plaintext_dressed_up]:
         assert not pattern.fullmatch(plain)
 
 

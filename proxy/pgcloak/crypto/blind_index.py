@@ -164,13 +164,20 @@ def compose(index: str, envelope: str | None) -> str:
     return index + INDEX_SEPARATOR + envelope
 
 
+#: base64url characters of the shortest envelope body (check 3, key id length 1, key id 1,
+#: version 2, nonce 12, tag 16 bytes).
+_MIN_ENVELOPE_BODY_CHARS = -(-(3 + 1 + 1 + 2 + 12 + 16) * 4 // 3)
+
+
 def stored_pattern(*, encrypt: bool, index: bool) -> str:
     """A regular expression (POSIX and Python alike) that every value pgcloak stores in
     such a column matches, and no plaintext a person would type does: what a database
     CHECK constraint can hold the column to, so that a write pgcloak never saw (through
     a view, a function, a trigger, a direct connection) cannot store plaintext."""
     b64 = "[A-Za-z0-9_-]"
-    envelope = re.escape(ENVELOPE_PREFIX_TEXT) + b64 + "+"
+    # The shortest body (a 1-byte key id, an empty plaintext) is 35 bytes: 47 characters.
+    # A short "pgc1:078-05-1120" is plaintext dressed up, not an envelope.
+    envelope = re.escape(ENVELOPE_PREFIX_TEXT) + b64 + f"{{{_MIN_ENVELOPE_BODY_CHARS},}}"
     if not encrypt:
         return f"^{b64}{{{INDEX_LENGTH}}}$"
     if index:

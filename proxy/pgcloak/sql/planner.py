@@ -420,6 +420,74 @@ class Planner:
                 stmt.analysis.touches = True
         return stmt
 
+    def _alter_hazard(self, toks: list[Token], a: int, b: int) -> str | None:
+        """Why an ``ALTER TABLE`` cannot pass (None: it can). Most pass unparsed (adding a
+        column, an index, a constraint); refused are those that would store or keep a
+        value pgcloak never encrypted in a protected column, or stop pgcloak from knowing
+        the table: a ``USING``, a non-NULL ``DEFAULT`` or a generated expression on a
+        protected column, renaming a protected table or column (or another to a protected
+        name), moving a protected table to another schema, attaching rows to it
+        (``ATTACH PARTITION``, ``INHERIT``), and dropping or renaming pgcloak's CHECK."""
+        words = [fold_name(t) for t in toks[a:b]]
+        upper = [t.text.upper() if t.token_type != TokenType.IDENTIFIER else "" for t in toks[a:b]]
+        if len(words) < 3 or upper[1] not in ("TABLE", "FOREIGN"):
+            return None
+        i = 2 if upper[1] == "TABLE" else 3
+        while i < len(words) and upper[i] in ("IF", "EXISTS", "ONLY"):
+            i += 1
+        target = self._protected_target(words, upper, i)
+        columns = {c for t in target for c in self.policy.columns_of(t)}
+        names = self.policy.protected_names()
+        why = "pgcloak could not encrypt what it would store, nor find the table afterwards"
+        for j, word in enumerate(words):
+            kw = upper[j]
+            if word.endswith("_pgcloak_check") and upper[j - 1] in ("CONSTRAINT", "EXISTS"):
+                return (
+                    f"changing constraint {word} through pgcloak is refused: pgcloak's CHECK constraints "
+                    "are managed with `pgcloak policy ddl` on a direct connection"
+                )
+            if kw == "RENAME":
+                if upper[j + 1 : j + 2] == ["TO"]:
+                    new = words[j + 2] if j + 2 < len(words) else ""
+                    renamed = bool(target) or new in names
+                else:
+                    renamed = bool(target) and any(w in columns for w in words[j + 1 :])
+                if renamed:
+                    return f"renaming a protected table or column (or another to a protected name) is refused: {why}"
+            if not target:
+                continue
+            if kw == "SCHEMA" and upper[j - 1] == "SET":
+                return f"moving a protected table to another schema is refused: {why}"
+            if kw == "ATTACH" or (kw == "INHERIT" and upper[j - 1] != "NO"):
+                return f"ALTER TABLE ... {kw} on a protected table is refused: the rows it brings in are not encrypted"
+        if target:
+            for lo, hi in _top_level_items(toks, a, b):
+                column = _subcommand_column(words[lo - a : hi - a], upper[lo - a : hi - a])
+                if column is None or column not in columns:
+                    continue
+                rest = upper[lo - a : hi - a]
+                if "USING" in rest:
+                    return f"ALTER COLUMN {column} TYPE ... USING on a protected column is refused: {why}"
+                if "GENERATED" in rest or "EXPRESSION" in rest:
+                    return f"a generated value for protected column {column} is refused: it would be stored in clear"
+                if "DEFAULT" in rest:
+                    d = rest.index("DEFAULT")
+                    if rest[d + 1 : d + 2] != ["NULL"] and (d == 0 or rest[d - 1] != "DROP"):
+                        return (
+                            f"a non-NULL DEFAULT for protected column {column} is refused: it would be "
+                            "stored in clear"
+                        )
+        return None
+
+    def _protected_target(self, words: list[str], upper: list[str], i: int) -> list[str]:
+        """The protected tables the name at ``words[i]`` may mean (any schema: fail closed)."""
+        if i >= len(words):
+            return []
+        name = words[i]
+        if i + 2 < len(words) and upper[i + 1] == ".":
+            name = words[i + 2]
+        return [t for t in self.policy.protected_tables() if t.partition(".")[2] == name]
+
     def _statement(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
         toks = lexed.tokens
         s0, e0 = toks[a].start, toks[b - 1].end + 1
@@ -471,6 +539,9 @@ class Planner:
                     return self._wrapper(sql, lexed, a, i + 1, b)
         if first == "TRUNCATE":
             return self._truncate(simple("truncate"), text)
+        if first == "ALTER":
+            hazard = self._alter_hazard(toks, a, b)
+            return simple("ddl", hazard)
         if first in _PASS_KEYWORDS:
             return simple("ddl" if first in _DDL_KEYWORDS else "other")
         named = _patterns(self.policy)[1].search(text)
@@ -962,6 +1033,40 @@ _ESCAPED_NAME: Final = (
     'a prepared statement name written U&"..." is not supported by pgcloak (it could not '
     "tell which statement runs): use a plain or quoted name"
 )
+
+
+def _top_level_items(toks: list[Token], a: int, b: int) -> list[tuple[int, int]]:
+    """Token ranges of an ALTER TABLE's comma-separated subcommands (nesting respected)."""
+    out: list[tuple[int, int]] = []
+    depth, start = 0, a
+    for j in range(a, b):
+        tt = toks[j].token_type
+        if tt == TokenType.L_PAREN:
+            depth += 1
+        elif tt == TokenType.R_PAREN:
+            depth -= 1
+        elif tt == TokenType.COMMA and depth == 0:
+            out.append((start, j))
+            start = j + 1
+    out.append((start, b))
+    return out
+
+
+def _subcommand_column(words: list[str], upper: list[str]) -> str | None:
+    """The column an ``ALTER [COLUMN] c ...`` or ``ADD [COLUMN] [IF NOT EXISTS] c ...``
+    subcommand is about (None: another kind of subcommand)."""
+    for k, kw in enumerate(upper):
+        if kw not in ("ALTER", "ADD"):
+            continue
+        j = k + 1
+        if j < len(upper) and upper[j] == "TABLE":
+            continue  # the statement's own ALTER TABLE
+        while j < len(upper) and upper[j] in ("COLUMN", "IF", "NOT", "EXISTS"):
+            j += 1
+        if j < len(upper) and upper[j] in ("CONSTRAINT", "PRIMARY", "UNIQUE", "CHECK", "FOREIGN", "EXCLUDE"):
+            return None
+        return words[j] if j < len(words) else None
+    return None
 
 
 def _guess_kind(sql: str) -> str:
