@@ -15,6 +15,8 @@ everything else (comments, formatting, casts) reaches PostgreSQL exactly as writ
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -241,7 +243,15 @@ class Planner:
             self.hits += 1
             return found, lexed.literals
         self.misses += 1
-        result = self._build(sql, lexed)
+        try:
+            result = self._build(sql, lexed)
+        except RecursionError:
+            # Nested deeper than sqlglot (or the analysis) can follow: PostgreSQL's own
+            # answer to that is 54001 too. Not cached: it is cheap to find again.
+            if names_protected_table(sql, self.policy):
+                message = "statement too complex for pgcloak to analyze (nested too deeply); it names a protected table"
+                return Plan(deny(message, "54001"), None, (), (), True, AuditFacts("other")), []
+            return pass_plan(_guess_kind(sql)), []
         _remember(self._by_shape, key, result, self.cache_size)
         return result, lexed.literals
 
@@ -402,11 +412,17 @@ class Planner:
         """Text ``[start, end)`` as template pieces (literal slots stay slots)."""
         out: list[Piece] = []
         pos = start
-        for i, lit in enumerate(lexed.literals):
-            if lit.start >= start and lit.end <= end:
+        literals = lexed.literals
+        # Literals are in text order: start at the first one that may fall in the span
+        # (a statement with thousands of rewrites calls this once per gap between them).
+        i = bisect.bisect_left(literals, start, key=_literal_start)
+        while i < len(literals) and literals[i].start < end:
+            lit = literals[i]
+            if lit.end <= end:
                 out.append(sql[pos : lit.start])
                 out.append(i)
                 pos = lit.end
+            i += 1
         out.append(sql[pos:end])
         return out
 
@@ -785,12 +801,14 @@ class Planner:
         if isinstance(tree, exp.Create):
             analysis.kind = "ddl"
 
+        # Positions in the parsed text back to the statement's: minus the growth of the
+        # placeholders before them (a running sum, searched: linear overall).
+        shift_at = [at for at, _orig, _d in shifts]
+        grown = list(itertools.accumulate(d for _at, _orig, d in shifts))
+
         def to_orig(p: int) -> int:
-            delta = 0
-            for at, _orig, d in shifts:
-                if at < p:
-                    delta += d
-            return p - delta + s0
+            k = bisect.bisect_left(shift_at, p)
+            return p - (grown[k - 1] if k else 0) + s0
 
         edits = sorted((to_orig(s), to_orig(e), repl) for s, e, repl in analysis.edits)
         pieces: list[Piece] = []
@@ -1033,6 +1051,10 @@ _ESCAPED_NAME: Final = (
     'a prepared statement name written U&"..." is not supported by pgcloak (it could not '
     "tell which statement runs): use a plain or quoted name"
 )
+
+
+def _literal_start(lit: Literal) -> int:
+    return lit.start
 
 
 def _top_level_items(toks: list[Token], a: int, b: int) -> list[tuple[int, int]]:
