@@ -60,7 +60,7 @@ from pgcloak.sql.plan import (
     deny,
     pass_plan,
 )
-from pgcloak.sql.prepared import fold_name
+from pgcloak.sql.prepared import comma_items, fold_name
 from pgcloak.sql.search_path import (
     DEFAULT_PATH,
     bound_spelling,
@@ -477,7 +477,7 @@ class Planner:
             if kw == "ATTACH" or (kw == "INHERIT" and upper[j - 1] != "NO"):
                 return f"ALTER TABLE ... {kw} on a protected table is refused: the rows it brings in are not encrypted"
         if target:
-            for lo, hi in _top_level_items(toks, a, b):
+            for lo, hi in comma_items(toks, a, b):
                 column = _subcommand_column(words[lo - a : hi - a], upper[lo - a : hi - a])
                 if column is None or column not in columns:
                     continue
@@ -1055,23 +1055,6 @@ _ESCAPED_NAME: Final = (
 
 def _literal_start(lit: Literal) -> int:
     return lit.start
-
-
-def _top_level_items(toks: list[Token], a: int, b: int) -> list[tuple[int, int]]:
-    """Token ranges of an ALTER TABLE's comma-separated subcommands (nesting respected)."""
-    out: list[tuple[int, int]] = []
-    depth, start = 0, a
-    for j in range(a, b):
-        tt = toks[j].token_type
-        if tt == TokenType.L_PAREN:
-            depth += 1
-        elif tt == TokenType.R_PAREN:
-            depth -= 1
-        elif tt == TokenType.COMMA and depth == 0:
-            out.append((start, j))
-            start = j + 1
-    out.append((start, b))
-    return out
 
 
 def _subcommand_column(words: list[str], upper: list[str]) -> str | None:

@@ -64,7 +64,7 @@ def fold_name(tok: Token) -> str:
     return truncated("".join(c.lower() if "A" <= c <= "Z" else c for c in tok.text))
 
 
-def _split(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
+def comma_items(toks: list[Token], lo: int, hi: int) -> list[tuple[int, int]]:
     """Token ranges of the comma-separated items in ``[lo, hi)`` (nesting respected)."""
     out: list[tuple[int, int]] = []
     depth, start = 0, lo
@@ -91,7 +91,7 @@ def _definition(sql: str, toks: list[Token], a: int, b: int) -> tuple[str, Defin
     types: tuple[str, ...] = ()
     if i < b and toks[i].token_type == TokenType.L_PAREN:
         close = matching_paren(toks, i, b)
-        types = tuple(sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close))
+        types = tuple(sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in comma_items(toks, i + 1, close))
         i = close + 1
     if i + 1 >= b or toks[i].text.upper() != "AS":
         return None
@@ -203,7 +203,7 @@ def inline_executes(
         i = a + 2
         if i < b and toks[i].token_type == TokenType.L_PAREN:
             close = matching_paren(toks, i, b)
-            args = [sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in _split(toks, i + 1, close)]
+            args = [sql[toks[lo].start : toks[hi - 1].end + 1] for lo, hi in comma_items(toks, i + 1, close)]
             i = close + 1
         if i < b:
             raise InlineRefused("0A000", f"EXECUTE {name} followed by more than its arguments is not supported by pgcloak")
