@@ -126,3 +126,12 @@ def test_unprotected_statements_pass_as_sent(env: EncEnv) -> None:
         _off(conn)
         cur = psycopg.ClientCursor(conn)
         assert cur.execute("SELECT 'it\\'s', length('a\\\\b')").fetchall() == [("it's", 3)]
+
+
+def test_setting_off_from_the_startup_packet_is_followed(env: EncEnv) -> None:
+    with env.without_check("users", "users_email_pgcloak_check", "DELETE FROM users WHERE id = 9007"):
+        with env.psy(options="-c standard_conforming_strings=off") as conn:
+            assert conn.info.parameter_status("standard_conforming_strings") == "off"
+            psycopg.ClientCursor(conn).execute(SMUGGLE.format(id=9007))
+            assert conn.execute("SELECT email FROM users WHERE id = 9007").fetchone() == ("smuggled@example.com",)
+        env.assert_stored(env.raw_one("SELECT email FROM users WHERE id = 9007"), "smuggled@example.com")
