@@ -16,7 +16,6 @@ statement is refused and asked to qualify the column).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from sqlglot import exp
@@ -165,6 +164,8 @@ class Analyzer:
         self._scopes: dict[int, dict[str, Source]] = {}
         self._derived: dict[int, dict[str, Origin | None]] = {}
         self._in_progress: set[int] = set()
+        #: node id -> the scopes above it, innermost first (see _scope_chain).
+        self._chains: dict[int, tuple[exp.Expression, ...]] = {}
         #: How many places gave a value its action (see _shared_params).
         self._uses: dict[ValueRef, int] = {}
 
@@ -388,11 +389,11 @@ class Analyzer:
             q = _unparen(query)
             if isinstance(q, exp.Subquery):
                 q = q.this
-            while isinstance(q, exp.SetOperation):
-                q = q.this
             projections: list[exp.Expression] = []
             scope: exp.Expression | None = None
-            if isinstance(q, exp.Select):
+            if isinstance(q, exp.SetOperation):
+                cols = self._set_outputs(q)
+            elif isinstance(q, exp.Select):
                 projections, scope = list(q.expressions), q
             elif isinstance(q, exp.Insert | exp.Update | exp.Delete):
                 ret = q.args.get("returning")
@@ -435,6 +436,32 @@ class Analyzer:
         finally:
             self._in_progress.discard(id(key))
 
+    def _set_outputs(self, op: exp.SetOperation) -> dict[str, Origin | None]:
+        """Output columns of UNION / INTERSECT / EXCEPT: named by the first branch, and a
+        column is a protected column's stored form only if it is that in every branch
+        (matched by position); else it may be anything (a plain value among them)."""
+        branches: list[exp.Expression] = []
+        pending: list[exp.Expression | None] = [op]
+        while pending:
+            node = _unparen(pending.pop())
+            if isinstance(node, exp.Subquery):
+                node = node.this
+            if isinstance(node, exp.SetOperation):
+                pending.extend((node.expression, node.this))  # popped left first
+            elif node is not None:
+                branches.append(node)
+        outputs = [list(self._outputs(b, b).items()) for b in branches]
+        if not outputs:
+            return {}
+        cols: dict[str, Origin | None] = {}
+        for i, (name, origin) in enumerate(outputs[0]):
+            for other in outputs[1:]:
+                theirs = other[i][1] if i < len(other) else None
+                if origin is not None and (theirs is None or theirs.name != origin.name):
+                    origin = None
+            cols[name] = origin
+        return cols
+
     def _source_columns(self, src: Source) -> dict[str, Origin | None]:
         if src.table is not None:
             return {
@@ -453,17 +480,32 @@ class Analyzer:
                 seen.append(src)
         return seen
 
-    def _scope_chain(self, node: exp.Expression) -> Iterator[exp.Expression]:
-        child: exp.Expr = node
-        cur = node.parent
-        while cur is not None:
-            # The body of INSERT ... SELECT / VALUES does not see the target table's
-            # columns (PostgreSQL resolves them in the body's own FROM, or fails).
-            if isinstance(cur, _SCOPE_TYPES) and not (
-                isinstance(cur, exp.Insert) and child is cur.args.get("expression")
+    def _scope_chain(self, node: exp.Expression) -> tuple[exp.Expression, ...]:
+        """The scopes whose FROM items a column at ``node`` may name, innermost first.
+
+        Not the statement a WITH belongs to, for its CTEs' bodies (a CTE cannot see the
+        FROM items of the query it is attached to), nor an INSERT's target, for the body
+        of INSERT ... SELECT / VALUES (PostgreSQL resolves those in the body's own FROM,
+        or fails). Memoized per node, so that a statement of thousands of terms (a long
+        OR chain is as deep as it is long) costs linear time, not quadratic.
+        """
+        chains = self._chains
+        path: list[exp.Expr] = []
+        cur: exp.Expr | None = node
+        while cur is not None and id(cur) not in chains:
+            path.append(cur)
+            cur = cur.parent
+        above: tuple[exp.Expression, ...] = chains[id(cur)] if cur is not None else ()
+        for child in reversed(path):
+            parent = child.parent
+            if isinstance(parent, _SCOPE_TYPES) and not (
+                (isinstance(parent, exp.Insert) and child is parent.args.get("expression"))
+                or child is parent.args.get("with_")
+                or child is parent.args.get("with")
             ):
-                yield cur
-            child, cur = cur, cur.parent
+                above = (parent, *above)
+            chains[id(child)] = above
+        return chains[id(node)]
 
     def _resolve(self, col: exp.Column) -> Origin | _Ambiguous | None:
         name = canon(col.this) if isinstance(col.this, exp.Identifier) else ""
@@ -472,6 +514,9 @@ class Analyzer:
         qual = canon(col.args.get("table")) if col.args.get("table") else ""
         if col.args.get("db"):
             qual = f"{canon(col.args.get('db'))}.{qual}"
+        #: A table of an inner scope that may have a plain column of that name: pgcloak
+        #: knows only a table's protected columns, PostgreSQL resolves to the innermost.
+        shadow: str | None = None
         for scope in self._scope_chain(col):
             sources = self._sources(scope)
             if qual:
@@ -495,12 +540,16 @@ class Analyzer:
                     if isinstance(found, Origin):
                         candidates.append(found)
             candidates = list({c.name: c for c in candidates}.values())
+            if candidates and shadow is not None:
+                return _Ambiguous([*(c.name for c in candidates), f"{shadow}.{name}"])
             if len(candidates) == 1 and not plain_derived:
                 return candidates[0]
             if len(candidates) > 1:
                 return _Ambiguous([c.name for c in candidates])
             if plain_derived:
                 return None
+            if shadow is None:
+                shadow = next((src.table for src in sources.values() if src.table is not None), None)
         return None
 
     def _values_column(self, col: exp.Column) -> list[exp.Expression] | None:
@@ -605,8 +654,8 @@ class Analyzer:
             found = self._resolve(col)
         if isinstance(found, _Ambiguous):
             self.deny(
-                f"column {col.name} is ambiguous between protected columns "
-                f"{', '.join(sorted(set(found.names)))}: qualify it with its table"
+                f"column {col.name} is ambiguous: it may be any of "
+                f"{', '.join(sorted(set(found.names)))} (a protected column among them): qualify it with its table"
             )
             return
         if found is None:
@@ -834,9 +883,13 @@ class Analyzer:
         if not protected:
             return
         body = _unparen(body)
+        expanding = f"(...).* expands into as many columns as its type has, which pgcloak cannot know: list the values for {q}"
         if isinstance(body, exp.Values):
             for row in body.expressions:
                 items = row.expressions if isinstance(row, exp.Tuple) else [row]
+                if any(_expands(item) for item in items):
+                    self.deny(f"INSERT into protected table {q} with {expanding}")
+                    return
                 for i, origin in protected:
                     value = items[i] if i < len(items) else None
                     why = self._store(value, origin, "INSERT")
@@ -849,6 +902,9 @@ class Analyzer:
             if any(isinstance(p, exp.Star) or (isinstance(p, exp.Column) and isinstance(p.this, exp.Star)) for p in projections):
                 self.deny(f"INSERT ... SELECT * into protected table {q} is not supported: "
                           "list the selected columns")
+                return
+            if any(_expands(p.this if isinstance(p, exp.Alias) else p) for p in projections):
+                self.deny(f"INSERT ... SELECT into protected table {q} with {expanding}")
                 return
             for i, origin in protected:
                 proj = projections[i] if i < len(projections) else None
@@ -920,9 +976,10 @@ class Analyzer:
         return names
 
     def _star(self, star: exp.Star) -> None:
-        scope = next(self._scope_chain(star), None)
-        if scope is None:
+        chain = self._scope_chain(star)
+        if not chain:
             return
+        scope = chain[0]
         parent = star.parent
         holder = parent.parent if isinstance(parent, exp.Column) else parent
         if not isinstance(holder, exp.Select | exp.Returning):
@@ -941,6 +998,16 @@ class Analyzer:
                 f"MERGE involving protected table {', '.join(protected)} is not supported: "
                 "use INSERT ... ON CONFLICT, UPDATE or DELETE"
             )
+
+
+def _expands(node: exp.Expression | None) -> bool:
+    """``(expr).*``, ``t.*`` or ``*``: one item that PostgreSQL expands into several."""
+    node = _unparen(node)
+    if isinstance(node, exp.Star):
+        return True
+    if isinstance(node, exp.Column) and isinstance(node.this, exp.Star):
+        return True
+    return isinstance(node, exp.Dot) and isinstance(node.expression, exp.Star)
 
 
 def _values_columns(values: exp.Values) -> dict[str, list[exp.Expression]]:
