@@ -387,3 +387,16 @@ def test_copies_from_stdin(sql: str, copies: bool) -> None:
     from pgcloak.sql.lexer import copies_from_stdin
 
     assert copies_from_stdin(sql) is copies
+
+
+@pytest.mark.parametrize("sql", ["SELECT 9006 #--5, 'a'", "SELECT a #--\n b", "SELECT a #-- x"])
+def test_operator_run_into_a_comment_start_is_not_lexed(sql: str) -> None:
+    """PostgreSQL cuts an operator where ``--`` or ``/*`` starts; sqlglot reads ``#-``."""
+    with pytest.raises(LexError, match="comment start"):
+        lex(sql)
+    assert scan_literals(sql) is None
+
+
+@pytest.mark.parametrize("sql", ["SELECT a #- '{b}' -- c", "SELECT a #-/*x*/ b", "SELECT 1 ->-- x", "SELECT 1 #- -- x", "SELECT '#--'"])
+def test_operators_that_end_before_a_comment_lex_as_postgresql_does(sql: str) -> None:
+    lex(sql)

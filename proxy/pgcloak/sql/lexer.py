@@ -66,15 +66,41 @@ def tokenize(sql: str) -> list[Token]:
     """sqlglot's tokens of ``sql``. :class:`LexError` carries no part of the text (it
     would reach an error message, and the text holds values)."""
     try:
-        return _TOKENIZER.tokenize(sql)
+        tokens = _TOKENIZER.tokenize(sql)
     except TokenError:
-        pass
-    try:
-        # sqlglot 30 fails on a text that ends in '' after a $n parameter ("... AND
-        # name <> ''"); whitespace after it tokenizes the same, positions included.
-        return _TOKENIZER.tokenize(sql + "\n")
-    except TokenError:
-        raise LexError("the statement could not be tokenized (an unterminated string, quote or comment?)") from None
+        try:
+            # sqlglot 30 fails on a text that ends in '' after a $n parameter ("... AND
+            # name <> ''"); whitespace after it tokenizes the same, positions included.
+            tokens = _TOKENIZER.tokenize(sql + "\n")
+        except TokenError:
+            raise LexError("the statement could not be tokenized (an unterminated string, quote or comment?)") from None
+    if ("--" in sql or "/*" in sql) and _swallowed_comment(sql, tokens):
+        raise LexError(
+            "an operator is followed by a comment start (--, /*): pgcloak cannot read it as "
+            "PostgreSQL does; put a space between them"
+        )
+    return tokens
+
+
+#: PostgreSQL's operator characters: a run of them is one operator, cut where ``--`` or
+#: ``/*`` starts (that is a comment).
+_OPERATOR_CHARS = frozenset("+-*/<>=~!@#%^&|`?")
+
+
+def _swallowed_comment(sql: str, tokens: list[Token]) -> bool:
+    """Whether sqlglot read an operator (``#-``, say) into what PostgreSQL reads as the
+    start of a comment: ``#--5`` is ``#`` and a comment for the server, ``#-`` and ``-5``
+    for sqlglot, and the rest of the line would be read differently."""
+    for tok in tokens:
+        text = tok.text
+        if len(text) < 2 or text[-1] not in "-/" or not _OPERATOR_CHARS.issuperset(text):
+            continue
+        if sql[tok.start : tok.end + 1] != text:
+            continue  # a string or a quoted name that holds such characters
+        after = sql[tok.end + 1 : tok.end + 2]
+        if ("--" in text or "/*" in text) or after == ("-" if text[-1] == "-" else "*"):
+            return True
+    return False
 
 
 _NUMBER = TokenType.NUMBER
