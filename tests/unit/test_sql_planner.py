@@ -722,6 +722,8 @@ def test_fingerprint_stable(planner: Planner) -> None:
             "select u . email , count(*)::int from public.users u where u.id in (1,2) -- note\n;",
             "select u.email, count (*)::int from public.users u where u.id in (?, ?);",
         ),
+        # Numbers with underscores (PostgreSQL 16) are values too, however sqlglot splits them.
+        ("select id from users where ssn_num = 078_05_1120 and n > 1_000", "select id from users where ssn_num = ? and n > ?"),
     ],
 )
 def test_fingerprint_reads_like_sql_whatever_the_spacing(planner: Planner, sql: str, expected: str) -> None:

@@ -141,9 +141,22 @@ _OTHER_CONSTANTS = frozenset((TokenType.HEX_STRING, TokenType.BIT_STRING))
 def _fingerprint(lexed: Lexed, sql: str) -> str:
     out: list[str] = []
     prev = "("  # no space before the first token
-    for i, tok in enumerate(lexed.tokens):
+    tokens = lexed.tokens
+    for i, tok in enumerate(tokens):
         if i in lexed.slot_of_token or tok.token_type in _OTHER_CONSTANTS:
             text = "?"
+        elif tok.token_type is TokenType.NUMBER or tok.token_type is TokenType.VAR:
+            before = tokens[i - 1] if i else None
+            glued = before is not None and before.end + 1 == tok.start
+            if tok.token_type is TokenType.NUMBER:
+                if glued and before is not None and before.token_type is TokenType.PARAMETER:
+                    text = sql[tok.start : tok.end + 1]  # the n of $n
+                else:
+                    text = "?"  # 1_000 (PostgreSQL 16): not a slot, a value all the same
+            elif glued and before is not None and before.token_type is TokenType.NUMBER and tok.text[:1] == "_":
+                continue  # the _05_1120 of 078_05_1120: part of that number
+            else:
+                text = sql[tok.start : tok.end + 1]
         else:
             text = sql[tok.start : tok.end + 1]
         if prev not in _TIGHT_AFTER and text not in _TIGHT_BEFORE:
