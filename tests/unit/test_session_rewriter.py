@@ -197,6 +197,19 @@ def test_a_refused_slice_ends_the_copy_and_drops_the_rest(rewriter: Rewriter) ->
     assert b"call me" not in b"".join(outs)
 
 
+def test_copy_messages_after_a_refusal_are_dropped_until_the_copy_ends(rewriter: Rewriter) -> None:
+    rewriter.client_message(ord("Q"), Query("COPY users (email, phone) FROM STDIN").encode())
+    refused = rewriter.client_message(ord("d"), CopyData(b"a@b.c\tcall me maybe\n").encode())
+    assert refused.startswith(b"f") and not rewriter.copying_in
+    # PostgreSQL ignores the rest of the client's COPY; none of it is sent, in clear or not.
+    assert rewriter.client_message(ord("d"), CopyData(b"secret@example.com\t+1 555\n").encode()) == b""
+    assert rewriter.client_message(ord("c"), CopyDone().encode()) == b""
+    # The next COPY (of a table without protected columns) is the client's own again.
+    rewriter.client_message(ord("Q"), Query("COPY plain_contacts FROM STDIN").encode())
+    data = CopyData(b"x\ty\n").encode()
+    assert rewriter.client_message(ord("d"), data) == data
+
+
 def test_copy_in_csv_quoted_newlines_and_nulls(protection: Protection) -> None:
     action = ValueAction("store", "public.users", "ssn", "public.users.ssn", None, "none", True, False, False)
     rw = CopyInRewriter((action, ValueAction("pass")), "csv", protection.transform)

@@ -306,6 +306,10 @@ class Rewriter:
         #: whose rewriter its data gets once it is executed.
         self._copy_portals: dict[bytes, tuple[Protection, Plan]] = {}
         self._copy_out_csv = False
+        #: A protected COPY was refused: the client's COPY messages still coming are
+        #: dropped (PostgreSQL would ignore them; their data is in clear) until its
+        #: CopyDone / CopyFail, or its next statement.
+        self._copy_dropped = False
         self._dropping = False
         #: The statement being handled: what a refusal's audit event describes.
         self.last_plan: Plan | None = None
@@ -446,6 +450,7 @@ class Rewriter:
                 self._copy_portals.pop(_portal_key(msg[5 : msg.find(b"\0", 5)]), None)  # bound again
             return self._bind(msg)
         if kind == EXECUTE:
+            self._copy_dropped = False
             if self._audit is not None:
                 self._audit.execute(msg[5 : msg.find(b"\0", 5)])
             if self._copy_portals:
@@ -464,6 +469,7 @@ class Rewriter:
                 self._audit.sync()
             return msg
         if kind == Q:
+            self._copy_dropped = False
             self._batches += 1
             self._not_in_a_batch()
             out = self._query(msg)
@@ -1169,6 +1175,9 @@ class Rewriter:
     def _copy(self, kind: int, msg: bytes) -> bytes:
         rewriter = self._copy_in
         if rewriter is None:
+            if self._copy_dropped and kind in (COPY_DATA, COPY_DONE, COPY_FAIL):
+                self._copy_dropped = kind == COPY_DATA
+                return b""
             return msg
         if kind == COPY_DATA:
             return self.copy_data(CopyData.decode(msg[5:]).data)
@@ -1184,6 +1193,7 @@ class Rewriter:
     def _copy_refused(self, exc: ValueRefused | CopyFormatError | UnicodeDecodeError) -> bytes:
         """The CopyFail that ends the COPY under way, with pgcloak's error for ``exc``."""
         self._copy_in = None
+        self._copy_dropped = True
         if isinstance(exc, ValueRefused):
             state, text = exc.sqlstate, exc.message
         elif isinstance(exc, CopyFormatError):
