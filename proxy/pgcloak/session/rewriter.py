@@ -847,7 +847,7 @@ class Rewriter:
         if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
             self.last_plan = None
             return self._refuse_parse(name, "54000", f"too many prepared statements in one session (limit {MAX_STATEMENTS})")
-        if b"\\" in body[name_end + 1 : query_end]:
+        if body.find(b"\\", name_end + 1, query_end) >= 0:
             original = text_of(body, name_end, query_end)
             try:
                 spelled = self._spelled(protection, original)
