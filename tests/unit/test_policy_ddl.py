@@ -156,5 +156,9 @@ def test_judge_names_what_a_column_lacks() -> None:
     assert [p.split(" ")[0] for p in problems] == ["type", "no"] and "NOT VALID" in notes[0]
     problems, _ = judge(email, ColumnFacts("text", "CHECK ((email <> ''::text))", True, email.index))
     assert problems and "is not pgcloak's" in problems[0]
+    # The pattern of pgcloak before envelopes had a minimum length: run the DDL again.
+    older = good.replace("{47,}", "+")
+    problems, _ = judge(email, ColumnFacts("text", older, True, email.index))
+    assert problems and "older pgcloak" in problems[0] and "policy ddl" in problems[0]
     assert judge(ssn, None)[0] == ["column public.users.ssn does not exist"]
     assert ssn.index is None and "no lookup index" not in " ".join(judge(ssn, ColumnFacts("text", None, False, None))[0])

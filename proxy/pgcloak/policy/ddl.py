@@ -134,7 +134,10 @@ def judge(needs: ColumnNeeds, facts: ColumnFacts | None) -> tuple[list[str], lis
     if facts.check is None:
         problems.append(f"no CHECK constraint {needs.check}: a write around pgcloak can store plaintext")
     elif needs.pattern not in facts.check:
-        problems.append(f"CHECK constraint {needs.check} is not pgcloak's: {facts.check}")
+        problems.append(
+            f"CHECK constraint {needs.check} is not pgcloak's (or an older pgcloak's: run the "
+            f"output of `pgcloak policy ddl` again): {facts.check}"
+        )
     elif not facts.check_validated:
         notes.append(f"CHECK constraint {needs.check} is NOT VALID: rows written before it are not checked")
     if needs.index is not None and facts.index is None:
