@@ -40,6 +40,14 @@ REFUSED = [
     "INSERT INTO users (id, ssn, name) VALUES ((ROW(6004, '111-22-3333')::plain2).*, 'decoy')",
     "INSERT INTO users (id, ssn, name) SELECT (p).*, 'decoy' FROM plain2 p WHERE a = 6005",
     "UPDATE users SET email = (SELECT email FROM plain_contacts LIMIT 1) WHERE id = 6001",
+    # A subquery in FROM cannot see its sibling users u; its own FROM has the column (a * of
+    # a plain table, a function's columns), and PostgreSQL takes that one.
+    "INSERT INTO users (email) SELECT s.email FROM users u, "
+    "(SELECT email FROM (SELECT * FROM plain_contacts) p) s WHERE u.id = 6001",
+    "INSERT INTO users (email) SELECT s.email FROM users u JOIN "
+    "(SELECT email FROM json_to_record('{\"email\": \"origin-leak@example.com\"}') AS t(email text)) s ON u.id = 6001",
+    "INSERT INTO users (ssn) SELECT s.ssn FROM users u JOIN (SELECT ssn FROM unnest(ARRAY['decoy']) AS g(ssn)) s "
+    "ON u.id = 6001",
 ]
 
 

@@ -332,6 +332,11 @@ class Analyzer:
                 sources[self._alias_of(item, canon(item.this))] = src
                 if src.table is not None and not item.args.get("alias"):
                     sources[src.table] = src  # public.users.email
+            else:
+                # A function in FROM (generate_series(1, 3) g, json_to_record(...) AS
+                # t(a int, email text)): columns pgcloak does not know, never protected,
+                # and a name inside may be one of them (see _resolve).
+                sources[self._alias_of(item, f"#item{id(item)}")] = Source()
             return
         if isinstance(item, exp.Subquery):
             cols = self._outputs(item.this, item)
@@ -514,7 +519,7 @@ class Analyzer:
         qual = canon(col.args.get("table")) if col.args.get("table") else ""
         if col.args.get("db"):
             qual = f"{canon(col.args.get('db'))}.{qual}"
-        #: A table of an inner scope that may have a plain column of that name: pgcloak
+        #: A FROM item of an inner scope that may have a plain column of that name: pgcloak
         #: knows only a table's protected columns, PostgreSQL resolves to the innermost.
         shadow: str | None = None
         for scope in self._scope_chain(col):
@@ -549,7 +554,17 @@ class Analyzer:
             if plain_derived:
                 return None
             if shadow is None:
-                shadow = next((src.table for src in sources.values() if src.table is not None), None)
+                # Any FROM item whose columns pgcloak may not all know: a table (only its
+                # protected columns are known), a function, a derived table (its * of a
+                # table). A VALUES list's columns are all known.
+                shadow = next(
+                    (
+                        src.table or (key if not key.startswith("#") else "(a FROM item)")
+                        for key, src in sources.items()
+                        if key != "excluded" and not src.values
+                    ),
+                    None,
+                )
         return None
 
     def _values_column(self, col: exp.Column) -> list[exp.Expression] | None:
