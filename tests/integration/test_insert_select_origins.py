@@ -48,6 +48,8 @@ REFUSED = [
     "(SELECT email FROM json_to_record('{\"email\": \"origin-leak@example.com\"}') AS t(email text)) s ON u.id = 6001",
     "INSERT INTO users (ssn) SELECT s.ssn FROM users u JOIN (SELECT ssn FROM unnest(ARRAY['decoy']) AS g(ssn)) s "
     "ON u.id = 6001",
+    "INSERT INTO users (email) SELECT s.email FROM users u, "
+    "(SELECT email FROM (VALUES ('origin-leak@example.com')) v(email)) s WHERE u.id = 6001",
 ]
 
 

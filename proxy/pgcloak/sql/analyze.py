@@ -489,7 +489,8 @@ class Analyzer:
         """The scopes whose FROM items a column at ``node`` may name, innermost first.
 
         Not the statement a WITH belongs to, for its CTEs' bodies (a CTE cannot see the
-        FROM items of the query it is attached to), nor an INSERT's target, for the body
+        FROM items of the query it is attached to), nor the query whose FROM holds a
+        subquery, for that subquery (it cannot see its siblings), nor an INSERT's target, for the body
         of INSERT ... SELECT / VALUES (PostgreSQL resolves those in the body's own FROM,
         or fails). Memoized per node, so that a statement of thousands of terms (a long
         OR chain is as deep as it is long) costs linear time, not quadratic.
@@ -509,6 +510,14 @@ class Analyzer:
                 or child is parent.args.get("with")
             ):
                 above = (parent, *above)
+            elif (
+                isinstance(child, exp.Subquery)
+                and isinstance(parent, exp.From | exp.Join)
+                and child is parent.this
+                and above
+                and above[0] is parent.parent
+            ):
+                above = above[1:]  # a subquery in FROM does not see its siblings (not LATERAL)
             chains[id(child)] = above
         return chains[id(node)]
 
@@ -540,6 +549,8 @@ class Analyzer:
                         plain_derived = True
                     else:
                         candidates.append(origin)
+                elif src.table is None and name in src.values:
+                    plain_derived = True  # a (VALUES ...) v(name) column: the list's values
                 elif src.table is not None:
                     found = self._lookup(src, name)
                     if isinstance(found, Origin):
