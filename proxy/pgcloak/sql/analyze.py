@@ -489,11 +489,12 @@ class Analyzer:
         """The scopes whose FROM items a column at ``node`` may name, innermost first.
 
         Not the statement a WITH belongs to, for its CTEs' bodies (a CTE cannot see the
-        FROM items of the query it is attached to), nor the query whose FROM holds a
-        subquery, for that subquery (it cannot see its siblings), nor an INSERT's target, for the body
-        of INSERT ... SELECT / VALUES (PostgreSQL resolves those in the body's own FROM,
-        or fails). Memoized per node, so that a statement of thousands of terms (a long
-        OR chain is as deep as it is long) costs linear time, not quadratic.
+        FROM items of the query it is attached to); not the query whose FROM holds a
+        subquery, for that subquery (it cannot see its siblings unless LATERAL, which
+        pgcloak treats as opaque); not an INSERT's target, for the body of INSERT ...
+        SELECT / VALUES (PostgreSQL resolves those in the body's own FROM, or fails).
+        Memoized per node, so that a statement of thousands of terms (a long OR chain is
+        as deep as it is long) costs linear time, not quadratic.
         """
         chains = self._chains
         path: list[exp.Expr] = []
