@@ -2,6 +2,8 @@
 is how applications migrate), except the forms that would put a value pgcloak never
 encrypted into a protected column, or take the table or its CHECK backstop away from
 pgcloak: those are refused with 0A000 before PostgreSQL sees them, and nothing changes.
+So are the CREATE forms that hang a table under a protected one or keep a value looked
+up in a protected column in the catalog.
 """
 
 from __future__ import annotations
@@ -76,3 +78,21 @@ def test_migrations_that_store_nothing_in_clear_still_run(env: EncEnv) -> None:
         ]
         conn.execute("ALTER TABLE users DROP COLUMN nickname")
     env.assert_stored(env.raw_one("SELECT ssn FROM users WHERE id = 7002"), "078-05-1120", column="ssn")
+
+
+CREATE_REFUSED = [
+    ("CREATE TABLE users_child (extra text) INHERITS (users)", "INHERITS"),
+    ("CREATE TABLE users_part PARTITION OF users FOR VALUES IN (1)", "PARTITION OF"),
+    ("CREATE INDEX users_alice ON users (id) WHERE email = 'alice@example.com'", "partial index"),
+]
+
+
+@pytest.mark.parametrize(("sql", "says"), CREATE_REFUSED, ids=[s[:40] for s, _ in CREATE_REFUSED])
+def test_create_under_a_protected_table_is_refused(env: EncEnv, sql: str, says: str) -> None:
+    with env.psy() as conn:
+        with pytest.raises(errors.FeatureNotSupported, match=says):
+            conn.execute(sql)
+        # Indexes and partial indexes that hold no value of a protected column still work.
+        conn.execute("CREATE INDEX IF NOT EXISTS users_recent ON users (id) WHERE id > 1000 AND ssn IS NOT NULL")
+    assert env.raw("SELECT relname FROM pg_class WHERE relname IN ('users_child', 'users_part', 'users_alice')") == []
+    assert "alice" not in str(env.raw("SELECT pg_get_indexdef(indexrelid) FROM pg_index"))

@@ -32,6 +32,7 @@ from pgcloak.sql.analyze import (
     Analysis,
     Analyzer,
     Origin,
+    canon,
     number_placeholder,
     string_placeholder,
 )
@@ -508,6 +509,52 @@ class Planner:
                         )
         return None
 
+    def _create_hazard(self, tree: exp.Create) -> str | None:
+        """Why a CREATE (not of a query) cannot pass: a table created under a protected one
+        (``INHERITS``, ``PARTITION OF``: rows written to it directly are never encrypted,
+        yet read as the protected table's), or a partial index whose predicate reads a
+        protected column and a value (it would compare the stored form with the value as
+        written, and keep that value in the catalog in clear)."""
+        props = tree.args.get("properties")
+        for prop in props.expressions if isinstance(props, exp.Properties) else ():
+            parents = prop.expressions if isinstance(prop, exp.InheritsProperty) else (
+                [prop.this] if isinstance(prop, exp.PartitionedOfProperty) else []
+            )
+            for parent in parents:
+                if self._protected_named(parent):
+                    return (
+                        f"CREATE TABLE ... {'INHERITS' if isinstance(prop, exp.InheritsProperty) else 'PARTITION OF'} "
+                        f"protected table {parent.sql('postgres')} is refused: rows written to the new table "
+                        "would not be encrypted"
+                    )
+        index = tree.this
+        if isinstance(index, exp.Index):
+            params = index.args.get("params")
+            where = params.args.get("where") if isinstance(params, exp.IndexParameters) else None
+            tables = self._protected_named(index.args.get("table"))
+            if where is not None and tables:
+                columns = {c for t in tables for c in self.policy.columns_of(t)}
+                read = sorted(
+                    name
+                    for test in where.find_all(exp.Binary, exp.In)
+                    if not isinstance(test, exp.Connector) and next(test.find_all(exp.Literal), None) is not None
+                    for name in {canon(c.this) for c in test.find_all(exp.Column)} & columns
+                )
+                if read:
+                    return (
+                        f"a partial index whose predicate reads protected column {', '.join(read)} is refused: "
+                        "it would compare the stored form with the value as written, and keep that "
+                        "value in the catalog in clear"
+                    )
+        return None
+
+    def _protected_named(self, table: object) -> list[str]:
+        """The protected tables a ``Table`` node may mean (by its bare name: any schema)."""
+        if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+            return []
+        name = canon(table.this)
+        return [t for t in self.policy.protected_tables() if t.partition(".")[2] == name]
+
     def _protected_target(self, words: list[str], upper: list[str], i: int) -> list[str]:
         """The protected tables the name at ``words[i]`` may mean (any schema: fail closed)."""
         if i >= len(words):
@@ -809,7 +856,12 @@ class Planner:
         if isinstance(tree, exp.Create):
             body = tree.args.get("expression")
             if not isinstance(body, exp.Query):
-                return _Stmt(self._verbatim(sql, lexed, s0, e0), Analysis(kind="ddl"))
+                created = Analysis(kind="ddl")
+                hazard = self._create_hazard(tree)
+                if hazard is not None:
+                    created.denials.append(hazard)
+                    created.touches = True
+                return _Stmt(self._verbatim(sql, lexed, s0, e0), created)
         analysis = Analyzer(self.policy, self.index_length, text, self.search_path).run(tree)
         if isinstance(tree, exp.Create):
             analysis.kind = "ddl"
