@@ -724,6 +724,8 @@ def test_fingerprint_stable(planner: Planner) -> None:
         ),
         # Numbers with underscores (PostgreSQL 16) are values too, however sqlglot splits them.
         ("select id from users where ssn_num = 078_05_1120 and n > 1_000", "select id from users where ssn_num = ? and n > ?"),
+        # Octal (PostgreSQL 16): sqlglot reads 0 and a name o7_7; the digits are the value's.
+        ("select id from users where ssn_num = 0o7_7 or ssn_num = 0O17", "select id from users where ssn_num = ? or ssn_num = ?"),
     ],
 )
 def test_fingerprint_reads_like_sql_whatever_the_spacing(planner: Planner, sql: str, expected: str) -> None:

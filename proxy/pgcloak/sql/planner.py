@@ -154,8 +154,13 @@ def _fingerprint(lexed: Lexed, sql: str) -> str:
                     text = sql[tok.start : tok.end + 1]  # the n of $n
                 else:
                     text = "?"  # 1_000 (PostgreSQL 16): not a slot, a value all the same
-            elif glued and before is not None and before.token_type is TokenType.NUMBER and tok.text[:1] == "_":
-                continue  # the _05_1120 of 078_05_1120: part of that number
+            elif (
+                glued
+                and before is not None
+                and before.token_type is TokenType.NUMBER
+                and (tok.text[:1] == "_" or (tok.text[:1] in "oO" and sql[before.start : before.end + 1] == "0"))
+            ):
+                continue  # the _05_1120 of 078_05_1120, the o7_7 of 0o7_7: part of that number
             else:
                 text = sql[tok.start : tok.end + 1]
         else:
