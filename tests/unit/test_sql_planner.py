@@ -920,3 +920,19 @@ def test_execute_inside_another_statement_is_refused(planner: Planner, sql: str)
 
 def test_a_trigger_executing_a_function_is_not_an_execute(planner: Planner) -> None:
     allowed(planner.plan("CREATE TRIGGER t BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION f()"))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO users (email) VALUES (078_05_1120)",  # PostgreSQL 16 numeral: 078 AS _05_1120 to sqlglot
+        "INSERT INTO users (email) VALUES (0o7_7051120)",
+        "INSERT INTO users (email) VALUES (7805 || '1120')",
+    ],
+)
+def test_refusal_messages_show_no_digits_of_a_value(planner: Planner, sql: str) -> None:
+    # The message reaches the client and the audit trail: a number in the refused
+    # expression is a value too, whichever way sqlglot split it.
+    plan = planner.plan(sql)
+    assert not plan.decision.allowed
+    assert not any(part in plan.decision.message for part in ("078", "05", "1120", "7805", "7051120"))

@@ -1176,12 +1176,20 @@ def _no_limit(node: exp.Expr) -> bool:
 
 
 #: Constants that are not literal slots (hex and bit strings): values all the same.
-_CONSTANTS = (exp.HexString, exp.BitString, exp.ByteString)
+_CONSTANTS = (exp.Literal, exp.HexString, exp.BitString, exp.ByteString)
+
+
+def _hidden(node: exp.Expression) -> exp.Expression:
+    # A constant, and a number "aliased" by the rest of its digits (PostgreSQL 16
+    # numerals sqlglot splits: 078_05_1120 reads as 078 AS _05_1120, 0o17 as 0 AS o17).
+    if isinstance(node, _CONSTANTS) or (isinstance(node, exp.Alias) and isinstance(node.this, exp.Literal)):
+        return exp.Var(this="?")
+    return node
 
 
 def _shown(node: exp.Expression) -> str:
     """An expression for a message: its literals as ``?`` (never their values, which
     may be personal data; nor pgcloak's slot markers)."""
     if node.find(*_CONSTANTS) is not None:
-        node = node.transform(lambda n: exp.Var(this="?") if isinstance(n, _CONSTANTS) else n)
+        node = _hidden(node) if isinstance(node, exp.Alias) else node.transform(_hidden)
     return _PRINTED_SLOT.sub("?", node.sql("postgres"))
