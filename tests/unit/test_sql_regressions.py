@@ -376,3 +376,69 @@ def test_sql_prepare_redefined_then_execute_refused(policy: Policy) -> None:
     out = rewriter.client_message(ord("Q"), Query("EXECUTE p1('x@example.com')").encode())
     assert Query.decode(out[5:]).sql == "SELECT ('x@example.com')::text"
 
+
+
+# -- where a copied value comes from: CTE bodies, set operations, (expr).* ------------------------
+# A CTE body resolved its names in the statement it is attached to (users.email), a UNION
+# column took its origin from the left branch only, and (expr).* counted as one column: each
+# let plaintext from an unprotected source pass for users.email's stored form.
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH x AS (SELECT email FROM plain_contacts) INSERT INTO users (email) SELECT email FROM x",
+        "WITH x AS (SELECT email FROM plain_contacts LIMIT 1) UPDATE users SET email = x.email FROM x WHERE users.id = 1",
+        "WITH a AS (SELECT email FROM plain_contacts), b AS (SELECT email FROM a) INSERT INTO users (email) SELECT email FROM b",
+        "WITH x(e) AS (SELECT email FROM plain_contacts) INSERT INTO users (email) SELECT e FROM x",
+        "INSERT INTO users (email) SELECT s.email FROM "
+        "(SELECT email FROM users WHERE false UNION ALL SELECT p.email FROM plain_contacts p) s",
+        "INSERT INTO users (email) SELECT s.email FROM "
+        "(SELECT email FROM users UNION ALL (SELECT email FROM users UNION ALL SELECT email FROM plain_contacts)) s",
+        "INSERT INTO users (email) SELECT s.email FROM (SELECT email FROM users INTERSECT ALL SELECT email FROM plain_contacts) s",
+        "INSERT INTO users (email, phone) SELECT s.email, s.phone FROM "
+        "(SELECT email, phone FROM users UNION ALL SELECT phone, email FROM users) s",
+        "WITH x AS (SELECT email FROM users WHERE false UNION SELECT email FROM plain_contacts) "
+        "INSERT INTO users (email) SELECT email FROM x",
+    ],
+)
+def test_copy_from_a_source_that_may_be_plaintext_refused(planner: Planner, sql: str) -> None:
+    denied(planner.plan(sql), "public.users.")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO users (id, ssn, name) VALUES ((ROW(9004, 'x')::plain2).*, 'decoy')",
+        "INSERT INTO users (id, ssn, name) SELECT (p).*, 'decoy' FROM plain2 p",
+        "INSERT INTO users (id, ssn) SELECT (x).* FROM (SELECT a, b FROM plain2) x",
+    ],
+)
+def test_composite_expansion_into_a_protected_table_refused(planner: Planner, sql: str) -> None:
+    plan = planner.plan(sql)
+    denied(plan, "public.users", "(...).*")
+    assert "9004" not in plan.decision.message and "decoy" not in plan.decision.message
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE users SET (id, ssn) = ((ROW(1, 'x')::plain2).*) WHERE id = 1",
+        "UPDATE users SET (id, ssn) = (SELECT (p).* FROM plain2 p) WHERE id = 1",
+    ],
+)
+def test_composite_expansion_in_update_set_list_refused(planner: Planner, sql: str) -> None:
+    denied(planner.plan(sql), "public.users.ssn")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH x AS (SELECT email FROM users WHERE id = $1) INSERT INTO users (email) SELECT email FROM x",
+        "WITH x AS (SELECT email FROM users WHERE id = 1) UPDATE users SET email = x.email FROM x WHERE users.id = 2",
+        "INSERT INTO users (email) SELECT s.email FROM "
+        "(SELECT email FROM users WHERE id = 1 UNION ALL SELECT u.email FROM users u WHERE id = 2) s",
+    ],
+)
+def test_copy_of_the_same_protected_column_through_cte_or_union_allowed(planner: Planner, sql: str) -> None:
+    allowed(planner.plan(sql))
