@@ -62,6 +62,9 @@ class Lexed:
     slot_of_token: dict[int, int]
 
 
+_UNTOKENIZABLE = "the statement could not be tokenized (an unterminated string, quote or comment?)"
+
+
 def tokenize(sql: str) -> list[Token]:
     """sqlglot's tokens of ``sql``. :class:`LexError` carries no part of the text (it
     would reach an error message, and the text holds values)."""
@@ -73,7 +76,7 @@ def tokenize(sql: str) -> list[Token]:
             # name <> ''"); whitespace after it tokenizes the same, positions included.
             tokens = _TOKENIZER.tokenize(sql + "\n")
         except TokenError:
-            raise LexError("the statement could not be tokenized (an unterminated string, quote or comment?)") from None
+            raise LexError(_UNTOKENIZABLE) from None
     if ("--" in sql or "/*" in sql) and _swallowed_comment(sql, tokens):
         raise LexError(
             "an operator is followed by a comment start (--, /*): pgcloak cannot read it as "
@@ -297,7 +300,7 @@ def pin_backslashes(sql: str, *, escaping: bool = False) -> str:
     try:
         tokens = (_ESCAPING_TOKENIZER if escaping else _TOKENIZER).tokenize(sql)
     except TokenError:
-        raise LexError("the statement could not be tokenized (an unterminated string, quote or comment?)") from None
+        raise LexError(_UNTOKENIZABLE) from None
     out: list[str] = []
     at = 0
     for tok in tokens:

@@ -553,21 +553,24 @@ class Planner:
                     )
         return None
 
-    def _protected_named(self, table: object) -> list[str]:
-        """The protected tables a ``Table`` node may mean (by its bare name: any schema)."""
-        if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
-            return []
-        name = canon(table.this)
+    def _tables_named(self, name: str) -> list[str]:
+        """The protected tables a bare table name may mean (any schema: fail closed)."""
         return [t for t in self.policy.protected_tables() if t.partition(".")[2] == name]
 
+    def _protected_named(self, table: object) -> list[str]:
+        """The protected tables a ``Table`` node may mean."""
+        if not isinstance(table, exp.Table) or not isinstance(table.this, exp.Identifier):
+            return []
+        return self._tables_named(canon(table.this))
+
     def _protected_target(self, words: list[str], upper: list[str], i: int) -> list[str]:
-        """The protected tables the name at ``words[i]`` may mean (any schema: fail closed)."""
+        """The protected tables the (maybe schema-qualified) name at ``words[i]`` may mean."""
         if i >= len(words):
             return []
         name = words[i]
         if i + 2 < len(words) and upper[i + 1] == ".":
             name = words[i + 2]
-        return [t for t in self.policy.protected_tables() if t.partition(".")[2] == name]
+        return self._tables_named(name)
 
     def _statement(self, sql: str, lexed: Lexed, a: int, b: int) -> _Stmt:
         toks = lexed.tokens
