@@ -10,10 +10,11 @@ exits 0. On a shared, noisy machine run it a few times and keep the best of each
 Cases (the event is the PII workload's: a statement event of a lookup by e-mail, as
 ``SessionAudit`` makes it):
 
-    pending            PendingStatement(template, now_ts(), ...): what a session does per
-                       completed statement (the template is made once per session and plan)
-    chain.pending      Chain.append_pending: the template's slots filled + HMAC (on the loop,
-                       in the writer's batches)
+    completed          the (template, lookups, started, ended, time_ns(), rows, sqlstate) tuple
+                       a session queues per completed statement (the template is made once
+                       per session and plan)
+    chain.completed    Chain.append_completed: the values checked, the template's slots
+                       filled, HMAC (on the loop, in the writer's batches)
     build              statement_event(...): the dict builder (refusals; plans whose events
                        cannot be templated)
     validate           validate_event(event): what emit() spends on a dict no builder vouched for
@@ -24,7 +25,7 @@ Cases (the event is the PII workload's: a statement event of a lookup by e-mail,
                        (defaults: fsync every second, batches of up to 1000), events emitted a
                        few per event loop iteration at about --rate events/s, as a busy proxy
                        does; the same loop making the same events without emitting them is
-                       the baseline subtracted (so add ``pending`` for the session's share):
+                       the baseline subtracted (so add ``completed`` for the session's share):
                          loop   CPU of the event loop's thread per event: emit, chaining and
                                 the writer task's trips
                          total  CPU of the whole process per event, the IO thread's writes
@@ -51,9 +52,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proxy"))
 
 from pgcloak.audit.chain import Chain
-from pgcloak.audit.events import SessionInfo, now_ts, statement_event, validate_event
+from pgcloak.audit.events import SessionInfo, statement_event, validate_event
 from pgcloak.audit.log import AuditLog
-from pgcloak.audit.templates import PendingStatement, StatementTemplate
+from pgcloak.audit.templates import Completed, StatementTemplate
 from pgcloak.policy import Audit
 
 KEY = bytes(range(32))
@@ -93,8 +94,9 @@ TEMPLATE = StatementTemplate(
 )
 
 
-def pending() -> PendingStatement:
-    return PendingStatement(TEMPLATE, now_ts(), 0.4321, 1, None, {EMAIL: [INDEX]})
+def completed() -> Completed:
+    started = time.monotonic()
+    return (TEMPLATE, {EMAIL: [INDEX]}, started, time.monotonic(), time.time_ns(), 1, None)
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int = 2000) -> float:
@@ -130,7 +132,7 @@ async def _produce(n: int, per_tick: int, rate: float | None, log: AuditLog | No
     sent = 0
     while sent < n:
         for _ in range(per_tick):
-            event = pending()
+            event = completed()
             if log is not None:
                 log.emit_statement(event)
                 if log.full:
@@ -222,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, value))
         print(f"{name:28s} {value}", flush=True)
 
-    if want("pending"):
-        show("pending", f"{best_of(pending, args.repeat):8.2f} µs")
-    if want("chain.pending"):
+    if want("completed"):
+        show("completed", f"{best_of(completed, args.repeat):8.2f} µs")
+    if want("chain.completed"):
         chain = Chain(KEY, "w0-bench")
-        one = pending()
-        show("chain.pending", f"{best_of(lambda: chain.append_pending(one), args.repeat):8.2f} µs")
+        one = completed()
+        show("chain.completed", f"{best_of(lambda: chain.append_completed(one), args.repeat):8.2f} µs")
     event = build()
     if want("build"):
         show("build", f"{best_of(build, args.repeat):8.2f} µs")

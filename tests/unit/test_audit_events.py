@@ -28,6 +28,8 @@ from pgcloak.audit.events import (
     validate_event,
 )
 from pgcloak.audit.log import AuditLog
+from pgcloak.audit.templates import StatementTemplate
+from pgcloak.audit.verify import verify
 from pgcloak.policy import Audit
 
 INFO = SessionInfo(
@@ -380,3 +382,26 @@ def test_durations_are_rounded_to_microseconds(value: float) -> None:
     assert type(ms) is float and abs(ms - value) <= 0.0005 + abs(value) * 1e-15
     text = json.dumps(ms)
     assert json.loads(text) == ms and len(text.split(".")[1].split("e")[0]) <= 3
+
+
+async def test_the_writer_drops_a_queued_statement_whose_values_fail_the_checks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sessions queue raw values (a tuple per statement) and the writer checks them: a
+    lookup shaped like PII or a negative row count is logged (never the value), counted
+    lost, and the trail keeps its other events, still a valid chain."""
+    log = _log(tmp_path)
+    await log.start()
+    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
+    log.emit_statement((template, {"public.users.email": ["alice@example.com"]}, 1.0, 1.5, 0, 1, None))
+    log.emit_statement((template, None, 1.0, 1.5, 0, -3, None))
+    log.emit_statement((template, {"public.users.email": [IDX]}, 1.0, 1.0005, 1_700_000_000_123_456_789, 2, None))
+    await log.aclose()
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    statements = [json.loads(line) for line in lines if '"type":"statement"' in line]
+    assert [(e["rows"], e["lookups"], e["duration_ms"], e["ts"]) for e in statements] == [
+        (2, {"public.users.email": [IDX]}, 0.5, "2023-11-14T22:13:20.123456Z")
+    ]
+    assert log.metrics.lost == 2
+    assert caplog.text.count("audit event rejected") == 2 and "alice" not in caplog.text
+    assert verify([("trail", lines)], bytes(range(32))).ok  # type: ignore[arg-type]

@@ -34,10 +34,16 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from pgcloak.audit.events import CHAIN_FIELDS, SealReason, seal_event, utc_now
+from pgcloak.audit.events import (
+    CHAIN_FIELDS,
+    SealReason,
+    checked_statement_values,
+    seal_event,
+    utc_now,
+)
 
 if TYPE_CHECKING:
-    from pgcloak.audit.templates import PendingStatement
+    from pgcloak.audit.templates import Completed, PendingStatement
 
 __all__ = [
     "GENESIS",
@@ -261,13 +267,26 @@ class Chain:
     def append_pending(self, pending: PendingStatement) -> ChainedRecord:
         """Chain a templated statement event (what ``append`` would make of its dict)."""
         seq = self.next_seq
-        text = pending.template.render(seq, self._chain_json, self.prev, self._ids.next(), pending)
+        text = pending.render(seq, self._chain_json, self.prev, self._ids.next())
+        return self._chained(seq, text, pending.ts)
+
+    def append_completed(self, item: Completed) -> ChainedRecord:
+        """Chain a statement a session queued (:data:`~pgcloak.audit.templates.Completed`):
+        checked here, then as :meth:`append_pending`. Raises InvalidEventError (the chain
+        is then unchanged)."""
+        template, lookups, started, ended, wall_ns, rows, sqlstate = item
+        ts, ms, rows, sqlstate, lookups = checked_statement_values(lookups, started, ended, wall_ns, rows, sqlstate)
+        seq = self.next_seq
+        text = template.render(seq, self._chain_json, self.prev, self._ids.next(), ts, ms, rows, sqlstate, lookups)
+        return self._chained(seq, text, ts)
+
+    def _chained(self, seq: int, text: str, ts: str) -> ChainedRecord:
         mac = self._mac(text)
         self.next_seq = seq + 1
         self.prev = mac
         self.since_seal += 1
         line = text[:-1] + ',"mac":"' + mac + '"}'
-        return ChainedRecord(line, seq, self.chain_id, mac, pending.ts, "statement")
+        return ChainedRecord(line, seq, self.chain_id, mac, ts, "statement")
 
     def _mac(self, text: str) -> str:
         inner = self._inner()

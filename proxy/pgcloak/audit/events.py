@@ -49,7 +49,11 @@ __all__ = [
     "InvalidEventError",
     "SealReason",
     "SessionInfo",
+    "checked_duration",
+    "checked_rows",
+    "checked_statement_values",
     "connection_event",
+    "format_ns",
     "format_ts",
     "gap_event",
     "lookups_ok",
@@ -142,13 +146,53 @@ _second: tuple[int, str] = (-1, "")
 
 def now_ts() -> str:
     """``format_ts(utc_now())``, cheaply: the date and time are formatted once a second."""
+    return format_ns(time.time_ns())
+
+
+def format_ns(wall_ns: int) -> str:
+    """``format_ts`` of a ``time.time_ns()`` value (the date and time formatted once a second)."""
     global _second
-    sec, us = divmod(time.time_ns() // 1000, 1_000_000)
+    sec, us = divmod(wall_ns // 1000, 1_000_000)
     cached = _second
     if cached[0] != sec:
         cached = (sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec)))
         _second = cached
     return f"{cached[1]}{us:06d}Z"
+
+
+def checked_duration(duration_ms: float) -> float:
+    """A statement's duration as recorded: whole microseconds (they survive jsonb unchanged)."""
+    if not 0.0 <= duration_ms < 1e12:  # also refuses NaN
+        raise InvalidEventError("statement event: invalid value for field 'duration_ms'")
+    return round(duration_ms * 1000.0) / 1000.0
+
+
+def checked_rows(rows: int | None, sqlstate: str | None) -> int | None:
+    """The rows recorded: none for a statement that failed (its SQLSTATE says how)."""
+    if sqlstate is not None:
+        if not sqlstate_ok(sqlstate):
+            raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
+        return None
+    if rows is not None and not (type(rows) is int and rows >= 0):
+        raise InvalidEventError("statement event: invalid value for field 'rows'")
+    return rows
+
+
+def checked_statement_values(
+    lookups: dict[str, list[str]] | None, started: float, ended: float, wall_ns: int, rows: int | None, sqlstate: str | None
+) -> tuple[str, float, int | None, str | None, dict[str, list[str]] | None]:
+    """``ts``, ``duration_ms``, ``rows``, ``sqlstate`` and ``lookups`` of a statement that
+    ran from ``started`` to ``ended`` (``time.monotonic()``), ending at ``wall_ns``
+    (``time.time_ns()``), checked as :func:`statement_event` checks them."""
+    if lookups and not lookups_ok(lookups):
+        raise InvalidEventError("statement event: invalid value for field 'lookups'")
+    return (
+        format_ns(wall_ns),
+        checked_duration((ended - started) * 1000.0),
+        checked_rows(rows, sqlstate),
+        sqlstate,
+        lookups or None,
+    )
 
 
 def new_event_id() -> str:

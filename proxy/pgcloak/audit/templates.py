@@ -8,8 +8,10 @@ to the next (``ts``, ``id``, ``rows``, ``duration_ms``, ``lookups``, ``reason``,
 and the plan's. A :class:`StatementTemplate` validates those static fields once (with
 the same builder and rules as :func:`~pgcloak.audit.events.statement_event`),
 serializes them once with the chain's canonical encoder, and keeps slots for the
-ten. :class:`PendingStatement` is what a session emits: the template and the
-values of one execution, checked against the same rules as the builder checks them.
+ten. A session queues each execution as a :data:`Completed` tuple (the template and
+the raw values: a tuple is the cheapest thing to make on the session's path), which the
+writer checks against the same rules as the builder checks them
+(:func:`~pgcloak.audit.events.checked_statement_values`);
 :meth:`StatementTemplate.render` then fills the slots, producing exactly the canonical
 text ``Chain.append`` would make of the equivalent dict (tested byte for byte), so
 ``verify`` and every reader of the trail see no difference.
@@ -26,13 +28,14 @@ from pgcloak.audit.chain import json_string, serialize
 from pgcloak.audit.events import (
     InvalidEventError,
     SessionInfo,
+    checked_duration,
+    checked_rows,
     lookups_ok,
-    sqlstate_ok,
     statement_event,
     validate_event,
 )
 
-__all__ = ["FAILED_REASON", "PendingStatement", "StatementTemplate"]
+__all__ = ["FAILED_REASON", "Completed", "PendingStatement", "StatementTemplate"]
 
 #: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
 FAILED_REASON: Final = "failed in PostgreSQL"
@@ -97,18 +100,24 @@ class StatementTemplate:
         self._parts = tuple(parts)
 
     def render(
-        self, seq: int, chain: str, prev: str, event_id: str, pending: PendingStatement, /
+        self,
+        seq: int,
+        chain: str,
+        prev: str,
+        event_id: str,
+        ts: str,
+        ms: float | None,
+        rows: int | None,
+        sqlstate: str | None,
+        lookups: dict[str, list[str]] | None,
+        /,
     ) -> str:
-        """The canonical text (no ``mac``) of ``pending`` as record ``seq`` of a chain.
+        """The canonical text (no ``mac``) of one execution as record ``seq`` of a chain.
 
         ``chain`` is the chain id as JSON text (:func:`json_string`); ``prev`` and
-        ``event_id`` are hex digits.
+        ``event_id`` are hex digits; the values are checked ones (:meth:`PendingStatement.finish`,
+        :func:`~pgcloak.audit.events.checked_statement_values`).
         """
-        p = pending
-        ms = p.duration_ms
-        rows = p.rows
-        sqlstate = p.sqlstate
-        lookups = p.lookups
         t = self._parts
         # One join over the static parts and the slots (cheaper than %-formatting
         # a ~700-character string): chain, duration_ms, id, lookups, prev, reason,
@@ -124,23 +133,30 @@ class StatementTemplate:
                 t[6], "null" if rows is None else str(rows),
                 t[7], str(seq),
                 t[8], "null" if sqlstate is None else '"' + sqlstate + '"',
-                t[9], '"', p.ts, '"',
+                t[9], '"', ts, '"',
                 t[10],
             )
         )  # fmt: skip
 
 
+#: A statement as a session queues it when the server has answered it: (template,
+#: lookups, started, ended (both ``time.monotonic()``), ended (``time.time_ns()``), rows,
+#: SQLSTATE). A plain tuple, because a busy session queues one per statement: the writer
+#: checks and formats it (:meth:`~pgcloak.audit.chain.Chain.append_completed`), not the session.
+Completed = tuple[
+    StatementTemplate, "dict[str, list[str]] | None", float, float, int, "int | None", "str | None"
+]
+
+
 class PendingStatement:
-    """One execution of a templated statement, waiting in the log's queue for the chain.
+    """One execution of a templated statement with its values checked at once (tests,
+    tools; a session queues the cheaper :data:`Completed`, checked by the writer).
 
     Every value is checked as the builder would check it (no value of a statement can
     reach the trail through them: ``lookups`` holds blind-index values only,
     ``sqlstate`` five characters, ``rows`` and ``duration_ms`` numbers), raising
     :class:`~pgcloak.audit.events.InvalidEventError` otherwise. A statement with a
     ``sqlstate`` failed in PostgreSQL; its ``rows`` are then not recorded.
-
-    A session may make one when the statement is sent (:meth:`start`) and fill in the
-    rest when it ends (:meth:`finish`): the same checks, one object per statement.
     """
 
     __slots__ = ("duration_ms", "lookups", "rows", "sqlstate", "template", "ts")
@@ -154,30 +170,17 @@ class PendingStatement:
         sqlstate: str | None,
         lookups: dict[str, list[str]] | None,
     ) -> None:
-        self.start(template, lookups)
-        self.finish(ts, duration_ms, rows, sqlstate)
-
-    def start(self, template: StatementTemplate, lookups: dict[str, list[str]] | None) -> None:
-        """What is known when the statement is sent: its template and its lookups."""
         if lookups and not lookups_ok(lookups):
             raise InvalidEventError("statement event: invalid value for field 'lookups'")
         self.template = template
         self.lookups = lookups or None
-
-    def finish(self, ts: str, duration_ms: float | None, rows: int | None, sqlstate: str | None) -> None:
-        """What is known when it ended: when, how long, the rows, or how it failed."""
-        if duration_ms is not None:
-            if not 0.0 <= duration_ms < 1e12:  # also refuses NaN
-                raise InvalidEventError("statement event: invalid value for field 'duration_ms'")
-            # Whole microseconds, as the builder rounds them (survives jsonb unchanged).
-            duration_ms = round(duration_ms * 1000.0) / 1000.0
-        if sqlstate is not None:
-            rows = None
-            if not sqlstate_ok(sqlstate):
-                raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
-        elif rows is not None and not (type(rows) is int and rows >= 0):
-            raise InvalidEventError("statement event: invalid value for field 'rows'")
         self.ts = ts
-        self.duration_ms = duration_ms
-        self.rows = rows
+        self.duration_ms = None if duration_ms is None else checked_duration(duration_ms)
+        self.rows = checked_rows(rows, sqlstate)
         self.sqlstate = sqlstate
+
+    def render(self, seq: int, chain: str, prev: str, event_id: str, /) -> str:
+        """Its canonical text as record ``seq`` of a chain (see :meth:`StatementTemplate.render`)."""
+        return self.template.render(
+            seq, chain, prev, event_id, self.ts, self.duration_ms, self.rows, self.sqlstate, self.lookups
+        )

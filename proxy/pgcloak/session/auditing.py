@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from time import monotonic, time_ns
 from typing import TypedDict
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
-from pgcloak.audit.events import InvalidEventError, StatementsMode, now_ts
-from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
+from pgcloak.audit.events import InvalidEventError, StatementsMode
+from pgcloak.audit.templates import FAILED_REASON, StatementTemplate
 from pgcloak.crypto.envelope import ENVELOPE_PREFIX, key_ids_in
 from pgcloak.sql import AuditFacts, Plan, fingerprint
 from pgcloak.wire.framing import Mark
@@ -51,6 +51,8 @@ REPLY_ENDS = frozenset(b"CIsEZ")
 #: Marked too by the session: ParseComplete, CloseComplete (statements prepared again),
 #: CopyInResponse (the search_path's batch count).
 _NOT_ENDS = frozenset(b"13G")
+#: CommandComplete, EmptyQueryResponse, PortalSuspended: the end of one statement's reply.
+_STATEMENT_ENDS = frozenset(b"CIs")
 
 
 class _Slow:
@@ -75,11 +77,12 @@ class _Watched:
 _Recipe = StatementTemplate | _Slow | _Watched | None
 
 
-class _Unit(PendingStatement):
-    """A Query or an Execute waiting for the server's reply; when it ends, the very
-    object goes to the log (for a templated plan), so a statement costs one object."""
+class _Unit:
+    """A Query or an Execute waiting for the server's reply. When a templated one ends,
+    its values go to the log as one tuple, checked by the writer, not here: this is the
+    per-statement path of every audited session."""
 
-    __slots__ = ("keys", "plan", "recipe", "simple", "started", "text")
+    __slots__ = ("keys", "lookups", "plan", "recipe", "rows", "simple", "sqlstate", "started", "text")
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class _Unit(PendingStatement):
         text: str | None = None,
     ) -> None:
         self.recipe = recipe
+        self.lookups = lookups
         self.simple = simple
         #: What a refusal that cuts its result short says of it; the text, for the
         #: fingerprint of a statement pgcloak did not parse (it named no protected table).
@@ -98,16 +102,9 @@ class _Unit(PendingStatement):
         #: A watched statement: the key ids of the protected columns whose values its
         #: result holds (None: none seen yet).
         self.keys: set[str] | None = None
-        self.started = time.monotonic()
-        self.rows = None
-        self.sqlstate = None
-        self.lookups = lookups
-        if type(recipe) is StatementTemplate:
-            try:
-                self.start(recipe, lookups)
-            except InvalidEventError as exc:  # not blind-index values: never recorded
-                log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
-                self.recipe = None
+        self.started = monotonic()
+        self.rows: int | None = None
+        self.sqlstate: str | None = None
 
 
 #: A Sync or FunctionCall: answered by one ReadyForQuery.
@@ -322,40 +319,21 @@ class SessionAudit:
         units = self._units
         returned = self._returned
         seg = 0  # where the replies before the next mark start
-        refusals = list(cut_short)
+        refusals = list(cut_short) if cut_short else None
+        emit = self.log.emit_statement
         for kind, pos, end, rows_before in marks:
             if not units:
                 break
+            head = units[0]
             returned += rows_before
-            if type(units[0].recipe) is _Watched:
-                self._watch(units[0], chunk, seg, pos)
+            if type(head.recipe) is _Watched:
+                self._watch(head, chunk, seg, pos)
             if refusals and refusals[0][0] < pos:
-                self._cut_short(units[0], refusals, pos)
+                self._cut_short(head, refusals, pos)
             seg = end
-            if kind == _READY:
-                # Executes still queued were skipped after an error in their batch.
-                while units and units[0] is not _SYNC and not units[0].simple:
-                    units.popleft()
-                if units:
-                    done = units.popleft()
-                    if done.recipe is not None:
-                        self._complete(done)
-            elif kind == _ERROR:
-                head = units[0]
-                if head is not _SYNC:
-                    if not head.simple:
-                        units.popleft()
-                    if head.recipe is not None:
-                        head.sqlstate = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
-                        if not head.simple:
-                            self._complete(head)
-            elif kind in _NOT_ENDS:
-                if kind == _COPY_IN and self.ignored_syncs:
-                    self._drop_syncs(self.ignored_syncs.popleft())
-                continue
-            else:  # CommandComplete, EmptyQueryResponse, PortalSuspended
-                head = units[0]
-                if head.recipe is None:  # not recorded (or a Sync): only keep in step
+            if kind in _STATEMENT_ENDS:  # the most frequent: checked first
+                recipe = head.recipe
+                if recipe is None:  # not recorded (or a Sync): only keep in step
                     if not head.simple:
                         units.popleft()
                 else:
@@ -365,12 +343,39 @@ class SessionAudit:
                         rows: int | None = int(count) if count.isdigit() else None
                     else:  # PortalSuspended: the rows sent so far (a client's row limit)
                         rows = returned if kind == _PORTAL_SUSPENDED else None
+                    if head.simple:
+                        if rows is not None:
+                            head.rows = (head.rows or 0) + rows
+                    else:
+                        units.popleft()
+                        if type(recipe) is StatementTemplate:  # _complete(), inline: the usual case
+                            emit((recipe, head.lookups, head.started, monotonic(), time_ns(), rows, None))
+                        else:
+                            head.rows = rows
+                            self._complete(head)
+            elif kind == _READY:
+                # Executes still queued were skipped after an error in their batch.
+                while not head.simple:
+                    units.popleft()
+                    if not units:
+                        break
+                    head = units[0]
+                else:
+                    units.popleft()
+                    if head.recipe is not None:
+                        self._complete(head)
+            elif kind == _ERROR:
+                if head is not _SYNC:
                     if not head.simple:
                         units.popleft()
-                        head.rows = rows
-                        self._complete(head)
-                    elif rows is not None:
-                        head.rows = (head.rows or 0) + rows
+                    if head.recipe is not None:
+                        head.sqlstate = sqlstate_of(chunk[pos + 5 : end]) or "XX000"
+                        if not head.simple:
+                            self._complete(head)
+            else:  # ParseComplete, CloseComplete, CopyInResponse: not the end of a reply
+                if kind == _COPY_IN and self.ignored_syncs:
+                    self._drop_syncs(self.ignored_syncs.popleft())
+                continue
             returned = 0
         self._returned = returned + tail_rows
         if units and type(units[0].recipe) is _Watched:
@@ -418,12 +423,10 @@ class SessionAudit:
     def _complete(self, unit: _Unit) -> None:
         recipe = unit.recipe
         if type(recipe) is StatementTemplate:
-            try:
-                duration = (time.monotonic() - unit.started) * 1000.0
-                unit.finish(now_ts(), duration, unit.rows, unit.sqlstate)
-                self.log.emit_statement(unit)
-            except Exception as exc:
-                log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+            # Checked (and refused, logged, if bad) by the writer: see Chain.append_completed.
+            self.log.emit_statement(
+                (recipe, unit.lookups, unit.started, monotonic(), time_ns(), unit.rows, unit.sqlstate)
+            )
             return
         if recipe is None:
             return
@@ -441,10 +444,9 @@ class SessionAudit:
                 rows=None if failed else unit.rows,
                 reason=FAILED_REASON if failed else None,
                 sqlstate=unit.sqlstate,
-                duration_ms=(time.monotonic() - unit.started) * 1000.0,
+                duration_ms=(monotonic() - unit.started) * 1000.0,
             )
         )
-
 
     def _watch(self, unit: _Unit, chunk: bytes, start: int, stop: int) -> None:
         """Note the columns of the protected values in ``chunk[start:stop]`` (replies of
@@ -478,7 +480,7 @@ class SessionAudit:
                 rows=None if failed else unit.rows,
                 reason=FAILED_REASON if failed else None,
                 sqlstate=unit.sqlstate,
-                duration_ms=(time.monotonic() - unit.started) * 1000.0,
+                duration_ms=(monotonic() - unit.started) * 1000.0,
             )
         )
 
