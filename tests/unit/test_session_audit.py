@@ -183,6 +183,54 @@ def test_simple_query_sums_its_statements_and_records_failures(
     assert not audit.pending
 
 
+def _one_statement_batches(split: bool) -> tuple[list[tuple[object, ...]], SessionAudit]:
+    protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
+    rec = Recorder()
+    audit = SessionAudit(rec, lambda: INFO, "pii")  # type: ignore[arg-type]
+    rw = Rewriter(lambda: protection, audit)
+    # As the session wires them (Session._start_audit).
+    audit.masked_of, audit.columns_of_keys = rw.masked_columns, rw.columns_of_keys
+    audit.is_column_key = rw.is_column_key
+    _prepare(rw, audit, "look", LOOKUP)
+    _prepare(rw, audit, "plain", PLAIN)
+    _prepare(rw, audit, "ins", INSERT)
+    envelope = protection.transform(rw.statements["ins"].plan.params[0], "x@example.com")
+    assert envelope is not None
+    batches: list[tuple[list[Any], list[Any]]] = [
+        ([Bind("", "look", (), (b"a@example.com",), ())], [BindComplete(), DataRow((b"1",)), CommandComplete("SELECT 1")]),
+        ([Bind("", "plain", (), (b"7",), ())], [BindComplete(), DataRow((b"7",)), CommandComplete("SELECT 1")]),
+        # A plain statement whose result holds a protected value (a view, a function).
+        ([Bind("", "plain", (), (b"8",), ())], [BindComplete(), DataRow((envelope.encode(),)), CommandComplete("SELECT 1")]),
+        ([Bind("", "ins", (), (b"b@example.com",), ())], [BindComplete(), CommandComplete("INSERT 0 1")]),
+        ([Bind("", "ins", (), (b"b@example.com",), ())], [BindComplete(), ErrorResponse.make("23505", "duplicate")]),
+        ([Query("SELECT email FROM users WHERE id = 3")], [DataRow((None,)), CommandComplete("SELECT 1")]),
+        ([Query("SELECT 1")], [DataRow((b"1",)), CommandComplete("SELECT 1")]),
+        ([Query("SELECT email FROM users WHERE id = 4")], [ErrorResponse.make("57014", "canceled")]),
+    ]
+    for sent, replies in batches:
+        extended = not isinstance(sent[0], Query)
+        _send(rw, *sent, *((Execute(""), Sync()) if extended else ()))
+        _reply(audit, *replies, ReadyForQuery("I"), split=split)
+        assert not audit.pending
+    return [(e["kind"], e["rows"], e["sqlstate"], e["columns_read"], e["fingerprint"]) for e in rec.events], audit
+
+
+def test_a_whole_reply_in_one_chunk_is_recorded_as_one_walked_message_by_message() -> None:
+    """The usual chunk (one statement's whole reply) takes a shortcut: the same events as
+    when its messages arrive one by one, watched statements and failures included."""
+    whole, _ = _one_statement_batches(split=False)
+    walked, _ = _one_statement_batches(split=True)
+    assert whole == walked
+    assert [(kind, rows, sqlstate) for kind, rows, sqlstate, _, _ in whole] == [
+        ("select", 1, None),
+        ("select", 1, None),  # the plain statement that returned a protected value
+        ("insert", 1, None),
+        ("insert", None, "23505"),
+        ("select", 1, None),
+        ("select", None, "57014"),
+    ]
+
+
 def test_a_session_reuses_one_template_per_plan(session: tuple[Rewriter, SessionAudit, Recorder]) -> None:
     rw, audit, rec = session
     _prepare(rw, audit, "look", LOOKUP)

@@ -46,6 +46,24 @@ _SLOTS: Final = ("chain", "duration_ms", "id", "lookups", "prev", "reason", "row
 _FAILED_JSON: Final = json_string(FAILED_REASON)
 
 
+#: Column key ids as JSON text (a few per policy).
+_KEY_JSON: dict[str, str] = {}
+
+
+def lookups_json(lookups: dict[str, list[str]]) -> str:
+    """``serialize(lookups)`` of checked lookups, the usual one column by hand: its values
+    are blind-index values (base64url: nothing to escape), its key is memoized."""
+    if len(lookups) != 1:
+        return serialize(lookups)
+    ((key, values),) = lookups.items()
+    quoted = _KEY_JSON.get(key)
+    if quoted is None:
+        if len(_KEY_JSON) >= 4096:
+            _KEY_JSON.clear()
+        quoted = _KEY_JSON[key] = json_string(key)
+    return "{" + quoted + ':["' + '","'.join(values) + '"]}'
+
+
 def _sentinel(i: int) -> str:
     # Encoded, a slot reads ``"\u0000<i>\u0000"`` with its quotes, which no encoded
     # static value can contain (its quotes are escaped); still checked below.
@@ -127,7 +145,7 @@ class StatementTemplate:
                 t[0], chain,
                 t[1], "null" if ms is None else repr(ms),
                 t[2], '"', event_id, '"',
-                t[3], serialize(lookups) if lookups else "{}",
+                t[3], lookups_json(lookups) if lookups else "{}",
                 t[4], '"', prev, '"',
                 t[5], "null" if sqlstate is None else _FAILED_JSON,
                 t[6], "null" if rows is None else str(rows),

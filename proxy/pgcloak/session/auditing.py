@@ -317,6 +317,8 @@ class SessionAudit:
         result it was.
         """
         units = self._units
+        if len(marks) == 2 and units and not cut_short and self._one_reply(chunk, marks, tail_rows):
+            return
         returned = self._returned
         seg = 0  # where the replies before the next mark start
         refusals = list(cut_short) if cut_short else None
@@ -382,6 +384,38 @@ class SessionAudit:
             self._watch(units[0], chunk, seg, len(chunk))
         if refusals:
             self._cut_short(units[0] if units else None, refusals, len(chunk) + 1)
+
+    def _one_reply(self, chunk: bytes, marks: list[Mark], tail_rows: int) -> bool:
+        """The usual chunk, done in one go: the whole reply to one statement (its
+        CommandComplete and ReadyForQuery) when it is all that is queued (with its Sync),
+        templated or watched (and holding no protected value). False, having changed
+        nothing, for anything else."""
+        (kind, pos, end, _), (last, _, _, _) = marks
+        units = self._units
+        head = units[0]
+        recipe = head.recipe
+        if kind != _COMMAND_COMPLETE or last != _READY:
+            return False
+        if type(recipe) is not StatementTemplate:
+            # A watched statement whose reply holds no protected value: nothing to record.
+            if type(recipe) is not _Watched or head.keys is not None or ENVELOPE_PREFIX in chunk:
+                return False
+            recipe = None
+        if head.simple:
+            if len(units) != 1 or head.rows is not None:
+                return False
+        elif len(units) != 2 or units[1] is not _SYNC:
+            return False
+        units.clear()
+        self._returned = tail_rows
+        if recipe is None:
+            return True
+        tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1"...
+        count = tag[tag.rfind(b" ") + 1 :]
+        self.log.emit_statement(
+            (recipe, head.lookups, head.started, monotonic(), time_ns(), int(count) if count.isdigit() else None, None)
+        )
+        return True
 
     def _drop_syncs(self, count: int) -> None:
         """The COPY at the head of the queue started: the first ``count`` Syncs queued
