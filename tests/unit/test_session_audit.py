@@ -203,6 +203,12 @@ def _one_statement_batches(split: bool) -> tuple[list[tuple[object, ...]], Sessi
         ([Bind("", "plain", (), (b"8",), ())], [BindComplete(), DataRow((envelope.encode(),)), CommandComplete("SELECT 1")]),
         ([Bind("", "ins", (), (b"b@example.com",), ())], [BindComplete(), CommandComplete("INSERT 0 1")]),
         ([Bind("", "ins", (), (b"b@example.com",), ())], [BindComplete(), ErrorResponse.make("23505", "duplicate")]),
+        # The unnamed statement parsed in the batch (pgbench -M extended, most drivers).
+        ([Parse("", LOOKUP), Bind("", "", (), (b"c@example.com",), ())],
+         [ParseComplete(), BindComplete(), DataRow((b"3",)), DataRow((b"4",)), CommandComplete("SELECT 2")]),
+        ([Parse("", PLAIN), Bind("", "", (), (b"9",), ())],
+         [ParseComplete(), BindComplete(), DataRow((envelope.encode(),)), CommandComplete("SELECT 1")]),
+        ([Parse("", PLAIN), Bind("", "", (), (b"9",), ())], [ParseComplete(), BindComplete(), CommandComplete("SELECT 0")]),
         ([Query("SELECT email FROM users WHERE id = 3")], [DataRow((None,)), CommandComplete("SELECT 1")]),
         ([Query("SELECT 1")], [DataRow((b"1",)), CommandComplete("SELECT 1")]),
         ([Query("SELECT email FROM users WHERE id = 4")], [ErrorResponse.make("57014", "canceled")]),
@@ -226,6 +232,8 @@ def test_a_whole_reply_in_one_chunk_is_recorded_as_one_walked_message_by_message
         ("select", 1, None),  # the plain statement that returned a protected value
         ("insert", 1, None),
         ("insert", None, "23505"),
+        ("select", 2, None),
+        ("select", 1, None),
         ("select", 1, None),
         ("select", None, "57014"),
     ]

@@ -283,14 +283,13 @@ class FileSink(Sink):
         self._size = before + len(data)
         self._dirty = self.fsync != "always"
 
-    def _encode_and_write_blocking(self, records: Sequence[ChainedRecord]) -> None:
-        self._write_blocking(_encode(records))
-
     async def write(self, records: Sequence[ChainedRecord]) -> None:
         if not records:
             return
         try:
-            await self._io.run(self._encode_and_write_blocking, records)
+            # Encoded here: the IO thread then needs the GIL only around os.write, which
+            # releases it (a thread running Python makes the event loop wait for the GIL).
+            await self._io.run(self._write_blocking, _encode(records))
         except OSError as exc:
             raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
 

@@ -43,7 +43,7 @@ log = logging.getLogger("pgcloak.audit")
 _MAX_PORTALS = 10_000
 #: Templates kept per session (plans are cached by the planner, so few are distinct).
 _MAX_TEMPLATES = 512
-_ERROR, _READY, _COMMAND_COMPLETE, _COPY_IN = 0x45, 0x5A, 0x43, 0x47
+_ERROR, _READY, _COMMAND_COMPLETE, _COPY_IN, _PARSE_COMPLETE = 0x45, 0x5A, 0x43, 0x47, 0x31
 _PORTAL_SUSPENDED = 0x73
 #: The server messages that end a statement's or a batch's reply: CommandComplete,
 #: EmptyQueryResponse, PortalSuspended, ErrorResponse, ReadyForQuery.
@@ -317,7 +317,7 @@ class SessionAudit:
         result it was.
         """
         units = self._units
-        if len(marks) == 2 and units and not cut_short and self._one_reply(chunk, marks, tail_rows):
+        if 2 <= len(marks) <= 3 and units and not cut_short and self._one_reply(chunk, marks, tail_rows):
             return
         returned = self._returned
         seg = 0  # where the replies before the next mark start
@@ -387,10 +387,16 @@ class SessionAudit:
 
     def _one_reply(self, chunk: bytes, marks: list[Mark], tail_rows: int) -> bool:
         """The usual chunk, done in one go: the whole reply to one statement (its
-        CommandComplete and ReadyForQuery) when it is all that is queued (with its Sync),
+        CommandComplete and ReadyForQuery, after a ParseComplete for a statement parsed
+        with it) when it is all that is queued (with its Sync),
         templated or watched (and holding no protected value). False, having changed
         nothing, for anything else."""
-        (kind, pos, end, _), (last, _, _, _) = marks
+        if len(marks) == 3:  # the ParseComplete of an unnamed statement sent with it
+            if marks[0][0] != _PARSE_COMPLETE:
+                return False
+            (_, _, _, _), (kind, pos, end, _), (last, _, _, _) = marks
+        else:
+            (kind, pos, end, _), (last, _, _, _) = marks
         units = self._units
         head = units[0]
         recipe = head.recipe
