@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -590,6 +591,11 @@ def _run_worker(
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload)
         await server.start(sock)
+        # What startup made (sqlglot, pydantic, the policy, the keys) lives as long as the
+        # process: out of the collector's sight, a full collection (the audit trail's queued
+        # events are what makes them come) walks only what came later, in a fraction of
+        # the 20 ms pause every few seconds it was.
+        gc.freeze()
         if on_ready is not None:
             on_ready(server.port)
         await stop.wait()
