@@ -13,15 +13,15 @@ Cost on the event loop: ``emit()`` is an append. The writer lets a batch gather 
 ``linger`` seconds (default 50 ms) after the first event, less if ``batch_size`` events
 are queued, the queue is full, or a flush or close is waiting; then it chains the batch
 (seq, prev, HMAC) on the event loop, a few hundred records per turn of the loop, and
-hands the lines to the sink's IO thread in one trip, where they are written. Chaining
+hands the lines to the sink, whose IO thread writes them in one trip. Chaining
 is done on the loop because a second thread running Python competes for the GIL: the
 event loop then waits for it whenever it wakes for IO, which cost sessions more than
 the chaining itself (measured: bench/audit.py). Session statement events arrive as
 :data:`~pgcloak.audit.templates.Completed` tuples (``emit_statement``): their static
-fields were serialized once per session and plan, so chaining one is checking and
-filling in ten values and an HMAC, and queueing one is an append of a tuple. The price of batching: an event waits up to ``linger`` in memory
-before it is written (what an fsync interval of a second leaves at risk anyway is much
-more). The chain is one sequence: only the writer task touches it.
+fields were serialized once per session and plan, so queueing one is appending a tuple,
+and chaining one is checking and filling in ten values and an HMAC. The price of
+batching: an event waits up to ``linger`` in memory before it is written (what an fsync
+interval of a second leaves at risk anyway is much more). The chain is one sequence: only the writer task touches it.
 
 Queue full: with ``on_full: block`` the event is still accepted and :attr:`AuditLog.full`
 turns True until the writer drains below half the queue; the session should stop

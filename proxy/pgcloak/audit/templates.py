@@ -133,7 +133,7 @@ class StatementTemplate:
         """The canonical text (no ``mac``) of one execution as record ``seq`` of a chain.
 
         ``chain`` is the chain id as JSON text (:func:`json_string`); ``prev`` and
-        ``event_id`` are hex digits; the values are checked ones (:meth:`PendingStatement.finish`,
+        ``event_id`` are hex digits; the values are checked ones (:class:`PendingStatement`,
         :func:`~pgcloak.audit.events.checked_statement_values`).
         """
         t = self._parts

@@ -387,10 +387,9 @@ class SessionAudit:
 
     def _one_reply(self, chunk: bytes, marks: list[Mark], tail_rows: int) -> bool:
         """The usual chunk, done in one go: the whole reply to one statement (its
-        CommandComplete and ReadyForQuery, after a ParseComplete for a statement parsed
-        with it) when it is all that is queued (with its Sync),
-        templated or watched (and holding no protected value). False, having changed
-        nothing, for anything else."""
+        CommandComplete and ReadyForQuery, after the ParseComplete of a statement parsed
+        with it) when it is all that is queued (with its Sync), templated, or watched and
+        holding no protected value. False, having changed nothing, for anything else."""
         if len(marks) == 3:  # the ParseComplete of an unnamed statement sent with it
             if marks[0][0] != _PARSE_COMPLETE:
                 return False
