@@ -281,11 +281,7 @@ class Chain:
         return self._chained(seq, text, ts)
 
     def _chained(self, seq: int, text: str, ts: str) -> ChainedRecord:
-        inner = self._inner()  # _mac(), inline: once per statement
-        inner.update(text.encode("utf-8"))
-        outer = self._outer()
-        outer.update(inner.digest())
-        mac = outer.hexdigest()
+        mac = self._mac(text)
         self.next_seq = seq + 1
         self.prev = mac
         self.since_seal += 1

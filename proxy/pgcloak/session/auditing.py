@@ -322,7 +322,6 @@ class SessionAudit:
         returned = self._returned
         seg = 0  # where the replies before the next mark start
         refusals = list(cut_short) if cut_short else None
-        emit = self.log.emit_statement
         for kind, pos, end, rows_before in marks:
             if not units:
                 break
@@ -340,9 +339,7 @@ class SessionAudit:
                         units.popleft()
                 else:
                     if kind == _COMMAND_COMPLETE:
-                        tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1"...
-                        count = tag[tag.rfind(b" ") + 1 :]
-                        rows: int | None = int(count) if count.isdigit() else None
+                        rows = _tag_rows(chunk, pos, end)
                     else:  # PortalSuspended: the rows sent so far (a client's row limit)
                         rows = returned if kind == _PORTAL_SUSPENDED else None
                     if head.simple:
@@ -350,11 +347,8 @@ class SessionAudit:
                             head.rows = (head.rows or 0) + rows
                     else:
                         units.popleft()
-                        if type(recipe) is StatementTemplate:  # _complete(), inline: the usual case
-                            emit((recipe, head.lookups, head.started, monotonic(), time_ns(), rows, None))
-                        else:
-                            head.rows = rows
-                            self._complete(head)
+                        head.rows = rows
+                        self._complete(head)
             elif kind == _READY:
                 # Executes still queued were skipped after an error in their batch.
                 while not head.simple:
@@ -415,11 +409,8 @@ class SessionAudit:
         self._returned = tail_rows
         if recipe is None:
             return True
-        tag = chunk[pos + 5 : end - 1]  # "SELECT 3", "INSERT 0 1"...
-        count = tag[tag.rfind(b" ") + 1 :]
-        self.log.emit_statement(
-            (recipe, head.lookups, head.started, monotonic(), time_ns(), int(count) if count.isdigit() else None, None)
-        )
+        rows = _tag_rows(chunk, pos, end)
+        self.log.emit_statement((recipe, head.lookups, head.started, monotonic(), time_ns(), rows, None))
         return True
 
     def _drop_syncs(self, count: int) -> None:
@@ -522,6 +513,13 @@ class SessionAudit:
                 duration_ms=(monotonic() - unit.started) * 1000.0,
             )
         )
+
+
+def _tag_rows(chunk: bytes, pos: int, end: int) -> int | None:
+    """The row count of the CommandComplete at ``chunk[pos:end]`` ("SELECT 3", "INSERT 0 1")."""
+    tag = chunk[pos + 5 : end - 1]
+    count = tag[tag.rfind(b" ") + 1 :]
+    return int(count) if count.isdigit() else None
 
 
 def _fingerprint_of(unit: _Unit) -> str:
