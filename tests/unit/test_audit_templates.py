@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgcloak.audit.chain import GENESIS, Chain, canonical, mac_ok
-from pgcloak.audit.events import InvalidEventError, SessionInfo, statement_event
+from pgcloak.audit.chain import GENESIS, Chain, ChainedRecord, canonical, mac_ok
+from pgcloak.audit.events import InvalidEventError, SessionInfo, format_ns, statement_event
 from pgcloak.audit.templates import FAILED_REASON, PendingStatement, StatementTemplate
 from pgcloak.audit.verify import verify
 
@@ -172,3 +172,74 @@ def test_the_chain_mac_is_hmac_sha256_for_any_key_length(key: bytes) -> None:
     ):
         assert mac_ok(key, json.loads(record.line))
         assert not mac_ok(bytes(32), json.loads(record.line))
+
+
+completed_values = st.tuples(
+    st.none() | st.integers(0, 10**12),  # rows
+    st.none() | st.sampled_from(["23505", "XX000", "40P01"]),  # sqlstate
+    st.floats(0, 1e6),  # seconds the statement ran
+    st.integers(0, 4 * 10**18),  # time_ns() when it ended
+    st.dictionaries(
+        key_id, st.lists(st.from_regex(r"\A[A-Za-z0-9_-]{16,40}\Z"), min_size=1, max_size=3), max_size=2
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(completed_values, min_size=1, max_size=8), fingerprint=text)
+def test_a_batch_of_completed_statements_is_what_pending_statements_render(
+    batch: list[tuple[int | None, str | None, float, int, dict[str, list[str]]]], fingerprint: str
+) -> None:
+    """Chain.append_completed_many fills the template inline (the writer's hot loop): the
+    same records, field for field, as the checked PendingStatement path renders, each
+    MAC valid, the seqs consecutive and the trail verifiable."""
+    template = StatementTemplate(INFO, kind="select", fingerprint=fingerprint, columns_read=["public.users.email"])
+    inline, reference = Chain(KEY, "w0-a"), Chain(KEY, "w0-a")
+    out: list[ChainedRecord] = []
+    items = [(template, looked or None, 10.0, 10.0 + ran, wall, rows, state) for rows, state, ran, wall, looked in batch]
+    assert inline.append_completed_many(items, out) == []
+    assert len(out) == len(batch) and inline.next_seq == len(batch) + 1 and inline.since_seal == len(batch)
+    for record, (rows, state, ran, wall, looked) in zip(out, batch, strict=True):
+        ts = format_ns(wall)
+        ms = (10.0 + ran - 10.0) * 1000.0  # as the writer computes it from the two clock readings
+        expected = reference.append_pending(PendingStatement(template, ts, ms, rows, state, looked or None))
+        got, want = json.loads(record.line), json.loads(expected.line)
+        assert record.data == record.line.encode() + b"\n"
+        assert mac_ok(KEY, got)
+        assert (record.seq, record.ts, record.type, record.chain) == (expected.seq, ts, "statement", "w0-a")
+        for name in ("id", "prev", "mac"):
+            del got[name], want[name]
+        assert got == want
+    lines = [r.line for r in out] + [inline.seal("shutdown").line]
+    assert verify([("trail", lines)], KEY).ok  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        ("lookups", {"lookups": {"public.users.email": ["alice@example.com"]}}),
+        ("rows", {"rows": -1}),
+        ("rows", {"rows": True}),
+        ("sqlstate", {"sqlstate": "bad"}),
+        ("duration_ms", {"ended": float("nan")}),
+        ("duration_ms", {"ended": 9.0}),
+    ],
+)
+def test_a_refused_statement_is_left_out_of_the_batch_and_the_chain_goes_on(field: str, bad: dict[str, object]) -> None:
+    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
+
+    def item(**values: object) -> tuple[object, ...]:
+        v: dict[str, object] = {"lookups": None, "ended": 10.5, "rows": 1, "sqlstate": None} | values
+        return (template, v["lookups"], 10.0, v["ended"], 1_700_000_000_000_000_000, v["rows"], v["sqlstate"])
+
+    chain = Chain(KEY, "w0-b")
+    out: list[ChainedRecord] = []
+    refused = chain.append_completed_many([item(), item(**bad), item(rows=7)], out)  # type: ignore[list-item]
+    assert [type(e) for e in refused] == [InvalidEventError] and field in str(refused[0])
+    assert "alice" not in str(refused[0])
+    assert [(r.seq, json.loads(r.line)["rows"]) for r in out] == [(1, 1), (2, 7)]
+    assert json.loads(out[1].line)["prev"] == out[0].mac
+    with pytest.raises(InvalidEventError, match=field):
+        chain.append_completed(item(**bad))  # type: ignore[arg-type]
+    assert chain.next_seq == 3  # unchanged by a refusal
+    assert verify([("trail", [r.line for r in out] + [chain.seal("shutdown").line])], KEY).ok  # type: ignore[arg-type]

@@ -30,15 +30,19 @@ import json
 import json.encoder
 import os
 import secrets
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from pgcloak.audit.events import (
     CHAIN_FIELDS,
+    FAILED_REASON,
+    InvalidEventError,
     SealReason,
-    checked_statement_values,
+    lookups_ok,
     seal_event,
+    sqlstate_ok,
     utc_now,
 )
 
@@ -53,6 +57,7 @@ __all__ = [
     "canonical",
     "compute_mac",
     "json_string",
+    "lookups_json",
     "mac_ok",
     "make_chain_id",
     "serialize",
@@ -106,6 +111,27 @@ def serialize(record: Mapping[str, Any]) -> str:
         return canonical(record).decode("utf-8")  # raises ValueError for a cycle
 
 
+#: Column key ids as JSON text (a few per policy).
+_KEY_JSON: dict[str, str] = {}
+
+
+def lookups_json(lookups: dict[str, list[str]]) -> str:
+    """``serialize(lookups)`` of checked lookups, the usual one column by hand: its values
+    are blind-index values (base64url: nothing to escape), its key is memoized."""
+    if len(lookups) != 1:
+        return serialize(lookups)
+    ((key, values),) = lookups.items()
+    quoted = _KEY_JSON.get(key)
+    if quoted is None:
+        if len(_KEY_JSON) >= 4096:
+            _KEY_JSON.clear()
+        quoted = _KEY_JSON[key] = json_string(key)
+    return "{" + quoted + ':["' + '","'.join(values) + '"]}'
+
+
+_FAILED_JSON: Final = json_string(FAILED_REASON)
+
+
 def _check_key(key: bytes) -> bytes:
     if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
         raise ValueError(f"the audit key must be at least {MIN_KEY_BYTES} bytes")
@@ -139,30 +165,45 @@ def make_chain_id(worker: int | None, started: datetime | None = None) -> str:
 class ChainedRecord:
     """One chained record: its line (JSON, no newline) and what sinks index it by.
 
-    ``record`` (the parsed dict) is made on first use: templated statement records are
-    rendered straight to text, and only a sink that stores fields (none on the hot path)
-    or a test ever asks for the dict.
+    ``data`` is the line as the file sinks write it (UTF-8, newline included): chaining
+    encodes the text anyway for its MAC, so the sinks need not encode a batch again.
+    ``line`` (the text) and ``record`` (the parsed dict) are made on first use:
+    templated statement records are rendered straight to bytes, and only a sink that
+    stores fields (none on the hot path) or a test ever asks for them.
     """
 
-    __slots__ = ("_record", "chain", "line", "mac", "seq", "ts", "type")
+    __slots__ = ("_line", "_record", "chain", "data", "mac", "seq", "ts", "type")
 
     def __init__(
         self,
-        line: str,
+        line: str | None,
         seq: int,
         chain: str,
         mac: str,
         ts: str,
         type: str,
         record: dict[str, Any] | None = None,
+        data: bytes | None = None,
     ) -> None:
-        self.line = line
+        if data is None:
+            if line is None:
+                raise ValueError("a chained record needs its line or its data")
+            data = (line + "\n").encode("utf-8")
+        self.data = data
+        self._line = line
         self.seq = seq
         self.chain = chain
         self.mac = mac
         self.ts = ts
         self.type = type
         self._record = record
+
+    @property
+    def line(self) -> str:
+        line = self._line
+        if line is None:
+            line = self._line = self.data[:-1].decode("utf-8")
+        return line
 
     @property
     def record(self) -> dict[str, Any]:
@@ -194,19 +235,24 @@ class ChainedRecord:
 class _EventIds:
     """Random 128-bit event ids (32 hex digits), drawn from the OS a few thousand at a time."""
 
-    __slots__ = ("_hex", "_pos")
+    __slots__ = ("pool", "pos")
 
     def __init__(self) -> None:
-        self._hex = ""
-        self._pos = 0
+        self.pool = ""
+        self.pos = 0
+
+    @staticmethod
+    def draw() -> str:
+        """256 ids' worth of hex digits."""
+        return os.urandom(16 * 256).hex()
 
     def next(self) -> str:
-        pos = self._pos
-        if pos >= len(self._hex):
-            self._hex = os.urandom(16 * 256).hex()
+        pos = self.pos
+        if pos >= len(self.pool):
+            self.pool = self.draw()
             pos = 0
-        self._pos = pos + 32
-        return self._hex[pos : pos + 32]
+        self.pos = pos + 32
+        return self.pool[pos : pos + 32]
 
 
 class Chain:
@@ -271,14 +317,100 @@ class Chain:
         return self._chained(seq, text, pending.ts)
 
     def append_completed(self, item: Completed) -> ChainedRecord:
-        """Chain a statement a session queued (:data:`~pgcloak.audit.templates.Completed`):
-        checked here, then as :meth:`append_pending`. Raises InvalidEventError (the chain
-        is then unchanged)."""
-        template, lookups, started, ended, wall_ns, rows, sqlstate = item
-        ts, ms, rows, sqlstate, lookups = checked_statement_values(lookups, started, ended, wall_ns, rows, sqlstate)
-        seq = self.next_seq
-        text = template.render(seq, self._chain_json, self.prev, self._ids.next(), ts, ms, rows, sqlstate, lookups)
-        return self._chained(seq, text, ts)
+        """Chain one statement a session queued (see :meth:`append_completed_many`).
+        Raises InvalidEventError (the chain is then unchanged)."""
+        out: list[ChainedRecord] = []
+        refused = self.append_completed_many((item,), out)
+        if refused:
+            raise refused[0]
+        return out[0]
+
+    def append_completed_many(
+        self, items: Iterable[Completed], out: list[ChainedRecord]
+    ) -> list[InvalidEventError]:
+        """Chain statements sessions queued (:data:`~pgcloak.audit.templates.Completed`),
+        in order, onto ``out``; return the errors of those refused (left out of the chain).
+
+        This is the trail's per-event work, so it is one loop with everything inline. Each
+        item's values are checked as :func:`~pgcloak.audit.events.statement_event` checks
+        them (blind-index lookups, a duration, a row count, a SQLSTATE: a value that
+        fails is refused, never written), then its template's slots are filled in
+        canonical order (what :meth:`append` makes of the equivalent dict, byte for
+        byte: tests/unit/test_audit_templates.py) and the text MACed once encoded.
+        """
+        refused: list[InvalidEventError] = []
+        seq = first = self.next_seq
+        prev = self.prev
+        chain_json, chain_id = self._chain_json, self.chain_id
+        inner_state, outer_state = self._inner, self._outer
+        ids = self._ids
+        pool, pos = ids.pool, ids.pos
+        second, second_text = -1, ""
+        append, join = out.append, "".join
+        for template, lookups, started, ended, wall_ns, rows, sqlstate in items:
+            if not lookups:
+                found = "{}"
+            elif lookups_ok(lookups):
+                found = lookups_json(lookups)
+            else:
+                refused.append(InvalidEventError("statement event: invalid value for field 'lookups'"))
+                continue
+            ms = (ended - started) * 1000.0
+            if not 0.0 <= ms < 1e12:  # also refuses NaN
+                refused.append(InvalidEventError("statement event: invalid value for field 'duration_ms'"))
+                continue
+            if sqlstate is None:
+                if rows is None:
+                    counted = "null"
+                elif type(rows) is int and rows >= 0:
+                    counted = str(rows)
+                else:
+                    refused.append(InvalidEventError("statement event: invalid value for field 'rows'"))
+                    continue
+                state = reason = "null"
+            elif sqlstate_ok(sqlstate):
+                counted, state, reason = "null", '"' + sqlstate + '"', _FAILED_JSON  # no rows: it failed
+            else:
+                refused.append(InvalidEventError("statement event: invalid value for field 'sqlstate'"))
+                continue
+            us = wall_ns // 1000
+            sec = us // 1_000_000
+            if sec != second:  # the date and time formatted once a second
+                second, second_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+            ts = f"{second_text}{us - sec * 1_000_000:06d}Z"
+            if pos >= len(pool):
+                pool, pos = _EventIds.draw(), 0
+            t = template.parts
+            text = join(
+                (
+                    t[0], chain_json,
+                    t[1], repr(round(ms * 1000.0) / 1000.0),  # whole microseconds
+                    t[2], pool[pos : pos + 32],
+                    t[3], found,
+                    t[4], prev,
+                    t[5], reason,
+                    t[6], counted,
+                    t[7], str(seq),
+                    t[8], state,
+                    t[9], ts,
+                    t[10],
+                )
+            )  # fmt: skip
+            pos += 32
+            encoded = text.encode("utf-8")
+            inner = inner_state()
+            inner.update(encoded)
+            outer = outer_state()
+            outer.update(inner.digest())
+            prev = outer.hexdigest()
+            data = b"".join((encoded[:-1], b',"mac":"', prev.encode("ascii"), b'"}\n'))
+            append(ChainedRecord(None, seq, chain_id, prev, ts, "statement", None, data))
+            seq += 1
+        ids.pool, ids.pos = pool, pos
+        self.since_seal += seq - first
+        self.next_seq = seq
+        self.prev = prev
+        return refused
 
     def _chained(self, seq: int, text: str, ts: str) -> ChainedRecord:
         mac = self._mac(text)

@@ -40,6 +40,7 @@ __all__ = [
     "CONNECTION_ACTIONS",
     "EVENT_FIELDS",
     "EVENT_TYPES",
+    "FAILED_REASON",
     "LOOKUP_VALUE_PATTERN",
     "SEAL_REASONS",
     "WRITE_KINDS",
@@ -51,7 +52,6 @@ __all__ = [
     "SessionInfo",
     "checked_duration",
     "checked_rows",
-    "checked_statement_values",
     "connection_event",
     "format_ns",
     "format_ts",
@@ -68,6 +68,9 @@ __all__ = [
     "utc_now",
     "validate_event",
 ]
+
+#: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
+FAILED_REASON: Final = "failed in PostgreSQL"
 
 EventType = Literal["connection", "statement", "refusal", "gap", "seal"]
 ConnectionAction = Literal["authenticated", "auth_failed", "audit_started", "disconnected"]
@@ -176,23 +179,6 @@ def checked_rows(rows: int | None, sqlstate: str | None) -> int | None:
     if rows is not None and not (type(rows) is int and rows >= 0):
         raise InvalidEventError("statement event: invalid value for field 'rows'")
     return rows
-
-
-def checked_statement_values(
-    lookups: dict[str, list[str]] | None, started: float, ended: float, wall_ns: int, rows: int | None, sqlstate: str | None
-) -> tuple[str, float, int | None, str | None, dict[str, list[str]] | None]:
-    """``ts``, ``duration_ms``, ``rows``, ``sqlstate`` and ``lookups`` of a statement that
-    ran from ``started`` to ``ended`` (``time.monotonic()``), ending at ``wall_ns``
-    (``time.time_ns()``), checked as :func:`statement_event` checks them."""
-    if lookups and not lookups_ok(lookups):
-        raise InvalidEventError("statement event: invalid value for field 'lookups'")
-    return (
-        format_ns(wall_ns),
-        checked_duration((ended - started) * 1000.0),
-        checked_rows(rows, sqlstate),
-        sqlstate,
-        lookups or None,
-    )
 
 
 def new_event_id() -> str:

@@ -357,13 +357,24 @@ class AuditLog:
         return items
 
     def _chain_into(self, items: list[_Item], out: list[ChainedRecord]) -> None:
-        """Chain ``items`` in order (on the event loop; see :meth:`_chain`)."""
+        """Chain ``items`` in order (on the event loop; see :meth:`_chain`): runs of queued
+        statements (the usual batch holds nothing else) in one call."""
         chain, append = self.chain, out.append
-        for item in items:
+        start = 0
+        while start < len(items):
+            stop = start
+            while stop < len(items) and type(items[stop]) is tuple:
+                stop += 1
+            if stop > start:
+                refused = chain.append_completed_many(items[start:stop], out)  # type: ignore[arg-type]
+                for exc in refused:
+                    self._rejected(exc)
+                if stop == len(items):
+                    return
+            item = items[stop]
+            start = stop + 1
             try:
-                if type(item) is tuple:
-                    append(chain.append_completed(item))
-                elif isinstance(item, dict):
+                if isinstance(item, dict):
                     append(chain.append(item))
                 elif isinstance(item, _Gap):
                     event = gap_event(
@@ -373,11 +384,6 @@ class AuditLog:
                 else:
                     reason: SealReason = item  # type: ignore[assignment]
                     append(chain.seal(reason))
-            except InvalidEventError as exc:
-                # A statement's values failed the builder's checks (the message names
-                # the field, never the value).
-                self.metrics.lost += 1
-                log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
             except (TypeError, ValueError, RecursionError) as exc:
                 # Validated events serialize; only text that is not Unicode (a lone
                 # surrogate) gets here. Never the value in the message.
@@ -386,6 +392,12 @@ class AuditLog:
                     "audit event cannot be serialized; dropped",
                     extra={"error": type(exc).__name__},
                 )
+
+    def _rejected(self, exc: InvalidEventError) -> None:
+        """A statement's values failed the builder's checks (the message names the field,
+        never the value): it is left out of the chain, logged and counted."""
+        self.metrics.lost += 1
+        log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
 
     async def _chain(self, items: list[_Item]) -> list[ChainedRecord]:
         """Chain a batch on the loop, a slice per turn, so sessions run in between."""

@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from pgcloak.audit.chain import json_string, serialize
+from pgcloak.audit.chain import json_string, lookups_json, serialize
 from pgcloak.audit.events import (
+    FAILED_REASON,
     InvalidEventError,
     SessionInfo,
     checked_duration,
@@ -35,33 +36,15 @@ from pgcloak.audit.events import (
     validate_event,
 )
 
-__all__ = ["FAILED_REASON", "Completed", "PendingStatement", "StatementTemplate"]
-
-#: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
-FAILED_REASON: Final = "failed in PostgreSQL"
+__all__ = ["FAILED_REASON", "Completed", "PendingStatement", "StatementTemplate", "lookups_json"]
 
 #: The fields filled in per event, in the canonical (sorted) order of their slots.
 _SLOTS: Final = ("chain", "duration_ms", "id", "lookups", "prev", "reason", "rows", "seq", "sqlstate", "ts")
+#: Slots whose values are strings with nothing to escape (hex digits, a timestamp): the
+#: template holds their quotes.
+_QUOTED: Final = frozenset(("id", "prev", "ts"))
 
 _FAILED_JSON: Final = json_string(FAILED_REASON)
-
-
-#: Column key ids as JSON text (a few per policy).
-_KEY_JSON: dict[str, str] = {}
-
-
-def lookups_json(lookups: dict[str, list[str]]) -> str:
-    """``serialize(lookups)`` of checked lookups, the usual one column by hand: its values
-    are blind-index values (base64url: nothing to escape), its key is memoized."""
-    if len(lookups) != 1:
-        return serialize(lookups)
-    ((key, values),) = lookups.items()
-    quoted = _KEY_JSON.get(key)
-    if quoted is None:
-        if len(_KEY_JSON) >= 4096:
-            _KEY_JSON.clear()
-        quoted = _KEY_JSON[key] = json_string(key)
-    return "{" + quoted + ':["' + '","'.join(values) + '"]}'
 
 
 def _sentinel(i: int) -> str:
@@ -78,7 +61,7 @@ class StatementTemplate:
     each (defensive; the caller then builds its events the slow way).
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("parts",)
 
     def __init__(
         self,
@@ -108,14 +91,19 @@ class StatementTemplate:
             record[name] = _sentinel(i)
         text = serialize(record)
         parts: list[str] = []
-        for i in range(len(_SLOTS)):
+        for i, name in enumerate(_SLOTS):
             marker = json_string(_sentinel(i))
             if text.count(marker) != 1:
                 raise ValueError("a static audit field holds a template marker")
             before, text = text.split(marker)
+            if name in _QUOTED:
+                before, text = before + '"', '"' + text
             parts.append(before)
         parts.append(text)
-        self._parts = tuple(parts)
+        #: The static text around the slots, in the order of ``_SLOTS``: eleven parts,
+        #: the quotes of the string slots included (filled by ``render`` and, inline, by
+        #: ``Chain.append_completed_many``).
+        self.parts = tuple(parts)
 
     def render(
         self,
@@ -136,22 +124,19 @@ class StatementTemplate:
         ``event_id`` are hex digits; the values are checked ones (:class:`PendingStatement`,
         :func:`~pgcloak.audit.events.checked_statement_values`).
         """
-        t = self._parts
-        # One join over the static parts and the slots (cheaper than %-formatting
-        # a ~700-character string): chain, duration_ms, id, lookups, prev, reason,
-        # rows, seq, sqlstate, ts.
+        t = self.parts
         return "".join(
             (
                 t[0], chain,
                 t[1], "null" if ms is None else repr(ms),
-                t[2], '"', event_id, '"',
+                t[2], event_id,
                 t[3], lookups_json(lookups) if lookups else "{}",
-                t[4], '"', prev, '"',
+                t[4], prev,
                 t[5], "null" if sqlstate is None else _FAILED_JSON,
                 t[6], "null" if rows is None else str(rows),
                 t[7], str(seq),
                 t[8], "null" if sqlstate is None else '"' + sqlstate + '"',
-                t[9], '"', ts, '"',
+                t[9], ts,
                 t[10],
             )
         )  # fmt: skip
