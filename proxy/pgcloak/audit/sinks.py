@@ -104,8 +104,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-#: Buffers per writev(2) call (the system's limit, 1024 on Linux).
-_IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+def _iov_max() -> int:
+    """Buffers per writev(2) call: the system's limit (1024 on Linux), else POSIX's least."""
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 16
+    return limit if limit >= 16 else 16
+
+
+_IOV_MAX: Final = _iov_max()
 
 
 def _writev_all(fd: int, buffers: Sequence[bytes]) -> None:
