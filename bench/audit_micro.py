@@ -13,8 +13,11 @@ Cases (the event is the PII workload's: a statement event of a lookup by e-mail,
     completed          the (template, lookups, started, ended, time_ns(), rows, sqlstate) tuple
                        a session queues per completed statement (the template is made once
                        per session and plan)
-    chain.completed    Chain.append_completed: the values checked, the template's slots
+    chain.completed    Chain.append_completed (one item through the writer's batch loop,
+                       append_completed_many): the values checked, the template's slots
                        filled, HMAC (on the loop, in the writer's batches)
+    chain.batch        Chain.append_completed_many over a batch of 1000, as the writer
+                       chains: per event
     build              statement_event(...): the dict builder (refusals; plans whose events
                        cannot be templated)
     validate           validate_event(event): what emit() spends on a dict no builder vouched for
@@ -230,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         chain = Chain(KEY, "w0-bench")
         one = completed()
         show("chain.completed", f"{best_of(lambda: chain.append_completed(one), args.repeat):8.2f} µs")
+    if want("chain.batch"):
+        chain = Chain(KEY, "w0-bench")
+        batch = [completed() for _ in range(1000)]
+        per_batch = best_of(lambda: chain.append_completed_many(batch, []), args.repeat, number=20)
+        show("chain.batch", f"{per_batch / len(batch):8.2f} µs per event")
     event = build()
     if want("build"):
         show("build", f"{best_of(build, args.repeat):8.2f} µs")

@@ -93,7 +93,8 @@ class _Worker:
             self._pool = None
 
 
-def _encode(records: Sequence[ChainedRecord]) -> bytes:
+def _joined(records: Sequence[ChainedRecord]) -> bytes:
+    """The records' lines as one file's bytes (each already ends with its newline)."""
     return b"".join([r.data for r in records])
 
 
@@ -418,7 +419,7 @@ class StreamSink(Sink):
         if not records:
             return
         try:
-            await self._io.run(_write_all, self._fd, _encode(records))
+            await self._io.run(_write_all, self._fd, _joined(records))
         except OSError as exc:
             raise SinkError(f"{self.description}: write failed: {exc.strerror or exc}") from exc
 
@@ -672,7 +673,7 @@ class SpillFile:
 
     async def append(self, records: Sequence[ChainedRecord]) -> None:
         """Append and fsync ``records``; :class:`SpillError` if full or failing."""
-        data = _encode(records)
+        data = _joined(records)
         self._check_room(data)
         try:
             await self._io.run(self._append_blocking, data)

@@ -10,11 +10,11 @@ the same builder and rules as :func:`~pgcloak.audit.events.statement_event`),
 serializes them once with the chain's canonical encoder, and keeps slots for the
 ten. A session queues each execution as a :data:`Completed` tuple (the template and
 the raw values: a tuple is the cheapest thing to make on the session's path), which the
-writer checks against the same rules as the builder checks them
-(:func:`~pgcloak.audit.events.checked_statement_values`);
-:meth:`StatementTemplate.render` then fills the slots, producing exactly the canonical
-text ``Chain.append`` would make of the equivalent dict (tested byte for byte), so
-``verify`` and every reader of the trail see no difference.
+writer checks against the same rules as the builder checks them and fills into the
+slots (:meth:`~pgcloak.audit.chain.Chain.append_completed_many`, the writer's loop);
+:meth:`StatementTemplate.render` fills them for a :class:`PendingStatement`. Both
+produce exactly the canonical text ``Chain.append`` would make of the equivalent dict
+(tested byte for byte), so ``verify`` and every reader of the trail see no difference.
 
 Pure (no IO).
 """
@@ -121,8 +121,7 @@ class StatementTemplate:
         """The canonical text (no ``mac``) of one execution as record ``seq`` of a chain.
 
         ``chain`` is the chain id as JSON text (:func:`json_string`); ``prev`` and
-        ``event_id`` are hex digits; the values are checked ones (:class:`PendingStatement`,
-        :func:`~pgcloak.audit.events.checked_statement_values`).
+        ``event_id`` are hex digits; the values are checked ones (:class:`PendingStatement`).
         """
         t = self.parts
         return "".join(
@@ -145,7 +144,7 @@ class StatementTemplate:
 #: A statement as a session queues it when the server has answered it: (template,
 #: lookups, started, ended (both ``time.monotonic()``), ended (``time.time_ns()``), rows,
 #: SQLSTATE). A plain tuple, because a busy session queues one per statement: the writer
-#: checks and formats it (:meth:`~pgcloak.audit.chain.Chain.append_completed`), not the session.
+#: checks and formats it (:meth:`~pgcloak.audit.chain.Chain.append_completed_many`), not the session.
 Completed = tuple[
     StatementTemplate, "dict[str, list[str]] | None", float, float, int, "int | None", "str | None"
 ]
