@@ -396,12 +396,16 @@ async def test_the_writer_drops_a_queued_statement_whose_values_fail_the_checks(
     log.emit_statement((template, {"public.users.email": ["alice@example.com"]}, 1.0, 1.5, 0, 1, None))
     log.emit_statement((template, None, 1.0, 1.5, 0, -3, None))
     log.emit_statement((template, {"public.users.email": [IDX]}, 1.0, 1.0005, 1_700_000_000_123_456_789, 2, None))
+    # Undecodable statement text (a lone surrogate in the fingerprint) cannot be written.
+    odd = StatementTemplate(INFO, kind="select", fingerprint="SELECT '\udcff'")
+    log.emit_statement((odd, None, 1.0, 1.5, 0, 1, None))
     await log.aclose()
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     statements = [json.loads(line) for line in lines if '"type":"statement"' in line]
     assert [(e["rows"], e["lookups"], e["duration_ms"], e["ts"]) for e in statements] == [
         (2, {"public.users.email": [IDX]}, 0.5, "2023-11-14T22:13:20.123456Z")
     ]
-    assert log.metrics.lost == 2
+    assert log.metrics.lost == 3
     assert caplog.text.count("audit event rejected") == 2 and "alice" not in caplog.text
+    assert caplog.text.count("audit event cannot be serialized") == 1 and "\udcff" not in caplog.text
     assert verify([("trail", lines)], bytes(range(32))).ok  # type: ignore[arg-type]

@@ -243,3 +243,22 @@ def test_a_refused_statement_is_left_out_of_the_batch_and_the_chain_goes_on(fiel
         chain.append_completed(item(**bad))  # type: ignore[arg-type]
     assert chain.next_seq == 3  # unchanged by a refusal
     assert verify([("trail", [r.line for r in out] + [chain.seal("shutdown").line])], KEY).ok  # type: ignore[arg-type]
+
+
+def test_a_statement_whose_text_is_not_unicode_is_refused_and_the_chain_goes_on() -> None:
+    """Undecodable statement text reaches a fingerprint as lone surrogates, which cannot be
+    written: that one statement is refused (its error never quotes the text into a log
+    here: the writer logs the error's type only), and the records before and after it
+    link up as if it had never been queued."""
+    good = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
+    odd = StatementTemplate(INFO, kind="select", fingerprint="SELECT '\udcff'")
+    chain = Chain(KEY, "w0-c")
+    out: list[ChainedRecord] = []
+    items = [(t, None, 1.0, 1.5, 1_700_000_000_000_000_000, 1, None) for t in (good, odd, good)]
+    malformed = (good, None, 1.0)  # not a Completed at all: refused, not the writer's end
+    refused = chain.append_completed_many([*items, malformed], out)  # type: ignore[list-item]
+    assert [type(e) for e in refused] == [UnicodeEncodeError, ValueError]
+    assert [r.seq for r in out] == [1, 2] and chain.next_seq == 3 and chain.since_seal == 2
+    assert json.loads(out[1].line)["prev"] == out[0].mac and chain.prev == out[1].mac
+    lines = [r.line for r in out] + [chain.seal("shutdown").line]
+    assert verify([("trail", lines)], KEY).ok  # type: ignore[arg-type]

@@ -318,27 +318,29 @@ class Chain:
 
     def append_completed(self, item: Completed) -> ChainedRecord:
         """Chain one statement a session queued (see :meth:`append_completed_many`).
-        Raises InvalidEventError (the chain is then unchanged)."""
+        Raises what refused it (the chain is then unchanged)."""
         out: list[ChainedRecord] = []
         refused = self.append_completed_many((item,), out)
         if refused:
             raise refused[0]
         return out[0]
 
-    def append_completed_many(
-        self, items: Iterable[Completed], out: list[ChainedRecord]
-    ) -> list[InvalidEventError]:
+    def append_completed_many(self, items: Iterable[Completed], out: list[ChainedRecord]) -> list[Exception]:
         """Chain statements sessions queued (:data:`~pgcloak.audit.templates.Completed`),
-        in order, onto ``out``; return the errors of those refused (left out of the chain).
+        in order, onto ``out``; return why those refused were (left out of the chain).
 
         This is the trail's per-event work, so it is one loop with everything inline. Each
         item's values are checked as :func:`~pgcloak.audit.events.statement_event` checks
         them (blind-index lookups, a duration, a row count, a SQLSTATE: a value that
-        fails is refused, never written), then its template's slots are filled in
-        canonical order (what :meth:`append` makes of the equivalent dict, byte for
-        byte: tests/unit/test_audit_templates.py) and the text MACed once encoded.
+        fails refuses its item with an :class:`~pgcloak.audit.events.InvalidEventError`,
+        never written), then its template's slots are filled in canonical order (what
+        :meth:`append` makes of the equivalent dict, byte for byte:
+        tests/unit/test_audit_templates.py) and the text MACed once encoded. Text that
+        cannot be encoded (a lone surrogate from undecodable statement text) refuses its
+        item with the ``UnicodeEncodeError``, anything malformed with its ``TypeError``;
+        either way the chain goes on from the last record chained.
         """
-        refused: list[InvalidEventError] = []
+        refused: list[Exception] = []
         seq = first = self.next_seq
         prev = self.prev
         chain_json, chain_id = self._chain_json, self.chain_id
@@ -347,69 +349,73 @@ class Chain:
         pool, pos = ids.pool, ids.pos
         second, second_text = -1, ""
         append, join = out.append, "".join
-        for template, lookups, started, ended, wall_ns, rows, sqlstate in items:
-            if not lookups:
-                found = "{}"
-            elif lookups_ok(lookups):
-                found = lookups_json(lookups)
-            else:
-                refused.append(InvalidEventError("statement event: invalid value for field 'lookups'"))
-                continue
-            ms = (ended - started) * 1000.0
-            if not 0.0 <= ms < 1e12:  # also refuses NaN
-                refused.append(InvalidEventError("statement event: invalid value for field 'duration_ms'"))
-                continue
-            if sqlstate is None:
-                if rows is None:
-                    counted = "null"
-                elif type(rows) is int and rows >= 0:
-                    counted = str(rows)
-                else:
-                    refused.append(InvalidEventError("statement event: invalid value for field 'rows'"))
+        try:
+            for item in items:
+                try:
+                    template, lookups, started, ended, wall_ns, rows, sqlstate = item
+                    if not lookups:
+                        found = "{}"
+                    elif lookups_ok(lookups):
+                        found = lookups_json(lookups)
+                    else:
+                        raise InvalidEventError("statement event: invalid value for field 'lookups'")
+                    ms = (ended - started) * 1000.0
+                    if not 0.0 <= ms < 1e12:  # also refuses NaN
+                        raise InvalidEventError("statement event: invalid value for field 'duration_ms'")
+                    if sqlstate is None:
+                        if rows is None:
+                            counted = "null"
+                        elif type(rows) is int and rows >= 0:
+                            counted = str(rows)
+                        else:
+                            raise InvalidEventError("statement event: invalid value for field 'rows'")
+                        state = reason = "null"
+                    elif sqlstate_ok(sqlstate):
+                        counted, state, reason = "null", '"' + sqlstate + '"', _FAILED_JSON  # failed: no rows
+                    else:
+                        raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
+                    us = wall_ns // 1000
+                    sec = us // 1_000_000
+                    if sec != second:  # the date and time formatted once a second
+                        second, second_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+                    ts = f"{second_text}{us - sec * 1_000_000:06d}Z"
+                    if pos >= len(pool):
+                        pool, pos = _EventIds.draw(), 0
+                    t = template.parts
+                    text = join(
+                        (
+                            t[0], chain_json,
+                            t[1], repr(round(ms * 1000.0) / 1000.0),  # whole microseconds
+                            t[2], pool[pos : pos + 32],
+                            t[3], found,
+                            t[4], prev,
+                            t[5], reason,
+                            t[6], counted,
+                            t[7], str(seq),
+                            t[8], state,
+                            t[9], ts,
+                            t[10],
+                        )
+                    )  # fmt: skip
+                    pos += 32
+                    encoded = text.encode("utf-8")
+                except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+                    refused.append(exc)
                     continue
-                state = reason = "null"
-            elif sqlstate_ok(sqlstate):
-                counted, state, reason = "null", '"' + sqlstate + '"', _FAILED_JSON  # no rows: it failed
-            else:
-                refused.append(InvalidEventError("statement event: invalid value for field 'sqlstate'"))
-                continue
-            us = wall_ns // 1000
-            sec = us // 1_000_000
-            if sec != second:  # the date and time formatted once a second
-                second, second_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-            ts = f"{second_text}{us - sec * 1_000_000:06d}Z"
-            if pos >= len(pool):
-                pool, pos = _EventIds.draw(), 0
-            t = template.parts
-            text = join(
-                (
-                    t[0], chain_json,
-                    t[1], repr(round(ms * 1000.0) / 1000.0),  # whole microseconds
-                    t[2], pool[pos : pos + 32],
-                    t[3], found,
-                    t[4], prev,
-                    t[5], reason,
-                    t[6], counted,
-                    t[7], str(seq),
-                    t[8], state,
-                    t[9], ts,
-                    t[10],
-                )
-            )  # fmt: skip
-            pos += 32
-            encoded = text.encode("utf-8")
-            inner = inner_state()
-            inner.update(encoded)
-            outer = outer_state()
-            outer.update(inner.digest())
-            prev = outer.hexdigest()
-            data = b"".join((encoded[:-1], b',"mac":"', prev.encode("ascii"), b'"}\n'))
-            append(ChainedRecord(None, seq, chain_id, prev, ts, "statement", None, data))
-            seq += 1
-        ids.pool, ids.pos = pool, pos
-        self.since_seal += seq - first
-        self.next_seq = seq
-        self.prev = prev
+                inner = inner_state()
+                inner.update(encoded)
+                outer = outer_state()
+                outer.update(inner.digest())
+                prev = outer.hexdigest()
+                data = b"".join((encoded[:-1], b',"mac":"', prev.encode("ascii"), b'"}\n'))
+                append(ChainedRecord(None, seq, chain_id, prev, ts, "statement", None, data))
+                seq += 1
+        finally:
+            # Also if something unforeseen raised: the chain is where ``out`` ends.
+            ids.pool, ids.pos = pool, pos
+            self.since_seal += seq - first
+            self.next_seq = seq
+            self.prev = prev
         return refused
 
     def _chained(self, seq: int, text: str, ts: str) -> ChainedRecord:

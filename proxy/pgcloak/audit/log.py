@@ -393,11 +393,15 @@ class AuditLog:
                     extra={"error": type(exc).__name__},
                 )
 
-    def _rejected(self, exc: InvalidEventError) -> None:
-        """A statement's values failed the builder's checks (the message names the field,
-        never the value): it is left out of the chain, logged and counted."""
+    def _rejected(self, exc: Exception) -> None:
+        """A statement left out of the chain, logged and counted: its values failed the
+        builder's checks (the message names the field, never the value), or its text is
+        not Unicode (a lone surrogate: the message would quote it, so it is not logged)."""
         self.metrics.lost += 1
-        log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+        if isinstance(exc, InvalidEventError):
+            log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
+        else:
+            log.error("audit event cannot be serialized; dropped", extra={"error": type(exc).__name__})
 
     async def _chain(self, items: list[_Item]) -> list[ChainedRecord]:
         """Chain a batch on the loop, a slice per turn, so sessions run in between."""
