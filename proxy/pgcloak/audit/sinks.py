@@ -314,7 +314,7 @@ class FileSink(Sink):
             return
         try:
             # The lines are bytes already (chaining encodes them for their MACs), and
-            # the IO thread needs the GIL only around a writev(2) per thousand of them,
+            # the IO thread needs the GIL only around a writev(2) per 1024 of them,
             # which releases it (a thread running Python makes the event loop wait).
             await self._io.run(self._write_blocking, [r.data for r in records])
         except OSError as exc:
