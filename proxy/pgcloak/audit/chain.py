@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from pgcloak.audit.templates import Completed, PendingStatement
 
 __all__ = [
+    "FAILED_REASON_JSON",
     "GENESIS",
     "MIN_KEY_BYTES",
     "Chain",
@@ -129,7 +130,8 @@ def lookups_json(lookups: dict[str, list[str]]) -> str:
     return "{" + quoted + ':["' + '","'.join(values) + '"]}'
 
 
-_FAILED_JSON: Final = json_string(FAILED_REASON)
+#: ``reason`` of a statement that failed in PostgreSQL, as JSON text.
+FAILED_REASON_JSON: Final = json_string(FAILED_REASON)
 
 
 def _check_key(key: bytes) -> bytes:
@@ -371,7 +373,7 @@ class Chain:
                             raise InvalidEventError("statement event: invalid value for field 'rows'")
                         state = reason = "null"
                     elif sqlstate_ok(sqlstate):
-                        counted, state, reason = "null", '"' + sqlstate + '"', _FAILED_JSON  # failed: no rows
+                        counted, state, reason = "null", '"' + sqlstate + '"', FAILED_REASON_JSON  # failed: no rows
                     else:
                         raise InvalidEventError("statement event: invalid value for field 'sqlstate'")
                     us = wall_ns // 1000

@@ -21,7 +21,8 @@ the chaining itself (measured: bench/audit.py). Session statement events arrive 
 fields were serialized once per session and plan, so queueing one is appending a tuple,
 and chaining one is checking and filling in ten values and an HMAC. The price of
 batching: an event waits up to ``linger`` in memory before it is written (what an fsync
-interval of a second leaves at risk anyway is much more). The chain is one sequence: only the writer task touches it.
+interval of a second leaves at risk anyway is much more). The chain is one sequence:
+only the writer task touches it.
 
 Queue full: with ``on_full: block`` the event is still accepted and :attr:`AuditLog.full`
 turns True until the writer drains below half the queue; the session should stop

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Final
 
-from pgcloak.audit.chain import json_string, lookups_json, serialize
+from pgcloak.audit.chain import FAILED_REASON_JSON, json_string, lookups_json, serialize
 from pgcloak.audit.events import (
     FAILED_REASON,
     InvalidEventError,
@@ -43,9 +43,6 @@ _SLOTS: Final = ("chain", "duration_ms", "id", "lookups", "prev", "reason", "row
 #: Slots whose values are strings with nothing to escape (hex digits, a timestamp): the
 #: template holds their quotes.
 _QUOTED: Final = frozenset(("id", "prev", "ts"))
-
-_FAILED_JSON: Final = json_string(FAILED_REASON)
-
 
 def _sentinel(i: int) -> str:
     # Encoded, a slot reads ``"\u0000<i>\u0000"`` with its quotes, which no encoded
@@ -131,7 +128,7 @@ class StatementTemplate:
                 t[2], event_id,
                 t[3], lookups_json(lookups) if lookups else "{}",
                 t[4], prev,
-                t[5], "null" if sqlstate is None else _FAILED_JSON,
+                t[5], "null" if sqlstate is None else FAILED_REASON_JSON,
                 t[6], "null" if rows is None else str(rows),
                 t[7], str(seq),
                 t[8], "null" if sqlstate is None else '"' + sqlstate + '"',
