@@ -146,3 +146,18 @@ def test_missing_file_is_exit_2(tmp_path: Path, fn: object) -> None:
     args = ([tmp_path / "nope"], KEY) if fn is cli.verify else ([tmp_path / "nope"], EMAIL, ["x" * 22])
     code, _, _ = _run(fn, *args)
     assert code == cli.EXIT_ERROR
+
+
+def test_verify_prints_what_a_forged_record_says_escaped(tmp_path: Path) -> None:
+    """No key is needed to forge a record's chain id: one holding terminal control codes
+    (erase the line, go back, print OK) or a lone surrogate is printed escaped, so the
+    reader sees FAILED, and printing it never fails."""
+    path = tmp_path / "audit.jsonl"
+    lines = _write_trail(path)
+    forged = json.dumps({"seq": 1, "chain": "\x1b[2K\rOK: 1 chain(s)\x1b[8m\ud800\x9b", "prev": "0", "mac": "0"})
+    path.write_text(forged + "\n" + "".join(line + "\n" for line in lines), encoding="utf-8")
+    code, out, _ = _run(cli.verify, [path], KEY)
+    assert code == cli.EXIT_PROBLEM and out.startswith("FAILED: ")
+    assert "\\x1b[2K\\x0dOK" in out and "\\ud800" in out and "\\x9b" in out
+    assert not any(ch in out for ch in "\x1b\r\x9b") and "\ud800" not in out
+    out.encode("utf-8")  # printable on any UTF-8 terminal

@@ -259,3 +259,19 @@ def test_rotation_keeps_the_chain_verifiable_in_any_file_order() -> None:
 def test_empty_input() -> None:
     report = check([])
     assert report.ok and not report.chains
+
+
+@pytest.mark.parametrize(
+    ("hostile", "kinds"),
+    [
+        ("[" * 100_000, {"unparseable"}),  # json.loads: RecursionError
+        # Parses or not, by how deep the stack already is; if it does, re-encoding it for
+        # its MAC goes deeper than the encoder can (RecursionError in mac_ok).
+        ('{"seq":9,"chain":"w0-test","prev":"x","mac":"y","z":' + "[" * 992 + "]" * 992 + "}", {"unparseable", "edited"}),
+        ('{"seq":9,"chain":"w0-test","prev":"x","mac":"\u00e9"}', {"edited"}),  # compare_digest: TypeError
+    ],
+)
+def test_hostile_lines_are_reported_not_crashed_on(hostile: str, kinds: set[str]) -> None:
+    report = check([*trail(), hostile])
+    assert not report.ok and report.first_problem is not None
+    assert report.first_problem.kind in kinds and report.first_problem.line == 11

@@ -153,9 +153,10 @@ def mac_ok(key: bytes, record: Mapping[str, Any]) -> bool:
         return False
     try:
         expected = compute_mac(key, record)
-    except (TypeError, ValueError):  # not JSON-serializable, NaN, lone surrogate
-        return False
-    return hmac.compare_digest(expected, mac)
+        # compare_digest refuses a str that is not ASCII (TypeError): not our MAC either.
+        return hmac.compare_digest(expected, mac)
+    except (TypeError, ValueError, RecursionError):  # not JSON-serializable, NaN, lone
+        return False  # surrogate, nested deeper than the encoder goes
 
 
 def make_chain_id(worker: int | None, started: datetime | None = None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -29,6 +30,17 @@ EXIT_ERROR = 2
 
 #: The audit key, or a callable that loads it (called once, only when needed).
 KeySource = bytes | Callable[[], bytes]
+
+
+#: Control characters (C0, DEL, C1): a forged record could move the cursor or erase a
+#: line on the reader's terminal (making FAILED read OK); they are printed escaped.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters and lone surrogates escaped."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _key(source: KeySource) -> bytes:
@@ -125,7 +137,7 @@ def verify(
         print("FAILED: no audit records found", file=out)
         return EXIT_PROBLEM
     for line in format_report(report):
-        print(line, file=out)
+        print(printable(line), file=out)
     return EXIT_OK if report.ok else EXIT_PROBLEM
 
 
@@ -224,9 +236,9 @@ def who_accessed(
     found.sort(key=lambda item: item[0])
     for _ts, event, how, verified in found:
         if fmt == "json":
-            print(json.dumps(event, sort_keys=True, ensure_ascii=False), file=out)
+            print(printable(json.dumps(event, sort_keys=True, ensure_ascii=False)), file=out)
         else:
-            print(_text_line(event, how, verified), file=out)
+            print(printable(_text_line(event, how, verified)), file=out)
     if fmt == "text":
         print(f"{len(found)} event(s) for {key_id}", file=out)
     return EXIT_OK if found else EXIT_PROBLEM

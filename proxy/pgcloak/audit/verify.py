@@ -142,6 +142,8 @@ def _parse(line: str) -> dict[str, Any] | str:
         obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except ValueError as exc:
         return f"not valid JSON ({str(exc).split(':')[0]})"
+    except RecursionError:  # a hostile line: "[[[[..." thousands deep
+        return "not valid JSON (nested too deeply)"
     if not isinstance(obj, dict):
         return "not a JSON object"
     seq, chain = obj.get("seq"), obj.get("chain")
