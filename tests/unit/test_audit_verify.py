@@ -275,3 +275,26 @@ def test_hostile_lines_are_reported_not_crashed_on(hostile: str, kinds: set[str]
     report = check([*trail(), hostile])
     assert not report.ok and report.first_problem is not None
     assert report.first_problem.kind in kinds and report.first_problem.line == 11
+
+
+def test_live_lets_only_each_workers_latest_chain_be_open() -> None:
+    """--live: the running proxy's chain has no shutdown seal yet. A chain of the same
+    worker that a later one follows is not running: its cut tail is still a problem."""
+    older, newer = "w0-20240501T080000.000000Z-aaaaaa", "w0-20240501T120000.000000Z-bbbbbb"
+    other_worker = "w1-20240501T070000.000000Z-cccccc"
+    running = trail(4, chain_id=newer, shutdown=False)
+    cut = trail(8, chain_id=older)[:4]  # after its periodic seal: the rest, seal included, gone
+    report = check(cut + running, trail(3, chain_id=other_worker, shutdown=False), allow_open=True)
+    assert [(p.kind, p.chain) for p in report.problems] == [("tail_cut", older)]
+    assert {w.chain for w in report.warnings} == {newer, other_worker}
+    report = check(trail(8, chain_id=older) + running, allow_open=True)
+    assert report.ok and [w.chain for w in report.warnings] == [newer]
+
+
+def test_live_judges_each_file_on_its_own() -> None:
+    """The proxy's chain (still running) and a backfill's runs, sealed, in a file of their
+    own: both worker 0, but a later chain in another file says nothing of the proxy's."""
+    proxy = "w0-20240501T080000.000000Z-aaaaaa"
+    backfill = "w0-20240501T120000.000000Z-bbbbbb"
+    report = check(trail(4, chain_id=proxy, shutdown=False), trail(2, chain_id=backfill), allow_open=True)
+    assert report.ok and [w.chain for w in report.warnings] == [proxy]

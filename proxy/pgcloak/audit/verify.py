@@ -23,6 +23,7 @@ plus every line that is not a chained JSON record (``unparseable``). ``gap`` rec
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -167,7 +168,8 @@ def verify(
     """Check every chain found in the given sources.
 
     ``allow_open``: a chain that does not end with a shutdown seal (a proxy still
-    running) is a warning, not a problem. ``require_genesis=False`` accepts chains whose
+    running) is a warning, not a problem, if it is its worker's latest (a later chain of
+    the same worker means that proxy restarted). ``require_genesis=False`` accepts chains whose
     first records were removed on purpose (retention), checking from the first seen.
     ``ignore_foreign``: skip lines that are not audit records (a collected stdout stream
     with other output in it) and only count them; a damaged record still shows, as a
@@ -211,15 +213,42 @@ def verify(
             )
             segments.setdefault(rec.chain, {}).setdefault(fi, []).append(rec)
 
+    # Where each chain ends: the file holding its part with the highest seq.
+    ends = {chain_id: max(by_file.items(), key=lambda item: item[1][0].seq)[0] for chain_id, by_file in segments.items()}
+    running = _latest_per_worker(ends) if allow_open else set()
     for chain_id, by_file in segments.items():
         parts = sorted(by_file.items(), key=lambda item: (item[1][0].seq, item[0]))
         recs = [r for _, part in parts for r in part]
-        _check_chain(chain_id, recs, report, allow_open=allow_open, require_genesis=require_genesis)
+        _check_chain(chain_id, recs, report, allow_open=chain_id in running, require_genesis=require_genesis)
 
     report.problems.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.warnings.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.chains = dict(sorted(report.chains.items()))
     return report
+
+
+#: A chain id as pgcloak makes them: worker, UTC start, random (chain.make_chain_id).
+_CHAIN_ID = re.compile(r"(w\d+)-(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+")
+
+
+def _latest_per_worker(ends: dict[str, int]) -> set[str]:
+    """The chains that may belong to a proxy still running: of the chains of one worker
+    that end in the same file, the one started last (a later chain of that worker there
+    means the proxy restarted, so an earlier one without its shutdown seal was cut or
+    crashed). ``ends``: chain id -> the file it ends in. A chain id pgcloak did not make
+    is its own worker's only chain."""
+    latest: dict[tuple[str, int], tuple[str, str]] = {}
+    running: set[str] = set()
+    for chain_id, end in ends.items():
+        m = _CHAIN_ID.fullmatch(chain_id)
+        if m is None:
+            running.add(chain_id)
+            continue
+        worker, started = m.groups()
+        place = (worker, end)
+        if place not in latest or started > latest[place][0]:
+            latest[place] = (started, chain_id)
+    return running | {chain_id for _, chain_id in latest.values()}
 
 
 def _check_chain(
