@@ -550,3 +550,49 @@ async def test_postgres_sink_file_rotation_is_a_no_op(table_dsn: str) -> None:
     sink = PostgresSink(table_dsn)
     assert not sink.rotation_due()
     assert isinstance(FileSink("x.jsonl", worker=0).path, Path)
+
+
+async def _one_run(sink: str, rows: range, **kw: Any) -> AuditLog:
+    log = AuditLog(config(sink=sink, **kw), KEY, retry_initial=0.05, retry_max=0.2)
+    await log.start()
+    for i in rows:
+        log.emit(event(i))
+    await log.aclose()
+    return log
+
+
+async def test_each_run_names_the_one_before_so_a_run_deleted_whole_shows(tmp_path: Path) -> None:
+    """Three runs of the proxy append to one file; each later chain starts with a record
+    naming where the one before it ended. Deleting the middle run's lines (all of them,
+    which keeps every chain intact in itself) is found."""
+    sink = f"file:{tmp_path}/audit.jsonl"
+    runs = [await _one_run(sink, range(n * 5, n * 5 + 5)) for n in range(3)]
+    lines = list(iter_file_lines(tmp_path / "audit.jsonl"))
+    records = [json.loads(line) for line in lines]
+    starts = [r for r in records if r["type"] == "start"]
+    assert [s["chain"] for s in starts] == [runs[1].chain_id, runs[2].chain_id]
+    assert [s["seq"] for s in starts] == [1, 1]
+    assert [s["follows"]["chain"] for s in starts] == [runs[0].chain_id, runs[1].chain_id]
+    ends = {r["chain"]: r for r in records if r["type"] == "seal" and r["reason"] == "shutdown"}
+    assert all(s["follows"]["mac"] == ends[s["follows"]["chain"]]["mac"] for s in starts)
+    report = verify([("audit.jsonl", lines)], KEY)
+    assert report.ok and [e["rows"] for e in events_of(lines)] == list(range(15))
+    without_middle = [line for line, r in zip(lines, records, strict=True) if r["chain"] != runs[1].chain_id]
+    report = verify([("audit.jsonl", without_middle)], KEY)
+    assert [(p.kind, p.chain) for p in report.problems] == [("deleted", runs[2].chain_id)]
+
+
+async def test_a_run_after_an_outage_names_the_last_record_in_the_spill(tmp_path: Path) -> None:
+    """The last record before a restart may still wait in the spill (the sink was down):
+    the next chain names that one, and once the spill is replayed the trail verifies."""
+    blocker, sink = _blocked_sink(tmp_path)
+    first = await _one_run(sink, range(5), spill_dir=str(tmp_path / "spill"))
+    assert first.metrics.spilled >= 6 and first.spill_bytes > 0  # 5 events and the seal
+    blocker.unlink()
+    second = await _one_run(sink, range(5, 10), spill_dir=str(tmp_path / "spill"))
+    lines = list(iter_file_lines(tmp_path / "logs" / "audit.jsonl"))
+    (start,) = [r for r in map(json.loads, lines) if r["type"] == "start"]
+    assert start["chain"] == second.chain_id and start["follows"]["chain"] == first.chain_id
+    report = verify([("audit.jsonl", lines)], KEY)
+    assert report.ok, report.first_problem
+    assert [e["rows"] for e in events_of(lines)] == list(range(10))

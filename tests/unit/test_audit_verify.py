@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from pgcloak.audit.chain import Chain, compute_mac
-from pgcloak.audit.events import SessionInfo, gap_event, statement_event
+from pgcloak.audit.events import SessionInfo, gap_event, start_event, statement_event
 from pgcloak.audit.verify import VerifyReport, verify
 
 KEY = b"k" * 32
@@ -289,6 +289,49 @@ def test_live_lets_only_each_workers_latest_chain_be_open() -> None:
     assert {w.chain for w in report.warnings} == {newer, other_worker}
     report = check(trail(8, chain_id=older) + running, allow_open=True)
     assert report.ok and [w.chain for w in report.warnings] == [newer]
+
+
+def _runs(*ids: str) -> list[list[str]]:
+    """One file's runs of the proxy, each chain's first record naming the one before."""
+    runs: list[list[str]] = []
+    last: dict[str, object] | None = None
+    for chain_id in ids:
+        chain = Chain(KEY, chain_id, worker=0)
+        lines = [chain.append(start_event(worker=0, follows=last)).line] if last is not None else []
+        for i in range(3):
+            lines.append(chain.append(statement_event(INFO, kind="select", fingerprint=f"SELECT {i}")).line)
+        lines.append(chain.seal("shutdown").line)
+        final = json.loads(lines[-1])
+        last = {"chain": chain_id, "seq": final["seq"], "mac": final["mac"]}
+        runs.append(lines)
+    return runs
+
+
+def test_a_run_deleted_whole_from_between_two_others_is_missing() -> None:
+    first, second, third = _runs("w0-a", "w0-b", "w0-c")
+    assert check(first + second + third).ok
+    report = check(first + third)  # the second run's lines removed, every one of them
+    assert [(p.kind, p.chain) for p in report.problems] == [("deleted", "w0-c")]
+    assert "w0-b" in report.problems[0].detail and report.chains["w0-c"].follows == "w0-b"
+    # Retention may remove old files: --partial accepts that the chain before is gone.
+    assert check(third, require_genesis=False).ok
+    assert not check(third).ok  # but not without it
+
+
+def test_a_run_whose_tail_was_cut_before_the_next_is_found_even_sealed_before() -> None:
+    first, second = _runs("w0-a", "w0-b")
+    # Cut the first run's last event and its shutdown seal, then forge nothing: the
+    # first chain ends early (tail cut) and the second names a seq it never reached.
+    report = check(first[:-2] + second)
+    kinds = {(p.kind, p.chain) for p in report.problems}
+    assert ("tail_cut", "w0-a") in kinds and ("deleted", "w0-b") in kinds
+    # A start record that names a place its predecessor went on past: inserted.
+    chain = Chain(KEY, "w0-x", worker=0)
+    early = json.loads(first[1])
+    stray = [chain.append(start_event(worker=0, follows={"chain": "w0-a", "seq": early["seq"], "mac": early["mac"]})).line,
+             chain.seal("shutdown").line]
+    report = check(first + stray)
+    assert [(p.kind, p.chain) for p in report.problems] == [("inserted", "w0-x")]
 
 
 def test_live_judges_each_file_on_its_own() -> None:

@@ -88,6 +88,7 @@ def format_report(report: VerifyReport) -> list[str]:
             f"  chain {c.chain}: seq {c.first_seq}-{c.last_seq}, {c.events} event(s), "
             f"{c.seals} seal(s), {state}, {c.first_ts} .. {c.last_ts}"
             + (f", {c.dropped} event(s) dropped" if c.dropped else "")
+            + (f", follows {c.follows}" if c.follows else "")
         )
     for gap in report.gaps:
         lines.append(f"  finding: {gap}")

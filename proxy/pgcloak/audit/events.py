@@ -63,6 +63,7 @@ __all__ = [
     "seal_event",
     "should_record",
     "sqlstate_ok",
+    "start_event",
     "statement_event",
     "take_vouched",
     "utc_now",
@@ -72,12 +73,12 @@ __all__ = [
 #: ``reason`` of a statement that failed in PostgreSQL (its ``sqlstate`` says how).
 FAILED_REASON: Final = "failed in PostgreSQL"
 
-EventType = Literal["connection", "statement", "refusal", "gap", "seal"]
+EventType = Literal["connection", "statement", "refusal", "gap", "seal", "start"]
 ConnectionAction = Literal["authenticated", "auth_failed", "audit_started", "disconnected"]
 SealReason = Literal["periodic", "rotation", "shutdown"]
 StatementsMode = Literal["pii", "writes", "all"]
 
-EVENT_TYPES: Final = frozenset({"connection", "statement", "refusal", "gap", "seal"})
+EVENT_TYPES: Final = frozenset({"connection", "statement", "refusal", "gap", "seal", "start"})
 CONNECTION_ACTIONS: Final = frozenset({"authenticated", "auth_failed", "audit_started", "disconnected"})
 SEAL_REASONS: Final = frozenset({"periodic", "rotation", "shutdown"})
 #: Statement kinds that change data (``audit.statements: writes`` records them all).
@@ -573,6 +574,20 @@ def gap_event(
     return event
 
 
+def start_event(*, worker: int | None, follows: Mapping[str, Any]) -> dict[str, Any]:
+    """The first record of a chain that continues a trail: the chain written there before
+    it (``follows``: its id, last ``seq`` and last ``mac``). So a run of the proxy deleted
+    whole from between two others is missing where ``verify`` looks for it."""
+    event: dict[str, Any] = {
+        "ts": now_ts(),
+        "id": new_event_id(),
+        "type": "start",
+        "worker": worker,
+        "follows": {"chain": follows["chain"], "seq": follows["seq"], "mac": follows["mac"]},
+    }
+    return event
+
+
 def seal_event(*, reason: SealReason, count: int, worker: int | None) -> dict[str, Any]:
     """A seal: ``count`` records were chained since the previous seal of this chain."""
     event: dict[str, Any] = {
@@ -727,6 +742,25 @@ def _check_gap(e: Mapping[str, Any]) -> None:
     _ts(e, "last_ts")
 
 
+_MAC_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_start(e: Mapping[str, Any]) -> None:
+    _check_system(e)
+    follows = e["follows"]
+    if not (
+        type(follows) is dict
+        and follows.keys() == {"chain", "seq", "mac"}
+        and type(follows["chain"]) is str
+        and 0 < len(follows["chain"]) <= 200
+        and _is_int(follows["seq"])
+        and follows["seq"] >= 1
+        and type(follows["mac"]) is str
+        and _MAC_RE.fullmatch(follows["mac"])
+    ):
+        raise _Bad("follows")
+
+
 def _check_seal(e: Mapping[str, Any]) -> None:
     _check_system(e)
     if e["reason"] not in SEAL_REASONS:
@@ -770,6 +804,7 @@ EVENT_FIELDS: Final[dict[str, frozenset[str]]] = {
     "refusal": frozenset((*COMMON_FIELDS, *_STATEMENT_FIELDS)),
     "gap": frozenset((*_SYSTEM_FIELDS, "reason", "count", "first_ts", "last_ts")),
     "seal": frozenset((*_SYSTEM_FIELDS, "reason", "count")),
+    "start": frozenset((*_SYSTEM_FIELDS, "follows")),
 }
 _CHECKS: Final[dict[str, Callable[[Mapping[str, Any]], None]]] = {
     "connection": _check_connection,
@@ -777,6 +812,7 @@ _CHECKS: Final[dict[str, Callable[[Mapping[str, Any]], None]]] = {
     "refusal": _check_statement,
     "gap": _check_gap,
     "seal": _check_seal,
+    "start": _check_start,
 }
 
 

@@ -49,6 +49,7 @@ from pgcloak.audit.events import (
     InvalidEventError,
     SealReason,
     gap_event,
+    start_event,
     take_vouched,
     utc_now,
     validate_event,
@@ -273,8 +274,35 @@ class AuditLog:
             await self.sink.open()
         except Exception as exc:  # any sink failure: spill and retry
             self._fail(exc)
+        last = await self._predecessor()
+        if last is not None:  # the new chain's first record names the one before it
+            start = start_event(worker=self.worker, follows={"chain": last.chain, "seq": last.seq, "mac": last.mac})
+            try:
+                validate_event(start)
+            except InvalidEventError:  # a last line that only looks like a record
+                log.warning("audit trail: the last record before this start is malformed; the new chain will not name it")
+            else:
+                self._queue.appendleft(start)
         self._next_seal = time.monotonic() + self.config.seal_interval
         self._task = asyncio.create_task(self._run(), name="pgcloak-audit-writer")
+
+    async def _predecessor(self) -> ChainedRecord | None:
+        """The last record written before this trail started: in the spill if records
+        wait there (they come after what the sink holds), else the sink's own last."""
+        try:
+            last = await self.spill.last_record()
+            if last is None:
+                last = await self.sink.last_record()
+        except Exception as exc:  # unreadable: the new chain just names no predecessor
+            log.warning(
+                "audit trail: the last record before this start cannot be read; the new chain "
+                "will not name the one before it",
+                extra={"sink": self.sink.description, "error": str(exc)},
+            )
+            return None
+        if last is None or last.chain == self.chain.chain_id:
+            return None
+        return last
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every queued event has been handed to the sink or the spill."""

@@ -134,6 +134,26 @@ def _writev_all(fd: int, buffers: Sequence[bytes]) -> None:
 # --------------------------------------------------------------------------- naming
 
 
+def last_record_in(path: Path, window: int = 256 * 1024) -> ChainedRecord | None:
+    """The last whole record in the last ``window`` bytes of a JSON-lines file (a crash
+    may have left half a line after it), or None (no such file, no record)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            f.seek(max(0, end - window))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    for raw in reversed(tail.splitlines()):
+        if raw.strip():
+            try:
+                return ChainedRecord.from_line(raw.decode("utf-8"))
+            except ValueError:  # half a line, or not a record: look further back
+                continue
+    return None
+
+
 def worker_path(path: Path, worker: int | None) -> Path:
     """``audit.jsonl`` -> ``audit.w3.jsonl`` for worker 3 (unchanged without a worker)."""
     if worker is None:
@@ -221,6 +241,11 @@ class Sink(ABC):
 
     async def sync(self, force: bool = False) -> None:
         """Fsync if the policy says it is time (or ``force``)."""
+        return None
+
+    async def last_record(self) -> ChainedRecord | None:
+        """The last record this sink holds (the chain a new one continues), or None:
+        none, or a sink that cannot read back. May raise :class:`SinkError`."""
         return None
 
     async def last_seqs(self, chains: Collection[str]) -> dict[str, int]:
@@ -364,21 +389,13 @@ class FileSink(Sink):
                 raise SinkError(f"{self.description}: fsync failed: {exc.strerror or exc}") from exc
 
     def _last_record_blocking(self) -> ChainedRecord | None:
+        return last_record_in(self.path)
+
+    async def last_record(self) -> ChainedRecord | None:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                end = f.tell()
-                f.seek(max(0, end - 256 * 1024))
-                tail = f.read()
-        except FileNotFoundError:
-            return None
-        for raw in reversed(tail.splitlines()):
-            if raw.strip():
-                try:
-                    return ChainedRecord.from_line(raw.decode("utf-8"))
-                except ValueError:
-                    return None
-        return None
+            return await self._io.run(self._last_record_blocking)
+        except OSError as exc:
+            raise SinkError(f"{self.description}: cannot read back: {exc.strerror or exc}") from exc
 
     async def last_seqs(self, chains: Collection[str]) -> dict[str, int]:
         try:
@@ -650,6 +667,15 @@ class SpillFile:
 
     async def open(self) -> None:
         self._size = await self._io.run(self._open_blocking)
+
+    async def last_record(self) -> ChainedRecord | None:
+        """The last record waiting here (None if none); raises :class:`SpillError`."""
+        if not self.has_data:
+            return None
+        try:
+            return await self._io.run(last_record_in, self.path)
+        except OSError as exc:
+            raise SpillError(f"spill file {self.path}: {exc.strerror or exc}") from exc
 
     def _append_blocking(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,10 @@ For each chain the *first* problem is reported, classified as
 * ``reordered``: a record comes before one with a smaller ``seq``;
 * ``tail_cut``: the chain does not end with a shutdown seal;
 
-plus every line that is not a chained JSON record (``unparseable``). ``gap`` records
+plus every line that is not a chained JSON record (``unparseable``). A chain that began
+where records already were starts with a ``start`` record naming the chain before it
+and where that ended: that chain must be there, ending exactly there (``deleted`` if it
+is missing or ends early: a whole run removed), but for ``require_genesis=False``. ``gap`` records
 (events dropped by ``on_full: drop``) are not tampering; they are listed as findings.
 """
 
@@ -86,6 +89,10 @@ class ChainSummary:
     last_ts: str | None = None
     sealed: bool = False
     files: list[str] = field(default_factory=list)
+    #: The MAC of the last record that fits the chain.
+    last_mac: str | None = None
+    #: The chain this one continues (its first record, ``start``, names it), if any.
+    follows: str | None = None
 
 
 @dataclass(slots=True)
@@ -126,6 +133,7 @@ class _Rec:
     ts: Any
     first_ts: Any
     last_ts: Any
+    follows: Any
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -210,21 +218,57 @@ def verify(
                 ts=parsed.get("ts"),
                 first_ts=parsed.get("first_ts"),
                 last_ts=parsed.get("last_ts"),
+                follows=parsed.get("follows"),
             )
             segments.setdefault(rec.chain, {}).setdefault(fi, []).append(rec)
 
     # Where each chain ends: the file holding its part with the highest seq.
     ends = {chain_id: max(by_file.items(), key=lambda item: item[1][0].seq)[0] for chain_id, by_file in segments.items()}
     running = _latest_per_worker(ends) if allow_open else set()
+    starts: list[_Rec] = []
     for chain_id, by_file in segments.items():
         parts = sorted(by_file.items(), key=lambda item: (item[1][0].seq, item[0]))
         recs = [r for _, part in parts for r in part]
         _check_chain(chain_id, recs, report, allow_open=chain_id in running, require_genesis=require_genesis)
+        first = recs[0]
+        if first.ok and first.seq == 1 and first.type == "start" and report.chains[chain_id].first_seq == 1:
+            starts.append(first)
+    for start in starts:
+        _check_follows(start, report, require_genesis=require_genesis)
 
     report.problems.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.warnings.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.chains = dict(sorted(report.chains.items()))
     return report
+
+
+def _check_follows(start: _Rec, report: VerifyReport, *, require_genesis: bool) -> None:
+    """A chain's ``start`` record names the chain written before it and where that one
+    ended: it must be there (but for ``require_genesis=False``: retention removed old
+    files), ending exactly there. So a run deleted whole between two others shows."""
+    follows = start.follows
+    summary = report.chains[start.chain]
+    if not (isinstance(follows, dict) and isinstance(follows.get("chain"), str)):
+        return  # its MAC is valid, so pgcloak wrote it: never without these
+    chain, seq, mac = follows["chain"], follows.get("seq"), follows.get("mac")
+    summary.follows = chain
+    before = report.chains.get(chain)
+
+    def fail(kind: ProblemKind, detail: str) -> None:
+        report.problems.append(Problem(kind, start.file, start.line, start.seq, start.chain, detail))
+
+    if before is None:
+        if require_genesis:
+            fail("deleted", f"the chain before this one, {chain} (up to seq {seq}), is missing: "
+                 "a whole run's records were removed")
+    elif before.last_seq == seq and before.last_mac == mac:
+        return
+    elif before.last_seq is not None and isinstance(seq, int) and before.last_seq < seq:
+        fail("deleted", f"this chain follows seq {seq} of {chain}, which ends at seq {before.last_seq}: "
+             f"its records after that were removed")
+    else:
+        fail("inserted", f"this chain follows seq {seq} of {chain}, but that chain goes on past it "
+             f"or differs there (seq {before.last_seq})")
 
 
 #: A chain id as pgcloak makes them: worker, UTC start, random (chain.make_chain_id).
@@ -315,8 +359,10 @@ def _check_chain(
         summary.records += 1
         if summary.first_seq is None:
             summary.first_seq, summary.first_ts = r.seq, r.ts
-        summary.last_seq, summary.last_ts = r.seq, r.ts
-        if r.type == "seal":
+        summary.last_seq, summary.last_ts, summary.last_mac = r.seq, r.ts, r.mac
+        if r.type == "start":
+            pass  # checked with the chain it names (_check_follows)
+        elif r.type == "seal":
             summary.seals += 1
             last_seal = r
         elif r.type == "gap":
