@@ -195,6 +195,10 @@ class Protection:
             return envelope
         except NormalizationError as exc:
             raise ValueRefused("22023", f"invalid value for {action.table}.{action.column}: {exc}") from None
+        except UnicodeEncodeError:
+            # Statement text that is not UTF-8 (decoded with surrogateescape): PostgreSQL
+            # would refuse it as well; never encrypt or index what it is not.
+            raise ValueRefused("22021", f"value for {action.table}.{action.column} is not valid UTF-8") from None
 
     def transform_param(
         self, action: ValueAction, raw: bytes, binary: bool, lookups: dict[str, list[str]] | None = None

@@ -109,7 +109,10 @@ def value_ref(node: exp.Expression | None) -> ValueRef | None:
     if isinstance(node, exp.Parameter | exp.Placeholder):
         inner = node.this
         if isinstance(inner, exp.Literal) and not inner.is_string and str(inner.this).isdigit():
-            return ("p", int(str(inner.this)))
+            n = int(str(inner.this))
+            # Past PostgreSQL's limit of 65535 no Bind can fill it (PostgreSQL refuses the
+            # statement): not a slot, and no plan of that many parameters.
+            return ("p", n) if n <= 65535 else None
         return None
     if isinstance(node, exp.Literal):
         text = str(node.this)

@@ -37,7 +37,8 @@ class _Tokenizer(Postgres.Tokenizer):
 
 _TOKENIZER = _Tokenizer(dialect=Postgres())
 
-_STRING_TYPES = frozenset(
+#: Every kind of string constant (all values, whatever they hold).
+STRING_TYPES = _STRING_TYPES = frozenset(
     {
         TokenType.STRING,
         TokenType.NATIONAL_STRING,

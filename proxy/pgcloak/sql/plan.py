@@ -76,6 +76,8 @@ class Decision:
 ALLOW = Decision(True)
 #: SQLSTATE feature_not_supported: what every refusal of the planner uses.
 FEATURE_NOT_SUPPORTED = "0A000"
+#: "there is no parameter $n"
+UNDEFINED_PARAMETER = "42P02"
 #: SQLSTATE insufficient_privilege: a refusal by the policy's guards.
 INSUFFICIENT_PRIVILEGE = "42501"
 

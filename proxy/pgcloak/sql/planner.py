@@ -24,7 +24,7 @@ from typing import Final
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import SqlglotError
+from sqlglot.errors import SqlglotError, TokenError
 from sqlglot.tokenizer_core import Token, TokenType
 
 from pgcloak.policy import Policy
@@ -37,6 +37,7 @@ from pgcloak.sql.analyze import (
     string_placeholder,
 )
 from pgcloak.sql.lexer import (
+    STRING_TYPES,
     Lexed,
     LexError,
     escaped_name,
@@ -51,8 +52,10 @@ from pgcloak.sql.plan import (
     ALLOW,
     DEALLOCATE_ALL,
     DISCARD_ALL,
+    FEATURE_NOT_SUPPORTED,
     INSUFFICIENT_PRIVILEGE,
     PASS,
+    UNDEFINED_PARAMETER,
     AuditFacts,
     ExecuteCall,
     Literal,
@@ -134,9 +137,10 @@ _TIGHT_AFTER = frozenset(("(", "[", ".", "::", "$"))
 _TIGHT_BEFORE = frozenset((")", "]", ",", ";", ".", "::"))
 
 
-#: Constants that are not literal slots (the planner has no use for them) but are values
-#: all the same: never in a fingerprint.
-_OTHER_CONSTANTS = frozenset((TokenType.HEX_STRING, TokenType.BIT_STRING))
+#: Constants that may not be literal slots (hex and bit strings, of no use to the
+#: planner; strings pgcloak cannot decode, refused) but are values all the same: never in
+#: a fingerprint.
+_OTHER_CONSTANTS = STRING_TYPES | {TokenType.HEX_STRING, TokenType.BIT_STRING}
 
 
 def _fingerprint(lexed: Lexed, sql: str) -> str:
@@ -150,8 +154,15 @@ def _fingerprint(lexed: Lexed, sql: str) -> str:
             before = tokens[i - 1] if i else None
             glued = before is not None and before.end + 1 == tok.start
             if tok.token_type is TokenType.NUMBER:
-                if glued and before is not None and before.token_type is TokenType.PARAMETER:
-                    text = sql[tok.start : tok.end + 1]  # the n of $n
+                if (
+                    glued
+                    and before is not None
+                    and before.token_type is TokenType.PARAMETER
+                    and sql[before.start : before.end + 1] == "$"
+                    and tok.text.isdigit()
+                    and int(tok.text) <= MAX_PARAMETER
+                ):
+                    text = sql[tok.start : tok.end + 1]  # the n of $n (not of @n: abs(n))
                 else:
                     text = "?"  # 1_000 (PostgreSQL 16): not a slot, a value all the same
             elif (
@@ -319,6 +330,10 @@ class Planner:
                 "supported in statements naming a protected table",
                 fp,
             )
+        misread = _misread_parameter(lexed, sql)
+        if misread is not None and names_protected_table(sql, self.policy):
+            message, sqlstate = misread
+            return _deny_plan(message, fp, sqlstate)
         if _has_escaped_identifier(lexed):
             # U&"user\0073" is "users": pgcloak reads names as written, so it would not know
             # the table or column (and so what to encrypt).
@@ -981,8 +996,35 @@ def _pass_for(sql: str) -> Plan:
     return found
 
 
-def _deny_plan(message: str, fp: str = "") -> Plan:
-    return Plan(deny(message), None, (), (), True, AuditFacts("other", fingerprint=fp))
+def _deny_plan(message: str, fp: str = "", sqlstate: str = FEATURE_NOT_SUPPORTED) -> Plan:
+    return Plan(deny(message, sqlstate), None, (), (), True, AuditFacts("other", fingerprint=fp))
+
+
+#: PostgreSQL's limit: a Bind carries at most 65535 parameters.
+MAX_PARAMETER = 65535
+
+
+def _misread_parameter(lexed: Lexed, sql: str) -> tuple[str, str] | None:
+    """Why a statement's parameters cannot be trusted to sqlglot, or None. ``@`` before
+    a number is PostgreSQL's absolute value, but sqlglot reads ``@5`` (and ``@ 5``) as
+    parameter ``$5``; a parameter past PostgreSQL's limit would have pgcloak plan that
+    many (PostgreSQL refuses it anyway: 42P02). Messages hold no number (it may be a
+    value)."""
+    tokens = lexed.tokens
+    for i in range(len(tokens) - 1):
+        tok = tokens[i]
+        if tok.token_type is not TokenType.PARAMETER or tokens[i + 1].token_type is not TokenType.NUMBER:
+            continue
+        if sql[tok.start : tok.end + 1] == "@":
+            return (
+                "the @ operator (absolute value) before a number is not supported in statements "
+                "naming a protected table: write abs(...)",
+                FEATURE_NOT_SUPPORTED,
+            )
+        digits = tokens[i + 1].text
+        if digits.isdigit() and int(digits) > MAX_PARAMETER:
+            return (f"there is no such parameter (PostgreSQL allows ${MAX_PARAMETER} at most)", UNDEFINED_PARAMETER)
+    return None
 
 
 def _join_template(template: tuple[str, ...]) -> str:
@@ -1160,4 +1202,14 @@ def _guess_kind(sql: str) -> str:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200]
+    """Where sqlglot could not read a statement, never what it said there: its messages
+    quote the text (a tokenizer's excerpt, a token's text), and a refusal's message goes
+    into the audit trail."""
+    if isinstance(exc, TokenError):
+        return "it could not be split into tokens"
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        line, col = errors[0].get("line"), errors[0].get("col")
+        if isinstance(line, int) and isinstance(col, int):
+            return f"line {line}, column {col}"
+    return type(exc).__name__
