@@ -341,3 +341,18 @@ def test_live_judges_each_file_on_its_own() -> None:
     backfill = "w0-20240501T120000.000000Z-bbbbbb"
     report = check(trail(4, chain_id=proxy, shutdown=False), trail(2, chain_id=backfill), allow_open=True)
     assert report.ok and [w.chain for w in report.warnings] == [proxy]
+
+
+def test_a_forged_first_line_does_not_decide_where_its_file_goes() -> None:
+    """A chain over two rotated files; a forged line (any seq, no key) put first in the
+    older one is what verify names, not a genuine record it would then seem to misplace."""
+    chain = Chain(KEY, "w0-R", worker=0)
+    older = [chain.append(statement_event(INFO, kind="select", fingerprint=f"S{i}")).line for i in range(4)]
+    older.append(chain.seal("rotation").line)
+    newer = [chain.append(statement_event(INFO, kind="select", fingerprint=f"T{i}")).line for i in range(4)]
+    newer.append(chain.seal("shutdown").line)
+    forged = json.dumps({**json.loads(older[0]), "seq": 1_000_000, "mac": "a" * 64})
+    report = verify([("audit.jsonl.1", [forged, *older]), ("audit.jsonl", newer)], KEY)
+    problem = report.first_problem
+    assert problem is not None and (problem.file, problem.line) == ("audit.jsonl.1", 1), problem
+    assert problem.kind in ("inserted", "edited")

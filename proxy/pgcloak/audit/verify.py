@@ -223,11 +223,11 @@ def verify(
             segments.setdefault(rec.chain, {}).setdefault(fi, []).append(rec)
 
     # Where each chain ends: the file holding its part with the highest seq.
-    ends = {chain_id: max(by_file.items(), key=lambda item: item[1][0].seq)[0] for chain_id, by_file in segments.items()}
+    ends = {chain_id: max(by_file.items(), key=lambda item: _start(item[1]))[0] for chain_id, by_file in segments.items()}
     running = _latest_per_worker(ends) if allow_open else set()
     starts: list[_Rec] = []
     for chain_id, by_file in segments.items():
-        parts = sorted(by_file.items(), key=lambda item: (item[1][0].seq, item[0]))
+        parts = sorted(by_file.items(), key=lambda item: (_start(item[1]), item[0]))
         recs = [r for _, part in parts for r in part]
         _check_chain(chain_id, recs, report, allow_open=chain_id in running, require_genesis=require_genesis)
         first = recs[0]
@@ -240,6 +240,12 @@ def verify(
     report.warnings.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.chains = dict(sorted(report.chains.items()))
     return report
+
+
+def _start(part: list[_Rec]) -> int:
+    """Where a file's part of a chain starts: the seq of its first record with a valid MAC
+    (a forged first line, with any seq, must not decide where the file goes)."""
+    return next((r.seq for r in part if r.ok), part[0].seq)
 
 
 def _check_follows(start: _Rec, report: VerifyReport, *, require_genesis: bool) -> None:
