@@ -593,7 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit.add_parser("verify", help="check audit files: OK, or the first bad record and why")
     verify.add_argument("files", nargs="*", type=Path)
     verify.add_argument("--live", action="store_true", help="the proxy is still running (no shutdown seal yet)")
-    verify.add_argument("--partial", action="store_true", help="older files were removed by retention")
+    verify.add_argument(
+        "--partial",
+        action="store_true",
+        help="the oldest files were removed by retention: a chain may begin where a file began "
+        "(nowhere else)",
+    )
     verify.add_argument("--ignore-foreign", action="store_true", help="skip lines that are not audit records")
     _add_key_flags(verify)
     verify.set_defaults(func=cmd_audit_verify)

@@ -165,6 +165,19 @@ async def test_size_rotation_continues_the_chain_across_files(tmp_path: Path) ->
     by_seq = sorted(rotated, key=lambda p: json.loads(next(iter_file_lines(p)))["seq"])
     report = check_files([p for p in files if p != by_seq[1]])
     assert report.first_problem is not None and report.first_problem.kind == "deleted"
+    # Every file after the first starts with a record naming where the chain left the
+    # one before: retention may delete the oldest files (--partial), nothing less.
+    newest_first = [p for p in files if p not in by_seq[:2]]
+    for p in newest_first:
+        first = json.loads(next(iter_file_lines(p)))
+        assert first["type"] == "start" and first["follows"]["chain"] == log.chain_id
+        assert first["follows"]["seq"] == first["seq"] - 1 and first["follows"]["mac"] == first["prev"]
+    kept = [(str(p), list(iter_file_lines(p))) for p in newest_first]
+    assert verify(kept, KEY, require_genesis=False).ok
+    oldest_kept = min(kept, key=lambda f: json.loads(f[1][0])["seq"])
+    cut = [(name, lines[2:] if (name, lines) == oldest_kept else lines) for name, lines in kept]
+    report = verify(cut, KEY, require_genesis=False)
+    assert report.first_problem is not None and "does not start a file" in report.first_problem.detail
 
 
 async def test_time_rotation_and_periodic_seals(tmp_path: Path) -> None:

@@ -107,7 +107,9 @@ def test_deleted_several_and_deleted_first() -> None:
     problem = check(lines).first_problem
     assert problem is not None and problem.kind == "deleted" and problem.line == 1
     assert "start of the chain" in problem.detail
-    assert check(lines, require_genesis=False).ok
+    # --partial accepts whole files removed, not the first lines of one.
+    problem = check(lines, require_genesis=False).first_problem
+    assert problem is not None and problem.kind == "deleted" and "does not start a file" in problem.detail
 
 
 def test_inserted_forged_line() -> None:
@@ -356,3 +358,32 @@ def test_a_forged_first_line_does_not_decide_where_its_file_goes() -> None:
     problem = report.first_problem
     assert problem is not None and (problem.file, problem.line) == ("audit.jsonl.1", 1), problem
     assert problem.kind in ("inserted", "edited")
+
+
+def _rotated(chain_id: str = "w0-rot") -> tuple[list[str], list[str]]:
+    """A chain over two files: the rotated one ends with the rotation seal, the new one
+    starts with a record naming it (as AuditLog rotates)."""
+    chain = Chain(KEY, chain_id, worker=0)
+    older = [chain.append(statement_event(INFO, kind="select", fingerprint=f"S{i}")).line for i in range(3)]
+    seal = chain.seal("rotation")
+    older.append(seal.line)
+    newer = [chain.append(start_event(worker=0, follows={"chain": chain_id, "seq": seal.seq, "mac": seal.mac})).line]
+    newer += [chain.append(statement_event(INFO, kind="select", fingerprint=f"T{i}")).line for i in range(3)]
+    newer.append(chain.seal("shutdown").line)
+    return older, newer
+
+
+def test_partial_accepts_whole_files_removed_and_nothing_else() -> None:
+    """--partial (retention deleted old files): a chain may begin where a file began,
+    with the record a rotation starts a file with, or at seq 1; not anywhere else."""
+    older, newer = _rotated()
+    assert check(older, newer).ok
+    assert check(newer, require_genesis=False).ok  # the rotated file deleted
+    report = check(newer, require_genesis=False)
+    assert report.chains["w0-rot"].events == 3  # the file's start record is no event
+    for cut in (1, 2):  # records removed from inside the file that is left
+        report = check(newer[cut:], require_genesis=False)
+        assert [p.kind for p in report.problems] == ["deleted"] and "does not start a file" in report.problems[0].detail
+    single = trail(8)  # one file, never rotated: only seq 1 starts it
+    assert check(single[3:], require_genesis=False).first_problem is not None
+    assert check(single, require_genesis=False).ok

@@ -501,6 +501,13 @@ class AuditLog:
                     await self.sink.rotate()
                 except Exception as exc:  # any sink failure: spill and retry
                     self._fail(exc)
+                else:
+                    # The new file starts with a record naming where the chain left the last
+                    # one: verify --partial (old files deleted by retention) then accepts a
+                    # chain that starts there, and only there.
+                    chain = self.chain
+                    here = {"chain": chain.chain_id, "seq": chain.next_seq - 1, "mac": chain.prev}
+                    await self._deliver([start_event(worker=self.worker, follows=here)])
         if not self._failing:
             try:
                 await self.sink.sync()

@@ -242,6 +242,19 @@ def verify(
     return report
 
 
+def _starts_file(r: _Rec, chain_id: str) -> bool:
+    """Whether ``r`` is the record a rotation begins a new file with: it names the record
+    before it, of its own chain (so nothing before it in that file was removed)."""
+    follows = r.follows
+    return (
+        r.type == "start"
+        and isinstance(follows, dict)
+        and follows.get("chain") == chain_id
+        and follows.get("seq") == r.seq - 1
+        and follows.get("mac") == r.prev
+    )
+
+
 def _start(part: list[_Rec]) -> int:
     """Where a file's part of a chain starts: the seq of its first record with a valid MAC
     (a forged first line, with any seq, must not decide where the file goes)."""
@@ -257,6 +270,8 @@ def _check_follows(start: _Rec, report: VerifyReport, *, require_genesis: bool) 
     if not (isinstance(follows, dict) and isinstance(follows.get("chain"), str)):
         return  # its MAC is valid, so pgcloak wrote it: never without these
     chain, seq, mac = follows["chain"], follows.get("seq"), follows.get("mac")
+    if chain == start.chain:
+        return  # a file's start inside its own chain: the chain's links check it
     summary.follows = chain
     before = report.chains.get(chain)
 
@@ -328,7 +343,12 @@ def _check_chain(
 
     for i, r in enumerate(recs):
         if i == 0 and not require_genesis and r.ok:
-            expected, prev = r.seq, r.prev
+            if r.seq == 1 or _starts_file(r, chain_id):
+                expected, prev = r.seq, r.prev
+            else:
+                fail("deleted", r, f"the first record left (seq {r.seq}) does not start a file: records "
+                     "were removed from inside one (--partial accepts whole files removed, the oldest)")
+                return
         if not r.ok:
             nxt = recs[i + 1] if i + 1 < len(recs) else None
             if nxt is not None and nxt.ok and nxt.seq == expected and nxt.prev == prev:
