@@ -609,3 +609,40 @@ async def test_a_run_after_an_outage_names_the_last_record_in_the_spill(tmp_path
     report = verify([("audit.jsonl", lines)], KEY)
     assert report.ok, report.first_problem
     assert [e["rows"] for e in events_of(lines)] == list(range(10))
+
+
+async def test_a_rotation_due_at_start_comes_after_the_record_naming_the_run_before(tmp_path: Path) -> None:
+    """The file is past rotate_bytes when the proxy starts again: the new chain still
+    begins (seq 1) with the record naming the chain before it, then rotates."""
+    sink = f"file:{tmp_path}/audit.jsonl"
+    first = await _one_run(sink, range(20))
+    second = await _one_run(sink, range(20, 25), rotate_bytes=2000)
+    records = [json.loads(line) for p in trail_files(tmp_path) for line in iter_file_lines(p)]
+    mine = [r for r in records if r["chain"] == second.chain_id]
+    assert (mine[0]["seq"], mine[0]["type"]) == (1, "start") and mine[0]["follows"]["chain"] == first.chain_id
+    assert [(r["type"], r.get("reason")) for r in mine[1:3]] == [("seal", "rotation"), ("start", None)]
+    lines = [(str(p), list(iter_file_lines(p))) for p in trail_files(tmp_path)]
+    assert verify(lines, KEY).ok
+    without_first = [(name, [ln for ln in ls if json.loads(ln)["chain"] != first.chain_id]) for name, ls in lines]
+    report = verify(without_first, KEY)
+    assert [(p.kind, p.chain) for p in report.problems] == [("deleted", second.chain_id)]
+
+
+async def test_a_chain_names_no_other_while_another_process_writes_the_file(tmp_path: Path) -> None:
+    """Two writers at once on one file (two backfill runs): the second cannot claim the
+    file, so its chain names none (the first is still going); both verify."""
+    sink = f"file:{tmp_path}/audit.jsonl"
+    first = AuditLog(config(sink=sink), KEY)
+    await first.start()
+    first.emit(event(0))
+    await first.flush(10)
+    second = await _one_run(sink, range(1, 3))  # while the first still writes
+    first.emit(event(3))
+    await first.aclose()
+    third = await _one_run(sink, range(4, 6))  # alone again: it names the last chain
+    lines = list(iter_file_lines(tmp_path / "audit.jsonl"))
+    starts = {r["chain"]: r["follows"]["chain"] for r in map(json.loads, lines) if r["type"] == "start"}
+    assert starts == {third.chain_id: first.chain_id}
+    assert second.chain_id not in starts
+    report = verify([("audit.jsonl", lines)], KEY)
+    assert report.ok, report.first_problem

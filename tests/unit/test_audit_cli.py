@@ -161,3 +161,22 @@ def test_verify_prints_what_a_forged_record_says_escaped(tmp_path: Path) -> None
     assert "\\x1b[2K\\x0dOK" in out and "\\ud800" in out and "\\x9b" in out
     assert not any(ch in out for ch in "\x1b\r\x9b") and "\ud800" not in out
     out.encode("utf-8")  # printable on any UTF-8 terminal
+
+
+def test_who_accessed_json_is_json_whatever_the_names_hold(tmp_path: Path) -> None:
+    """A role or application name may hold control characters (DEL, C1): the JSON output
+    escapes them as JSON does, so every line still parses."""
+    chain = Chain(KEY, "w0-json", worker=0)
+    odd = SessionInfo(session="s9", user="r\x7fole\x85", database="appdb", client="10.0.0.9:1",
+                      application_name="app\x1b[2K", worker=0)
+    wanted = blind_index(KEYRING, EMAIL, ALICE, "email")
+    line = chain.append(statement_event(
+        odd, kind="select", fingerprint="SELECT * FROM users WHERE email = $1",
+        tables=["public.users"], columns_read=[EMAIL], lookups={EMAIL: [wanted]}, rows=1,
+    )).line
+    path = tmp_path / "audit.jsonl"
+    path.write_text(line + "\n" + chain.seal("shutdown").line + "\n", encoding="utf-8")
+    code, out, _ = _run(cli.who_accessed, [path], EMAIL, [wanted], fmt="json")
+    assert code == 0
+    (event,) = [json.loads(text) for text in out.splitlines()]
+    assert event["user"] == "r\x7fole\x85" and out.isascii()

@@ -279,18 +279,30 @@ def test_hostile_lines_are_reported_not_crashed_on(hostile: str, kinds: set[str]
     assert report.first_problem.kind in kinds and report.first_problem.line == 11
 
 
-def test_live_lets_only_each_workers_latest_chain_be_open() -> None:
-    """--live: the running proxy's chain has no shutdown seal yet. A chain of the same
-    worker that a later one follows is not running: its cut tail is still a problem."""
-    older, newer = "w0-20240501T080000.000000Z-aaaaaa", "w0-20240501T120000.000000Z-bbbbbb"
-    other_worker = "w1-20240501T070000.000000Z-cccccc"
-    running = trail(4, chain_id=newer, shutdown=False)
-    cut = trail(8, chain_id=older)[:4]  # after its periodic seal: the rest, seal included, gone
-    report = check(cut + running, trail(3, chain_id=other_worker, shutdown=False), allow_open=True)
-    assert [(p.kind, p.chain) for p in report.problems] == [("tail_cut", older)]
-    assert {w.chain for w in report.warnings} == {newer, other_worker}
-    report = check(trail(8, chain_id=older) + running, allow_open=True)
+def _following(before: list[str], chain_id: str, n: int = 3) -> list[str]:
+    """A chain (no shutdown seal yet) whose first record names ``before``'s last record."""
+    last = json.loads(before[-1])
+    chain = Chain(KEY, chain_id, worker=0)
+    lines = [chain.append(start_event(worker=0, follows={"chain": last["chain"], "seq": last["seq"], "mac": last["mac"]})).line]
+    return lines + [chain.append(statement_event(INFO, kind="select", fingerprint=f"R{i}")).line for i in range(n)]
+
+
+def test_live_lets_a_chain_be_open_unless_a_later_one_follows_it() -> None:
+    """--live: the running proxy's chain has no shutdown seal yet. A chain that a later
+    one names as the one before it has ended: its cut tail is still a problem. Clocks do
+    not matter (this restart's chain id is stamped earlier than the crashed one's)."""
+    older, newer = "w0-20240501T120000.000000Z-aaaaaa", "w0-20240501T080000.000000Z-bbbbbb"
+    whole = trail(8, chain_id=older)
+    running = _following(whole, newer)
+    other = trail(3, chain_id="w1-20240501T070000.000000Z-cccccc", shutdown=False)
+    report = check(whole[:4] + running, other, allow_open=True)  # older's tail cut
+    assert ("tail_cut", older) in [(p.kind, p.chain) for p in report.problems]
+    assert {w.chain for w in report.warnings} == {newer, "w1-20240501T070000.000000Z-cccccc"}
+    report = check(whole + running, allow_open=True)
     assert report.ok and [w.chain for w in report.warnings] == [newer]
+    # Two replicas' chains in one collected stream (no chain names another): both open.
+    report = check(trail(3, chain_id=older, shutdown=False) + trail(3, chain_id=newer, shutdown=False), allow_open=True)
+    assert report.ok and {w.chain for w in report.warnings} == {older, newer}
 
 
 def _runs(*ids: str) -> list[list[str]]:

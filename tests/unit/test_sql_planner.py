@@ -936,3 +936,35 @@ def test_refusal_messages_show_no_digits_of_a_value(planner: Planner, sql: str) 
     plan = planner.plan(sql)
     assert not plan.decision.allowed
     assert not any(part in plan.decision.message for part in ("078", "05", "1120", "7805", "7051120"))
+
+
+@pytest.mark.parametrize(
+    ("sql", "sqlstate"),
+    [
+        ("select id from users where email = $1 and id <> @5", "0A000"),  # abs(5), read as $5
+        ("select id from users where ssn = @ 78051120", "0A000"),
+        ("select id from users where email = $70000", "42P02"),  # past PostgreSQL's 65535
+        ("select id from users where email = $0", "42P02"),
+        ("select id from users where email = $" + "9" * 5000, "42P02"),  # int() refuses that many digits
+    ],
+)
+def test_parameters_sqlglot_would_misread_are_refused_quickly_and_without_their_number(
+    planner: Planner, sql: str, sqlstate: str
+) -> None:
+    started = time.monotonic()
+    plan = planner.plan(sql)
+    assert time.monotonic() - started < 2  # no plan of n parameters
+    assert not plan.decision.allowed and plan.decision.sqlstate == sqlstate
+    number = sql.rsplit(" ", 1)[-1].lstrip("@$")
+    if len(number) > 1:
+        assert number not in plan.decision.message and number not in plan.audit.fingerprint
+
+
+def test_operators_with_at_are_not_parameters(planner: Planner) -> None:
+    for sql in (
+        "select id from users where email = $1 and tags @> $2",
+        "select id from users where email = $1 and $2 <@ tags",
+        "select id from users where email = $1 and doc @@ to_tsquery($2)",
+        "select id from users where email = $1 and id = @(-3)",
+    ):
+        allowed(planner.plan(sql))

@@ -149,7 +149,7 @@ def _events(sources: Iterable[tuple[str, Iterable[str]]]) -> Iterator[tuple[str,
                 continue
             try:
                 event = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # not a record (nested past any of ours)
                 continue
             if isinstance(event, dict):
                 yield name, lineno, event
@@ -237,7 +237,7 @@ def who_accessed(
     found.sort(key=lambda item: item[0])
     for _ts, event, how, verified in found:
         if fmt == "json":
-            print(printable(json.dumps(event, sort_keys=True, ensure_ascii=False)), file=out)
+            print(json.dumps(event, sort_keys=True, ensure_ascii=True), file=out)  # escapes every control
         else:
             print(printable(_text_line(event, how, verified)), file=out)
     if fmt == "text":

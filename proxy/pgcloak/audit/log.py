@@ -165,6 +165,9 @@ class AuditLog:
         self._retry_at = 0.0
         self._replay_offset = 0
         self._next_seal = 0.0
+        #: The chain's first record, naming the one before it (written before anything
+        #: else, even a rotation seal due at once).
+        self._first: dict[str, Any] | None = None
         self._warned_closed = False
 
     # ------------------------------------------------------------------ session side
@@ -282,13 +285,16 @@ class AuditLog:
             except InvalidEventError:  # a last line that only looks like a record
                 log.warning("audit trail: the last record before this start is malformed; the new chain will not name it")
             else:
-                self._queue.appendleft(start)
+                self._first = start
         self._next_seal = time.monotonic() + self.config.seal_interval
         self._task = asyncio.create_task(self._run(), name="pgcloak-audit-writer")
 
     async def _predecessor(self) -> ChainedRecord | None:
         """The last record written before this trail started: in the spill if records
-        wait there (they come after what the sink holds), else the sink's own last."""
+        wait there (they come after what the sink holds), else the sink's own last. None
+        unless the sink can tell (a file sink nobody else is writing to)."""
+        if not self.sink.links:
+            return None
         try:
             last = await self.spill.last_record()
             if last is None:
@@ -454,6 +460,9 @@ class AuditLog:
         batch = self.config.batch_size
         queue = self._queue
         try:
+            if self._first is not None:
+                first, self._first = self._first, None
+                await self._deliver([first])
             while True:
                 if not queue:
                     if self._closing:

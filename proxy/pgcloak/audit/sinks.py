@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -243,6 +244,12 @@ class Sink(ABC):
         """Fsync if the policy says it is time (or ``force``)."""
         return None
 
+    @property
+    def links(self) -> bool:
+        """Whether a new chain may name the one before it here (:meth:`last_record`): the
+        sink reads back what it holds, and no other writer is adding to it meanwhile."""
+        return False
+
     async def last_record(self) -> ChainedRecord | None:
         """The last record this sink holds (the chain a new one continues), or None:
         none, or a sink that cannot read back. May raise :class:`SinkError`."""
@@ -285,10 +292,17 @@ class FileSink(Sink):
         self._dirty = False
         self._synced_at = 0.0
         self._io = _Worker("pgcloak-audit-file")
+        #: Whether no other process had the file open for writing when this sink first
+        #: opened it (None: not opened yet).
+        self._alone: bool | None = None
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def links(self) -> bool:
+        return self._alone is True
 
     def _open_blocking(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +321,15 @@ class FileSink(Sink):
             raise
         self._fd, self._size = fd, size
         self._opened_at = self._synced_at = time.monotonic()
+        # Claim the file while this trail writes it; another writer appending to it at the
+        # same time (two backfills at once) makes a chain of ours name its running chain.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            claimed = True
+        except OSError:
+            claimed = False
+        if self._alone is None:
+            self._alone = claimed
 
     async def open(self) -> None:
         if self._fd is not None:

@@ -26,7 +26,6 @@ is missing or ends early: a whole run removed), but for ``require_genesis=False`
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -176,8 +175,8 @@ def verify(
     """Check every chain found in the given sources.
 
     ``allow_open``: a chain that does not end with a shutdown seal (a proxy still
-    running) is a warning, not a problem, if it is its worker's latest (a later chain of
-    the same worker means that proxy restarted). ``require_genesis=False`` accepts chains whose
+    running) is a warning, not a problem, unless a later chain names it as the one before
+    it (that proxy restarted). ``require_genesis=False`` accepts chains whose
     first records were removed on purpose (retention), checking from the first seen.
     ``ignore_foreign``: skip lines that are not audit records (a collected stdout stream
     with other output in it) and only count them; a damaged record still shows, as a
@@ -222,16 +221,19 @@ def verify(
             )
             segments.setdefault(rec.chain, {}).setdefault(fi, []).append(rec)
 
-    # Where each chain ends: the file holding its part with the highest seq.
-    ends = {chain_id: max(by_file.items(), key=lambda item: _start(item[1]))[0] for chain_id, by_file in segments.items()}
-    running = _latest_per_worker(ends) if allow_open else set()
-    starts: list[_Rec] = []
+    chains: dict[str, list[_Rec]] = {}
     for chain_id, by_file in segments.items():
         parts = sorted(by_file.items(), key=lambda item: (_start(item[1]), item[0]))
-        recs = [r for _, part in parts for r in part]
-        _check_chain(chain_id, recs, report, allow_open=chain_id in running, require_genesis=require_genesis)
+        chains[chain_id] = [r for _, part in parts for r in part]
+    # A chain that a later one names as the one before it has ended: with allow_open, it
+    # must be sealed all the same (only a chain nothing follows may be still running).
+    firsts = {chain_id: recs[0] for chain_id, recs in chains.items()}
+    ended = {_follows_chain(r) for r in firsts.values()} - {None}
+    starts: list[_Rec] = []
+    for chain_id, recs in chains.items():
+        _check_chain(chain_id, recs, report, allow_open=allow_open and chain_id not in ended, require_genesis=require_genesis)
         first = recs[0]
-        if first.ok and first.seq == 1 and first.type == "start" and report.chains[chain_id].first_seq == 1:
+        if _follows_chain(first) is not None and report.chains[chain_id].first_seq == 1:
             starts.append(first)
     for start in starts:
         _check_follows(start, report, require_genesis=require_genesis)
@@ -292,28 +294,15 @@ def _check_follows(start: _Rec, report: VerifyReport, *, require_genesis: bool) 
              f"or differs there (seq {before.last_seq})")
 
 
-#: A chain id as pgcloak makes them: worker, UTC start, random (chain.make_chain_id).
-_CHAIN_ID = re.compile(r"(w\d+)-(\d{8}T\d{6}\.\d{6}Z)-[0-9a-f]+")
-
-
-def _latest_per_worker(ends: dict[str, int]) -> set[str]:
-    """The chains that may belong to a proxy still running: of the chains of one worker
-    that end in the same file, the one started last (a later chain of that worker there
-    means the proxy restarted, so an earlier one without its shutdown seal was cut or
-    crashed). ``ends``: chain id -> the file it ends in. A chain id pgcloak did not make
-    is its own worker's only chain."""
-    latest: dict[tuple[str, int], tuple[str, str]] = {}
-    running: set[str] = set()
-    for chain_id, end in ends.items():
-        m = _CHAIN_ID.fullmatch(chain_id)
-        if m is None:
-            running.add(chain_id)
-            continue
-        worker, started = m.groups()
-        place = (worker, end)
-        if place not in latest or started > latest[place][0]:
-            latest[place] = (started, chain_id)
-    return running | {chain_id for _, chain_id in latest.values()}
+def _follows_chain(r: _Rec) -> str | None:
+    """The chain that ``r`` names as the one before its own, if ``r`` is a chain's first
+    record (a ``start`` record at seq 1 with a valid MAC); else None."""
+    follows = r.follows
+    if r.ok and r.seq == 1 and r.type == "start" and isinstance(follows, dict):
+        chain = follows.get("chain")
+        if isinstance(chain, str) and chain != r.chain:
+            return chain
+    return None
 
 
 def _check_chain(

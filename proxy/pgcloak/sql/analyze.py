@@ -108,8 +108,9 @@ def value_ref(node: exp.Expression | None) -> ValueRef | None:
         node = node.this
     if isinstance(node, exp.Parameter | exp.Placeholder):
         inner = node.this
-        if isinstance(inner, exp.Literal) and not inner.is_string and str(inner.this).isdigit():
-            n = int(str(inner.this))
+        digits = str(inner.this)
+        if isinstance(inner, exp.Literal) and not inner.is_string and digits.isdigit() and len(digits) <= 5:
+            n = int(digits)
             # Past PostgreSQL's limit of 65535 no Bind can fill it (PostgreSQL refuses the
             # statement): not a slot, and no plan of that many parameters.
             return ("p", n) if n <= 65535 else None

@@ -159,8 +159,7 @@ def _fingerprint(lexed: Lexed, sql: str) -> str:
                     and before is not None
                     and before.token_type is TokenType.PARAMETER
                     and sql[before.start : before.end + 1] == "$"
-                    and tok.text.isdigit()
-                    and int(tok.text) <= MAX_PARAMETER
+                    and _parameter_number(tok.text) is not None
                 ):
                     text = sql[tok.start : tok.end + 1]  # the n of $n (not of @n: abs(n))
                 else:
@@ -1004,6 +1003,15 @@ def _deny_plan(message: str, fp: str = "", sqlstate: str = FEATURE_NOT_SUPPORTED
 MAX_PARAMETER = 65535
 
 
+def _parameter_number(digits: str) -> int | None:
+    """``n`` of ``$n`` if PostgreSQL could have such a parameter (1..65535), else None
+    (also for thousands of digits, which ``int()`` refuses)."""
+    if not digits.isdigit() or len(digits) > 5:
+        return None
+    n = int(digits)
+    return n if 1 <= n <= MAX_PARAMETER else None
+
+
 def _misread_parameter(lexed: Lexed, sql: str) -> tuple[str, str] | None:
     """Why a statement's parameters cannot be trusted to sqlglot, or None. ``@`` before
     a number is PostgreSQL's absolute value, but sqlglot reads ``@5`` (and ``@ 5``) as
@@ -1022,7 +1030,7 @@ def _misread_parameter(lexed: Lexed, sql: str) -> tuple[str, str] | None:
                 FEATURE_NOT_SUPPORTED,
             )
         digits = tokens[i + 1].text
-        if digits.isdigit() and int(digits) > MAX_PARAMETER:
+        if digits.isdigit() and _parameter_number(digits) is None:
             return (f"there is no such parameter (PostgreSQL allows ${MAX_PARAMETER} at most)", UNDEFINED_PARAMETER)
     return None
 
