@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pgcloak.audit.sinks import resolve_paths
+from pgcloak.backfill.trail import Trail
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import generate_master_key
 from pgcloak.policy import load_policy, parse_policy
@@ -60,3 +61,21 @@ def test_the_proxys_trail_and_spill_are_in_the_working_directory_not_the_policys
     assert log.spill.path == tmp_path / "work" / "audit.spill.jsonl"
     monkeypatch.chdir(tmp_path)  # resolved once: a later change of directory moves nothing
     assert log.spill.path == tmp_path / "work" / "audit.spill.jsonl"
+
+
+@pytest.mark.parametrize(
+    "sink", ["file:audit.jsonl", "postgresql://audit@127.0.0.1:5432/appdb?table=pgcloak_audit", "stdout"]
+)
+def test_a_backfill_never_shares_the_proxys_spill_file(
+    sink: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes appending to (and replaying) one spill file would mix their chains:
+    the backfill's is its own, whatever the sink (a table sink is the proxy's very own)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(_audit(f'  sink: "{sink}"\n  spill_dir: spill\n'))
+    monkeypatch.chdir(tmp_path)
+    policy, keyring = load_policy(path), Keyring(generate_master_key())
+    proxy = make_audit_log(Protection.build(policy, keyring))
+    backfill = Trail(policy, keyring, rotate=False, dry_run=False)
+    assert backfill.log.spill.path != proxy.spill.path
+    assert backfill.log.spill.path.parent == proxy.spill.path.parent == tmp_path / "spill"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, statement_event
-from pgcloak.audit.sinks import resolve_paths
+from pgcloak.audit.sinks import FileSink, make_sink, resolve_paths, spill_path_for
 from pgcloak.backfill.convert import ColumnJob
 from pgcloak.backfill.runner import TableReport
 from pgcloak.crypto.keyring import Keyring
@@ -93,7 +93,13 @@ class Trail:
 
     def __init__(self, policy: Policy, keyring: Keyring, *, rotate: bool, dry_run: bool) -> None:
         self.config = backfill_audit_config(policy)
-        self.log = AuditLog(self.config, keyring.audit_key())
+        sink = make_sink(self.config)
+        spill = spill_path_for(sink, None, self.config.spill_dir)
+        if not isinstance(sink, FileSink):
+            # A table sink is the proxy's own: its spill file would be the proxy's too (two
+            # processes appending to and replaying one file).
+            spill = spill.with_name(spill.name.replace(".spill.jsonl", f".{KIND}.spill.jsonl"))
+        self.log = AuditLog(self.config, keyring.audit_key(), sink=sink, spill_path=spill)
         self.rotate = rotate
         self.dry_run = dry_run
         self.info = SessionInfo(session=os.urandom(8).hex(), application_name="pgcloak backfill")
