@@ -411,20 +411,14 @@ class FileSink(Sink):
             except OSError as exc:
                 raise SinkError(f"{self.description}: fsync failed: {exc.strerror or exc}") from exc
 
-    def _last_record_blocking(self) -> ChainedRecord | None:
-        return last_record_in(self.path)
-
     async def last_record(self) -> ChainedRecord | None:
         try:
-            return await self._io.run(self._last_record_blocking)
+            return await self._io.run(last_record_in, self.path)
         except OSError as exc:
             raise SinkError(f"{self.description}: cannot read back: {exc.strerror or exc}") from exc
 
     async def last_seqs(self, chains: Collection[str]) -> dict[str, int]:
-        try:
-            last = await self._io.run(self._last_record_blocking)
-        except OSError as exc:
-            raise SinkError(f"{self.description}: cannot read back: {exc.strerror or exc}") from exc
+        last = await self.last_record()
         if last is not None and last.chain in chains:
             return {last.chain: last.seq}
         return {}

@@ -227,16 +227,13 @@ def verify(
         chains[chain_id] = [r for _, part in parts for r in part]
     # A chain that a later one names as the one before it has ended: with allow_open, it
     # must be sealed all the same (only a chain nothing follows may be still running).
-    firsts = {chain_id: recs[0] for chain_id, recs in chains.items()}
-    ended = {_follows_chain(r) for r in firsts.values()} - {None}
-    starts: list[_Rec] = []
+    follows = {chain_id: _follows_chain(recs[0]) for chain_id, recs in chains.items()}
+    ended = set(follows.values()) - {None}
     for chain_id, recs in chains.items():
         _check_chain(chain_id, recs, report, allow_open=allow_open and chain_id not in ended, require_genesis=require_genesis)
-        first = recs[0]
-        if _follows_chain(first) is not None and report.chains[chain_id].first_seq == 1:
-            starts.append(first)
-    for start in starts:
-        _check_follows(start, report, require_genesis=require_genesis)
+    for chain_id, before in follows.items():
+        if before is not None and report.chains[chain_id].first_seq == 1:
+            _check_follows(chains[chain_id][0], before, report, require_genesis=require_genesis)
 
     report.problems.sort(key=lambda p: (order.get(p.file, 0), p.line))
     report.warnings.sort(key=lambda p: (order.get(p.file, 0), p.line))
@@ -263,18 +260,13 @@ def _start(part: list[_Rec]) -> int:
     return next((r.seq for r in part if r.ok), part[0].seq)
 
 
-def _check_follows(start: _Rec, report: VerifyReport, *, require_genesis: bool) -> None:
-    """A chain's ``start`` record names the chain written before it and where that one
-    ended: it must be there (but for ``require_genesis=False``: retention removed old
-    files), ending exactly there. So a run deleted whole between two others shows."""
-    follows = start.follows
-    summary = report.chains[start.chain]
-    if not (isinstance(follows, dict) and isinstance(follows.get("chain"), str)):
-        return  # its MAC is valid, so pgcloak wrote it: never without these
-    chain, seq, mac = follows["chain"], follows.get("seq"), follows.get("mac")
-    if chain == start.chain:
-        return  # a file's start inside its own chain: the chain's links check it
-    summary.follows = chain
+def _check_follows(start: _Rec, chain: str, report: VerifyReport, *, require_genesis: bool) -> None:
+    """A chain's ``start`` record names the chain written before it (``chain``, from
+    :func:`_follows_chain`) and where that one ended: it must be there (but for
+    ``require_genesis=False``: retention removed old files), ending exactly there. So a
+    run deleted whole between two others shows."""
+    seq, mac = start.follows.get("seq"), start.follows.get("mac")
+    report.chains[start.chain].follows = chain
     before = report.chains.get(chain)
 
     def fail(kind: ProblemKind, detail: str) -> None:

@@ -102,18 +102,29 @@ def canon(ident: exp.Expression | str | None) -> str:
     return ident.name.lower()
 
 
+#: PostgreSQL's limit: a Bind carries at most 65535 parameters.
+MAX_PARAMETER = 65535
+
+
+def parameter_number(digits: str) -> int | None:
+    """``n`` of ``$n`` when it is within PostgreSQL's limit, else None (also for
+    thousands of digits, which ``int()`` refuses). Past the limit no Bind can fill it
+    (PostgreSQL refuses the statement): no slot, and no plan of that many parameters."""
+    if not digits.isdigit() or len(digits) > 5:
+        return None
+    n = int(digits)
+    return n if n <= MAX_PARAMETER else None
+
+
 def value_ref(node: exp.Expression | None) -> ValueRef | None:
     """A parameter or literal slot, possibly in parentheses or cast; else None."""
     while isinstance(node, (exp.Paren, exp.Cast)):
         node = node.this
     if isinstance(node, exp.Parameter | exp.Placeholder):
         inner = node.this
-        digits = str(inner.this)
-        if isinstance(inner, exp.Literal) and not inner.is_string and digits.isdigit() and len(digits) <= 5:
-            n = int(digits)
-            # Past PostgreSQL's limit of 65535 no Bind can fill it (PostgreSQL refuses the
-            # statement): not a slot, and no plan of that many parameters.
-            return ("p", n) if n <= 65535 else None
+        if isinstance(inner, exp.Literal) and not inner.is_string:
+            n = parameter_number(str(inner.this))
+            return None if n is None else ("p", n)
         return None
     if isinstance(node, exp.Literal):
         text = str(node.this)

@@ -38,7 +38,7 @@ class _Tokenizer(Postgres.Tokenizer):
 _TOKENIZER = _Tokenizer(dialect=Postgres())
 
 #: Every kind of string constant (all values, whatever they hold).
-STRING_TYPES = _STRING_TYPES = frozenset(
+STRING_TYPES = frozenset(
     {
         TokenType.STRING,
         TokenType.NATIONAL_STRING,
@@ -119,7 +119,7 @@ def lex(sql: str) -> Lexed:
     literals: list[Literal] = []
     slot_of_token: dict[int, int] = {}
     n = len(tokens)
-    strings = _STRING_TYPES
+    strings = STRING_TYPES
     for i, tok in enumerate(tokens):
         tt = tok.token_type
         if tt is _NUMBER:

@@ -29,11 +29,13 @@ from sqlglot.tokenizer_core import Token, TokenType
 
 from pgcloak.policy import Policy
 from pgcloak.sql.analyze import (
+    MAX_PARAMETER,
     Analysis,
     Analyzer,
     Origin,
     canon,
     number_placeholder,
+    parameter_number,
     string_placeholder,
 )
 from pgcloak.sql.lexer import (
@@ -999,17 +1001,10 @@ def _deny_plan(message: str, fp: str = "", sqlstate: str = FEATURE_NOT_SUPPORTED
     return Plan(deny(message, sqlstate), None, (), (), True, AuditFacts("other", fingerprint=fp))
 
 
-#: PostgreSQL's limit: a Bind carries at most 65535 parameters.
-MAX_PARAMETER = 65535
-
-
 def _parameter_number(digits: str) -> int | None:
-    """``n`` of ``$n`` if PostgreSQL could have such a parameter (1..65535), else None
-    (also for thousands of digits, which ``int()`` refuses)."""
-    if not digits.isdigit() or len(digits) > 5:
-        return None
-    n = int(digits)
-    return n if 1 <= n <= MAX_PARAMETER else None
+    """``n`` of ``$n`` if PostgreSQL could have such a parameter (1..65535), else None."""
+    n = parameter_number(digits)
+    return n if n else None
 
 
 def _misread_parameter(lexed: Lexed, sql: str) -> tuple[str, str] | None:
