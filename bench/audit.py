@@ -8,6 +8,8 @@ processes that differ only in their policy's ``audit:`` section:
                 fsync every second, queue 10000, batches of 1000): every PII statement
                 is an event, chained with HMAC-SHA256 and appended to a JSON-lines file
     audit-off   ``audit: {enabled: false}``: no trail at all
+    audit-on-py audit-on with the chain's per-event loop in Python instead of C
+                (``PGCLOAK_PURE_PYTHON=1``; not run by default: what the C loop saves)
     direct      PostgreSQL itself (not run by default; for reference)
 
 Each target has a database of its own with the same encrypted ``users`` table, seeded
@@ -78,7 +80,7 @@ from pii import (
     workload_script,
 )
 
-ALL_TARGETS = ("audit-on", "audit-off", "direct")
+ALL_TARGETS = ("audit-on", "audit-off", "audit-on-py", "direct")
 DEFAULT_TARGETS = ("audit-on", "audit-off")
 #: audit-on / audit-off must reach this in every mode (issue #4, item 6).
 GOAL = 0.90
@@ -98,8 +100,16 @@ SPECS = {
         "protect",
         "pgcloak, users.email/phone encrypted, audit: {enabled: false}",
     ),
+    "audit-on-py": Spec(
+        "audit-on-py",
+        "audit_on_py",
+        "protect",
+        "audit-on with the chain's per-event loop in Python (PGCLOAK_PURE_PYTHON=1), not C",
+    ),
     "direct": Spec("direct", "audit_direct", None, "PostgreSQL itself, plain users table"),
 }
+#: Environment of a target's pgcloak beyond the usual.
+TARGET_ENV = {"audit-on-py": {"PGCLOAK_PURE_PYTHON": "1"}}
 
 POLICY = """\
 # bench/audit.py: {key}
@@ -117,8 +127,8 @@ AUDIT_OFF = "audit:\n  enabled: false\n"
 
 
 def write_policy(key: str, scratch: Path) -> tuple[Path, Path | None]:
-    """The target's policy file and, for audit-on, the trail file it writes."""
-    trail = scratch / f"trail-{key}" / "audit.jsonl" if key == "audit-on" else None
+    """The target's policy file and, for audit-on and audit-on-py, the trail file it writes."""
+    trail = scratch / f"trail-{key}" / "audit.jsonl" if key.startswith("audit-on") else None
     audit = AUDIT_ON.format(path=trail) if trail is not None else AUDIT_OFF
     path = scratch / f"policy-{key}.yaml"
     path.write_text(POLICY.format(key=key, role=ROLE, audit=audit))
@@ -194,6 +204,8 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
     )
     ratio_defs = [
         ("audit-on / audit-off", "audit-on", "audit-off"),
+        ("audit-on-py / audit-off", "audit-on-py", "audit-off"),
+        ("audit-on / audit-on-py", "audit-on", "audit-on-py"),
         ("audit-on / direct", "audit-on", "direct"),
         ("audit-off / direct", "audit-off", "direct"),
     ]
@@ -239,6 +251,9 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
         on, off = cpu["audit-on"], cpu["audit-off"]
         diff = {m: _minus(on[m], off[m]) for m in MODES}
         rows = [[key, *(fmt_num(cpu[key][m]) for m in MODES)] for key in cpu]
+        if "audit-on-py" in cpu:
+            py = {m: _minus(cpu["audit-on-py"][m], off[m]) for m in MODES}
+            rows.append(["audit-on-py - audit-off", *(fmt_num(py[m]) for m in MODES)])
         rows.append(["audit-on - audit-off", *(fmt_num(diff[m]) for m in MODES)])
         rows.append(
             [
@@ -379,7 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scratch = scratch_dir("pgcloak-bench-audit-")
     pg: TemporaryPostgres | None = None
     targets: list[BenchTarget] = []
-    trail: Path | None = None
+    trails: dict[str, Path] = {}
     try:
         print("starting PostgreSQL ...", file=sys.stderr, flush=True)
         pg = start_postgres(clients=args.clients)
@@ -396,11 +411,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy_file: Path | None = None
             if spec.policy is not None:
                 policy_file, written = write_policy(key, scratch)
-                trail = written or trail
+                if written is not None:
+                    trails[key] = written
             create_schema(pg, spec, policy_file)
             try:
                 target = start_target(
-                    spec, pg, direct, policy_file, master_key, scratch, workers=args.workers
+                    spec,
+                    pg,
+                    direct,
+                    policy_file,
+                    master_key,
+                    scratch,
+                    workers=args.workers,
+                    env_extra=TARGET_ENV.get(key),
                 )
             except (StartError, OSError) as exc:
                 raise SetupError(f"{key} did not start: {exc}") from exc
@@ -502,25 +525,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 t.process.stop()
         trail_info: dict[str, Any] = {}
-        if trail is not None:
-            trail_info = check_trail(trail, master_key)
-            events = trail_info.get("statements_by_application", {}).get(PGBENCH_APP, 0)
-            expected = transactions.get("audit-on", 0) * PII_STATEMENTS
-            trail_info["pgbench_events"] = events
-            trail_info["pgbench_pii_statements"] = expected
-            size = trail_info.get("bytes", 0)
-            records = sum(trail_info.get("records_by_type", {}).values())
+        for key, trail in trails.items():
+            info = trail_info[key] = check_trail(trail, master_key)
+            events = info.get("statements_by_application", {}).get(PGBENCH_APP, 0)
+            expected = transactions.get(key, 0) * PII_STATEMENTS
+            info["pgbench_events"] = events
+            info["pgbench_pii_statements"] = expected
+            size = info.get("bytes", 0)
+            records = sum(info.get("records_by_type", {}).values())
             print(
-                f"\nAudit trail of audit-on: {trail_info['verify']}\n"
+                f"\nAudit trail of {key}: {info['verify']}\n"
                 f"  {records:,} records, {size / 1e6:.1f} MB ({size / max(records, 1):.0f} bytes "
                 f"per record); {events:,} statement events from pgbench for the "
                 f"{expected:,} PII statements of the transactions it counted"
             )
-            if not trail_info.get("verify_ok"):
-                notes.append(f"audit-on: the trail did not verify: {trail_info['verify']}")
+            if not info.get("verify_ok"):
+                notes.append(f"{key}: the trail did not verify: {info['verify']}")
             if events < expected:
                 notes.append(
-                    f"audit-on: {expected - events} PII statement(s) without an event: a proxy bug"
+                    f"{key}: {expected - events} PII statement(s) without an event: a proxy bug"
                 )
 
         for t in targets:

@@ -371,6 +371,7 @@ def start_target(
     master_key: str,
     scratch: Path,
     workers: int = 1,
+    env_extra: dict[str, str] | None = None,
 ) -> BenchTarget:
     if spec.key == "direct":
         return BenchTarget(spec.key, f"PostgreSQL {pg.version}, plain users table", direct)
@@ -380,6 +381,7 @@ def start_target(
     env.pop("PGCLOAK_MASTER_KEY", None)
     if policy_file is not None:
         env["PGCLOAK_MASTER_KEY"] = master_key
+    env.update(env_extra or {})
     proc = ManagedProcess(
         spec.key,
         pgcloak_argv(port, pg.port, workers=workers, extra=extra),

@@ -158,18 +158,20 @@ def test_the_docker_build_context_is_what_the_dockerfile_copies() -> None:
     rules = _dockerignore()
     copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     needed = [p.strip("/") for line in copied for p in line.split()]
-    assert sorted(needed) == ["README.md", "proxy", "pyproject.toml"]
-    kept = ["pyproject.toml", "README.md"]
+    assert sorted(needed) == ["README.md", "proxy", "pyproject.toml", "setup.py"]
+    kept = ["pyproject.toml", "setup.py", "README.md"]
     for dirpath, dirnames, filenames in os.walk(ROOT / "proxy"):
         dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info")]
-        kept += [str(Path(dirpath, f).relative_to(ROOT)) for f in filenames if not f.endswith(".pyc")]
+        kept += [str(Path(dirpath, f).relative_to(ROOT)) for f in filenames if not f.endswith((".pyc", ".so"))]
     assert "proxy/pgcloak/__init__.py" in kept and "proxy/pgcloak/py.typed" in kept
+    assert "proxy/pgcloak/audit/_chain_core.c" in kept
     assert [p for p in kept if _ignored(p, rules)] == []
     left_out = [
         ".git/HEAD", ".mypy_cache/3.11/x.json", ".ruff_cache/CACHEDIR.TAG", ".pytest_cache/README.md",
         "__pycache__/x.pyc", "proxy/pgcloak/__pycache__/cli.cpython-311.pyc", "proxy/pgcloak/sql/__pycache__/a.pyc",
         "proxy/pgcloak.egg-info/PKG-INFO", "pgcloak.egg-info/PKG-INFO", "build/lib/pgcloak/cli.py",
         "dist/pgcloak-0.1.0.whl", "tests/unit/test_examples.py", "bench/passthrough.py",
+        "proxy/pgcloak/audit/_chain_core.cpython-311-x86_64-linux-gnu.so",
     ]  # fmt: skip
     assert [p for p in left_out if not _ignored(p, rules)] == []
 

@@ -40,6 +40,7 @@ from pgcloak.audit.events import (
     FAILED_REASON,
     InvalidEventError,
     SealReason,
+    _key_ids_ok,
     lookups_ok,
     seal_event,
     sqlstate_ok,
@@ -122,6 +123,8 @@ def lookups_json(lookups: dict[str, list[str]]) -> str:
     if len(lookups) != 1:
         return serialize(lookups)
     ((key, values),) = lookups.items()
+    if not values:  # joined, no values would read as one empty string
+        return serialize(lookups)
     quoted = _KEY_JSON.get(key)
     if quoted is None:
         if len(_KEY_JSON) >= 4096:
@@ -165,7 +168,36 @@ def make_chain_id(worker: int | None, started: datetime | None = None) -> str:
     return f"w{worker if worker is not None else 0}-{when}-{secrets.token_hex(3)}"
 
 
-class ChainedRecord:
+class _Fields:
+    """ChainedRecord's fields where the C loop is not built (its ``Record`` type otherwise)."""
+
+    __slots__ = ("_line", "_record", "chain", "data", "mac", "seq", "ts", "type")
+    data: bytes
+    seq: int
+    chain: str
+    mac: str
+    ts: str
+    type: str
+    _line: str | None
+    _record: dict[str, Any] | None
+
+
+_core: Any = None
+if not os.environ.get("PGCLOAK_PURE_PYTHON"):  # the reference loop alone (tests, bench)
+    try:
+        from pgcloak.audit import _chain_core as _core
+    except ImportError:  # not compiled here: the Python loop writes the same bytes
+        _core = None
+
+#: Whether the chain runs its per-event loop in C (pgcloak/audit/_chain_core.c).
+ACCELERATED: Final = _core is not None
+if TYPE_CHECKING:
+    _RecordBase = _Fields
+else:
+    _RecordBase = _core.Record if _core is not None else _Fields
+
+
+class ChainedRecord(_RecordBase):
     """One chained record: its line (JSON, no newline) and what sinks index it by.
 
     ``data`` is the line as the file sinks write it (UTF-8, newline included): chaining
@@ -175,7 +207,7 @@ class ChainedRecord:
     stores fields (none on the hot path) or a test ever asks for them.
     """
 
-    __slots__ = ("_line", "_record", "chain", "data", "mac", "seq", "ts", "type")
+    __slots__ = ()
 
     def __init__(
         self,
@@ -280,6 +312,8 @@ class Chain:
         block = (hashlib.sha256(self._key).digest() if len(self._key) > 64 else self._key).ljust(64, b"\0")
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block)).copy
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block)).copy
+        #: The same MAC for the C loop (None without it).
+        self._hmac = _core.Hmac(self._key) if _core is not None else None
         self.chain_id = chain_id
         self.worker = worker
         self.next_seq = next_seq
@@ -332,6 +366,27 @@ class Chain:
         """Chain statements sessions queued (:data:`~pgcloak.audit.templates.Completed`),
         in order, onto ``out``; return why those refused were (left out of the chain).
 
+        In C where it is built (:data:`ACCELERATED`), for the plain case (the usual item):
+        an item it does not take, it hands back, and :meth:`_completed_in_python`, the
+        reference, chains that one. Both write the same bytes
+        (tests/unit/test_audit_chain_core.py).
+        """
+        if _core is None:
+            return self._completed_in_python(items, out)
+        batch = items if type(items) is list else list(items)
+        refused: list[Exception] = []
+        done, count = 0, len(batch)
+        while True:
+            done = _core.chain_completed(self, batch, done, out, refused)
+            if done >= count:
+                return refused
+            refused += self._completed_in_python(batch[done : done + 1], out)
+            done += 1
+
+    def _completed_in_python(self, items: Iterable[Completed], out: list[ChainedRecord]) -> list[Exception]:
+        """Chain statements sessions queued (:data:`~pgcloak.audit.templates.Completed`),
+        in order, onto ``out``; return why those refused were (left out of the chain).
+
         This is the trail's per-event work, so it is one loop with everything inline. Each
         item's values are checked as :func:`~pgcloak.audit.events.statement_event` checks
         them (blind-index lookups, a duration, a row count, a SQLSTATE: a value that
@@ -350,7 +405,8 @@ class Chain:
         inner_state, outer_state = self._inner, self._outer
         ids = self._ids
         pool, pos = ids.pool, ids.pos
-        second, second_text = -1, ""
+        second: int | None = None  # no second formatted yet (-1 is one: 1969-12-31T23:59:59)
+        second_text = ""
         append, join = out.append, "".join
         try:
             for item in items:
@@ -439,3 +495,7 @@ class Chain:
     def seal(self, reason: SealReason) -> ChainedRecord:
         """Append a seal record (``periodic``, ``rotation`` or ``shutdown``)."""
         return self.append(seal_event(reason=reason, count=self.since_seal, worker=self.worker))
+
+
+if _core is not None:
+    _core.configure(ChainedRecord, InvalidEventError, _key_ids_ok, _KEY_JSON, FAILED_REASON_JSON)

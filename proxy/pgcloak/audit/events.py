@@ -87,12 +87,12 @@ WRITE_KINDS: Final = frozenset({"insert", "update", "delete", "merge", "copy", "
 #: Blind-index values are base64url keyed hashes. Anything else (an e-mail address, a
 #: phone number, a short number) is refused, as a last line of defence against a
 #: plaintext value ending up in ``lookups``.
-LOOKUP_VALUE_PATTERN: Final = r"^[A-Za-z0-9_-]{16,128}$"
+LOOKUP_VALUE_PATTERN: Final = r"^[A-Za-z0-9_-]{16,128}\Z"
 _LOOKUP_RE: Final = re.compile(LOOKUP_VALUE_PATTERN)
 # Key ids join canonical names (no dots inside, even quoted) with dots: public.users.email.
 _KEY_ID_RE: Final = re.compile(r"^[^.\x00]{1,63}(?:\.[^.\x00]{1,63}){1,3}$")
-_KIND_RE: Final = re.compile(r"^[a-z][a-z_]{0,31}$")
-_SQLSTATE_RE: Final = re.compile(r"^[0-9A-Z]{5}$")
+_KIND_RE: Final = re.compile(r"^[a-z][a-z_]{0,31}\Z")
+_SQLSTATE_RE: Final = re.compile(r"^[0-9A-Z]{5}\Z")
 
 #: Fields every session-bound event carries (``connection``, ``statement``, ``refusal``).
 COMMON_FIELDS: Final = (

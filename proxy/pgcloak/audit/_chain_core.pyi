@@ -1,0 +1,27 @@
+"""Types of the C loop (_chain_core.c); chain.py is its only user."""
+
+from typing import Any
+
+class Record:
+    data: bytes
+    seq: int
+    chain: str
+    mac: str
+    ts: str
+    type: str
+    _line: str | None
+    _record: dict[str, Any] | None
+
+class Hmac:
+    def __init__(self, key: bytes) -> None: ...
+    def hexdigest(self, data: bytes, /) -> str: ...
+
+def configure(
+    record_type: type[Record],
+    invalid_error: type[Exception],
+    key_ids_ok: set[str],
+    key_json: dict[str, str],
+    failed_reason: str,
+    /,
+) -> None: ...
+def chain_completed(chain: Any, items: list[Any], start: int, out: list[Any], refused: list[Exception], /) -> int: ...

@@ -1,0 +1,208 @@
+"""The audit chain's loop in C (pgcloak/audit/_chain_core.c) against the Python loop.
+
+The C loop takes the plain case and hands anything else back; the Python loop
+(``Chain._completed_in_python``) is the reference. Both must write the same bytes, refuse
+the same items with the same errors and leave the chain in the same state, whatever the
+batch holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import hmac
+import json
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgcloak.audit import chain as chain_module
+from pgcloak.audit.chain import ACCELERATED, Chain, ChainedRecord, mac_ok
+from pgcloak.audit.events import InvalidEventError, SessionInfo
+from pgcloak.audit.templates import StatementTemplate
+from pgcloak.audit.verify import verify
+
+KEY = bytes(range(32))
+INFO = SessionInfo(session="7-1", user="app", database="shop", application_name="api", client="10.0.0.7:5100")
+EMAIL = "public.users.email"
+INDEX = "mV3cX0pQyqJ8rM2tTq9oXw"
+POOL = "0123456789abcdef" * 16  # 8 event ids: batches draw new pools too
+
+
+def test_the_c_loop_is_built_here() -> None:
+    """CI builds it (setup.py): a silent fallback to Python would hide a broken build."""
+    assert ACCELERATED
+    assert issubclass(ChainedRecord, chain_module._core.Record)
+
+
+def _draws() -> Any:
+    """A deterministic stand-in for os.urandom's event-id pools, the same for both loops."""
+    state = {"n": 0}
+
+    def draw() -> str:
+        state["n"] += 1
+        return f"{state['n'] % 16:x}" * 64  # two ids a pool: the draw path runs often
+
+    return draw
+
+
+def _chain(name: str) -> Chain:
+    chain = Chain(KEY, name)
+    chain._ids.pool, chain._ids.pos = POOL, 0
+    return chain
+
+
+def _run(items: list[Any], *, python: bool) -> tuple[Chain, list[ChainedRecord], list[Exception]]:
+    chain = _chain("w0-core")
+    out: list[ChainedRecord] = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(chain_module._EventIds, "draw", staticmethod(_draws()))
+        if python:
+            refused = chain._completed_in_python(items, out)
+        else:
+            refused = chain.append_completed_many(items, out)
+    return chain, out, refused
+
+
+def _same(items: list[Any]) -> list[ChainedRecord]:
+    c_chain, c_out, c_refused = _run(items, python=False)
+    p_chain, p_out, p_refused = _run(items, python=True)
+    for c_record, p_record in zip(c_out, p_out, strict=False):
+        assert c_record.data.decode() == p_record.data.decode()
+    assert len(c_out) == len(p_out)
+    assert [(r.seq, r.chain, r.mac, r.ts, r.type) for r in c_out] == [
+        (r.seq, r.chain, r.mac, r.ts, r.type) for r in p_out
+    ]
+    assert [type(e) for e in c_refused] == [type(e) for e in p_refused]
+    assert [str(e) for e in c_refused if isinstance(e, InvalidEventError)] == [
+        str(e) for e in p_refused if isinstance(e, InvalidEventError)
+    ]
+    assert (c_chain.next_seq, c_chain.prev, c_chain.since_seal, c_chain._ids.pos, c_chain._ids.pool) == (
+        p_chain.next_seq,
+        p_chain.prev,
+        p_chain.since_seal,
+        p_chain._ids.pos,
+        p_chain._ids.pool,
+    )
+    return c_out
+
+
+TEMPLATES = [
+    StatementTemplate(INFO, kind="select", fingerprint="SELECT id FROM users WHERE email = ?", columns_read=[EMAIL]),
+    StatementTemplate(INFO, kind="insert", fingerprint="INSERT INTO users (email) VALUES (?) — é ☃ 𝄞", columns_written=[EMAIL]),
+    StatementTemplate(INFO, kind="select", fingerprint="SELECT '\udcff'"),  # not Unicode: refused
+]
+
+lookup_value = st.from_regex(r"\A[A-Za-z0-9_-]{16,40}\Z") | st.sampled_from(
+    ["short", INDEX + "\n", INDEX + "é", "x" * 129, "alice@example.com", 7]
+)
+lookups = st.none() | st.dictionaries(
+    st.sampled_from([EMAIL, "public.users.phone", "not a key id", 'app."Weird %s".col']),
+    st.lists(lookup_value, max_size=3),
+    max_size=2,
+)
+seconds = st.floats(0, 1e6) | st.sampled_from([math.nan, math.inf, -1.0, 1e10, 0.0, -0.0, 2.5e-7, 1.0005e-3])
+item = st.tuples(
+    st.sampled_from(TEMPLATES),
+    lookups,
+    st.floats(0, 1e6),  # started
+    seconds,  # how long it ran
+    st.integers(-(10**18), 9 * 10**18) | st.sampled_from([0, 1_700_000_000_000_000_000, 2**70]),
+    st.none() | st.integers(-3, 10**12) | st.sampled_from([2**64, True, 1.0, "7"]),
+    st.none() | st.sampled_from(["23505", "XX000", "40P01", "ABCDE\n", "abcde", "2350", "É2350", 23505]),
+).map(lambda t: (t[0], t[1], t[2], t[2] + t[3], t[4], t[5], t[6]))
+odd_item = st.sampled_from(
+    [
+        (TEMPLATES[0], None, 1.0),  # not a Completed
+        [TEMPLATES[0], None, 1.0, 2.0, 0, 1, None],  # a list, not a tuple
+        (TEMPLATES[0], None, 1, 2, 0, 1, None),  # int clock readings
+        (TEMPLATES[0], None, 1.0, None, 0, 1, None),
+        (object(), None, 1.0, 2.0, 0, 1, None),
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(batch=st.lists(item | odd_item, max_size=12))
+def test_the_c_loop_writes_what_the_python_loop_writes(batch: list[Any]) -> None:
+    out = _same(batch)
+    for record in out:
+        assert mac_ok(KEY, json.loads(record.data))
+
+
+def test_the_c_loop_takes_the_usual_batch_without_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inserts, lookups (one column, known key), failures and refusals: all in C."""
+    Chain(KEY, "warm").append_completed_many([(TEMPLATES[0], {EMAIL: [INDEX]}, 1.0, 1.5, 0, 1, None)], [])
+
+    def refuse(*args: object) -> list[Exception]:
+        raise AssertionError("handed to the Python loop")
+
+    items: list[Any] = [
+        (TEMPLATES[1], None, 10.0, 10.25, 1_700_000_000_123_456_789, 1, None),
+        (TEMPLATES[0], {EMAIL: [INDEX, INDEX[::-1]]}, 10.0, 10.001, 1_700_000_000_123_456_789, 0, None),
+        (TEMPLATES[0], {EMAIL: ["alice@example.com"]}, 10.0, 10.001, 1_700_000_000_000_000_000, 0, None),
+        (TEMPLATES[1], None, 10.0, 10.5, 1_700_000_000_000_000_000, None, "23505"),
+        (TEMPLATES[1], None, 10.0, 9.0, 1_700_000_000_000_000_000, 1, None),
+        (TEMPLATES[2], None, 10.0, 10.5, 1_700_000_000_000_000_000, 1, None),
+    ]
+    expected = _same(items)
+    chain, out = _chain("w0-core"), []
+    monkeypatch.setattr(Chain, "_completed_in_python", refuse)
+    refused = chain.append_completed_many(items, out)
+    assert [type(e) for e in refused] == [InvalidEventError, InvalidEventError, UnicodeEncodeError]
+    assert "alice" not in str(refused[0])
+    assert [r.seq for r in out] == [1, 2, 3]
+    got = [json.loads(r.data) for r in out]
+    assert [g["rows"] for g in got] == [1, 0, None] and got[2]["sqlstate"] == "23505"
+    assert got[1]["lookups"] == {EMAIL: [INDEX, INDEX[::-1]]}
+    assert [r.data.count(b"\n") for r in out] == [1, 1, 1] and len(out) == len(expected)
+    assert verify([("trail", [r.line for r in out] + [chain.seal("shutdown").line])], KEY).ok  # type: ignore[arg-type]
+
+
+def test_records_made_in_c_are_chained_records() -> None:
+    chain = _chain("w0-rec")
+    out: list[ChainedRecord] = []
+    chain.append_completed_many([(TEMPLATES[0], {EMAIL: [INDEX]}, 1.0, 1.5, 0, 3, None)], out)
+    (record,) = out
+    assert type(record) is ChainedRecord
+    assert record.line == record.data[:-1].decode() and record.record["rows"] == 3
+    assert record.record["ts"] == record.ts == "1970-01-01T00:00:00.000000Z"
+    assert (record.seq, record.type, record.chain, record.record["mac"]) == (1, "statement", "w0-rec", record.mac)
+    record.mac = "changed"  # the fields stay plain, writable attributes (tests tamper with them)
+    assert record.mac == "changed"
+    del out, record
+    gc.collect()
+
+
+def test_a_sqlstate_or_lookup_ending_in_a_newline_is_refused() -> None:
+    """``$`` in the old patterns matched before a final newline, which a line cannot hold."""
+    chain = _chain("w0-nl")
+    out: list[ChainedRecord] = []
+    refused = chain._completed_in_python(
+        [
+            (TEMPLATES[1], None, 1.0, 1.5, 0, None, "ABCDE\n"),
+            (TEMPLATES[0], {EMAIL: [INDEX + "\n"]}, 1.0, 1.5, 0, 1, None),
+        ],
+        out,
+    )
+    assert [str(e) for e in refused] == [
+        "statement event: invalid value for field 'sqlstate'",
+        "statement event: invalid value for field 'lookups'",
+    ]
+    assert out == []
+
+
+@pytest.mark.parametrize("key", [bytes(range(16)), bytes(range(64)), bytes(range(65)), bytes(range(200))])
+@pytest.mark.parametrize("message", [b"", b"{}", b"x" * 55, b"x" * 64, "é☃𝄞".encode() * 300])
+def test_the_c_hmac_is_hmac_sha256(key: bytes, message: bytes) -> None:
+    """Keys past the 64-byte block are hashed first (RFC 2104), as hmac.new does."""
+    assert chain_module._core.Hmac(key).hexdigest(message) == hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def test_records_are_not_tracked_by_the_garbage_collector() -> None:
+    out: list[ChainedRecord] = []
+    _chain("w0-gc").append_completed_many([(TEMPLATES[0], None, 1.0, 1.5, 0, 3, None)], out)
+    assert not gc.is_tracked(out[0])
