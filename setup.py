@@ -1,12 +1,16 @@
-"""The C part of pgcloak: the audit chain's per-event loop (pgcloak/audit/_chain_core.c).
+"""The C parts of pgcloak, the audit trail's per-statement work: the chain's per-event
+loop (pgcloak/audit/_chain_core.c) and a session's usual reply
+(pgcloak/session/_reply_core.c).
 
-It needs a C compiler, Python's headers and OpenSSL's (Debian: libssl-dev). Optional:
-where it cannot be compiled, pgcloak installs and runs with the same loop in Python
-(pgcloak/audit/chain.py), which writes the same bytes, only slower.
+They need a C compiler, Python's headers and OpenSSL's (Debian: libssl-dev). Optional:
+where they cannot be compiled, pgcloak installs and runs the same code in Python
+(chain.py, auditing.py), which writes the same bytes, only slower.
 Everything else is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
+
+FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
 
 setup(
     ext_modules=[
@@ -15,7 +19,13 @@ setup(
             ["proxy/pgcloak/audit/_chain_core.c"],
             optional=True,
             libraries=["crypto"],  # OpenSSL's SHA-256, as hashlib's
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-Wno-unused-parameter"],
-        )
+            extra_compile_args=FLAGS,
+        ),
+        Extension(
+            "pgcloak.session._reply_core",
+            ["proxy/pgcloak/session/_reply_core.c"],
+            optional=True,
+            extra_compile_args=FLAGS,
+        ),
     ]
 )

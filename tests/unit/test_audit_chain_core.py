@@ -206,3 +206,50 @@ def test_records_are_not_tracked_by_the_garbage_collector() -> None:
     out: list[ChainedRecord] = []
     _chain("w0-gc").append_completed_many([(TEMPLATES[0], None, 1.0, 1.5, 0, 3, None)], out)
     assert not gc.is_tracked(out[0])
+
+
+def test_what_python_code_does_during_a_batch_cannot_pull_the_template_from_under_it() -> None:
+    """Drawing event ids runs Python code in the middle of an item; here it gives the
+    template new parts (freeing the old ones). The item is written with the parts it
+    started with (found by review: the C loop had borrowed them)."""
+    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 2", columns_read=[EMAIL])
+    template.parts = tuple((p + "\x01")[:-1] for p in template.parts)  # held by the template alone
+    first = template.parts
+
+    class Ids:
+        __slots__ = ("pool", "pos")
+
+        def __init__(self) -> None:
+            self.pool, self.pos = "", 0
+
+        def draw(self) -> str:
+            template.parts = tuple((p + "\x01")[:-1] for p in template.parts)
+            junk = [tuple(range(i, i + 11)) for i in range(2100)]  # reuse the freed tuple's memory
+            del junk
+            return "ab" * 4096
+
+    chain = Chain(KEY, "w0-parts")
+    chain._ids = Ids()  # type: ignore[assignment]
+    out: list[ChainedRecord] = []
+    assert chain.append_completed_many([(template, None, 1.0, 1.5, 0, 1, None)], out) == []
+    assert out[0].data.startswith(first[0].encode()) and mac_ok(KEY, json.loads(out[0].data))
+
+
+def test_edge_cases_found_by_review_match_the_python_loop() -> None:
+    odd_key = "public.users.em\udcffail"  # a key id that cannot be written: refused, not the batch's end
+    items: list[Any] = [(TEMPLATES[0], {odd_key: [INDEX]}, 1.0, 1.5, 0, 1, None)] * 2
+    items.append((TEMPLATES[0], {EMAIL: [INDEX]}, 1.0, 1.5, 0, 1, None))
+    assert len(_same(items)) == 1
+    for seq in (2**63 - 1, 2**63):  # past 64 bits: Python's, the same bytes
+        c_chain, p_chain = Chain(KEY, "w0-big", next_seq=seq), Chain(KEY, "w0-big", next_seq=seq)
+        c_out: list[ChainedRecord] = []
+        p_out: list[ChainedRecord] = []
+        batch = [(TEMPLATES[1], None, 1.0, 1.5, 0, 1, None)] * 2
+        c_chain.append_completed_many(batch, c_out)
+        p_chain._completed_in_python(batch, p_out)
+        assert [r.seq for r in c_out] == [seq, seq + 1] == [r.seq for r in p_out]
+        assert json.loads(c_out[1].data)["seq"] == seq + 1 and mac_ok(KEY, json.loads(c_out[1].data))
+    with pytest.raises(ValueError, match="start"):
+        chain_module._core.chain_completed(_chain("w0-x"), [], -1, [], [])
+    with pytest.raises(TypeError):
+        chain_module._core.configure(chain_module._core.Record, InvalidEventError, set(), {}, "x")

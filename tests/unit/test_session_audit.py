@@ -10,14 +10,27 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from pgcloak.audit.chain import Chain
 from pgcloak.audit.events import InvalidEventError, SessionInfo
-from pgcloak.audit.templates import Completed
+from pgcloak.audit.templates import Completed, StatementTemplate
+from pgcloak.crypto.envelope import ENVELOPE_PREFIX
 from pgcloak.crypto.keyring import Keyring
 from pgcloak.crypto.keys import MasterKey
 from pgcloak.policy import parse_policy
-from pgcloak.session.auditing import REPLY_ENDS, SessionAudit
+from pgcloak.session import auditing
+from pgcloak.session.auditing import (
+    _SKIP_EXECUTE,
+    _SKIP_QUERY,
+    _SYNC,
+    REPLY_ENDS,
+    SessionAudit,
+    _Slow,
+    _Unit,
+    _Watched,
+)
 from pgcloak.session.protection import Protection
 from pgcloak.session.rewriter import Rewriter
 from pgcloak.wire.framing import scan_marked
@@ -267,3 +280,94 @@ def test_lookups_that_are_not_blind_index_values_never_reach_the_trail(
     assert rec.events == [] and "alice" not in str(refused.value)
 
 
+
+
+# -- the usual reply in C (pgcloak/session/_reply_core.c) against SessionAudit._one_reply --
+
+QUEUED = [
+    ("templated", True),
+    ("templated", False),
+    ("watched", False),
+    ("watched-seen", False),
+    ("slow", False),
+    ("skipped", False),
+]
+
+
+def _twin_audits(head: str, simple: bool, rows: int | None, tail: str) -> tuple[SessionAudit, list[Completed]]:
+    """A SessionAudit with one unit queued (and what follows it), and what it emits."""
+    emitted: list[Completed] = []
+
+    class Log:
+        full, healthy = False, True
+
+        def emit(self, event: dict[str, Any]) -> None:
+            raise AssertionError("not on this path")
+
+        def emit_statement(self, completed: Completed) -> None:
+            emitted.append(completed)
+
+    audit = SessionAudit(Log(), lambda: INFO, "pii")  # type: ignore[arg-type]
+    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
+    recipe: Any = {
+        "templated": template,
+        "watched": _Watched(None),  # type: ignore[arg-type]
+        "watched-seen": _Watched(None),  # type: ignore[arg-type]
+        "slow": _Slow(None),  # type: ignore[arg-type]
+        "skipped": None,
+    }[head]
+    unit = _Unit(recipe, {"public.users.email": ["x" * 22]}, simple)
+    unit.started = 12.5
+    unit.rows = rows
+    if head == "watched-seen":
+        unit.keys = {"public.users.email"}
+    audit._units.append(unit)
+    for extra in tail:
+        audit._units.append({"S": _SYNC, "Q": _SKIP_QUERY, "E": _SKIP_EXECUTE}[extra])
+    return audit, emitted
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    queued=st.sampled_from(QUEUED),
+    rows=st.none() | st.just(2),
+    tail=st.sampled_from(["", "S", "SS", "E", "Q", "ES"]),
+    replies=st.lists(
+        st.sampled_from(["parsed", "bound", "row", "envelope-row", "complete", "ready", "error", "empty", "suspended"]),
+        min_size=1,
+        max_size=4,
+    ),
+    tag=st.sampled_from(["SELECT 3", "INSERT 0 1", "SELECT", "UPDATE 99999999999999999999999", "", "SELECT x1", "COPY 5", "SELECT ٣"]),
+    tail_rows=st.integers(0, 3),
+)
+def test_the_usual_reply_in_c_decides_and_emits_what_python_does(
+    queued: tuple[str, bool], rows: int | None, tail: str, replies: list[str], tag: str, tail_rows: int
+) -> None:
+    assert auditing._one_reply is not SessionAudit._one_reply, "the C reply is not built"
+    messages = {
+        "parsed": ParseComplete(),
+        "bound": BindComplete(),
+        "row": DataRow((b"1",)),
+        "envelope-row": DataRow((ENVELOPE_PREFIX + b"abc",)),
+        "complete": CommandComplete(tag),
+        "ready": ReadyForQuery("I"),
+        "error": ErrorResponse((("S", "ERROR"), ("C", "23505"), ("M", "x"))),
+        "empty": EmptyQueryResponse(),
+        "suspended": PortalSuspended(),
+    }
+    chunk = b"".join(messages[r].encode() for r in replies)
+    _, marks, _rows = scan_marked(chunk, 1 << 30, REPLY_ENDS | frozenset(b"13G"))
+    assume(2 <= len(marks) <= 3)  # backend() asks the fast path only then
+    head, simple = queued
+    c_audit, c_emitted = _twin_audits(head, simple, rows, tail)
+    py_audit, py_emitted = _twin_audits(head, simple, rows, tail)
+    done = auditing._one_reply(c_audit, chunk, marks, tail_rows)
+    assert done == py_audit._one_reply(chunk, marks, tail_rows)
+    assert list(c_audit._units) == [] if done else len(c_audit._units) == len(py_audit._units)
+    assert (c_audit._returned, len(c_audit._units)) == (py_audit._returned, len(py_audit._units))
+    assert len(c_emitted) == len(py_emitted)
+    for got, want in zip(c_emitted, py_emitted, strict=True):
+        # (template, lookups, started, ended, wall, rows, sqlstate): the clocks read again
+        assert (got[0], got[1], got[2], got[5], got[6]) == (want[0], want[1], want[2], want[5], want[6])
+        assert got[3] >= got[2] and abs(got[4] - want[4]) < 10**9
+        assert type(got[5]) is type(want[5])

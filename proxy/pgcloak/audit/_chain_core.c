@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -217,8 +218,8 @@ configure(PyObject *module, PyObject *args)
                           &PySet_Type, &ko, &PyDict_Type, &kj, &fr)) {
         return NULL;
     }
-    if (!PyType_IsSubtype((PyTypeObject *)rt, &RecordType)) {
-        PyErr_SetString(PyExc_TypeError, "the record type must derive from Record");
+    if (!PyType_IsSubtype((PyTypeObject *)rt, &RecordType) || !PyType_IS_GC((PyTypeObject *)rt)) {
+        PyErr_SetString(PyExc_TypeError, "the record type must be a Python subclass of Record");
         return NULL;
     }
     Py_INCREF(rt);
@@ -338,6 +339,16 @@ add_lookups(Buf *b, PyObject *lookups)
     if (!PyUnicode_CheckExact(quoted)) {
         return 0;
     }
+    /* Text that cannot be encoded (a lone surrogate): Python refuses it, in its order. */
+    Py_ssize_t quoted_len;
+    const char *quoted_utf8 = PyUnicode_AsUTF8AndSize(quoted, &quoted_len);
+    if (quoted_utf8 == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            return -2;
+        }
+        PyErr_Clear();
+        return 0;
+    }
     Py_ssize_t n = PyList_GET_SIZE(values);
     for (Py_ssize_t j = 0; j < n; j++) {
         if (!lookup_value_ok(PyList_GET_ITEM(values, j))) {
@@ -345,7 +356,7 @@ add_lookups(Buf *b, PyObject *lookups)
             return -1;
         }
     }
-    if (buf_add(b, "{", 1) < 0 || buf_add_str(b, quoted) < 0 || buf_add(b, ":[", 2) < 0) {
+    if (buf_add(b, "{", 1) < 0 || buf_add(b, quoted_utf8, quoted_len) < 0 || buf_add(b, ":[", 2) < 0) {
         return -2;
     }
     for (Py_ssize_t j = 0; j < n; j++) {
@@ -372,11 +383,13 @@ second_text(long long sec)
         PyErr_SetString(PyExc_OverflowError, "timestamp out of range for platform time_t");
         return -1;
     }
-    size_t n = strftime(cached_second_text, sizeof cached_second_text, "%Y-%m-%dT%H:%M:%S.", &tm);
+    char text[sizeof cached_second_text];
+    size_t n = strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S.", &tm);
     if (n == 0) {
         PyErr_SetString(PyExc_ValueError, "timestamp cannot be formatted");
         return -1;
     }
+    memcpy(cached_second_text, text, n);
     cached_second = sec;
     cached_second_len = (Py_ssize_t)n;
     cached_second_set = 1;
@@ -411,7 +424,8 @@ floor_div(long long a, long long b)
     return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
 }
 
-/* The item's values if it is a plain Completed tuple, else 0 (left to Python). */
+/* The item's values if it is a plain Completed tuple: 1 (it->parts is then a new
+ * reference), 0 (not plain: left to Python) or -1 (an error). */
 typedef struct {
     PyObject *parts;    /* borrowed from the template (kept alive by the item) */
     PyObject *lookups;
@@ -428,25 +442,28 @@ plain_item(PyObject *item, Item *it)
         return 0;
     }
     PyObject *template = PyTuple_GET_ITEM(item, 0);
+    /* A reference of our own: Python code runs before the parts are used (an event id
+     * draw), and nothing stops it from giving the template other parts. */
     PyObject *parts = PyObject_GetAttr(template, s_parts);
     if (parts == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
         PyErr_Clear();
         return 0;
     }
-    /* The template holds its parts; the tuple holds the template. */
-    Py_DECREF(parts);
-    if (!PyTuple_CheckExact(parts) || PyTuple_GET_SIZE(parts) != 11) {
-        return 0;
+    int plain = PyTuple_CheckExact(parts) && PyTuple_GET_SIZE(parts) == 11;
+    for (Py_ssize_t i = 0; plain && i < 11; i++) {
+        plain = PyUnicode_CheckExact(PyTuple_GET_ITEM(parts, i));
     }
-    for (Py_ssize_t i = 0; i < 11; i++) {
-        if (!PyUnicode_CheckExact(PyTuple_GET_ITEM(parts, i))) {
-            return 0;
-        }
+    if (plain) {
+        /* The line's last byte, its closing brace, is where the mac goes. */
+        PyObject *last = PyTuple_GET_ITEM(parts, 10);
+        Py_ssize_t last_len = PyUnicode_GET_LENGTH(last);
+        plain = last_len > 0 && PyUnicode_READ_CHAR(last, last_len - 1) == '}';
     }
-    /* The line's last byte, its closing brace, is where the mac goes. */
-    PyObject *last = PyTuple_GET_ITEM(parts, 10);
-    Py_ssize_t last_len = PyUnicode_GET_LENGTH(last);
-    if (last_len == 0 || PyUnicode_READ_CHAR(last, last_len - 1) != '}') {
+    if (!plain) {
+        Py_DECREF(parts);
         return 0;
     }
     PyObject *lookups = PyTuple_GET_ITEM(item, 1);
@@ -457,21 +474,18 @@ plain_item(PyObject *item, Item *it)
     PyObject *sqlstate = PyTuple_GET_ITEM(item, 6);
     if ((lookups != Py_None && !PyDict_CheckExact(lookups)) || !PyFloat_CheckExact(started) ||
         !PyFloat_CheckExact(ended) || !PyLong_CheckExact(wall)) {
+        Py_DECREF(parts);
         return 0;
     }
     int overflow = 0;
     long long ns = PyLong_AsLongLongAndOverflow(wall, &overflow);
-    if (overflow || (ns == -1 && PyErr_Occurred())) {
-        PyErr_Clear();
-        return 0;
-    }
     /* A row count past 64 bits is left to Python (str() of any int). */
-    if (rows != Py_None && PyLong_CheckExact(rows)) {
-        long long r = PyLong_AsLongLongAndOverflow(rows, &overflow);
-        if (overflow || (r == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return 0;
-        }
+    if (!overflow && rows != Py_None && PyLong_CheckExact(rows)) {
+        (void)PyLong_AsLongLongAndOverflow(rows, &overflow);
+    }
+    if (overflow) {
+        Py_DECREF(parts);
+        return 0;
     }
     it->parts = parts;
     it->lookups = lookups;
@@ -701,11 +715,18 @@ chain_one(State *st, Item *it, Buf *b, Buf *lk, PyObject *out, PyObject *refused
     return 1;
 
 refuse:
-    if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError) ||
-        PyErr_ExceptionMatches(PyExc_AttributeError) || PyErr_ExceptionMatches(PyExc_OverflowError)) {
+    {
+        /* As the Python loop: these refuse the item, anything else ends the batch. */
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyErr_NormalizeException(&type, &value, &tb);
+        if (!PyErr_GivenExceptionMatches(type, PyExc_TypeError) &&
+            !PyErr_GivenExceptionMatches(type, PyExc_ValueError) &&
+            !PyErr_GivenExceptionMatches(type, PyExc_AttributeError) &&
+            !PyErr_GivenExceptionMatches(type, PyExc_OverflowError)) {
+            PyErr_Restore(type, value, tb);
+            return -1;
+        }
         if (tb != NULL) {
             PyException_SetTraceback(value, tb);
         }
@@ -715,11 +736,10 @@ refuse:
         Py_XDECREF(tb);
         return appended < 0 ? -1 : 0;
     }
-    return -1;
 #undef REFUSE
 }
 
-/* Read a chain's state; 0 ok, -1 error. */
+/* Read a chain's state; 0 ok, 1 not one for C (left to Python), -1 error. */
 static int
 read_state(PyObject *chain, State *st)
 {
@@ -728,18 +748,21 @@ read_state(PyObject *chain, State *st)
     if (seq == NULL) {
         return -1;
     }
-    st->seq = PyLong_AsLongLong(seq);
+    int overflow = 0;
+    st->seq = PyLong_AsLongLongAndOverflow(seq, &overflow);
     Py_DECREF(seq);
     if (st->seq == -1 && PyErr_Occurred()) {
         return -1;
     }
+    if (overflow || st->seq < 0) {
+        return 1;  /* a sequence number past 64 bits: Python's */
+    }
     st->first = st->seq;
-    st->prev = PyObject_GetAttr(chain, s_prev);
-    st->ids = PyObject_GetAttr(chain, s_ids);
-    st->chain_json = PyObject_GetAttr(chain, s_chain_json);
-    st->chain_id = PyObject_GetAttr(chain, s_chain_id);
-    st->hmac = PyObject_GetAttr(chain, s_hmac);
-    if (!st->prev || !st->ids || !st->chain_json || !st->chain_id || !st->hmac) {
+    if ((st->prev = PyObject_GetAttr(chain, s_prev)) == NULL ||
+        (st->ids = PyObject_GetAttr(chain, s_ids)) == NULL ||
+        (st->chain_json = PyObject_GetAttr(chain, s_chain_json)) == NULL ||
+        (st->chain_id = PyObject_GetAttr(chain, s_chain_id)) == NULL ||
+        (st->hmac = PyObject_GetAttr(chain, s_hmac)) == NULL) {
         return -1;
     }
     if (!PyObject_TypeCheck(st->hmac, &HmacType)) {
@@ -760,6 +783,10 @@ read_state(PyObject *chain, State *st)
     st->pos = PyLong_AsSsize_t(pos);
     Py_DECREF(pos);
     if (st->pos == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (st->pos < 0) {
+        PyErr_SetString(PyExc_ValueError, "the event id pool's position is negative");
         return -1;
     }
     if (!PyUnicode_CheckExact(st->pool) || !PyUnicode_IS_ASCII(st->pool)) {
@@ -837,10 +864,15 @@ chain_completed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (i == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    State st;
-    if (read_state(chain, &st) < 0) {
-        free_state(&st);
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "start must not be negative");
         return NULL;
+    }
+    State st;
+    int state = read_state(chain, &st);
+    if (state != 0) {
+        free_state(&st);
+        return state < 0 ? NULL : PyLong_FromSsize_t(i);
     }
     Buf b = {0}, lk = {0};
     int failed = 0;
@@ -848,7 +880,13 @@ chain_completed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *item = PyList_GET_ITEM(items, i);
         Py_INCREF(item);
         Item it;
-        int rc = plain_item(item, &it) ? chain_one(&st, &it, &b, &lk, out, refused) : 2;
+        int rc = plain_item(item, &it);
+        if (rc == 1) {
+            rc = st.seq < LLONG_MAX ? chain_one(&st, &it, &b, &lk, out, refused) : 2;
+            Py_DECREF(it.parts);
+        } else if (rc == 0) {
+            rc = 2;
+        }
         Py_DECREF(item);
         if (rc == 2) {
             break;

@@ -371,9 +371,9 @@ class Chain:
         reference, chains that one. Both write the same bytes
         (tests/unit/test_audit_chain_core.py).
         """
-        if _core is None:
-            return self._completed_in_python(items, out)
-        batch = items if type(items) is list else list(items)
+        if _core is None or type(items) is not list or type(out) is not list:
+            return self._completed_in_python(items, out)  # (the writer's are lists)
+        batch = items
         refused: list[Exception] = []
         done, count = 0, len(batch)
         while True:

@@ -26,9 +26,11 @@ session's boundary walk lists where each reply ends.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from time import monotonic, time_ns
 from typing import TypedDict
 
@@ -206,6 +208,9 @@ class SessionAudit:
         self.ignored_syncs: deque[int] = deque()
         #: Whether a key id is a protected column's (values of watched statements).
         self.is_column_key: Callable[[str], bool] = _no_column
+        #: A Sync or FunctionCall: the server answers it with one ReadyForQuery. (A
+        #: partial of the deque's own append: no Python frame for the most frequent call.)
+        self.sync: Callable[[], None] = partial(self._units.append, _SYNC)
 
     def switch(self, log: AuditLog, mode: StatementsMode) -> None:
         """From now on, write to ``log`` and record ``mode``'s statements (a policy reload)."""
@@ -287,10 +292,6 @@ class SessionAudit:
         else:
             self._units.append(_Unit(found[0], found[1], False, found[2], found[3]))
 
-    def sync(self) -> None:
-        """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
-        self._units.append(_SYNC)
-
     def refused(
         self, plan: Plan | None, sqlstate: str, reason: str, lookups: dict[str, list[str]] | None = None
     ) -> None:
@@ -317,7 +318,7 @@ class SessionAudit:
         result it was.
         """
         units = self._units
-        if 2 <= len(marks) <= 3 and units and not cut_short and self._one_reply(chunk, marks, tail_rows):
+        if 2 <= len(marks) <= 3 and units and not cut_short and _one_reply(self, chunk, marks, tail_rows):
             return
         returned = self._returned
         seg = 0  # where the replies before the next mark start
@@ -541,3 +542,17 @@ def sqlstate_of(body: bytes) -> str | None:
             return body[pos + 1 : end].decode("ascii", "replace")
         pos = end + 1
     return None
+
+
+#: SessionAudit._one_reply, in C where it is built (pgcloak/session/_reply_core.c: the
+#: same decisions and event, tests/unit/test_session_audit.py); PGCLOAK_PURE_PYTHON=1
+#: keeps the Python one.
+_one_reply: Callable[[SessionAudit, bytes, list[Mark], int], bool] = SessionAudit._one_reply
+if not os.environ.get("PGCLOAK_PURE_PYTHON"):
+    try:
+        from pgcloak.session import _reply_core
+    except ImportError:  # not compiled here
+        pass
+    else:
+        _reply_core.configure(StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns)
+        _one_reply = _reply_core.one_reply
