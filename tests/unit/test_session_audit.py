@@ -371,3 +371,21 @@ def test_the_usual_reply_in_c_decides_and_emits_what_python_does(
         assert (got[0], got[1], got[2], got[5], got[6]) == (want[0], want[1], want[2], want[5], want[6])
         assert got[3] >= got[2] and abs(got[4] - want[4]) < 10**9
         assert type(got[5]) is type(want[5])
+
+
+def test_reply_completes_the_usual_reply_and_hands_anything_else_to_backend(
+    session: tuple[Rewriter, SessionAudit, Recorder],
+) -> None:
+    """SessionAudit.reply is what the session calls when nothing was cut short: the usual
+    whole reply in one step, a split one (here: the rows, then the rest) by the walk."""
+    rw, audit, rec = session
+    _prepare(rw, audit, "look", LOOKUP)
+    for split in (False, True):
+        _send(rw, Bind("", "look", (), (b"a@example.com",), ()), Execute(""), Sync())
+        chunks = [BindComplete().encode() + DataRow((b"1",)).encode(), CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode()]
+        for chunk in chunks if split else [b"".join(chunks)]:
+            end, marks, tail_rows = scan_marked(chunk, 1 << 30, REPLY_ENDS)
+            assert end == len(chunk)
+            audit.reply(chunk, marks, tail_rows)
+    assert not audit.pending
+    assert [(e["kind"], e["rows"]) for e in rec.events] == [("select", 1), ("select", 1)]

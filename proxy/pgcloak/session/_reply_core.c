@@ -24,7 +24,7 @@ static PyObject *envelope_prefix = NULL; /* crypto.envelope.ENVELOPE_PREFIX (byt
 static PyObject *monotonic = NULL;       /* time.monotonic */
 static PyObject *time_ns = NULL;         /* time.time_ns */
 
-static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear;
+static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear, *s_backend;
 static PyObject *s_recipe, *s_keys, *s_simple, *s_rows, *s_lookups, *s_started;
 
 enum { PARSE_COMPLETE = '1', COMMAND_COMPLETE = 'C', READY = 'Z' };
@@ -267,10 +267,35 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(reply_doc,
+"reply(audit, chunk, marks, tail_rows) -> None\n\n"
+"SessionAudit.reply: the usual reply by one_reply, anything else by audit.backend().");
+
+static PyObject *
+reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "reply takes 4 arguments");
+        return NULL;
+    }
+    if (PyList_CheckExact(args[2]) && PyList_GET_SIZE(args[2]) >= 2 && PyList_GET_SIZE(args[2]) <= 3) {
+        PyObject *done = one_reply(module, args, 4);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+        if (done == Py_True) {
+            Py_RETURN_NONE;
+        }
+    }
+    return PyObject_CallMethodObjArgs(args[0], s_backend, args[1], args[2], args[3], NULL);
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
      "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns)"},
     {"one_reply", (PyCFunction)(void (*)(void))one_reply, METH_FASTCALL, one_reply_doc},
+    {"reply", (PyCFunction)(void (*)(void))reply, METH_FASTCALL, reply_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -298,6 +323,7 @@ PyInit__reply_core(void)
     INTERN(s_log, "log");
     INTERN(s_emit_statement, "emit_statement");
     INTERN(s_clear, "clear");
+    INTERN(s_backend, "backend");
     INTERN(s_recipe, "recipe");
     INTERN(s_keys, "keys");
     INTERN(s_simple, "simple");

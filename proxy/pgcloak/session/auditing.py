@@ -211,6 +211,13 @@ class SessionAudit:
         #: A Sync or FunctionCall: the server answers it with one ReadyForQuery. (A
         #: partial of the deque's own append: no Python frame for the most frequent call.)
         self.sync: Callable[[], None] = partial(self._units.append, _SYNC)
+        #: Truthy while statements wait for the server's replies (the queue itself: read
+        #: after every chunk the server sends, so no property call).
+        self.pending: deque[_Unit] = self._units
+        #: The server's replies in ``chunk`` when pgcloak cut no result short: the usual
+        #: one (one statement's whole reply) completed at once, in C where built, anything
+        #: else by :meth:`backend`.
+        self.reply: Callable[[bytes, list[Mark], int], None] = partial(_reply, self)
 
     def switch(self, log: AuditLog, mode: StatementsMode) -> None:
         """From now on, write to ``log`` and record ``mode``'s statements (a policy reload)."""
@@ -225,10 +232,6 @@ class SessionAudit:
             self.log.emit(event)
         except Exception as exc:
             log.error("audit event rejected", extra={"error": type(exc).__name__, "detail": str(exc)})
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._units)
 
     def _wanted(self, plan: Plan) -> bool:
         kind = plan.audit.kind
@@ -544,10 +547,16 @@ def sqlstate_of(body: bytes) -> str | None:
     return None
 
 
-#: SessionAudit._one_reply, in C where it is built (pgcloak/session/_reply_core.c: the
-#: same decisions and event, tests/unit/test_session_audit.py); PGCLOAK_PURE_PYTHON=1
-#: keeps the Python one.
+def _python_reply(audit: SessionAudit, chunk: bytes, marks: list[Mark], tail_rows: int) -> None:
+    """SessionAudit.reply without the C module."""
+    audit.backend(chunk, marks, tail_rows)
+
+
+#: SessionAudit._one_reply and .reply, in C where it is built
+#: (pgcloak/session/_reply_core.c: the same decisions and event,
+#: tests/unit/test_session_audit.py); PGCLOAK_PURE_PYTHON=1 keeps the Python ones.
 _one_reply: Callable[[SessionAudit, bytes, list[Mark], int], bool] = SessionAudit._one_reply
+_reply: Callable[[SessionAudit, bytes, list[Mark], int], None] = _python_reply
 if not os.environ.get("PGCLOAK_PURE_PYTHON"):
     try:
         from pgcloak.session import _reply_core
@@ -556,3 +565,4 @@ if not os.environ.get("PGCLOAK_PURE_PYTHON"):
     else:
         _reply_core.configure(StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns)
         _one_reply = _reply_core.one_reply
+        _reply = _reply_core.reply

@@ -1089,11 +1089,15 @@ class Session:
             if rewriter.to_server:
                 self._flush_to_server()
         audit = self._audit
-        if audit is not None and (audit.pending or rewriter.cut_short):
+        if audit is not None:
             # After the results were decided: a result cut short is the statement's the
             # trail completes from these same replies (as the server sent them).
-            audit.backend(received, marks, tail_rows, rewriter.cut_short)
-            rewriter.cut_short.clear()
+            cut_short = rewriter.cut_short
+            if cut_short:
+                audit.backend(received, marks, tail_rows, cut_short)
+                cut_short.clear()
+            elif audit.pending:
+                audit.reply(received, marks, tail_rows)
         self._bytes_rewritten += len(data)
         transport.write(data)
 
