@@ -282,16 +282,18 @@ def test_lookups_that_are_not_blind_index_values_never_reach_the_trail(
 
 
 
-# -- the usual reply in C (pgcloak/session/_reply_core.c) against SessionAudit._one_reply --
+# -- the per-statement calls in C (pgcloak/session/_reply_core.c) against the Python ones --
 
 QUEUED = [
     ("templated", True),
+    ("templated", False),
     ("templated", False),
     ("watched", False),
     ("watched-seen", False),
     ("slow", False),
     ("skipped", False),
 ]
+TEMPLATE = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
 
 
 def _twin_audits(head: str, simple: bool, rows: int | None, tail: str) -> tuple[SessionAudit, list[Completed]]:
@@ -308,9 +310,8 @@ def _twin_audits(head: str, simple: bool, rows: int | None, tail: str) -> tuple[
             emitted.append(completed)
 
     audit = SessionAudit(Log(), lambda: INFO, "pii")  # type: ignore[arg-type]
-    template = StatementTemplate(INFO, kind="select", fingerprint="SELECT 1")
     recipe: Any = {
-        "templated": template,
+        "templated": TEMPLATE,
         "watched": _Watched(None),  # type: ignore[arg-type]
         "watched-seen": _Watched(None),  # type: ignore[arg-type]
         "slow": _Slow(None),  # type: ignore[arg-type]
@@ -327,16 +328,32 @@ def _twin_audits(head: str, simple: bool, rows: int | None, tail: str) -> tuple[
     return audit, emitted
 
 
-@settings(max_examples=400, deadline=None)
+REPLY_MESSAGES: dict[str, Any] = {
+    "parsed": ParseComplete(),
+    "bound": BindComplete(),
+    "row": DataRow((b"1",)),
+    "envelope-row": DataRow((ENVELOPE_PREFIX + b"abc",)),
+    "ready": ReadyForQuery("I"),
+    "error": ErrorResponse((("S", "ERROR"), ("C", "23505"), ("M", "x"))),
+    "empty": EmptyQueryResponse(),
+    "suspended": PortalSuspended(),
+}
+usual_reply = st.tuples(
+    st.sampled_from([[], ["parsed"], ["bound"], ["parsed", "bound"], ["error"]]),
+    st.lists(st.sampled_from(["row", "envelope-row"]), max_size=2),
+    st.sampled_from(
+        [["complete", "ready"]] * 4
+        + [["complete"], ["error", "ready"], ["empty", "ready"], ["suspended", "ready"], ["complete", "complete", "ready"]]
+    ),
+).map(lambda t: t[0] + t[1] + t[2])
+
+
+@settings(max_examples=500, deadline=None)
 @given(
     queued=st.sampled_from(QUEUED),
-    rows=st.none() | st.just(2),
-    tail=st.sampled_from(["", "S", "SS", "E", "Q", "ES"]),
-    replies=st.lists(
-        st.sampled_from(["parsed", "bound", "row", "envelope-row", "complete", "ready", "error", "empty", "suspended"]),
-        min_size=1,
-        max_size=4,
-    ),
+    rows=st.sampled_from([None, None, 2]),
+    tail=st.sampled_from(["usual"] * 6 + ["", "S", "SS", "E", "Q", "ES"]),  # usual: "S" after an Execute
+    replies=usual_reply,
     tag=st.sampled_from(["SELECT 3", "INSERT 0 1", "SELECT", "UPDATE 99999999999999999999999", "", "SELECT x1", "COPY 5", "SELECT ٣"]),
     tail_rows=st.integers(0, 3),
 )
@@ -344,33 +361,91 @@ def test_the_usual_reply_in_c_decides_and_emits_what_python_does(
     queued: tuple[str, bool], rows: int | None, tail: str, replies: list[str], tag: str, tail_rows: int
 ) -> None:
     assert auditing._one_reply is not SessionAudit._one_reply, "the C reply is not built"
-    messages = {
-        "parsed": ParseComplete(),
-        "bound": BindComplete(),
-        "row": DataRow((b"1",)),
-        "envelope-row": DataRow((ENVELOPE_PREFIX + b"abc",)),
-        "complete": CommandComplete(tag),
-        "ready": ReadyForQuery("I"),
-        "error": ErrorResponse((("S", "ERROR"), ("C", "23505"), ("M", "x"))),
-        "empty": EmptyQueryResponse(),
-        "suspended": PortalSuspended(),
-    }
+    messages = REPLY_MESSAGES | {"complete": CommandComplete(tag)}
     chunk = b"".join(messages[r].encode() for r in replies)
     _, marks, _rows = scan_marked(chunk, 1 << 30, REPLY_ENDS | frozenset(b"13G"))
     assume(2 <= len(marks) <= 3)  # backend() asks the fast path only then
     head, simple = queued
+    if tail == "usual":
+        tail = "" if simple else "S"
     c_audit, c_emitted = _twin_audits(head, simple, rows, tail)
     py_audit, py_emitted = _twin_audits(head, simple, rows, tail)
     done = auditing._one_reply(c_audit, chunk, marks, tail_rows)
     assert done == py_audit._one_reply(chunk, marks, tail_rows)
-    assert list(c_audit._units) == [] if done else len(c_audit._units) == len(py_audit._units)
     assert (c_audit._returned, len(c_audit._units)) == (py_audit._returned, len(py_audit._units))
-    assert len(c_emitted) == len(py_emitted)
+    assert len(c_emitted) == len(py_emitted) == (1 if done and head == "templated" else 0)
     for got, want in zip(c_emitted, py_emitted, strict=True):
-        # (template, lookups, started, ended, wall, rows, sqlstate): the clocks read again
-        assert (got[0], got[1], got[2], got[5], got[6]) == (want[0], want[1], want[2], want[5], want[6])
-        assert got[3] >= got[2] and abs(got[4] - want[4]) < 10**9
-        assert type(got[5]) is type(want[5])
+        # (template, lookups, started, ended, wall, rows, sqlstate): the clocks are read again
+        assert got[0] is want[0] is TEMPLATE and (got[1], got[2], got[5], got[6]) == (want[1], want[2], want[5], want[6])
+        assert got[3] >= got[2] and abs(got[4] - want[4]) < 10**9 and type(got[5]) is type(want[5])
+
+
+@pytest.mark.parametrize("parsed", [False, True])
+@pytest.mark.parametrize("simple", [False, True])
+def test_the_usual_reply_is_taken_in_c(parsed: bool, simple: bool) -> None:
+    chunk = (ParseComplete().encode() if parsed else b"") + CommandComplete("SELECT 7").encode() + ReadyForQuery("I").encode()
+    _, marks, _rows = scan_marked(chunk, 1 << 30, REPLY_ENDS | frozenset(b"13G"))
+    audit, emitted = _twin_audits("templated", simple, None, "" if simple else "S")
+    assert auditing._one_reply(audit, chunk, marks, 2) is True
+    assert not audit.pending and audit._returned == 2
+    ((template, lookups, started, ended, _wall, rows, sqlstate),) = emitted
+    assert (template, lookups, started, rows, sqlstate) == (TEMPLATE, {"public.users.email": ["x" * 22]}, 12.5, 7, None)
+    assert ended > started
+
+
+bind_step = st.tuples(
+    st.just("bind"),
+    st.sampled_from([b"", b"p1", b"p2"]),
+    st.sampled_from(["lookup", "plain", None]),
+    st.sampled_from([{}, {"public.users.email": ["x" * 22]}]),
+    st.sampled_from([None, "SELECT 1"]),
+)
+other_step = st.tuples(st.sampled_from(["execute", "close"]), st.sampled_from([b"", b"p1", b"p2", b"p3"]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(bind_step | other_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
+def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...]], max_portals: int) -> None:
+    assert auditing._bind is not SessionAudit._bind_py and auditing._execute is not SessionAudit._execute_py
+    protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
+    plans = {"lookup": protection.planner.plan(LOOKUP), "plain": protection.planner.plan(PLAIN), None: None}
+    twins = [SessionAudit(Recorder(), lambda: INFO, "pii") for _ in range(2)]  # type: ignore[arg-type]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(auditing, "_MAX_PORTALS", max_portals)
+        auditing._reply_core.configure(
+            StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, auditing.monotonic, auditing.time_ns,
+            _Unit, _SKIP_EXECUTE, max_portals,
+        )  # fmt: skip
+        try:
+            for audit, bind, execute in (
+                (twins[0], auditing._bind, auditing._execute),
+                (twins[1], SessionAudit._bind_py, SessionAudit._execute_py),
+            ):
+                for step in steps:
+                    if step[0] == "bind":
+                        bind(audit, step[1], plans[step[2]], step[3], step[4])
+                    elif step[0] == "execute":
+                        execute(audit, step[1])
+                    else:
+                        audit.close_portal(step[1])
+        finally:
+            auditing._reply_core.configure(
+                StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, auditing.monotonic, auditing.time_ns,
+                _Unit, _SKIP_EXECUTE, auditing._MAX_PORTALS,
+            )  # fmt: skip
+    c, py = twins
+
+    def portals(audit: SessionAudit) -> list[Any]:
+        return [(k, type(v[0]).__name__, v[1], v[2], v[3]) for k, v in audit._portals.items()]
+
+    def units(audit: SessionAudit) -> list[Any]:
+        return [
+            u if u is _SKIP_EXECUTE else (type(u.recipe).__name__, u.lookups, u.simple, u.plan, u.text, u.keys, u.rows, u.sqlstate)
+            for u in audit._units
+        ]
+
+    assert portals(c) == portals(py) and units(c) == units(py) and c.statements == py.statements
+    assert all(type(u) is _Unit and type(u.started) is float for u in c._units if u is not _SKIP_EXECUTE)
 
 
 def test_reply_completes_the_usual_reply_and_hands_anything_else_to_backend(

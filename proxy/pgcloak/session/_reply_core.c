@@ -15,8 +15,98 @@
 #define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
+/* ------------------------------------------------------------------ Unit */
+
+/* The fields of auditing._Unit (a Python subclass adds nothing but its __init__): a
+ * Query or an Execute waiting for the server's reply. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *recipe;
+    PyObject *lookups;
+    PyObject *simple;
+    PyObject *plan;
+    PyObject *text;
+    PyObject *keys;
+    PyObject *started;
+    PyObject *rows;
+    PyObject *sqlstate;
+} UnitObject;
+
+static int
+Unit_traverse(UnitObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->recipe);
+    Py_VISIT(self->lookups);
+    Py_VISIT(self->simple);
+    Py_VISIT(self->plan);
+    Py_VISIT(self->text);
+    Py_VISIT(self->keys);
+    Py_VISIT(self->started);
+    Py_VISIT(self->rows);
+    Py_VISIT(self->sqlstate);
+    return 0;
+}
+
+static int
+Unit_clear(UnitObject *self)
+{
+    Py_CLEAR(self->recipe);
+    Py_CLEAR(self->lookups);
+    Py_CLEAR(self->simple);
+    Py_CLEAR(self->plan);
+    Py_CLEAR(self->text);
+    Py_CLEAR(self->keys);
+    Py_CLEAR(self->started);
+    Py_CLEAR(self->rows);
+    Py_CLEAR(self->sqlstate);
+    return 0;
+}
+
+static void
+Unit_dealloc(UnitObject *self)
+{
+    /* Instances are of auditing._Unit, a heap subtype: its subtype_dealloc untracks
+     * before and releases the type after this (this type is static). */
+    PyObject_GC_UnTrack(self);
+    Unit_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* T_OBJECT: a field never set reads as None. */
+static PyMemberDef Unit_members[] = {
+    {"recipe", T_OBJECT, offsetof(UnitObject, recipe), 0, NULL},
+    {"lookups", T_OBJECT, offsetof(UnitObject, lookups), 0, NULL},
+    {"simple", T_OBJECT, offsetof(UnitObject, simple), 0, NULL},
+    {"plan", T_OBJECT, offsetof(UnitObject, plan), 0, NULL},
+    {"text", T_OBJECT, offsetof(UnitObject, text), 0, NULL},
+    {"keys", T_OBJECT, offsetof(UnitObject, keys), 0, NULL},
+    {"started", T_OBJECT, offsetof(UnitObject, started), 0, NULL},
+    {"rows", T_OBJECT, offsetof(UnitObject, rows), 0, NULL},
+    {"sqlstate", T_OBJECT, offsetof(UnitObject, sqlstate), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject UnitType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgcloak.session._reply_core.Unit",
+    .tp_doc = "The fields of a statement waiting for its reply (see auditing._Unit).",
+    .tp_basicsize = sizeof(UnitObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Unit_dealloc,
+    .tp_traverse = (traverseproc)Unit_traverse,
+    .tp_clear = (inquiry)Unit_clear,
+    .tp_members = Unit_members,
+};
+
+/* ------------------------------------------------------------------ configuration */
+
+static PyTypeObject *unit_type = NULL;   /* auditing._Unit */
+static PyObject *skip_execute = NULL;    /* auditing._SKIP_EXECUTE */
+static Py_ssize_t max_portals = 0;       /* auditing._MAX_PORTALS */
 static PyObject *template_type = NULL;   /* templates.StatementTemplate */
 static PyObject *watched_type = NULL;    /* auditing._Watched */
 static PyObject *sync_unit = NULL;       /* auditing._SYNC */
@@ -25,6 +115,7 @@ static PyObject *monotonic = NULL;       /* time.monotonic */
 static PyObject *time_ns = NULL;         /* time.time_ns */
 
 static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear, *s_backend;
+static PyObject *s_statements, *s_portals, *s_recipes, *s_new_recipe, *s_append, *one;
 static PyObject *s_recipe, *s_keys, *s_simple, *s_rows, *s_lookups, *s_started;
 
 enum { PARSE_COMPLETE = '1', COMMAND_COMPLETE = 'C', READY = 'Z' };
@@ -32,11 +123,21 @@ enum { PARSE_COMPLETE = '1', COMMAND_COMPLETE = 'C', READY = 'Z' };
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *tt, *wt, *su, *ep, *mo, *tn;
-    if (!PyArg_ParseTuple(args, "O!O!OO!OO:configure", &PyType_Type, &tt, &PyType_Type, &wt, &su,
-                          &PyBytes_Type, &ep, &mo, &tn)) {
+    PyObject *tt, *wt, *su, *ep, *mo, *tn, *ut, *se;
+    Py_ssize_t mp;
+    if (!PyArg_ParseTuple(args, "O!O!OO!OOO!On:configure", &PyType_Type, &tt, &PyType_Type, &wt, &su,
+                          &PyBytes_Type, &ep, &mo, &tn, &PyType_Type, &ut, &se, &mp)) {
         return NULL;
     }
+    if (!PyType_IsSubtype((PyTypeObject *)ut, &UnitType)) {
+        PyErr_SetString(PyExc_TypeError, "the unit type must derive from Unit");
+        return NULL;
+    }
+    Py_INCREF(ut);
+    Py_XSETREF(unit_type, (PyTypeObject *)ut);
+    Py_INCREF(se);
+    Py_XSETREF(skip_execute, se);
+    max_portals = mp;
     Py_INCREF(tt);
     Py_XSETREF(template_type, tt);
     Py_INCREF(wt);
@@ -79,12 +180,8 @@ mark_at(PyObject *marks, Py_ssize_t i, long *kind, Py_ssize_t *pos, Py_ssize_t *
 static PyObject *
 tag_rows(const char *chunk, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t end)
 {
-    /* tag = chunk[pos + 5 : end - 1], with Python's slice clamping (both are >= 0 here) */
-    Py_ssize_t start = pos + 5 < size ? pos + 5 : size;
-    Py_ssize_t stop = end - 1 < size ? end - 1 : size;
-    if (stop < start) {
-        stop = start;
-    }
+    /* tag = chunk[pos + 5 : end - 1]; one_reply checked 0 <= pos, pos + 6 <= end <= size */
+    Py_ssize_t start = pos + 5, stop = end - 1;
     Py_ssize_t digits = stop;
     while (digits > start && chunk[digits - 1] != ' ') {
         digits--;
@@ -149,7 +246,10 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     } else {
         Py_RETURN_FALSE;
     }
-    if (kind != COMMAND_COMPLETE || last != READY || pos < 0 || end < 0) {
+    /* Marks as scan_marked makes them: a whole CommandComplete at chunk[pos:end]. Anything
+     * else is the Python walk's (and _tag_rows' slicing rules). */
+    if (kind != COMMAND_COMPLETE || last != READY || pos < 0 || end > PyBytes_GET_SIZE(chunk) ||
+        end - pos < 6) {
         Py_RETURN_FALSE;
     }
 
@@ -201,14 +301,22 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (is_simple < 0) {
         goto done;
     }
+    /* Python code may have run since the queue was measured (attributes, truth values). */
+    if ((queued = PyObject_Size(units)) < 0) {
+        goto done;
+    }
     if (is_simple) {
+        if (queued != 1) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
         PyObject *so_far = PyObject_GetAttr(head, s_rows);
         if (so_far == NULL) {
             goto done;
         }
         int counted = so_far != Py_None;
         Py_DECREF(so_far);
-        if (queued != 1 || counted) {
+        if (counted) {
             result = Py_NewRef(Py_False);
             goto done;
         }
@@ -226,24 +334,22 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    /* The usual reply: from here on, the state changes. */
-    if (templated) {
-        rows = tag_rows(PyBytes_AS_STRING(chunk), PyBytes_GET_SIZE(chunk), pos, end);
-        lookups = rows ? PyObject_GetAttr(head, s_lookups) : NULL;
-        started = lookups ? PyObject_GetAttr(head, s_started) : NULL;
-        ended = started ? PyObject_CallNoArgs(monotonic) : NULL;
-        wall = ended ? PyObject_CallNoArgs(time_ns) : NULL;
-        item = wall ? PyTuple_Pack(7, recipe, lookups, started, ended, wall, rows, Py_None) : NULL;
-        log = item ? PyObject_GetAttr(audit, s_log) : NULL;
-        if (log == NULL) {
-            goto done;
-        }
-    }
+    /* The usual reply: from here on the state changes, in the order Python changes it. */
     r = PyObject_CallMethodNoArgs(units, s_clear);
     if (r == NULL || PyObject_SetAttr(audit, s_returned, tail_rows) < 0) {
         goto done;
     }
     if (templated) {
+        rows = tag_rows(PyBytes_AS_STRING(chunk), PyBytes_GET_SIZE(chunk), pos, end);
+        log = rows ? PyObject_GetAttr(audit, s_log) : NULL;
+        lookups = log ? PyObject_GetAttr(head, s_lookups) : NULL;
+        started = lookups ? PyObject_GetAttr(head, s_started) : NULL;
+        ended = started ? PyObject_CallNoArgs(monotonic) : NULL;
+        wall = ended ? PyObject_CallNoArgs(time_ns) : NULL;
+        item = wall ? PyTuple_Pack(7, recipe, lookups, started, ended, wall, rows, Py_None) : NULL;
+        if (item == NULL) {
+            goto done;
+        }
         Py_SETREF(r, PyObject_CallMethodOneArg(log, s_emit_statement, item));
         if (r == NULL) {
             goto done;
@@ -291,11 +397,161 @@ reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyObject_CallMethodObjArgs(args[0], s_backend, args[1], args[2], args[3], NULL);
 }
 
+PyDoc_STRVAR(execute_doc,
+"execute(audit, portal) -> None\n\nSessionAudit.execute: an Execute of ``portal`` queued.");
+
+static PyObject *
+execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "execute takes 2 arguments");
+        return NULL;
+    }
+    if (unit_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() first");
+        return NULL;
+    }
+    PyObject *audit = args[0], *portal = args[1];
+    PyObject *result = NULL, *count = NULL, *more = NULL, *portals = NULL, *units = NULL, *unit = NULL;
+    if ((count = PyObject_GetAttr(audit, s_statements)) == NULL ||
+        (more = PyNumber_Add(count, one)) == NULL || PyObject_SetAttr(audit, s_statements, more) < 0 ||
+        (portals = PyObject_GetAttr(audit, s_portals)) == NULL ||
+        (units = PyObject_GetAttr(audit, s_units)) == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(portals)) {
+        PyErr_SetString(PyExc_TypeError, "a session's portals are a dict");
+        goto done;
+    }
+    PyObject *found = PyDict_GetItemWithError(portals, portal);  /* borrowed */
+    if (found == NULL) {
+        if (PyErr_Occurred()) {
+            goto done;
+        }
+        unit = Py_NewRef(skip_execute);
+    } else {
+        if (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 4) {
+            PyErr_SetString(PyExc_TypeError, "a bound portal is (recipe, lookups, plan, text)");
+            goto done;
+        }
+        Py_INCREF(found);  /* monotonic() below is a call */
+        PyObject *started = PyObject_CallNoArgs(monotonic);
+        UnitObject *u = started ? (UnitObject *)unit_type->tp_alloc(unit_type, 0) : NULL;
+        if (u == NULL) {
+            Py_XDECREF(started);
+            Py_DECREF(found);
+            goto done;
+        }
+        u->recipe = Py_NewRef(PyTuple_GET_ITEM(found, 0));
+        u->lookups = Py_NewRef(PyTuple_GET_ITEM(found, 1));
+        u->simple = Py_NewRef(Py_False);
+        u->plan = Py_NewRef(PyTuple_GET_ITEM(found, 2));
+        u->text = Py_NewRef(PyTuple_GET_ITEM(found, 3));
+        u->keys = Py_NewRef(Py_None);
+        u->started = started;
+        u->rows = Py_NewRef(Py_None);
+        u->sqlstate = Py_NewRef(Py_None);
+        Py_DECREF(found);
+        unit = (PyObject *)u;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(units, s_append, unit);
+    if (r == NULL) {
+        goto done;
+    }
+    Py_DECREF(r);
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(count);
+    Py_XDECREF(more);
+    Py_XDECREF(portals);
+    Py_XDECREF(units);
+    Py_XDECREF(unit);
+    return result;
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(audit, portal, plan, lookups, text=None) -> None\n\n"
+"SessionAudit.bind: how the portal's Executes are recorded.");
+
+static PyObject *
+bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "bind takes 4 or 5 arguments");
+        return NULL;
+    }
+    PyObject *audit = args[0], *portal = args[1], *plan = args[2], *lookups = args[3];
+    PyObject *text = nargs == 5 ? args[4] : Py_None;
+    PyObject *result = NULL, *recipes = NULL, *key = NULL, *recipe = NULL, *portals = NULL, *entry = NULL;
+    if ((portals = PyObject_GetAttr(audit, s_portals)) == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(portals)) {
+        PyErr_SetString(PyExc_TypeError, "a session's portals are a dict");
+        goto done;
+    }
+    if (plan != Py_None) {
+        /* _recipe(), inline: (plan, recipe) cached by the plan's identity */
+        if ((recipes = PyObject_GetAttr(audit, s_recipes)) == NULL || (key = PyLong_FromVoidPtr(plan)) == NULL) {
+            goto done;
+        }
+        PyObject *found = PyDict_CheckExact(recipes) ? PyDict_GetItemWithError(recipes, key) : NULL;
+        if (found == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        if (found != NULL && PyTuple_CheckExact(found) && PyTuple_GET_SIZE(found) == 2 &&
+            PyTuple_GET_ITEM(found, 0) == plan) {
+            recipe = Py_NewRef(PyTuple_GET_ITEM(found, 1));
+        } else if ((recipe = PyObject_CallMethodOneArg(audit, s_new_recipe, plan)) == NULL) {
+            goto done;
+        }
+    } else {
+        recipe = Py_NewRef(Py_None);
+    }
+    if (recipe == Py_None) {
+        if (PyDict_DelItem(portals, portal) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+                goto done;
+            }
+            PyErr_Clear();
+        }
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    int present = PyDict_Contains(portals, portal);
+    if (present < 0) {
+        goto done;
+    }
+    if (!present && PyDict_GET_SIZE(portals) >= max_portals) {
+        /* PostgreSQL drops portals at transaction end without telling us; bound ours. */
+        PyDict_Clear(portals);
+    }
+    int truthy = PyObject_IsTrue(lookups);
+    if (truthy < 0) {
+        goto done;
+    }
+    entry = PyTuple_Pack(4, recipe, truthy ? lookups : Py_None, plan, text);
+    if (entry == NULL || PyDict_SetItem(portals, portal, entry) < 0) {
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(recipes);
+    Py_XDECREF(key);
+    Py_XDECREF(recipe);
+    Py_XDECREF(portals);
+    Py_XDECREF(entry);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
-     "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns)"},
+     "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns, "
+     "unit_type, skip_execute, max_portals)"},
     {"one_reply", (PyCFunction)(void (*)(void))one_reply, METH_FASTCALL, one_reply_doc},
     {"reply", (PyCFunction)(void (*)(void))reply, METH_FASTCALL, reply_doc},
+    {"execute", (PyCFunction)(void (*)(void))execute, METH_FASTCALL, execute_doc},
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, bind_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -324,11 +580,33 @@ PyInit__reply_core(void)
     INTERN(s_emit_statement, "emit_statement");
     INTERN(s_clear, "clear");
     INTERN(s_backend, "backend");
+    INTERN(s_statements, "statements");
+    INTERN(s_portals, "_portals");
+    INTERN(s_recipes, "_recipes");
+    INTERN(s_new_recipe, "_new_recipe");
+    INTERN(s_append, "append");
+    one = PyLong_FromLong(1);
+    if (one == NULL) {
+        return NULL;
+    }
     INTERN(s_recipe, "recipe");
     INTERN(s_keys, "keys");
     INTERN(s_simple, "simple");
     INTERN(s_rows, "rows");
     INTERN(s_lookups, "lookups");
     INTERN(s_started, "started");
-    return PyModule_Create(&moduledef);
+    if (PyType_Ready(&UnitType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&UnitType);
+    if (PyModule_AddObject(m, "Unit", (PyObject *)&UnitType) < 0) {
+        Py_DECREF(&UnitType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

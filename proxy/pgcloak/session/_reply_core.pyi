@@ -3,6 +3,17 @@
 from collections.abc import Callable
 from typing import Any
 
+class Unit:
+    recipe: Any
+    lookups: dict[str, list[str]] | None
+    simple: bool
+    plan: Any
+    text: str | None
+    keys: set[str] | None
+    started: float
+    rows: int | None
+    sqlstate: str | None
+
 def configure(
     template_type: type[Any],
     watched_type: type[Any],
@@ -10,7 +21,12 @@ def configure(
     envelope_prefix: bytes,
     monotonic: Callable[[], float],
     time_ns: Callable[[], int],
+    unit_type: type[Unit],
+    skip_execute: object,
+    max_portals: int,
     /,
 ) -> None: ...
 def one_reply(audit: Any, chunk: bytes, marks: list[Any], tail_rows: int, /) -> bool: ...
 def reply(audit: Any, chunk: bytes, marks: list[Any], tail_rows: int, /) -> None: ...
+def execute(audit: Any, portal: bytes, /) -> None: ...
+def bind(audit: Any, portal: bytes, plan: Any, lookups: dict[str, list[str]], text: str | None = None, /) -> None: ...

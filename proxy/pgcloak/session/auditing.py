@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from time import monotonic, time_ns
-from typing import TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
 from pgcloak.audit.events import InvalidEventError, StatementsMode
@@ -79,12 +79,32 @@ class _Watched:
 _Recipe = StatementTemplate | _Slow | _Watched | None
 
 
-class _Unit:
-    """A Query or an Execute waiting for the server's reply. When a templated one ends,
-    its values go to the log as one tuple, checked by the writer, not here: this is the
-    per-statement path of every audited session."""
+class _UnitFields:
+    """_Unit's fields where the C module is not built (its ``Unit`` type otherwise)."""
 
     __slots__ = ("keys", "lookups", "plan", "recipe", "rows", "simple", "sqlstate", "started", "text")
+
+
+_reply_core: Any = None
+if not os.environ.get("PGCLOAK_PURE_PYTHON"):  # the Python code alone (tests, bench)
+    try:
+        from pgcloak.session import _reply_core
+    except ImportError:  # not compiled here: the same in Python
+        _reply_core = None
+
+if TYPE_CHECKING:
+    _UnitBase = _UnitFields
+else:
+    _UnitBase = _reply_core.Unit if _reply_core is not None else _UnitFields
+
+
+class _Unit(_UnitBase):
+    """A Query or an Execute waiting for the server's reply. When a templated one ends,
+    its values go to the log as one tuple, checked by the writer, not here: this is the
+    per-statement path of every audited session. (An Execute's is made in C where it
+    is built: ``_reply_core.execute``.)"""
+
+    __slots__ = ()
 
     def __init__(
         self,
@@ -218,6 +238,10 @@ class SessionAudit:
         #: one (one statement's whole reply) completed at once, in C where built, anything
         #: else by :meth:`backend`.
         self.reply: Callable[[bytes, list[Mark], int], None] = partial(_reply, self)
+        #: A Bind of ``portal``: how its Executes are recorded (``plan`` None: not at all).
+        self.bind: Callable[..., None] = partial(_bind, self)
+        #: An Execute of ``portal`` queued.
+        self.execute: Callable[[bytes], None] = partial(_execute, self)
 
     def switch(self, log: AuditLog, mode: StatementsMode) -> None:
         """From now on, write to ``log`` and record ``mode``'s statements (a policy reload)."""
@@ -269,7 +293,7 @@ class SessionAudit:
         recipe = self._recipe(plan) if plan is not None else None
         self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True, plan, text))
 
-    def bind(
+    def _bind_py(
         self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None
     ) -> None:
         recipe: _Recipe = None
@@ -287,7 +311,7 @@ class SessionAudit:
     def close_portal(self, portal: bytes) -> None:
         self._portals.pop(portal, None)
 
-    def execute(self, portal: bytes) -> None:
+    def _execute_py(self, portal: bytes) -> None:
         self.statements += 1
         found = self._portals.get(portal)
         if found is None:
@@ -552,17 +576,18 @@ def _python_reply(audit: SessionAudit, chunk: bytes, marks: list[Mark], tail_row
     audit.backend(chunk, marks, tail_rows)
 
 
-#: SessionAudit._one_reply and .reply, in C where it is built
-#: (pgcloak/session/_reply_core.c: the same decisions and event,
+#: SessionAudit's per-statement calls, in C where it is built
+#: (pgcloak/session/_reply_core.c: the same decisions, units and events,
 #: tests/unit/test_session_audit.py); PGCLOAK_PURE_PYTHON=1 keeps the Python ones.
 _one_reply: Callable[[SessionAudit, bytes, list[Mark], int], bool] = SessionAudit._one_reply
 _reply: Callable[[SessionAudit, bytes, list[Mark], int], None] = _python_reply
-if not os.environ.get("PGCLOAK_PURE_PYTHON"):
-    try:
-        from pgcloak.session import _reply_core
-    except ImportError:  # not compiled here
-        pass
-    else:
-        _reply_core.configure(StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns)
-        _one_reply = _reply_core.one_reply
-        _reply = _reply_core.reply
+_bind: Callable[..., None] = SessionAudit._bind_py
+_execute: Callable[[SessionAudit, bytes], None] = SessionAudit._execute_py
+if _reply_core is not None:
+    _reply_core.configure(
+        StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns, _Unit, _SKIP_EXECUTE, _MAX_PORTALS
+    )
+    _one_reply = _reply_core.one_reply
+    _reply = _reply_core.reply
+    _bind = _reply_core.bind
+    _execute = _reply_core.execute
