@@ -410,6 +410,7 @@ def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...
     protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
     plans = {"lookup": protection.planner.plan(LOOKUP), "plain": protection.planner.plan(PLAIN), None: None}
     twins = [SessionAudit(Recorder(), lambda: INFO, "pii") for _ in range(2)]  # type: ignore[arg-type]
+    limit = auditing._MAX_PORTALS
     with pytest.MonkeyPatch.context() as m:
         m.setattr(auditing, "_MAX_PORTALS", max_portals)
         auditing._reply_core.configure(
@@ -431,7 +432,7 @@ def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...
         finally:
             auditing._reply_core.configure(
                 StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, auditing.monotonic, auditing.time_ns,
-                _Unit, _SKIP_EXECUTE, auditing._MAX_PORTALS,
+                _Unit, _SKIP_EXECUTE, limit,
             )  # fmt: skip
     c, py = twins
 
@@ -464,3 +465,14 @@ def test_reply_completes_the_usual_reply_and_hands_anything_else_to_backend(
             audit.reply(chunk, marks, tail_rows)
     assert not audit.pending
     assert [(e["kind"], e["rows"]) for e in rec.events] == [("select", 1), ("select", 1)]
+
+
+def test_units_nested_deep_are_freed_without_recursion() -> None:
+    """Unit's dealloc uses the trashcan (found by review: a deep chain overflowed the stack)."""
+    base: Any = _Unit.__mro__[1]
+    for make in (lambda: _Unit(None, None, True), base):
+        head = make()
+        for _ in range(200_000):
+            outer = make()
+            outer.recipe, head = head, outer
+        del head, outer

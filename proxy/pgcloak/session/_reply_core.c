@@ -71,21 +71,23 @@ Unit_dealloc(UnitObject *self)
     /* Instances are of auditing._Unit, a heap subtype: its subtype_dealloc untracks
      * before and releases the type after this (this type is static). */
     PyObject_GC_UnTrack(self);
+    Py_TRASHCAN_BEGIN(self, Unit_dealloc)  /* units nested deep: no recursion */
     Unit_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_TRASHCAN_END
 }
 
-/* T_OBJECT: a field never set reads as None. */
+/* T_OBJECT_EX: a field never set raises AttributeError, as a slot does. */
 static PyMemberDef Unit_members[] = {
-    {"recipe", T_OBJECT, offsetof(UnitObject, recipe), 0, NULL},
-    {"lookups", T_OBJECT, offsetof(UnitObject, lookups), 0, NULL},
-    {"simple", T_OBJECT, offsetof(UnitObject, simple), 0, NULL},
-    {"plan", T_OBJECT, offsetof(UnitObject, plan), 0, NULL},
-    {"text", T_OBJECT, offsetof(UnitObject, text), 0, NULL},
-    {"keys", T_OBJECT, offsetof(UnitObject, keys), 0, NULL},
-    {"started", T_OBJECT, offsetof(UnitObject, started), 0, NULL},
-    {"rows", T_OBJECT, offsetof(UnitObject, rows), 0, NULL},
-    {"sqlstate", T_OBJECT, offsetof(UnitObject, sqlstate), 0, NULL},
+    {"recipe", T_OBJECT_EX, offsetof(UnitObject, recipe), 0, NULL},
+    {"lookups", T_OBJECT_EX, offsetof(UnitObject, lookups), 0, NULL},
+    {"simple", T_OBJECT_EX, offsetof(UnitObject, simple), 0, NULL},
+    {"plan", T_OBJECT_EX, offsetof(UnitObject, plan), 0, NULL},
+    {"text", T_OBJECT_EX, offsetof(UnitObject, text), 0, NULL},
+    {"keys", T_OBJECT_EX, offsetof(UnitObject, keys), 0, NULL},
+    {"started", T_OBJECT_EX, offsetof(UnitObject, started), 0, NULL},
+    {"rows", T_OBJECT_EX, offsetof(UnitObject, rows), 0, NULL},
+    {"sqlstate", T_OBJECT_EX, offsetof(UnitObject, sqlstate), 0, NULL},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -509,11 +511,10 @@ bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         recipe = Py_NewRef(Py_None);
     }
     if (recipe == Py_None) {
-        if (PyDict_DelItem(portals, portal) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
-                goto done;
-            }
-            PyErr_Clear();
+        /* portals.pop(portal, None): an empty dict hashes nothing */
+        int bound = PyDict_GET_SIZE(portals) ? PyDict_Contains(portals, portal) : 0;
+        if (bound < 0 || (bound && PyDict_DelItem(portals, portal) < 0)) {
+            goto done;
         }
         result = Py_NewRef(Py_None);
         goto done;

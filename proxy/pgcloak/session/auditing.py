@@ -584,6 +584,8 @@ _reply: Callable[[SessionAudit, bytes, list[Mark], int], None] = _python_reply
 _bind: Callable[..., None] = SessionAudit._bind_py
 _execute: Callable[[SessionAudit, bytes], None] = SessionAudit._execute_py
 if _reply_core is not None:
+    # (The C functions keep these objects: patching this module's names later does not
+    # reach them; configure() again.)
     _reply_core.configure(
         StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns, _Unit, _SKIP_EXECUTE, _MAX_PORTALS
     )
