@@ -3,7 +3,7 @@
 #   docker run -p 6432:6432 -e PGCLOAK_MASTER_KEY=... -v $PWD/policy.yaml:/etc/pgcloak/policy/policy.yaml:ro \
 #     pgcloak run --listen 0.0.0.0:6432 --backend postgresql://db:5432 --policy /etc/pgcloak/policy/policy.yaml
 FROM python:3.11-slim AS build
-# The audit chain's C loop (setup.py): a compiler and OpenSSL's headers, build stage only.
+# The audit trail's C parts (setup.py): a compiler and OpenSSL's headers, build stage only.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

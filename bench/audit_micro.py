@@ -37,6 +37,13 @@ Cases (the event is the PII workload's: a statement event of a lookup by e-mail,
                          lag    how late the loop's timers fired (p99, max): what chaining a
                                 batch on the loop costs the sessions' latency
     e2e.burst.*        the same, emitted as fast as the loop can (bigger batches)
+    session            what a session's bookkeeping adds per statement: a prepared lookup's
+                       Bind, Execute and Sync through the real Rewriter and its reply
+                       (BindComplete, DataRow, CommandComplete, ReadyForQuery) handed to
+                       the trail, with a SessionAudit (its events only queued) minus
+                       without one (best of --rounds runs of 20,000 statements)
+
+PGCLOAK_PURE_PYTHON=1 measures the Python code where the C parts are built.
 """
 
 from __future__ import annotations
@@ -58,7 +65,25 @@ from pgcloak.audit.chain import Chain
 from pgcloak.audit.events import SessionInfo, statement_event, validate_event
 from pgcloak.audit.log import AuditLog
 from pgcloak.audit.templates import Completed, StatementTemplate
-from pgcloak.policy import Audit
+from pgcloak.crypto.keyring import Keyring
+from pgcloak.crypto.keys import MasterKey
+from pgcloak.policy import Audit, parse_policy
+from pgcloak.session.auditing import SessionAudit
+from pgcloak.session.protection import Protection
+from pgcloak.session.rewriter import Rewriter
+from pgcloak.session.session import _MARKED
+from pgcloak.wire.framing import scan_marked
+from pgcloak.wire.messages import (
+    Bind,
+    BindComplete,
+    CommandComplete,
+    DataRow,
+    Execute,
+    Parse,
+    ParseComplete,
+    ReadyForQuery,
+    Sync,
+)
 
 KEY = bytes(range(32))
 EMAIL = "public.users.email"
@@ -100,6 +125,61 @@ TEMPLATE = StatementTemplate(
 def completed() -> Completed:
     started = time.monotonic()
     return (TEMPLATE, {EMAIL: [INDEX]}, started, time.monotonic(), time.time_ns(), 1, None)
+
+
+SESSION_POLICY = """
+version: 1
+tables:
+  public.users:
+    email: {encrypt: true, index: exact, normalize: email}
+default_read: reveal
+"""
+
+
+class _QueueOnly:
+    """Stands in for AuditLog where only the session's share is measured."""
+
+    full = False
+    healthy = True
+
+    def __init__(self) -> None:
+        self.queued: list[Completed] = []
+
+    def emit(self, event: object) -> None:
+        pass
+
+    def emit_statement(self, item: Completed) -> None:
+        self.queued.append(item)
+        if len(self.queued) > 1000:
+            self.queued.clear()
+
+
+def session_statements(audited: bool, n: int) -> float:
+    """µs per prepared statement through the Rewriter (and a SessionAudit if ``audited``)."""
+    protection = Protection.build(parse_policy(SESSION_POLICY), Keyring(MasterKey(KEY)))
+    audit = SessionAudit(_QueueOnly(), info, "pii") if audited else None  # type: ignore[arg-type]
+    rewriter = Rewriter(lambda: protection, audit)
+    parse = Parse("look", "SELECT id FROM users WHERE email = $1").encode()
+    rewriter.client_message(parse[0], parse)
+    if audit is not None:
+        done = ParseComplete().encode() + ReadyForQuery("I").encode()
+        audit.sync()
+        audit.reply(done, scan_marked(done, 1 << 31, _MARKED)[1], 0)
+    bind = Bind("", "look", (), (b"alice@example.com",), ()).encode()
+    execute, sync = Execute("").encode(), Sync().encode()
+    reply = b"".join(
+        m.encode() for m in (BindComplete(), DataRow((b"1",)), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    )
+    message = rewriter.client_message
+    started = time.perf_counter()
+    for _ in range(n):
+        message(0x42, bind)
+        message(0x45, execute)
+        message(0x53, sync)
+        _, marks, tail_rows = scan_marked(reply, 1 << 31, _MARKED)
+        if audit is not None and audit.pending:
+            audit.reply(reply, marks, tail_rows)
+    return (time.perf_counter() - started) / n * 1e6
 
 
 def best_of(fn: Callable[[], object], repeat: int, number: int = 2000) -> float:
@@ -255,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     if want("chain.append"):
         chain = Chain(KEY, "w0-bench")
         show("chain.append", f"{best_of(lambda: chain.append(event), args.repeat):8.2f} µs")
+    if want("session"):
+        off = min(session_statements(False, 20000) for _ in range(args.rounds))
+        on = min(session_statements(True, 20000) for _ in range(args.rounds))
+        show("session", f"{on - off:8.2f} µs per statement ({on:.2f} with a trail, {off:.2f} without)")
     for name, per_tick, rate in (("e2e.paced", 3, args.rate), ("e2e.burst", 20, None)):
         if not want(name):
             continue
