@@ -8,8 +8,8 @@ processes that differ only in their policy's ``audit:`` section:
                 fsync every second, queue 10000, batches of 1000): every PII statement
                 is an event, chained with HMAC-SHA256 and appended to a JSON-lines file
     audit-off   ``audit: {enabled: false}``: no trail at all
-    audit-on-py audit-on with the chain's per-event loop in Python instead of C
-                (``PGCLOAK_PURE_PYTHON=1``; not run by default: what the C loop saves)
+    audit-on-py audit-on with the trail's C parts off: the same code in Python
+                (``PGCLOAK_PURE_PYTHON=1``; not run by default: what the C parts save)
     direct      PostgreSQL itself (not run by default; for reference)
 
 Each target has a database of its own with the same encrypted ``users`` table, seeded
@@ -104,7 +104,7 @@ SPECS = {
         "audit-on-py",
         "audit_on_py",
         "protect",
-        "audit-on with the chain's per-event loop in Python (PGCLOAK_PURE_PYTHON=1), not C",
+        "audit-on with the trail's per-statement code in Python (PGCLOAK_PURE_PYTHON=1), not C",
     ),
     "direct": Spec("direct", "audit_direct", None, "PostgreSQL itself, plain users table"),
 }
