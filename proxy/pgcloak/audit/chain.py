@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from pgcloak import _native as native
 from pgcloak.audit.events import (
     CHAIN_FIELDS,
     FAILED_REASON,
@@ -182,12 +183,7 @@ class _Fields:
     _record: dict[str, Any] | None
 
 
-_core: Any = None
-if not os.environ.get("PGCLOAK_PURE_PYTHON"):  # the reference loop alone (tests, bench)
-    try:
-        from pgcloak.audit import _chain_core as _core
-    except ImportError:  # not compiled here: the Python loop writes the same bytes
-        _core = None
+_core: Any = native.load("pgcloak.audit._chain_core")  # None: the Python loop, the same bytes
 
 #: Whether the chain runs its per-event loop in C (pgcloak/audit/_chain_core.c).
 ACCELERATED: Final = _core is not None

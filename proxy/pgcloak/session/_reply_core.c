@@ -116,7 +116,7 @@ static PyObject *envelope_prefix = NULL; /* crypto.envelope.ENVELOPE_PREFIX (byt
 static PyObject *monotonic = NULL;       /* time.monotonic */
 static PyObject *time_ns = NULL;         /* time.time_ns */
 
-static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear, *s_backend;
+static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear, *s_walk;
 static PyObject *s_statements, *s_portals, *s_recipes, *s_new_recipe, *s_append, *one;
 static PyObject *s_recipe, *s_keys, *s_simple, *s_rows, *s_lookups, *s_started;
 
@@ -377,7 +377,8 @@ done:
 
 PyDoc_STRVAR(reply_doc,
 "reply(audit, chunk, marks, tail_rows) -> None\n\n"
-"SessionAudit.reply: the usual reply by one_reply, anything else by audit.backend().");
+"SessionAudit.reply: the usual reply by one_reply, anything else by audit._walk()\n"
+"(backend() without trying one_reply again).");
 
 static PyObject *
 reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -396,7 +397,7 @@ reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;
         }
     }
-    return PyObject_CallMethodObjArgs(args[0], s_backend, args[1], args[2], args[3], NULL);
+    return PyObject_CallMethodObjArgs(args[0], s_walk, args[1], args[2], args[3], NULL);
 }
 
 PyDoc_STRVAR(execute_doc,
@@ -580,7 +581,7 @@ PyInit__reply_core(void)
     INTERN(s_log, "log");
     INTERN(s_emit_statement, "emit_statement");
     INTERN(s_clear, "clear");
-    INTERN(s_backend, "backend");
+    INTERN(s_walk, "_walk");
     INTERN(s_statements, "statements");
     INTERN(s_portals, "_portals");
     INTERN(s_recipes, "_recipes");

@@ -26,7 +26,6 @@ session's boundary walk lists where each reply ends.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +33,7 @@ from functools import partial
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from pgcloak import _native as native
 from pgcloak.audit import AuditLog, SessionInfo, refusal_event, should_record, statement_event
 from pgcloak.audit.events import InvalidEventError, StatementsMode
 from pgcloak.audit.templates import FAILED_REASON, StatementTemplate
@@ -85,12 +85,7 @@ class _UnitFields:
     __slots__ = ("keys", "lookups", "plan", "recipe", "rows", "simple", "sqlstate", "started", "text")
 
 
-_reply_core: Any = None
-if not os.environ.get("PGCLOAK_PURE_PYTHON"):  # the Python code alone (tests, bench)
-    try:
-        from pgcloak.session import _reply_core
-    except ImportError:  # not compiled here: the same in Python
-        _reply_core = None
+_reply_core: Any = native.load("pgcloak.session._reply_core")  # None: the same in Python
 
 if TYPE_CHECKING:
     _UnitBase = _UnitFields
@@ -236,7 +231,7 @@ class SessionAudit:
         self.pending: deque[_Unit] = self._units
         #: The server's replies in ``chunk`` when pgcloak cut no result short: the usual
         #: one (one statement's whole reply) completed at once, in C where built, anything
-        #: else by :meth:`backend`.
+        #: else reply by reply (what :meth:`backend` does).
         self.reply: Callable[[bytes, list[Mark], int], None] = partial(_reply, self)
         #: A Bind of ``portal``: how its Executes are recorded (``plan`` None: not at all).
         self.bind: Callable[..., None] = partial(_bind, self)
@@ -344,9 +339,16 @@ class SessionAudit:
         (position, SQLSTATE, message); recorded with the facts of the statement whose
         result it was.
         """
-        units = self._units
-        if 2 <= len(marks) <= 3 and units and not cut_short and _one_reply(self, chunk, marks, tail_rows):
+        if 2 <= len(marks) <= 3 and self._units and not cut_short and _one_reply(self, chunk, marks, tail_rows):
             return
+        self._walk(chunk, marks, tail_rows, cut_short)
+
+    def _walk(
+        self, chunk: bytes, marks: list[Mark], tail_rows: int, cut_short: Sequence[tuple[int, str, str]] = ()
+    ) -> None:
+        """:meth:`backend` reply by reply, for anything but the usual whole reply (which
+        the caller has tried first)."""
+        units = self._units
         returned = self._returned
         seg = 0  # where the replies before the next mark start
         refusals = list(cut_short) if cut_short else None
