@@ -8,6 +8,8 @@ processes that differ only in their policy's ``audit:`` section:
                 fsync every second, queue 10000, batches of 1000): every PII statement
                 is an event, chained with HMAC-SHA256 and appended to a JSON-lines file
     audit-off   ``audit: {enabled: false}``: no trail at all
+    audit-off-2 a second audit-off, the A/A control (not run by default): how far two
+                identical proxies differ in this run, i.e. the noise in a ratio
     audit-on-py audit-on with the trail's C parts off: the same code in Python
                 (``PGCLOAK_PURE_PYTHON=1``; not run by default: what the C parts save)
     direct      PostgreSQL itself (not run by default; for reference)
@@ -24,6 +26,7 @@ its event count is compared with the PII statements pgbench reports.
     python bench/audit.py --quick          # 3 s per run, 1 round: a smoke run
     python bench/audit.py                  # 10 s per run, 2 rounds
     python bench/audit.py --json audit.json
+    python bench/audit.py --probe          # and what each of the trail's calls costs in place
 
 The exit status is 0 whatever happens (a target that fails is reported in the notes),
 130 when interrupted.
@@ -80,7 +83,7 @@ from pii import (
     workload_script,
 )
 
-ALL_TARGETS = ("audit-on", "audit-off", "audit-on-py", "direct")
+ALL_TARGETS = ("audit-on", "audit-off", "audit-off-2", "audit-on-py", "direct")
 DEFAULT_TARGETS = ("audit-on", "audit-off")
 #: audit-on / audit-off must reach this in every mode (issue #4, item 6).
 GOAL = 0.90
@@ -99,6 +102,12 @@ SPECS = {
         "audit_off",
         "protect",
         "pgcloak, users.email/phone encrypted, audit: {enabled: false}",
+    ),
+    "audit-off-2": Spec(
+        "audit-off-2",
+        "audit_off_2",
+        "protect",
+        "a second audit-off, the A/A control: how far two identical proxies differ in this run",
     ),
     "audit-on-py": Spec(
         "audit-on-py",
@@ -124,6 +133,80 @@ roles:
 
 AUDIT_ON = 'audit:\n  statements: pii\n  sink: "file:{path}"\n'
 AUDIT_OFF = "audit:\n  enabled: false\n"
+
+
+#: bench/audit_probe: a sitecustomize timing the trail's calls inside the audit-on proxy.
+PROBE_DIR = Path(__file__).resolve().parent / "audit_probe"
+#: The trail's calls on the event loop per statement or reply, as the probe names them (its
+#: ``emit_statement`` runs inside ``reply``, so it is shown but not added again).
+LOOP_CALLS = ("bind", "execute", "sync", "query", "reply", "backend", "chain")
+IO_CALLS = ("file.write", "file.fsync")
+
+
+def _target_env(key: str, probe_in: Path | None) -> dict[str, str] | None:
+    """The target's environment beyond the usual: TARGET_ENV, and the probe for audit-on."""
+    env = dict(TARGET_ENV.get(key, {}))
+    if probe_in is not None and key == "audit-on":
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(PROBE_DIR), os.environ.get("PYTHONPATH", "")) if p
+        )
+        env["PGCLOAK_BENCH_PROBE"] = str(probe_in / "probe-audit-on.json")
+    return env or None
+
+
+def read_probe(scratch: Path) -> dict[str, Any] | None:
+    """The probe's totals over the audit-on proxy's processes (one file per process)."""
+    files = sorted(scratch.glob("probe-audit-on.json.*"))
+    if not files:
+        return None
+    total: dict[str, Any] = {"calls": {}, "nanos": {}, "chained": 0, "wrapper_ns": 0.0}
+    for path in files:
+        one = json.loads(path.read_text(encoding="utf-8"))
+        for part in ("calls", "nanos"):
+            for name, value in one[part].items():
+                total[part][name] = total[part].get(name, 0) + value
+        total["chained"] += one["chained"]
+        total["wrapper_ns"] = max(total["wrapper_ns"], one["wrapper_ns"])
+    return total
+
+
+def _pooled_cpu(target: BenchTarget) -> float | None:
+    """The target's CPU per transaction (µs) over all its measured runs, every mode."""
+    runs = [r for runs in target.results.values() for r in runs if r.ok and r.cpu_seconds is not None]
+    count = sum(r.transactions or 0 for r in runs)
+    return sum(r.cpu_seconds or 0.0 for r in runs) * 1e6 / count if count else None
+
+
+def print_probe(probe: dict[str, Any], transactions: int, cpu_diff: float | None, plain: bool) -> dict[str, Any]:
+    """The probe's table: per call, per transaction, and their sum against the CPU difference."""
+    calls, nanos, wrapper = probe["calls"], probe["nanos"], probe["wrapper_ns"]
+    tx = max(transactions, 1)
+    rows: list[list[str]] = []
+    per_tx: dict[str, float] = {}
+    for name in (*LOOP_CALLS, "emit_statement", *IO_CALLS):
+        n = calls.get(name, 0)
+        if not n:
+            continue
+        # Event-loop calls lose the wrapper's own time; the IO thread's are CPU, per batch.
+        own = nanos[name] - (n * wrapper if name not in IO_CALLS else 0)
+        unit = own / probe["chained"] if name in ("chain", *IO_CALLS) and probe["chained"] else own / n
+        per_tx[name] = own / tx / 1000
+        label = "ns per event" if name in ("chain", *IO_CALLS) else "ns per call"
+        shown = f"  ({name}, inside reply)" if name == "emit_statement" else name
+        rows.append([shown, f"{n / tx:.2f}", f"{unit:,.0f} {label}", fmt_num(per_tx[name], 1)])
+    loop = sum(v for k, v in per_tx.items() if k in LOOP_CALLS)
+    io = sum(v for k, v in per_tx.items() if k in IO_CALLS)
+    rows.append(["on the event loop", "", "", fmt_num(loop, 1)])
+    rows.append(["on the IO thread", "", "", fmt_num(io, 1)])
+    rows.append(["CPU audit-on - audit-off, all modes", "", "", fmt_num(cpu_diff, 1)])
+    print_table(
+        f"The trail's calls inside audit-on (--probe; {tx:,} transactions, all modes and the "
+        f"warm-up; the wrapper's {wrapper:.0f} ns per call taken off)",
+        ["call", "per tx", "cost", "µs per tx"],
+        rows,
+        plain=plain,
+    )
+    return {"per_tx_us": per_tx, "loop_us": loop, "io_us": io, "calls": calls, "nanos": nanos}
 
 
 def write_policy(key: str, scratch: Path) -> tuple[Path, Path | None]:
@@ -204,6 +287,7 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
     )
     ratio_defs = [
         ("audit-on / audit-off", "audit-on", "audit-off"),
+        ("audit-off-2 / audit-off", "audit-off-2", "audit-off"),
         ("audit-on-py / audit-off", "audit-on-py", "audit-off"),
         ("audit-on / audit-on-py", "audit-on", "audit-on-py"),
         ("audit-on / direct", "audit-on", "direct"),
@@ -364,6 +448,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 round: a smoke run")
     parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="time the trail's calls inside audit-on (bench/audit_probe; makes audit-on slower, "
+        "so the run's ratio is not the target's)",
+    )
+    parser.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})",
@@ -423,7 +513,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     master_key,
                     scratch,
                     workers=args.workers,
-                    env_extra=TARGET_ENV.get(key),
+                    env_extra=_target_env(key, scratch if args.probe else None),
                 )
             except (StartError, OSError) as exc:
                 raise SetupError(f"{key} did not start: {exc}") from exc
@@ -524,6 +614,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{t.key}: process exited during the run:\n{t.process.log_tail(10)}"
                     )
                 t.process.stop()
+        probe_info: dict[str, Any] | None = None
+        if args.probe:
+            probe = read_probe(scratch)
+            if probe is None:
+                notes.append("--probe: the audit-on proxy wrote no probe file")
+            else:
+                by_key = {t.key: t for t in targets}
+                diff = _minus(_pooled_cpu(by_key["audit-on"]), _pooled_cpu(by_key["audit-off"]))
+                probe_info = print_probe(probe, transactions["audit-on"], diff, args.plain)
         trail_info: dict[str, Any] = {}
         for key, trail in trails.items():
             info = trail_info[key] = check_trail(trail, master_key)
@@ -572,6 +671,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             **summary,
             "trail": trail_info,
+            "probe": probe_info,
             "runs": [r.as_dict() for t in targets for runs in t.results.values() for r in runs],
             "notes": notes,
         }

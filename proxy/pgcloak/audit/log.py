@@ -160,7 +160,9 @@ class AuditLog:
         self._closing = False
         self._closed = False
         self._close_deadline = 0.0
-        self._failing = False
+        #: False while the sink fails (records then wait in the spill file). An attribute,
+        #: not a property: every PII statement reads it (on_audit_failure: refuse).
+        self.healthy = True
         self._backoff = 0.0
         self._retry_at = 0.0
         self._replay_offset = 0
@@ -171,11 +173,6 @@ class AuditLog:
         self._warned_closed = False
 
     # ------------------------------------------------------------------ session side
-
-    @property
-    def healthy(self) -> bool:
-        """False while the sink fails (records then wait in the spill file)."""
-        return not self._failing
 
     @property
     def queue_depth(self) -> int:
@@ -452,7 +449,7 @@ class AuditLog:
         wake = min(self._next_seal, now + 1.0)
         if self.config.fsync == "interval":
             wake = min(wake, now + self.config.fsync_interval)
-        if self._failing or self.spill.has_data:
+        if not self.healthy or self.spill.has_data:
             wake = min(wake, max(self._retry_at, now + 0.01))
         return max(0.005, wake - now)
 
@@ -484,14 +481,14 @@ class AuditLog:
                 self._fail(exc)
         except Exception:
             log.exception("audit writer crashed")
-            self._failing = True
+            self.healthy = False
             raise
         finally:
             self._idle.set()
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()
-        if (self.spill.has_data or self._failing) and now >= self._retry_at:
+        if (self.spill.has_data or not self.healthy) and now >= self._retry_at:
             try:
                 if self.spill.has_data:
                     await self._replay()
@@ -503,9 +500,9 @@ class AuditLog:
         if now >= self._next_seal:
             self._next_seal = now + self.config.seal_interval
             await self._deliver(["periodic"])
-        if not self._failing and not self.spill.has_data and self.sink.rotation_due():
+        if self.healthy and not self.spill.has_data and self.sink.rotation_due():
             await self._deliver(["rotation"])
-            if not self._failing and not self.spill.has_data:
+            if self.healthy and not self.spill.has_data:
                 try:
                     await self.sink.rotate()
                 except Exception as exc:  # any sink failure: spill and retry
@@ -517,7 +514,7 @@ class AuditLog:
                     chain = self.chain
                     here = {"chain": chain.chain_id, "seq": chain.next_seq - 1, "mac": chain.prev}
                     await self._deliver([start_event(worker=self.worker, follows=here)])
-        if not self._failing:
+        if self.healthy:
             try:
                 await self.sink.sync()
             except Exception as exc:  # any sink failure: spill and retry
@@ -530,7 +527,7 @@ class AuditLog:
         records = await self._chain(items)
 
         while True:
-            if time.monotonic() >= self._retry_at or not (self._failing or self.spill.has_data):
+            if time.monotonic() >= self._retry_at or (self.healthy and not self.spill.has_data):
                 try:
                     if self.spill.has_data:
                         await self._replay()
@@ -592,20 +589,20 @@ class AuditLog:
     def _fail(self, exc: BaseException) -> None:
         self.metrics.sink_errors += 1
         self._backoff = (
-            self.retry_initial if not self._failing else min(self.retry_max, self._backoff * 2)
+            self.retry_initial if self.healthy else min(self.retry_max, self._backoff * 2)
         )
         self._retry_at = time.monotonic() + self._backoff
-        if not self._failing:
+        if self.healthy:
             log.warning(
                 "audit sink failing; spilling records",
                 extra={"sink": self.sink.description, "error": str(exc)},
                 exc_info=not isinstance(exc, SinkError),
             )
-        self._failing = True
+        self.healthy = False
 
     def _ok(self) -> None:
-        if self._failing:
+        if not self.healthy:
             log.info("audit sink recovered", extra={"sink": self.sink.description})
-        self._failing = False
+        self.healthy = True
         self._backoff = 0.0
         self._retry_at = 0.0
