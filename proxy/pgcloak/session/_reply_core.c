@@ -155,6 +155,24 @@ configure(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* unit.<name>, read from the struct when ``unit`` is a Unit (every queued unit is; its
+ * Python subclass, auditing._Unit, overrides no field): no attribute lookup on the
+ * per-statement path. A field never set, or any other object, goes through getattr, which
+ * raises as Python does. New reference; NULL with an exception. */
+#define UNIT_FIELD(unit, field, name) unit_field((unit), offsetof(UnitObject, field), (name))
+
+static PyObject *
+unit_field(PyObject *unit, size_t offset, PyObject *name)
+{
+    if (PyObject_TypeCheck(unit, &UnitType)) {
+        PyObject *value = *(PyObject **)((char *)unit + offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(unit, name);
+}
+
 /* marks[i] as (kind, pos, end): 1 if it is a tuple of ints that fit, else 0. */
 static int
 mark_at(PyObject *marks, Py_ssize_t i, long *kind, Py_ssize_t *pos, Py_ssize_t *end)
@@ -271,7 +289,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     head = PySequence_GetItem(units, 0);
-    if (head == NULL || (recipe = PyObject_GetAttr(head, s_recipe)) == NULL) {
+    if (head == NULL || (recipe = UNIT_FIELD(head, recipe, s_recipe)) == NULL) {
         goto done;
     }
     int templated = Py_IS_TYPE(recipe, (PyTypeObject *)template_type);
@@ -281,7 +299,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             result = Py_NewRef(Py_False);
             goto done;
         }
-        PyObject *keys = PyObject_GetAttr(head, s_keys);
+        PyObject *keys = UNIT_FIELD(head, keys, s_keys);
         if (keys == NULL) {
             goto done;
         }
@@ -295,7 +313,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    simple = PyObject_GetAttr(head, s_simple);
+    simple = UNIT_FIELD(head, simple, s_simple);
     if (simple == NULL) {
         goto done;
     }
@@ -312,7 +330,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             result = Py_NewRef(Py_False);
             goto done;
         }
-        PyObject *so_far = PyObject_GetAttr(head, s_rows);
+        PyObject *so_far = UNIT_FIELD(head, rows, s_rows);
         if (so_far == NULL) {
             goto done;
         }
@@ -344,8 +362,8 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (templated) {
         rows = tag_rows(PyBytes_AS_STRING(chunk), PyBytes_GET_SIZE(chunk), pos, end);
         log = rows ? PyObject_GetAttr(audit, s_log) : NULL;
-        lookups = log ? PyObject_GetAttr(head, s_lookups) : NULL;
-        started = lookups ? PyObject_GetAttr(head, s_started) : NULL;
+        lookups = log ? UNIT_FIELD(head, lookups, s_lookups) : NULL;
+        started = lookups ? UNIT_FIELD(head, started, s_started) : NULL;
         ended = started ? PyObject_CallNoArgs(monotonic) : NULL;
         wall = ended ? PyObject_CallNoArgs(time_ns) : NULL;
         item = wall ? PyTuple_Pack(7, recipe, lookups, started, ended, wall, rows, Py_None) : NULL;
