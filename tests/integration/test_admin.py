@@ -637,8 +637,11 @@ def test_readyz_is_503_while_the_audit_trail_cannot_be_written(
         ready = http(admin, "/readyz")
         assert (ready.status, ready.body) == (200, "ready\n")
         conn.execute("INSERT INTO users (email) VALUES (%s)", (unique("down"),))
-        m2 = scrape(admin)
-        assert m2("pgcloak_audit_healthy") == 0
+        # The reload is counted before its new trail opens the sink (the old trail is
+        # closed first, its seal spilled): the new one finds the sink down a moment later.
+        m2 = wait_metrics(
+            admin, lambda m: m("pgcloak_audit_healthy") == 0, "the reloaded trail to find its sink down"
+        )
         assert m2.count("pgcloak_refusals_total", sqlstate="58000") == 1
 
 
