@@ -476,3 +476,66 @@ def test_units_nested_deep_are_freed_without_recursion() -> None:
             outer = make()
             outer.recipe, head = head, outer
         del head, outer
+
+
+# -- SessionAudit's state in C (_reply_core.Core) -------------------------------------------
+
+
+def test_the_session_calls_are_the_c_methods_of_its_state() -> None:
+    """The session calls reply/bind/execute/sync as methods of Core, whose struct holds the
+    state they change; Python code reads and sets the same fields by name."""
+    assert auditing._reply_core is not None, "the C calls are not built"
+    core = auditing._reply_core.Core
+    assert SessionAudit.__mro__[1] is core
+    for name in ("reply", "bind", "execute", "sync"):
+        assert getattr(SessionAudit, name) is core.__dict__[name], name
+    audit = SessionAudit(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
+    assert audit.pending is audit._units
+    with pytest.raises(AttributeError):
+        audit.pending = type(audit._units)()  # type: ignore[misc]
+    audit._returned, audit.statements = 7, 3
+    audit.execute(b"nobody")
+    audit.sync()
+    assert (audit._returned, audit.statements, list(audit._units)) == (7, 4, [_SKIP_EXECUTE, _SYNC])
+
+
+def test_a_replaced_queue_gets_the_calls_that_follow() -> None:
+    """The C calls keep the queue's bound append and clear: a queue set later is used at once."""
+    rw_audit = SessionAudit(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
+    first = rw_audit._units
+    rw_audit.sync()
+    second: Any = type(first)()
+    rw_audit._units = second
+    rw_audit.execute(b"")
+    rw_audit.sync()
+    assert list(first) == [_SYNC] and list(second) == [_SKIP_EXECUTE, _SYNC]
+    chunk = CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode()
+    _, marks, tail_rows = scan_marked(chunk, 1 << 30, REPLY_ENDS)
+    rw_audit.reply(chunk, marks, tail_rows)
+    assert not second and list(first) == [_SYNC]
+
+
+def test_state_never_set_raises_as_python_does() -> None:
+    core: Any = auditing._reply_core.Core()
+    with pytest.raises(AttributeError, match="_units"):
+        core.sync()
+    with pytest.raises(AttributeError, match="_portals"):
+        core.execute(b"")
+    with pytest.raises(AttributeError, match="_portals"):
+        core.bind(b"", None, {})
+    with pytest.raises(TypeError, match="SessionAudit"):
+        auditing._reply_core.execute(object(), b"")
+
+
+def test_a_session_audit_in_a_cycle_is_collected() -> None:
+    """Core takes part in garbage collection: a session's audit in a cycle is freed."""
+    import gc
+    import weakref
+
+    audit = SessionAudit(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
+    audit._portals[b"p"] = (TEMPLATE, None, None, audit)  # type: ignore[assignment]  # a cycle through C state
+    audit._units.append(audit)  # type: ignore[arg-type]
+    gone = weakref.ref(audit)
+    del audit
+    gc.collect()
+    assert gone() is None

@@ -1,15 +1,18 @@
 /*
- * SessionAudit's usual reply in C: one statement's whole reply completes its event.
+ * SessionAudit's per-statement calls in C: Bind, Execute and Sync queued, and the usual
+ * reply (one statement's whole reply) completing its event.
  *
- * This is SessionAudit._one_reply (pgcloak/session/auditing.py), the reference, for
- * the chunk an audited session sees after most statements: the CommandComplete and
- * ReadyForQuery of the one statement queued (with its Sync), after the ParseComplete
- * of an unnamed statement parsed in the same batch. It returns False, having changed
- * nothing, for anything else, and the Python walk handles it. In Python this took four
- * calls and a dozen objects per statement on the event loop of every audited session;
- * bench/audit.py measures what the trail costs against a 0.9x target.
+ * The Python in pgcloak/session/auditing.py is the reference: _one_reply, _bind_py,
+ * _execute_py, _sync_py. The usual reply is the chunk an audited session sees after most
+ * statements: the CommandComplete and ReadyForQuery of the one statement queued (with
+ * its Sync), after the ParseComplete of an unnamed statement parsed in the same batch;
+ * anything else goes to the Python walk, nothing changed. SessionAudit derives from
+ * Core, whose struct holds the state these calls change (the queue, the portals, the
+ * counters), so they read it without attribute lookups by name, and the session calls
+ * them as methods, not through partials: they run for every statement of every audited
+ * session, and bench/audit.py measures what the trail costs against a 0.9x target.
  *
- * tests/unit/test_session_audit.py runs the same replies through both and compares.
+ * tests/unit/test_session_audit.py runs the same input through both and compares.
  * No IO; called on the event loop with the GIL held.
  */
 #define _GNU_SOURCE /* memmem */
@@ -104,6 +107,124 @@ static PyTypeObject UnitType = {
     .tp_members = Unit_members,
 };
 
+/* ------------------------------------------------------------------ Core */
+
+/* SessionAudit's per-statement state (auditing.SessionAudit derives from this type): the
+ * calls below read and change it in place, not through attribute lookups by name, and
+ * the session calls them as methods of its type, not through partials. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *units;      /* _units (and pending): a deque of units, in reply order */
+    PyObject *portals;    /* _portals: portal name -> (recipe, lookups, plan, text) */
+    PyObject *recipes;    /* _recipes: id(plan) -> (plan, recipe) */
+    PyObject *log;        /* log: the AuditLog */
+    Py_ssize_t returned;  /* _returned: DataRows since the last completion */
+    Py_ssize_t statements;
+    PyObject *append;     /* append_of.append, looked up once per deque */
+    PyObject *clear;      /* append_of.clear */
+    PyObject *append_of;
+} CoreObject;
+
+static int
+Core_traverse(CoreObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->units);
+    Py_VISIT(self->portals);
+    Py_VISIT(self->recipes);
+    Py_VISIT(self->log);
+    Py_VISIT(self->append);
+    Py_VISIT(self->clear);
+    Py_VISIT(self->append_of);
+    return 0;
+}
+
+static int
+Core_clear(CoreObject *self)
+{
+    Py_CLEAR(self->units);
+    Py_CLEAR(self->portals);
+    Py_CLEAR(self->recipes);
+    Py_CLEAR(self->log);
+    Py_CLEAR(self->append);
+    Py_CLEAR(self->clear);
+    Py_CLEAR(self->append_of);
+    return 0;
+}
+
+static void
+Core_dealloc(CoreObject *self)
+{
+    /* Instances are of auditing.SessionAudit, a heap subtype (see Unit_dealloc). */
+    PyObject_GC_UnTrack(self);
+    Core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef Core_members[] = {
+    {"_units", T_OBJECT_EX, offsetof(CoreObject, units), 0, NULL},
+    {"pending", T_OBJECT_EX, offsetof(CoreObject, units), READONLY,
+     "Truthy while statements wait for the server's replies (the queue itself)."},
+    {"_portals", T_OBJECT_EX, offsetof(CoreObject, portals), 0, NULL},
+    {"_recipes", T_OBJECT_EX, offsetof(CoreObject, recipes), 0, NULL},
+    {"log", T_OBJECT_EX, offsetof(CoreObject, log), 0, NULL},
+    {"_returned", T_PYSSIZET, offsetof(CoreObject, returned), 0, NULL},
+    {"statements", T_PYSSIZET, offsetof(CoreObject, statements), 0, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *s_units, *s_portals, *s_recipes, *s_log, *s_append, *s_clear;
+
+/* A field of the core, checked: a new reference, or NULL with AttributeError as Python
+ * gives for a slot never set. */
+static PyObject *
+core_field(PyObject *value, PyObject *name)
+{
+    if (value == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return NULL;
+    }
+    return Py_NewRef(value);
+}
+
+/* The queue's bound append and clear, looked up again only when _units was replaced.
+ * Borrowed references (kept by the core); 0, or -1 with an exception. */
+static int
+core_queue_methods(CoreObject *self)
+{
+    if (self->units == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, s_units);
+        return -1;
+    }
+    if (self->append_of == self->units) {
+        return 0;
+    }
+    PyObject *units = Py_NewRef(self->units);
+    PyObject *append = PyObject_GetAttr(units, s_append);
+    PyObject *clear = append ? PyObject_GetAttr(units, s_clear) : NULL;
+    if (clear == NULL) {
+        Py_XDECREF(append);
+        Py_DECREF(units);
+        return -1;
+    }
+    Py_XSETREF(self->append, append);
+    Py_XSETREF(self->clear, clear);
+    Py_XSETREF(self->append_of, units);
+    return 0;
+}
+
+static PyTypeObject CoreType;
+
+/* fn(arg) (fn() when arg is NULL) with fn held: the core's cached methods may be
+ * replaced by the Python code a call runs. */
+static PyObject *
+call_held(PyObject *fn, PyObject *arg)
+{
+    Py_INCREF(fn);
+    PyObject *r = arg != NULL ? PyObject_CallOneArg(fn, arg) : PyObject_CallNoArgs(fn);
+    Py_DECREF(fn);
+    return r;
+}
+
 /* ------------------------------------------------------------------ configuration */
 
 static PyTypeObject *unit_type = NULL;   /* auditing._Unit */
@@ -116,8 +237,7 @@ static PyObject *envelope_prefix = NULL; /* crypto.envelope.ENVELOPE_PREFIX (byt
 static PyObject *monotonic = NULL;       /* time.monotonic */
 static PyObject *time_ns = NULL;         /* time.time_ns */
 
-static PyObject *s_units, *s_returned, *s_log, *s_emit_statement, *s_clear, *s_walk;
-static PyObject *s_statements, *s_portals, *s_recipes, *s_new_recipe, *s_append, *one;
+static PyObject *s_emit_statement, *s_walk, *s_new_recipe;
 static PyObject *s_recipe, *s_keys, *s_simple, *s_rows, *s_lookups, *s_started;
 
 enum { PARSE_COMPLETE = '1', COMMAND_COMPLETE = 'C', READY = 'Z' };
@@ -231,25 +351,29 @@ tag_rows(const char *chunk, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t end)
     return n;
 }
 
-PyDoc_STRVAR(one_reply_doc,
-"one_reply(audit, chunk, marks, tail_rows) -> bool\n\n"
-"SessionAudit._one_reply: True when the chunk was the usual whole reply (its event\n"
-"emitted); False, nothing changed, for anything else.");
-
-static PyObject *
-one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The core of ``audit``, or NULL with TypeError: the module's functions take a
+ * SessionAudit (tests call them beside the Python reference on twin sessions). */
+static CoreObject *
+as_core(PyObject *audit)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "one_reply takes 4 arguments");
+    if (!PyObject_TypeCheck(audit, &CoreType)) {
+        PyErr_SetString(PyExc_TypeError, "a SessionAudit (derived from Core) is needed");
         return NULL;
     }
+    return (CoreObject *)audit;
+}
+
+/* SessionAudit._one_reply: 1 when the chunk was the usual whole reply (its event
+ * emitted), 0 (nothing changed) for anything else, -1 with an exception. */
+static int
+one_reply_impl(CoreObject *self, PyObject *chunk, PyObject *marks, PyObject *tail_rows)
+{
     if (template_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "configure() first");
-        return NULL;
+        return -1;
     }
-    PyObject *audit = args[0], *chunk = args[1], *marks = args[2], *tail_rows = args[3];
     if (!PyBytes_CheckExact(chunk) || !PyList_CheckExact(marks)) {
-        Py_RETURN_FALSE;
+        return 0;
     }
     Py_ssize_t count = PyList_GET_SIZE(marks);
     long kind, last, first;
@@ -257,27 +381,36 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (count == 3) {  /* the ParseComplete of an unnamed statement sent with it */
         if (!mark_at(marks, 0, &first, &ignored_pos, &ignored_end) || first != PARSE_COMPLETE ||
             !mark_at(marks, 1, &kind, &pos, &end) || !mark_at(marks, 2, &last, &ignored_pos, &ignored_end)) {
-            Py_RETURN_FALSE;
+            return 0;
         }
     } else if (count == 2) {
         if (!mark_at(marks, 0, &kind, &pos, &end) || !mark_at(marks, 1, &last, &ignored_pos, &ignored_end)) {
-            Py_RETURN_FALSE;
+            return 0;
         }
     } else {
-        Py_RETURN_FALSE;
+        return 0;
     }
     /* Marks as scan_marked makes them: a whole CommandComplete at chunk[pos:end]. Anything
      * else is the Python walk's (and _tag_rows' slicing rules). */
     if (kind != COMMAND_COMPLETE || last != READY || pos < 0 || end > PyBytes_GET_SIZE(chunk) ||
         end - pos < 6) {
-        Py_RETURN_FALSE;
+        return 0;
+    }
+    /* _returned takes tail_rows: one that does not fit is the Python walk's to refuse. */
+    if (!PyLong_Check(tail_rows)) {
+        return 0;
+    }
+    Py_ssize_t returned = PyLong_AsSsize_t(tail_rows);
+    if (returned == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
     }
 
-    PyObject *result = NULL, *units = NULL, *head = NULL, *recipe = NULL, *simple = NULL, *extra = NULL;
+    int result = -1;
+    PyObject *units = NULL, *head = NULL, *recipe = NULL, *simple = NULL, *extra = NULL;
     PyObject *rows = NULL, *ended = NULL, *wall = NULL, *lookups = NULL, *started = NULL, *item = NULL;
     PyObject *log = NULL, *r = NULL;
-    units = PyObject_GetAttr(audit, s_units);
-    if (units == NULL) {
+    if ((units = core_field(self->units, s_units)) == NULL) {
         goto done;
     }
     Py_ssize_t queued = PyObject_Size(units);
@@ -285,7 +418,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     if (queued == 0) {
-        result = Py_NewRef(Py_False);
+        result = 0;
         goto done;
     }
     head = PySequence_GetItem(units, 0);
@@ -296,7 +429,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (!templated) {
         /* A watched statement whose reply holds no protected value: nothing to record. */
         if (!Py_IS_TYPE(recipe, (PyTypeObject *)watched_type)) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
         PyObject *keys = UNIT_FIELD(head, keys, s_keys);
@@ -309,7 +442,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t plen = PyBytes_GET_SIZE(envelope_prefix);
         if (seen || (plen > 0 && memmem(PyBytes_AS_STRING(chunk), (size_t)PyBytes_GET_SIZE(chunk), prefix,
                                         (size_t)plen) != NULL)) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
     }
@@ -327,7 +460,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (is_simple) {
         if (queued != 1) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
         PyObject *so_far = UNIT_FIELD(head, rows, s_rows);
@@ -337,12 +470,12 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int counted = so_far != Py_None;
         Py_DECREF(so_far);
         if (counted) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
     } else {
         if (queued != 2) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
         extra = PySequence_GetItem(units, 1);
@@ -350,18 +483,23 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         if (extra != sync_unit) {
-            result = Py_NewRef(Py_False);
+            result = 0;
             goto done;
         }
     }
     /* The usual reply: from here on the state changes, in the order Python changes it. */
-    r = PyObject_CallMethodNoArgs(units, s_clear);
-    if (r == NULL || PyObject_SetAttr(audit, s_returned, tail_rows) < 0) {
+    if (self->units == units) {  /* (the queue Python would clear: the one measured) */
+        r = core_queue_methods(self) < 0 ? NULL : call_held(self->clear, NULL);
+    } else {
+        r = PyObject_CallMethodNoArgs(units, s_clear);
+    }
+    if (r == NULL) {
         goto done;
     }
+    self->returned = returned;
     if (templated) {
         rows = tag_rows(PyBytes_AS_STRING(chunk), PyBytes_GET_SIZE(chunk), pos, end);
-        log = rows ? PyObject_GetAttr(audit, s_log) : NULL;
+        log = rows ? core_field(self->log, s_log) : NULL;
         lookups = log ? UNIT_FIELD(head, lookups, s_lookups) : NULL;
         started = lookups ? UNIT_FIELD(head, started, s_started) : NULL;
         ended = started ? PyObject_CallNoArgs(monotonic) : NULL;
@@ -375,7 +513,7 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
     }
-    result = Py_NewRef(Py_True);
+    result = 1;
 done:
     Py_XDECREF(units);
     Py_XDECREF(head);
@@ -393,51 +531,34 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(reply_doc,
-"reply(audit, chunk, marks, tail_rows) -> None\n\n"
-"SessionAudit.reply: the usual reply by one_reply, anything else by audit._walk()\n"
-"(backend() without trying one_reply again).");
-
+/* SessionAudit.reply: the usual reply by one_reply, anything else by audit._walk()
+ * (backend() without trying one_reply again). */
 static PyObject *
-reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+reply_impl(CoreObject *self, PyObject *chunk, PyObject *marks, PyObject *tail_rows)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "reply takes 4 arguments");
-        return NULL;
-    }
-    if (PyList_CheckExact(args[2]) && PyList_GET_SIZE(args[2]) >= 2 && PyList_GET_SIZE(args[2]) <= 3) {
-        PyObject *done = one_reply(module, args, 4);
-        if (done == NULL) {
+    if (PyList_CheckExact(marks) && PyList_GET_SIZE(marks) >= 2 && PyList_GET_SIZE(marks) <= 3) {
+        int done = one_reply_impl(self, chunk, marks, tail_rows);
+        if (done < 0) {
             return NULL;
         }
-        Py_DECREF(done);
-        if (done == Py_True) {
+        if (done) {
             Py_RETURN_NONE;
         }
     }
-    return PyObject_CallMethodObjArgs(args[0], s_walk, args[1], args[2], args[3], NULL);
+    return PyObject_CallMethodObjArgs((PyObject *)self, s_walk, chunk, marks, tail_rows, NULL);
 }
 
-PyDoc_STRVAR(execute_doc,
-"execute(audit, portal) -> None\n\nSessionAudit.execute: an Execute of ``portal`` queued.");
-
+/* SessionAudit.execute: an Execute of ``portal`` queued. */
 static PyObject *
-execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+execute_impl(CoreObject *self, PyObject *portal)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "execute takes 2 arguments");
-        return NULL;
-    }
     if (unit_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "configure() first");
         return NULL;
     }
-    PyObject *audit = args[0], *portal = args[1];
-    PyObject *result = NULL, *count = NULL, *more = NULL, *portals = NULL, *units = NULL, *unit = NULL;
-    if ((count = PyObject_GetAttr(audit, s_statements)) == NULL ||
-        (more = PyNumber_Add(count, one)) == NULL || PyObject_SetAttr(audit, s_statements, more) < 0 ||
-        (portals = PyObject_GetAttr(audit, s_portals)) == NULL ||
-        (units = PyObject_GetAttr(audit, s_units)) == NULL) {
+    PyObject *result = NULL, *portals = NULL, *unit = NULL;
+    self->statements++;
+    if ((portals = core_field(self->portals, s_portals)) == NULL) {
         goto done;
     }
     if (!PyDict_CheckExact(portals)) {
@@ -475,36 +596,28 @@ execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(found);
         unit = (PyObject *)u;
     }
-    PyObject *r = PyObject_CallMethodOneArg(units, s_append, unit);
+    /* The cached append is the queue's own, unless Python code above replaced _units. */
+    if (core_queue_methods(self) < 0) {
+        goto done;
+    }
+    PyObject *r = call_held(self->append, unit);
     if (r == NULL) {
         goto done;
     }
     Py_DECREF(r);
     result = Py_NewRef(Py_None);
 done:
-    Py_XDECREF(count);
-    Py_XDECREF(more);
     Py_XDECREF(portals);
-    Py_XDECREF(units);
     Py_XDECREF(unit);
     return result;
 }
 
-PyDoc_STRVAR(bind_doc,
-"bind(audit, portal, plan, lookups, text=None) -> None\n\n"
-"SessionAudit.bind: how the portal's Executes are recorded.");
-
+/* SessionAudit.bind: how the portal's Executes are recorded (plan None: not at all). */
 static PyObject *
-bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+bind_impl(CoreObject *self, PyObject *portal, PyObject *plan, PyObject *lookups, PyObject *text)
 {
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "bind takes 4 or 5 arguments");
-        return NULL;
-    }
-    PyObject *audit = args[0], *portal = args[1], *plan = args[2], *lookups = args[3];
-    PyObject *text = nargs == 5 ? args[4] : Py_None;
     PyObject *result = NULL, *recipes = NULL, *key = NULL, *recipe = NULL, *portals = NULL, *entry = NULL;
-    if ((portals = PyObject_GetAttr(audit, s_portals)) == NULL) {
+    if ((portals = core_field(self->portals, s_portals)) == NULL) {
         goto done;
     }
     if (!PyDict_CheckExact(portals)) {
@@ -513,7 +626,7 @@ bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (plan != Py_None) {
         /* _recipe(), inline: (plan, recipe) cached by the plan's identity */
-        if ((recipes = PyObject_GetAttr(audit, s_recipes)) == NULL || (key = PyLong_FromVoidPtr(plan)) == NULL) {
+        if ((recipes = core_field(self->recipes, s_recipes)) == NULL || (key = PyLong_FromVoidPtr(plan)) == NULL) {
             goto done;
         }
         PyObject *found = PyDict_CheckExact(recipes) ? PyDict_GetItemWithError(recipes, key) : NULL;
@@ -523,7 +636,7 @@ bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (found != NULL && PyTuple_CheckExact(found) && PyTuple_GET_SIZE(found) == 2 &&
             PyTuple_GET_ITEM(found, 0) == plan) {
             recipe = Py_NewRef(PyTuple_GET_ITEM(found, 1));
-        } else if ((recipe = PyObject_CallMethodOneArg(audit, s_new_recipe, plan)) == NULL) {
+        } else if ((recipe = PyObject_CallMethodOneArg((PyObject *)self, s_new_recipe, plan)) == NULL) {
             goto done;
         }
     } else {
@@ -564,12 +677,134 @@ done:
     return result;
 }
 
+/* SessionAudit.sync: a Sync or FunctionCall, answered by one ReadyForQuery. */
+static PyObject *
+sync_impl(CoreObject *self)
+{
+    if (sync_unit == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() first");
+        return NULL;
+    }
+    if (core_queue_methods(self) < 0) {
+        return NULL;
+    }
+    return call_held(self->append, sync_unit);
+}
+
+/* -- as methods of Core (what the session calls) */
+
+static PyObject *
+Core_reply(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "reply takes 3 arguments (chunk, marks, tail_rows)");
+        return NULL;
+    }
+    return reply_impl((CoreObject *)self, args[0], args[1], args[2]);
+}
+
+static PyObject *
+Core_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "bind takes 3 or 4 arguments (portal, plan, lookups, text=None)");
+        return NULL;
+    }
+    return bind_impl((CoreObject *)self, args[0], args[1], args[2], nargs == 4 ? args[3] : Py_None);
+}
+
+static PyObject *
+Core_execute(PyObject *self, PyObject *arg)
+{
+    return execute_impl((CoreObject *)self, arg);
+}
+
+static PyObject *
+Core_sync(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return sync_impl((CoreObject *)self);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"reply", (PyCFunction)(void (*)(void))Core_reply, METH_FASTCALL,
+     "reply(chunk, marks, tail_rows): the server's replies in chunk when pgcloak cut no result\n"
+     "short: the usual one completed at once, anything else by _walk()."},
+    {"bind", (PyCFunction)(void (*)(void))Core_bind, METH_FASTCALL,
+     "bind(portal, plan, lookups, text=None): how the portal's Executes are recorded\n"
+     "(plan None: not at all)."},
+    {"execute", (PyCFunction)Core_execute, METH_O, "execute(portal): an Execute of portal queued."},
+    {"sync", (PyCFunction)Core_sync, METH_NOARGS,
+     "sync(): a Sync or FunctionCall, answered by one ReadyForQuery."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgcloak.session._reply_core.Core",
+    .tp_doc = "SessionAudit's per-statement state and calls (see auditing.SessionAudit).",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_traverse = (traverseproc)Core_traverse,
+    .tp_clear = (inquiry)Core_clear,
+    .tp_members = Core_members,
+    .tp_methods = Core_methods,
+};
+
+/* -- as functions of a SessionAudit (the tests, beside the Python reference) */
+
+PyDoc_STRVAR(one_reply_doc,
+"one_reply(audit, chunk, marks, tail_rows) -> bool\n\n"
+"SessionAudit._one_reply: True when the chunk was the usual whole reply (its event\n"
+"emitted); False, nothing changed, for anything else.");
+
+static PyObject *
+one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "one_reply takes 4 arguments");
+        return NULL;
+    }
+    CoreObject *core = as_core(args[0]);
+    int done = core ? one_reply_impl(core, args[1], args[2], args[3]) : -1;
+    return done < 0 ? NULL : PyBool_FromLong(done);
+}
+
+PyDoc_STRVAR(execute_doc,
+"execute(audit, portal) -> None\n\nSessionAudit.execute: an Execute of ``portal`` queued.");
+
+static PyObject *
+execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "execute takes 2 arguments");
+        return NULL;
+    }
+    CoreObject *core = as_core(args[0]);
+    return core ? execute_impl(core, args[1]) : NULL;
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(audit, portal, plan, lookups, text=None) -> None\n\n"
+"SessionAudit.bind: how the portal's Executes are recorded.");
+
+static PyObject *
+bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "bind takes 4 or 5 arguments");
+        return NULL;
+    }
+    CoreObject *core = as_core(args[0]);
+    return core ? bind_impl(core, args[1], args[2], args[3], nargs == 5 ? args[4] : Py_None) : NULL;
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
      "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns, "
      "unit_type, skip_execute, max_portals)"},
     {"one_reply", (PyCFunction)(void (*)(void))one_reply, METH_FASTCALL, one_reply_doc},
-    {"reply", (PyCFunction)(void (*)(void))reply, METH_FASTCALL, reply_doc},
     {"execute", (PyCFunction)(void (*)(void))execute, METH_FASTCALL, execute_doc},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, bind_doc},
     {NULL, NULL, 0, NULL},
@@ -578,7 +813,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pgcloak.session._reply_core",
-    .m_doc = "SessionAudit's usual reply in C (see auditing.py).",
+    .m_doc = "SessionAudit's per-statement state and calls in C (see auditing.py).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -595,27 +830,21 @@ PyMODINIT_FUNC
 PyInit__reply_core(void)
 {
     INTERN(s_units, "_units");
-    INTERN(s_returned, "_returned");
     INTERN(s_log, "log");
     INTERN(s_emit_statement, "emit_statement");
     INTERN(s_clear, "clear");
     INTERN(s_walk, "_walk");
-    INTERN(s_statements, "statements");
     INTERN(s_portals, "_portals");
     INTERN(s_recipes, "_recipes");
     INTERN(s_new_recipe, "_new_recipe");
     INTERN(s_append, "append");
-    one = PyLong_FromLong(1);
-    if (one == NULL) {
-        return NULL;
-    }
     INTERN(s_recipe, "recipe");
     INTERN(s_keys, "keys");
     INTERN(s_simple, "simple");
     INTERN(s_rows, "rows");
     INTERN(s_lookups, "lookups");
     INTERN(s_started, "started");
-    if (PyType_Ready(&UnitType) < 0) {
+    if (PyType_Ready(&UnitType) < 0 || PyType_Ready(&CoreType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moduledef);
@@ -625,6 +854,12 @@ PyInit__reply_core(void)
     Py_INCREF(&UnitType);
     if (PyModule_AddObject(m, "Unit", (PyObject *)&UnitType) < 0) {
         Py_DECREF(&UnitType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
         Py_DECREF(m);
         return NULL;
     }

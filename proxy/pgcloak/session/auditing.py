@@ -29,7 +29,6 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -92,6 +91,9 @@ if TYPE_CHECKING:
 else:
     _UnitBase = _reply_core.Unit if _reply_core is not None else _UnitFields
 
+#: How a portal's Executes are recorded: (recipe, lookups, plan, text).
+_Bound = tuple[StatementTemplate | _Slow | _Watched, dict[str, list[str]] | None, Plan | None, str | None]
+
 
 class _Unit(_UnitBase):
     """A Query or an Execute waiting for the server's reply. When a templated one ends,
@@ -130,6 +132,51 @@ _SYNC = _Unit(None, None, True)
 #: completed, never written to).
 _SKIP_QUERY = _Unit(None, None, True)
 _SKIP_EXECUTE = _Unit(None, None, False)
+
+
+class _CoreFields:
+    """SessionAudit's per-statement state and calls: the C module's ``Core`` where it is
+    built (its struct holds these fields, and its methods are the calls), else plain
+    attributes, with SessionAudit's reference methods as the calls (set below the class)."""
+
+    _units: deque[_Unit]
+    #: Truthy while statements wait for the server's replies: the queue itself (read after
+    #: every chunk the server sends, so no property call).
+    pending: deque[_Unit]
+    #: Portal name (as sent) -> how its Executes are recorded.
+    _portals: dict[bytes, _Bound]
+    _recipes: dict[int, tuple[Plan, _Recipe]]
+    log: AuditLog
+    #: DataRows since the last completion: an Execute's rows when it ends in
+    #: PortalSuspended (which has no tag to count from).
+    _returned: int
+    statements: int
+
+    def reply(self, chunk: bytes, marks: list[Mark], tail_rows: int, /) -> None:
+        """The server's replies in ``chunk`` when pgcloak cut no result short: the usual
+        one (one statement's whole reply) completed at once, anything else reply by reply
+        (what :meth:`SessionAudit.backend` does)."""
+        raise NotImplementedError
+
+    def bind(
+        self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None, /
+    ) -> None:
+        """A Bind of ``portal``: how its Executes are recorded (``plan`` None: not at all)."""
+        raise NotImplementedError
+
+    def execute(self, portal: bytes, /) -> None:
+        """An Execute of ``portal`` queued."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
+        raise NotImplementedError
+
+
+if TYPE_CHECKING:
+    _CoreBase = _CoreFields
+else:
+    _CoreBase = _reply_core.Core if _reply_core is not None else _CoreFields
 
 
 def event_kind(kind: str) -> str:
@@ -194,22 +241,23 @@ def trail_reason(reason: str) -> str:
     return _TOKENIZER_EXCERPT.sub(r"\1(statement text withheld)", reason)
 
 
-class SessionAudit:
-    """Queues one session's statements and emits their events when they complete."""
+class SessionAudit(_CoreBase):
+    """Queues one session's statements and emits their events when they complete.
+
+    The per-statement calls (``bind``, ``execute``, ``sync``, ``reply``) are the C
+    module's where it is built; the methods ending in ``_py`` and :meth:`_one_reply` are
+    their reference.
+    """
 
     def __init__(self, log: AuditLog, info: Callable[[], SessionInfo], mode: StatementsMode) -> None:
         self.log = log
         self._info = info
         self._mode: StatementsMode = mode
-        self._units: deque[_Unit] = deque()
-        #: Portal name (as sent) -> how its Executes are recorded.
-        self._portals: dict[
-            bytes,
-            tuple[StatementTemplate | _Slow | _Watched, dict[str, list[str]] | None, Plan | None, str | None],
-        ] = {}
-        self._recipes: dict[int, tuple[Plan, _Recipe]] = {}
-        #: DataRows since the last completion: an Execute's rows when it ends in
-        #: PortalSuspended (which has no tag to count from).
+        self._units = deque()
+        if _reply_core is None:
+            self.pending = self._units  # (C: a read-only name for the same field)
+        self._portals = {}
+        self._recipes = {}
         self._returned = 0
         self.statements = 0
         #: The columns a plan reads that this session gets masked (the rewriter knows the
@@ -223,20 +271,6 @@ class SessionAudit:
         self.ignored_syncs: deque[int] = deque()
         #: Whether a key id is a protected column's (values of watched statements).
         self.is_column_key: Callable[[str], bool] = _no_column
-        #: A Sync or FunctionCall: the server answers it with one ReadyForQuery. (A
-        #: partial of the deque's own append: no Python frame for the most frequent call.)
-        self.sync: Callable[[], None] = partial(self._units.append, _SYNC)
-        #: Truthy while statements wait for the server's replies (the queue itself: read
-        #: after every chunk the server sends, so no property call).
-        self.pending: deque[_Unit] = self._units
-        #: The server's replies in ``chunk`` when pgcloak cut no result short: the usual
-        #: one (one statement's whole reply) completed at once, in C where built, anything
-        #: else reply by reply (what :meth:`backend` does).
-        self.reply: Callable[[bytes, list[Mark], int], None] = partial(_reply, self)
-        #: A Bind of ``portal``: how its Executes are recorded (``plan`` None: not at all).
-        self.bind: Callable[..., None] = partial(_bind, self)
-        #: An Execute of ``portal`` queued.
-        self.execute: Callable[[bytes], None] = partial(_execute, self)
 
     def switch(self, log: AuditLog, mode: StatementsMode) -> None:
         """From now on, write to ``log`` and record ``mode``'s statements (a policy reload)."""
@@ -302,6 +336,9 @@ class SessionAudit:
             # PostgreSQL drops portals at transaction end without telling us; bound ours.
             self._portals.clear()
         self._portals[portal] = (recipe, lookups or None, plan, text)
+
+    def _sync_py(self) -> None:
+        self._units.append(_SYNC)
 
     def close_portal(self, portal: bytes) -> None:
         self._portals.pop(portal, None)
@@ -578,11 +615,11 @@ def _python_reply(audit: SessionAudit, chunk: bytes, marks: list[Mark], tail_row
     audit.backend(chunk, marks, tail_rows)
 
 
-#: SessionAudit's per-statement calls, in C where it is built
-#: (pgcloak/session/_reply_core.c: the same decisions, units and events,
-#: tests/unit/test_session_audit.py); PGCLOAK_PURE_PYTHON=1 keeps the Python ones.
+#: The usual reply, as backend() tries it first; and, for the tests, the C module's
+#: calls as functions of a session (pgcloak/session/_reply_core.c: the same decisions,
+#: units and events, tests/unit/test_session_audit.py). PGCLOAK_PURE_PYTHON=1 keeps
+#: the Python ones.
 _one_reply: Callable[[SessionAudit, bytes, list[Mark], int], bool] = SessionAudit._one_reply
-_reply: Callable[[SessionAudit, bytes, list[Mark], int], None] = _python_reply
 _bind: Callable[..., None] = SessionAudit._bind_py
 _execute: Callable[[SessionAudit, bytes], None] = SessionAudit._execute_py
 if _reply_core is not None:
@@ -592,6 +629,11 @@ if _reply_core is not None:
         StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns, _Unit, _SKIP_EXECUTE, _MAX_PORTALS
     )
     _one_reply = _reply_core.one_reply
-    _reply = _reply_core.reply
     _bind = _reply_core.bind
     _execute = _reply_core.execute
+else:
+    # The reference methods are the calls (class attributes: no frame added per call).
+    SessionAudit.reply = _python_reply  # type: ignore[method-assign,assignment]
+    SessionAudit.bind = SessionAudit._bind_py  # type: ignore[method-assign,assignment]
+    SessionAudit.execute = SessionAudit._execute_py  # type: ignore[method-assign,assignment]
+    SessionAudit.sync = SessionAudit._sync_py  # type: ignore[method-assign,assignment]
