@@ -49,6 +49,7 @@ def test_the_probe_counts_the_trails_calls(tmp_path: Path) -> None:
     # its Parse first, with its Sync).
     assert calls["bind"] == calls["execute"] == 40
     assert calls["sync"] == calls["reply"] == 41
+    assert calls["query"] == 0  # wrapped (a simple Query's call), and not on this path
     # The end-to-end run: 25 statements queued, chained with the trail's own records (the
     # shutdown seal), written to the file and fsync'd at close.
     assert calls["emit_statement"] == 25

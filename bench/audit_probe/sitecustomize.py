@@ -59,11 +59,10 @@ def _install(out: str) -> None:
 
     def session_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        for name in ("bind", "execute", "sync", "reply"):  # instance attributes (C partials)
+        for name in ("bind", "execute", "sync", "reply", "query"):  # (C methods: shadowed per session)
             setattr(self, name, timed(name, getattr(self, name)))
 
     auditing.SessionAudit.__init__ = session_init  # type: ignore[method-assign]
-    auditing.SessionAudit.query = timed("query", auditing.SessionAudit.query)  # type: ignore[method-assign]
     auditing.SessionAudit.backend = timed("backend", auditing.SessionAudit.backend)  # type: ignore[method-assign]
     audit_log.AuditLog.emit_statement = timed("emit_statement", audit_log.AuditLog.emit_statement)  # type: ignore[method-assign]
 

@@ -401,11 +401,17 @@ bind_step = st.tuples(
     st.sampled_from([None, "SELECT 1"]),
 )
 other_step = st.tuples(st.sampled_from(["execute", "close"]), st.sampled_from([b"", b"p1", b"p2", b"p3"]))
+query_step = st.tuples(
+    st.just("query"),
+    st.sampled_from(["lookup", "plain", None]),
+    st.sampled_from([{}, {"public.users.email": ["x" * 22]}]),
+    st.sampled_from([None, "SELECT 1"]),
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps=st.lists(bind_step | other_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
-def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...]], max_portals: int) -> None:
+@given(steps=st.lists(bind_step | other_step | query_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
+def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...]], max_portals: int) -> None:
     assert auditing._bind is not SessionAudit._bind_py and auditing._execute is not SessionAudit._execute_py
     protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
     plans = {"lookup": protection.planner.plan(LOOKUP), "plain": protection.planner.plan(PLAIN), None: None}
@@ -415,24 +421,26 @@ def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...
         m.setattr(auditing, "_MAX_PORTALS", max_portals)
         auditing._reply_core.configure(
             StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, auditing.monotonic, auditing.time_ns,
-            _Unit, _SKIP_EXECUTE, max_portals,
+            _Unit, _SKIP_EXECUTE, max_portals, _SKIP_QUERY,
         )  # fmt: skip
         try:
-            for audit, bind, execute in (
-                (twins[0], auditing._bind, auditing._execute),
-                (twins[1], SessionAudit._bind_py, SessionAudit._execute_py),
+            for audit, bind, execute, query in (
+                (twins[0], auditing._bind, auditing._execute, SessionAudit.query),
+                (twins[1], SessionAudit._bind_py, SessionAudit._execute_py, SessionAudit._query_py),
             ):
                 for step in steps:
                     if step[0] == "bind":
                         bind(audit, step[1], plans[step[2]], step[3], step[4])
                     elif step[0] == "execute":
                         execute(audit, step[1])
+                    elif step[0] == "query":
+                        query(audit, plans[step[1]], step[2], step[3])
                     else:
                         audit.close_portal(step[1])
         finally:
             auditing._reply_core.configure(
                 StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, auditing.monotonic, auditing.time_ns,
-                _Unit, _SKIP_EXECUTE, limit,
+                _Unit, _SKIP_EXECUTE, limit, _SKIP_QUERY,
             )  # fmt: skip
     c, py = twins
 
@@ -441,12 +449,13 @@ def test_bind_and_execute_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...
 
     def units(audit: SessionAudit) -> list[Any]:
         return [
-            u if u is _SKIP_EXECUTE else (type(u.recipe).__name__, u.lookups, u.simple, u.plan, u.text, u.keys, u.rows, u.sqlstate)
+            u if u in (_SKIP_EXECUTE, _SKIP_QUERY) else (type(u.recipe).__name__, u.lookups, u.simple, u.plan, u.text, u.keys, u.rows, u.sqlstate)
             for u in audit._units
         ]
 
     assert portals(c) == portals(py) and units(c) == units(py) and c.statements == py.statements
-    assert all(type(u) is _Unit and type(u.started) is float for u in c._units if u is not _SKIP_EXECUTE)
+    assert all(type(u) is _Unit and type(u.started) is float for u in c._units if u not in (_SKIP_EXECUTE, _SKIP_QUERY))
+    assert SessionAudit.query is not SessionAudit._query_py
 
 
 def test_reply_completes_the_usual_reply_and_hands_anything_else_to_backend(
@@ -487,7 +496,7 @@ def test_the_session_calls_are_the_c_methods_of_its_state() -> None:
     assert auditing._reply_core is not None, "the C calls are not built"
     core = auditing._reply_core.Core
     assert SessionAudit.__mro__[1] is core
-    for name in ("reply", "bind", "execute", "sync"):
+    for name in ("reply", "bind", "execute", "sync", "query"):
         assert getattr(SessionAudit, name) is core.__dict__[name], name
     audit = SessionAudit(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
     assert audit.pending is audit._units

@@ -229,6 +229,7 @@ call_held(PyObject *fn, PyObject *arg)
 
 static PyTypeObject *unit_type = NULL;   /* auditing._Unit */
 static PyObject *skip_execute = NULL;    /* auditing._SKIP_EXECUTE */
+static PyObject *skip_query = NULL;      /* auditing._SKIP_QUERY */
 static Py_ssize_t max_portals = 0;       /* auditing._MAX_PORTALS */
 static PyObject *template_type = NULL;   /* templates.StatementTemplate */
 static PyObject *watched_type = NULL;    /* auditing._Watched */
@@ -245,10 +246,10 @@ enum { PARSE_COMPLETE = '1', COMMAND_COMPLETE = 'C', READY = 'Z' };
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
-    PyObject *tt, *wt, *su, *ep, *mo, *tn, *ut, *se;
+    PyObject *tt, *wt, *su, *ep, *mo, *tn, *ut, *se, *sq;
     Py_ssize_t mp;
-    if (!PyArg_ParseTuple(args, "O!O!OO!OOO!On:configure", &PyType_Type, &tt, &PyType_Type, &wt, &su,
-                          &PyBytes_Type, &ep, &mo, &tn, &PyType_Type, &ut, &se, &mp)) {
+    if (!PyArg_ParseTuple(args, "O!O!OO!OOO!OnO:configure", &PyType_Type, &tt, &PyType_Type, &wt, &su,
+                          &PyBytes_Type, &ep, &mo, &tn, &PyType_Type, &ut, &se, &mp, &sq)) {
         return NULL;
     }
     if (!PyType_IsSubtype((PyTypeObject *)ut, &UnitType)) {
@@ -259,6 +260,8 @@ configure(PyObject *module, PyObject *args)
     Py_XSETREF(unit_type, (PyTypeObject *)ut);
     Py_INCREF(se);
     Py_XSETREF(skip_execute, se);
+    Py_INCREF(sq);
+    Py_XSETREF(skip_query, sq);
     max_portals = mp;
     Py_INCREF(tt);
     Py_XSETREF(template_type, tt);
@@ -548,6 +551,104 @@ reply_impl(CoreObject *self, PyObject *chunk, PyObject *marks, PyObject *tail_ro
     return PyObject_CallMethodObjArgs((PyObject *)self, s_walk, chunk, marks, tail_rows, NULL);
 }
 
+/* _Unit(recipe, lookups, simple, plan, text), started now. New reference; NULL with an
+ * exception. */
+static PyObject *
+new_unit(PyObject *recipe, PyObject *lookups, PyObject *simple, PyObject *plan, PyObject *text)
+{
+    PyObject *started = PyObject_CallNoArgs(monotonic);
+    if (started == NULL) {
+        return NULL;
+    }
+    UnitObject *u = (UnitObject *)unit_type->tp_alloc(unit_type, 0);
+    if (u == NULL) {
+        Py_DECREF(started);
+        return NULL;
+    }
+    u->recipe = Py_NewRef(recipe);
+    u->lookups = Py_NewRef(lookups);
+    u->simple = Py_NewRef(simple);
+    u->plan = Py_NewRef(plan);
+    u->text = Py_NewRef(text);
+    u->keys = Py_NewRef(Py_None);
+    u->started = started;
+    u->rows = Py_NewRef(Py_None);
+    u->sqlstate = Py_NewRef(Py_None);
+    return (PyObject *)u;
+}
+
+/* SessionAudit._recipe(plan), inline: (plan, recipe) cached by the plan's identity, else
+ * _new_recipe(plan). New reference; NULL with an exception. */
+static PyObject *
+recipe_of(CoreObject *self, PyObject *plan)
+{
+    PyObject *recipes = core_field(self->recipes, s_recipes);
+    PyObject *key = recipes ? PyLong_FromVoidPtr(plan) : NULL;
+    PyObject *recipe = NULL;
+    if (key == NULL) {
+        goto done;
+    }
+    PyObject *found = PyDict_CheckExact(recipes) ? PyDict_GetItemWithError(recipes, key) : NULL;
+    if (found == NULL && PyErr_Occurred()) {
+        goto done;
+    }
+    if (found != NULL && PyTuple_CheckExact(found) && PyTuple_GET_SIZE(found) == 2 &&
+        PyTuple_GET_ITEM(found, 0) == plan) {
+        recipe = Py_NewRef(PyTuple_GET_ITEM(found, 1));
+    } else {
+        recipe = PyObject_CallMethodOneArg((PyObject *)self, s_new_recipe, plan);
+    }
+done:
+    Py_XDECREF(recipes);
+    Py_XDECREF(key);
+    return recipe;
+}
+
+/* Append ``unit`` to the queue. 0, or -1 with an exception. */
+static int
+queue_unit(CoreObject *self, PyObject *unit)
+{
+    if (core_queue_methods(self) < 0) {
+        return -1;
+    }
+    PyObject *r = call_held(self->append, unit);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* SessionAudit.query: a simple Query sent to the server (plan None: a refused one,
+ * recorded as a refusal; its ReadyForQuery still comes). */
+static PyObject *
+query_impl(CoreObject *self, PyObject *plan, PyObject *lookups, PyObject *text)
+{
+    if (unit_type == NULL || skip_query == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure() first");
+        return NULL;
+    }
+    self->statements++;
+    PyObject *recipe = plan != Py_None ? recipe_of(self, plan) : Py_NewRef(Py_None);
+    if (recipe == NULL) {
+        return NULL;
+    }
+    PyObject *unit = NULL;
+    if (recipe == Py_None) {
+        unit = Py_NewRef(skip_query);
+    } else {
+        int truthy = PyObject_IsTrue(lookups);
+        unit = truthy < 0 ? NULL : new_unit(recipe, truthy ? lookups : Py_None, Py_True, plan, text);
+    }
+    Py_DECREF(recipe);
+    if (unit == NULL) {
+        return NULL;
+    }
+    int failed = queue_unit(self, unit);
+    Py_DECREF(unit);
+    if (failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* SessionAudit.execute: an Execute of ``portal`` queued. */
 static PyObject *
 execute_impl(CoreObject *self, PyObject *portal)
@@ -576,35 +677,17 @@ execute_impl(CoreObject *self, PyObject *portal)
             PyErr_SetString(PyExc_TypeError, "a bound portal is (recipe, lookups, plan, text)");
             goto done;
         }
-        Py_INCREF(found);  /* monotonic() below is a call */
-        PyObject *started = PyObject_CallNoArgs(monotonic);
-        UnitObject *u = started ? (UnitObject *)unit_type->tp_alloc(unit_type, 0) : NULL;
-        if (u == NULL) {
-            Py_XDECREF(started);
-            Py_DECREF(found);
+        Py_INCREF(found);  /* monotonic() in new_unit is a call */
+        unit = new_unit(PyTuple_GET_ITEM(found, 0), PyTuple_GET_ITEM(found, 1), Py_False, PyTuple_GET_ITEM(found, 2),
+                        PyTuple_GET_ITEM(found, 3));
+        Py_DECREF(found);
+        if (unit == NULL) {
             goto done;
         }
-        u->recipe = Py_NewRef(PyTuple_GET_ITEM(found, 0));
-        u->lookups = Py_NewRef(PyTuple_GET_ITEM(found, 1));
-        u->simple = Py_NewRef(Py_False);
-        u->plan = Py_NewRef(PyTuple_GET_ITEM(found, 2));
-        u->text = Py_NewRef(PyTuple_GET_ITEM(found, 3));
-        u->keys = Py_NewRef(Py_None);
-        u->started = started;
-        u->rows = Py_NewRef(Py_None);
-        u->sqlstate = Py_NewRef(Py_None);
-        Py_DECREF(found);
-        unit = (PyObject *)u;
     }
-    /* The cached append is the queue's own, unless Python code above replaced _units. */
-    if (core_queue_methods(self) < 0) {
+    if (queue_unit(self, unit) < 0) {
         goto done;
     }
-    PyObject *r = call_held(self->append, unit);
-    if (r == NULL) {
-        goto done;
-    }
-    Py_DECREF(r);
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(portals);
@@ -616,7 +699,7 @@ done:
 static PyObject *
 bind_impl(CoreObject *self, PyObject *portal, PyObject *plan, PyObject *lookups, PyObject *text)
 {
-    PyObject *result = NULL, *recipes = NULL, *key = NULL, *recipe = NULL, *portals = NULL, *entry = NULL;
+    PyObject *result = NULL, *recipe = NULL, *portals = NULL, *entry = NULL;
     if ((portals = core_field(self->portals, s_portals)) == NULL) {
         goto done;
     }
@@ -624,23 +707,8 @@ bind_impl(CoreObject *self, PyObject *portal, PyObject *plan, PyObject *lookups,
         PyErr_SetString(PyExc_TypeError, "a session's portals are a dict");
         goto done;
     }
-    if (plan != Py_None) {
-        /* _recipe(), inline: (plan, recipe) cached by the plan's identity */
-        if ((recipes = core_field(self->recipes, s_recipes)) == NULL || (key = PyLong_FromVoidPtr(plan)) == NULL) {
-            goto done;
-        }
-        PyObject *found = PyDict_CheckExact(recipes) ? PyDict_GetItemWithError(recipes, key) : NULL;
-        if (found == NULL && PyErr_Occurred()) {
-            goto done;
-        }
-        if (found != NULL && PyTuple_CheckExact(found) && PyTuple_GET_SIZE(found) == 2 &&
-            PyTuple_GET_ITEM(found, 0) == plan) {
-            recipe = Py_NewRef(PyTuple_GET_ITEM(found, 1));
-        } else if ((recipe = PyObject_CallMethodOneArg((PyObject *)self, s_new_recipe, plan)) == NULL) {
-            goto done;
-        }
-    } else {
-        recipe = Py_NewRef(Py_None);
+    if ((recipe = plan != Py_None ? recipe_of(self, plan) : Py_NewRef(Py_None)) == NULL) {
+        goto done;
     }
     if (recipe == Py_None) {
         /* portals.pop(portal, None): an empty dict hashes nothing */
@@ -669,8 +737,6 @@ bind_impl(CoreObject *self, PyObject *portal, PyObject *plan, PyObject *lookups,
     }
     result = Py_NewRef(Py_None);
 done:
-    Py_XDECREF(recipes);
-    Py_XDECREF(key);
     Py_XDECREF(recipe);
     Py_XDECREF(portals);
     Py_XDECREF(entry);
@@ -685,10 +751,10 @@ sync_impl(CoreObject *self)
         PyErr_SetString(PyExc_RuntimeError, "configure() first");
         return NULL;
     }
-    if (core_queue_methods(self) < 0) {
+    if (queue_unit(self, sync_unit) < 0) {
         return NULL;
     }
-    return call_held(self->append, sync_unit);
+    Py_RETURN_NONE;
 }
 
 /* -- as methods of Core (what the session calls) */
@@ -714,6 +780,16 @@ Core_bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *
+Core_query(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "query takes 2 or 3 arguments (plan, lookups, text=None)");
+        return NULL;
+    }
+    return query_impl((CoreObject *)self, args[0], args[1], nargs == 3 ? args[2] : Py_None);
+}
+
+static PyObject *
 Core_execute(PyObject *self, PyObject *arg)
 {
     return execute_impl((CoreObject *)self, arg);
@@ -732,6 +808,9 @@ static PyMethodDef Core_methods[] = {
     {"bind", (PyCFunction)(void (*)(void))Core_bind, METH_FASTCALL,
      "bind(portal, plan, lookups, text=None): how the portal's Executes are recorded\n"
      "(plan None: not at all)."},
+    {"query", (PyCFunction)(void (*)(void))Core_query, METH_FASTCALL,
+     "query(plan, lookups, text=None): a simple Query sent to the server (plan None: a\n"
+     "refused one, recorded as a refusal)."},
     {"execute", (PyCFunction)Core_execute, METH_O, "execute(portal): an Execute of portal queued."},
     {"sync", (PyCFunction)Core_sync, METH_NOARGS,
      "sync(): a Sync or FunctionCall, answered by one ReadyForQuery."},
@@ -803,7 +882,7 @@ bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
      "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns, "
-     "unit_type, skip_execute, max_portals)"},
+     "unit_type, skip_execute, max_portals, skip_query)"},
     {"one_reply", (PyCFunction)(void (*)(void))one_reply, METH_FASTCALL, one_reply_doc},
     {"execute", (PyCFunction)(void (*)(void))execute, METH_FASTCALL, execute_doc},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, bind_doc},

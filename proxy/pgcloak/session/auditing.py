@@ -158,6 +158,10 @@ class _CoreFields:
         (what :meth:`SessionAudit.backend` does)."""
         raise NotImplementedError
 
+    def query(self, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None, /) -> None:
+        """A simple Query sent to the server (None: a refused one, recorded as a refusal)."""
+        raise NotImplementedError
+
     def bind(
         self, portal: bytes, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None, /
     ) -> None:
@@ -244,9 +248,9 @@ def trail_reason(reason: str) -> str:
 class SessionAudit(_CoreBase):
     """Queues one session's statements and emits their events when they complete.
 
-    The per-statement calls (``bind``, ``execute``, ``sync``, ``reply``) are the C
-    module's where it is built; the methods ending in ``_py`` and :meth:`_one_reply` are
-    their reference.
+    The per-statement calls (``query``, ``bind``, ``execute``, ``sync``, ``reply``) are
+    the C module's where it is built; the methods ending in ``_py`` and :meth:`_one_reply`
+    are their reference.
     """
 
     def __init__(self, log: AuditLog, info: Callable[[], SessionInfo], mode: StatementsMode) -> None:
@@ -316,8 +320,7 @@ class SessionAudit(_CoreBase):
         return recipe
 
     # -- client side ---------------------------------------------------------------------
-    def query(self, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None) -> None:
-        """A simple Query sent to the server (None: a refused one, recorded as a refusal)."""
+    def _query_py(self, plan: Plan | None, lookups: dict[str, list[str]], text: str | None = None) -> None:
         self.statements += 1
         recipe = self._recipe(plan) if plan is not None else None
         self._units.append(_SKIP_QUERY if recipe is None else _Unit(recipe, lookups or None, True, plan, text))
@@ -626,7 +629,16 @@ if _reply_core is not None:
     # (The C functions keep these objects: patching this module's names later does not
     # reach them; configure() again.)
     _reply_core.configure(
-        StatementTemplate, _Watched, _SYNC, ENVELOPE_PREFIX, monotonic, time_ns, _Unit, _SKIP_EXECUTE, _MAX_PORTALS
+        StatementTemplate,
+        _Watched,
+        _SYNC,
+        ENVELOPE_PREFIX,
+        monotonic,
+        time_ns,
+        _Unit,
+        _SKIP_EXECUTE,
+        _MAX_PORTALS,
+        _SKIP_QUERY,
     )
     _one_reply = _reply_core.one_reply
     _bind = _reply_core.bind
@@ -637,3 +649,4 @@ else:
     SessionAudit.bind = SessionAudit._bind_py  # type: ignore[method-assign,assignment]
     SessionAudit.execute = SessionAudit._execute_py  # type: ignore[method-assign,assignment]
     SessionAudit.sync = SessionAudit._sync_py  # type: ignore[method-assign,assignment]
+    SessionAudit.query = SessionAudit._query_py  # type: ignore[method-assign,assignment]
