@@ -1,9 +1,9 @@
 /*
- * SessionAudit's per-statement calls in C: Bind, Execute and Sync queued, and the usual
- * reply (one statement's whole reply) completing its event.
+ * SessionAudit's per-statement calls in C: Query, Bind, Execute and Sync queued, and the
+ * usual reply (one statement's whole reply) completing its event.
  *
- * The Python in pgcloak/session/auditing.py is the reference: _one_reply, _bind_py,
- * _execute_py, _sync_py. The usual reply is the chunk an audited session sees after most
+ * The Python in pgcloak/session/auditing.py is the reference: _one_reply, _query_py,
+ * _bind_py, _execute_py, _sync_py. The usual reply is the chunk an audited session sees after most
  * statements: the CommandComplete and ReadyForQuery of the one statement queued (with
  * its Sync), after the ParseComplete of an unnamed statement parsed in the same batch;
  * anything else goes to the Python walk, nothing changed. SessionAudit derives from
