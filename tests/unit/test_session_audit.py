@@ -7,6 +7,7 @@ what the session hands it (the AuditLog itself is tested with its sinks elsewher
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any
 
 import pytest
@@ -548,3 +549,47 @@ def test_a_session_audit_in_a_cycle_is_collected() -> None:
     del audit
     gc.collect()
     assert gone() is None
+
+
+def test_cores_chained_deep_are_freed_without_recursion() -> None:
+    """Core's dealloc uses the trashcan too (found by review: 300,000 bare cores chained
+    through ``log`` overflowed the stack)."""
+    core: Any = auditing._reply_core.Core
+    head = core()
+    for _ in range(300_000):
+        outer = core()
+        outer.log, head = head, outer
+    del head, outer
+
+
+def test_bind_stores_where_python_does_when_making_a_recipe_replaces_the_portals() -> None:
+    """The recipe is made before the portals are read, as in Python (found by review: C
+    stored the binding in the dict ``_new_recipe`` had just replaced)."""
+
+    class Replacing(SessionAudit):
+        def _new_recipe(self, plan: Any) -> Any:
+            self._portals = {}
+            return _Slow(plan)
+
+    plan: Any = object()
+    for bind in (auditing._bind, SessionAudit._bind_py):
+        audit = Replacing(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
+        bind(audit, b"p", plan, {})
+        assert list(audit._portals) == [b"p"], bind
+
+
+def test_a_queue_of_another_type_is_called_as_python_calls_it() -> None:
+    """Only a plain deque's methods are kept between calls: a subclass's are looked up
+    each time (found by review: a patched append was ignored)."""
+    seen: list[Any] = []
+
+    class Watched(deque):  # type: ignore[type-arg]
+        pass
+
+    for sync in (SessionAudit.sync, SessionAudit._sync_py):
+        audit = SessionAudit(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
+        audit._units = Watched()
+        sync(audit)
+        audit._units.append = seen.append  # type: ignore[method-assign]
+        sync(audit)
+    assert seen == [_SYNC, _SYNC]

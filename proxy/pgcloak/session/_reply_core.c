@@ -111,7 +111,9 @@ static PyTypeObject UnitType = {
 
 /* SessionAudit's per-statement state (auditing.SessionAudit derives from this type): the
  * calls below read and change it in place, not through attribute lookups by name, and
- * the session calls them as methods of its type, not through partials. */
+ * the session calls them as methods of its type, not through partials. The fields hold
+ * what SessionAudit.__init__ puts there: a deque and plain dicts (a dict of another type
+ * is refused with TypeError, where Python would take a subclass). */
 typedef struct {
     PyObject_HEAD
     PyObject *units;      /* _units (and pending): a deque of units, in reply order */
@@ -156,8 +158,10 @@ Core_dealloc(CoreObject *self)
 {
     /* Instances are of auditing.SessionAudit, a heap subtype (see Unit_dealloc). */
     PyObject_GC_UnTrack(self);
+    Py_TRASHCAN_BEGIN(self, Core_dealloc)  /* cores chained deep (a bare Core's log): no recursion */
     Core_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+    Py_TRASHCAN_END
 }
 
 static PyMemberDef Core_members[] = {
@@ -173,6 +177,7 @@ static PyMemberDef Core_members[] = {
 };
 
 static PyObject *s_units, *s_portals, *s_recipes, *s_log, *s_append, *s_clear;
+static PyObject *deque_type = NULL;  /* collections.deque */
 
 /* A field of the core, checked: a new reference, or NULL with AttributeError as Python
  * gives for a slot never set. */
@@ -187,7 +192,9 @@ core_field(PyObject *value, PyObject *name)
 }
 
 /* The queue's bound append and clear, looked up again only when _units was replaced.
- * Borrowed references (kept by the core); 0, or -1 with an exception. */
+ * Borrowed references (kept by the core); 0, or -1 with an exception. Only a plain
+ * deque's are kept: a subclass (a test's) may change its methods, so they are looked up
+ * for every call, as Python does. */
 static int
 core_queue_methods(CoreObject *self)
 {
@@ -195,7 +202,7 @@ core_queue_methods(CoreObject *self)
         PyErr_SetObject(PyExc_AttributeError, s_units);
         return -1;
     }
-    if (self->append_of == self->units) {
+    if (self->append_of == self->units && Py_IS_TYPE(self->units, (PyTypeObject *)deque_type)) {
         return 0;
     }
     PyObject *units = Py_NewRef(self->units);
@@ -395,8 +402,8 @@ one_reply_impl(CoreObject *self, PyObject *chunk, PyObject *marks, PyObject *tai
     }
     /* Marks as scan_marked makes them: a whole CommandComplete at chunk[pos:end]. Anything
      * else is the Python walk's (and _tag_rows' slicing rules). */
-    if (kind != COMMAND_COMPLETE || last != READY || pos < 0 || end > PyBytes_GET_SIZE(chunk) ||
-        end - pos < 6) {
+    if (kind != COMMAND_COMPLETE || last != READY || pos < 0 || end < 6 || end > PyBytes_GET_SIZE(chunk) ||
+        end - 6 < pos) {  /* (end - pos < 6, without overflow) */
         return 0;
     }
     /* _returned takes tail_rows: one that does not fit is the Python walk's to refuse. */
@@ -700,14 +707,15 @@ static PyObject *
 bind_impl(CoreObject *self, PyObject *portal, PyObject *plan, PyObject *lookups, PyObject *text)
 {
     PyObject *result = NULL, *recipe = NULL, *portals = NULL, *entry = NULL;
+    /* The recipe first, as Python: making one runs Python code (_new_recipe). */
+    if ((recipe = plan != Py_None ? recipe_of(self, plan) : Py_NewRef(Py_None)) == NULL) {
+        goto done;
+    }
     if ((portals = core_field(self->portals, s_portals)) == NULL) {
         goto done;
     }
     if (!PyDict_CheckExact(portals)) {
         PyErr_SetString(PyExc_TypeError, "a session's portals are a dict");
-        goto done;
-    }
-    if ((recipe = plan != Py_None ? recipe_of(self, plan) : Py_NewRef(Py_None)) == NULL) {
         goto done;
     }
     if (recipe == Py_None) {
@@ -908,6 +916,12 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC
 PyInit__reply_core(void)
 {
+    PyObject *collections = PyImport_ImportModule("collections");
+    deque_type = collections ? PyObject_GetAttrString(collections, "deque") : NULL;
+    Py_XDECREF(collections);
+    if (deque_type == NULL) {
+        return NULL;
+    }
     INTERN(s_units, "_units");
     INTERN(s_log, "log");
     INTERN(s_emit_statement, "emit_statement");
