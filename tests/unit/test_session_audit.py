@@ -413,7 +413,7 @@ query_step = st.tuples(
 @settings(max_examples=200, deadline=None)
 @given(steps=st.lists(bind_step | other_step | query_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
 def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...]], max_portals: int) -> None:
-    assert auditing._bind is not SessionAudit._bind_py and auditing._execute is not SessionAudit._execute_py
+    assert SessionAudit.bind is not SessionAudit._bind_py and SessionAudit.execute is not SessionAudit._execute_py
     protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
     plans = {"lookup": protection.planner.plan(LOOKUP), "plain": protection.planner.plan(PLAIN), None: None}
     twins = [SessionAudit(Recorder(), lambda: INFO, "pii") for _ in range(2)]  # type: ignore[arg-type]
@@ -426,7 +426,7 @@ def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[An
         )  # fmt: skip
         try:
             for audit, bind, execute, query in (
-                (twins[0], auditing._bind, auditing._execute, SessionAudit.query),
+                (twins[0], SessionAudit.bind, SessionAudit.execute, SessionAudit.query),
                 (twins[1], SessionAudit._bind_py, SessionAudit._execute_py, SessionAudit._query_py),
             ):
                 for step in steps:
@@ -534,7 +534,7 @@ def test_state_never_set_raises_as_python_does() -> None:
     with pytest.raises(AttributeError, match="_portals"):
         core.bind(b"", None, {})
     with pytest.raises(TypeError, match="SessionAudit"):
-        auditing._reply_core.execute(object(), b"")
+        auditing._reply_core.one_reply(object(), b"", [], 0)
 
 
 def test_a_session_audit_in_a_cycle_is_collected() -> None:
@@ -572,7 +572,7 @@ def test_bind_stores_where_python_does_when_making_a_recipe_replaces_the_portals
             return _Slow(plan)
 
     plan: Any = object()
-    for bind in (auditing._bind, SessionAudit._bind_py):
+    for bind in (SessionAudit.bind, SessionAudit._bind_py):
         audit = Replacing(Recorder(), lambda: INFO, "pii")  # type: ignore[arg-type]
         bind(audit, b"p", plan, {})
         assert list(audit._portals) == [b"p"], bind

@@ -361,8 +361,8 @@ tag_rows(const char *chunk, Py_ssize_t size, Py_ssize_t pos, Py_ssize_t end)
     return n;
 }
 
-/* The core of ``audit``, or NULL with TypeError: the module's functions take a
- * SessionAudit (tests call them beside the Python reference on twin sessions). */
+/* The core of ``audit``, or NULL with TypeError: one_reply() takes a SessionAudit
+ * (backend() calls it, and tests beside the Python reference on twin sessions). */
 static CoreObject *
 as_core(PyObject *audit)
 {
@@ -839,7 +839,7 @@ static PyTypeObject CoreType = {
     .tp_methods = Core_methods,
 };
 
-/* -- as functions of a SessionAudit (the tests, beside the Python reference) */
+/* -- the usual reply as a function of a SessionAudit (backend() tries it first) */
 
 PyDoc_STRVAR(one_reply_doc,
 "one_reply(audit, chunk, marks, tail_rows) -> bool\n\n"
@@ -858,42 +858,11 @@ one_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return done < 0 ? NULL : PyBool_FromLong(done);
 }
 
-PyDoc_STRVAR(execute_doc,
-"execute(audit, portal) -> None\n\nSessionAudit.execute: an Execute of ``portal`` queued.");
-
-static PyObject *
-execute(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "execute takes 2 arguments");
-        return NULL;
-    }
-    CoreObject *core = as_core(args[0]);
-    return core ? execute_impl(core, args[1]) : NULL;
-}
-
-PyDoc_STRVAR(bind_doc,
-"bind(audit, portal, plan, lookups, text=None) -> None\n\n"
-"SessionAudit.bind: how the portal's Executes are recorded.");
-
-static PyObject *
-bind(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "bind takes 4 or 5 arguments");
-        return NULL;
-    }
-    CoreObject *core = as_core(args[0]);
-    return core ? bind_impl(core, args[1], args[2], args[3], nargs == 5 ? args[4] : Py_None) : NULL;
-}
-
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
      "configure(template_type, watched_type, sync_unit, envelope_prefix, monotonic, time_ns, "
      "unit_type, skip_execute, max_portals, skip_query)"},
     {"one_reply", (PyCFunction)(void (*)(void))one_reply, METH_FASTCALL, one_reply_doc},
-    {"execute", (PyCFunction)(void (*)(void))execute, METH_FASTCALL, execute_doc},
-    {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL, bind_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -99,7 +99,7 @@ class _Unit(_UnitBase):
     """A Query or an Execute waiting for the server's reply. When a templated one ends,
     its values go to the log as one tuple, checked by the writer, not here: this is the
     per-statement path of every audited session. (An Execute's is made in C where it
-    is built: ``_reply_core.execute``.)"""
+    is built: ``Core.execute`` in _reply_core.c.)"""
 
     __slots__ = ()
 
@@ -618,13 +618,10 @@ def _python_reply(audit: SessionAudit, chunk: bytes, marks: list[Mark], tail_row
     audit.backend(chunk, marks, tail_rows)
 
 
-#: The usual reply, as backend() tries it first; and, for the tests, the C module's
-#: calls as functions of a session (pgcloak/session/_reply_core.c: the same decisions,
-#: units and events, tests/unit/test_session_audit.py). PGCLOAK_PURE_PYTHON=1 keeps
-#: the Python ones.
+#: The usual reply, as backend() tries it first: in C where it is built
+#: (pgcloak/session/_reply_core.c: the same decisions, units and events as the Python
+#: methods, tests/unit/test_session_audit.py). PGCLOAK_PURE_PYTHON=1 keeps the Python.
 _one_reply: Callable[[SessionAudit, bytes, list[Mark], int], bool] = SessionAudit._one_reply
-_bind: Callable[..., None] = SessionAudit._bind_py
-_execute: Callable[[SessionAudit, bytes], None] = SessionAudit._execute_py
 if _reply_core is not None:
     # (The C functions keep these objects: patching this module's names later does not
     # reach them; configure() again.)
@@ -641,8 +638,6 @@ if _reply_core is not None:
         _SKIP_QUERY,
     )
     _one_reply = _reply_core.one_reply
-    _bind = _reply_core.bind
-    _execute = _reply_core.execute
 else:
     # The reference methods are the calls (class attributes: no frame added per call).
     SessionAudit.reply = _python_reply  # type: ignore[method-assign,assignment]
