@@ -27,6 +27,11 @@ its event count is compared with the PII statements pgbench reports.
     python bench/audit.py                  # 10 s per run, 2 rounds
     python bench/audit.py --json audit.json
     python bench/audit.py --probe          # and what each of the trail's calls costs in place
+    python bench/audit.py --pool a.json b.json   # judge the target on several runs' rounds
+
+The verdict is judged on the rounds' paired ratios (bench/paired.py): PASS or MISS when
+the 95 % interval of their geometric mean lies on one side of 0.90x, "unsure" when the
+rounds cannot tell, which on a 2-core machine two rounds often cannot.
 
 The exit status is 0 whatever happens (a target that fails is reported in the notes),
 130 when interrupted.
@@ -68,6 +73,7 @@ from common import (
     terminate_on_sigterm,
     tool_version,
 )
+from paired import estimate, verdict
 from pgcloak.demo.postgres import TemporaryPostgres
 from pii import (
     MODES,
@@ -260,6 +266,23 @@ def check_trail(trail: Path, master_key: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- reporting
 
 
+def _commit() -> str | None:
+    """The checkout's commit (``+`` if it has local changes), so saved runs say what they
+    measured; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
 def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -386,29 +409,7 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
             plain=args.plain,
         )
 
-    goals: list[dict[str, Any]] = []
-    rows = []
-    for mode in MODES:
-        value = ratio(tps("audit-on", mode), tps("audit-off", mode))
-        if args.rate:  # both targets run at the same fixed rate: TPS says nothing
-            verdict = "n/a (pgbench -R)"
-        else:
-            verdict = "n/a" if value is None else ("PASS" if value >= GOAL else "MISS")
-        goal = f"audit-on >= {GOAL:.2f}x audit-off"
-        rounds = by_round.get("audit-on / audit-off", {}).get(mode, [])
-        met = f"{sum(v >= GOAL for v in rounds)} of {len(rounds)}" if rounds else "-"
-        goals.append(
-            {"goal": goal, "mode": mode, "ratio": value, "need": GOAL, "verdict": verdict, "rounds_met": met}
-        )
-        rows.append([goal, mode, fmt_ratio(value), f">= {GOAL:.2f}x", verdict, met])
-    print_table(
-        "Project target (timings never fail the run; the verdict is the mean's, the last "
-        "column counts the rounds that met it alone)",
-        ["goal", "mode", "ratio", "need", "verdict", "rounds"],
-        rows,
-        plain=args.plain,
-        right_align_from=2,
-    )
+    goals = _print_goals(by_round.get("audit-on / audit-off", {}), rate=bool(args.rate), plain=args.plain)
     return {
         "ratios": ratios,
         "ratios_by_round": by_round,
@@ -416,6 +417,110 @@ def _report(targets: list[BenchTarget], args: argparse.Namespace) -> dict[str, A
         "cpu_us_per_transaction": cpu,
         "goals": goals,
     }
+
+
+def _goals(per_mode: dict[str, list[float]], *, rate: bool = False) -> list[dict[str, Any]]:
+    """The target per mode, judged on the rounds' paired ratios (bench/paired.py): the
+    geometric mean, its 95 % interval, and PASS/MISS only where the interval decides."""
+    goals: list[dict[str, Any]] = []
+    for mode in MODES:
+        rounds = per_mode.get(mode, [])
+        est = estimate(rounds)
+        # At a fixed rate both targets reach the rate: their TPS ratios say nothing.
+        judged = "n/a (pgbench -R)" if rate else verdict(est, GOAL)
+        goals.append(
+            {
+                "goal": f"audit-on >= {GOAL:.2f}x audit-off",
+                "mode": mode,
+                "ratio": est.mean if est else None,
+                "low": est.low if est else None,
+                "high": est.high if est else None,
+                "rounds": len(rounds),
+                "need": GOAL,
+                "verdict": judged,
+                "rounds_met": f"{sum(v >= GOAL for v in rounds)} of {len(rounds)}" if rounds else "-",
+            }
+        )
+    return goals
+
+
+def _print_goals(per_mode: dict[str, list[float]], *, rate: bool, plain: bool) -> list[dict[str, Any]]:
+    goals = _goals(per_mode, rate=rate)
+    print_table(
+        "Project target (timings never fail the run). The ratio is the geometric mean of the "
+        "rounds' audit-on / audit-off; PASS or MISS when its 95 % interval lies on one side "
+        "of the target, 'unsure' when these rounds cannot tell (more --rounds, or --pool "
+        "several runs' JSON); the last column counts the rounds that met it alone",
+        ["goal", "mode", "ratio", "95 % interval", "need", "verdict", "rounds"],
+        [
+            [
+                g["goal"],
+                g["mode"],
+                fmt_ratio(g["ratio"]),
+                "-" if g["low"] is None else f"{g['low']:.2f}-{g['high']:.2f}x",
+                f">= {GOAL:.2f}x",
+                g["verdict"],
+                g["rounds_met"],
+            ]
+            for g in goals
+        ],
+        plain=plain,
+        right_align_from=2,
+    )
+    return goals
+
+
+def pool(files: Sequence[Path], *, plain: bool = False) -> dict[str, Any]:
+    """The target judged on the rounds of several saved runs (``--json`` files) together.
+
+    Left out: runs at a fixed rate (``--rate``: their TPS ratios say nothing) and runs
+    with ``--probe`` (the probe slows audit-on)."""
+    per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    rows: list[list[str]] = []
+    used: list[str] = []
+    for path in files:
+        try:
+            saved = json.loads(path.read_text())
+            meta, runs = saved["meta"], saved["runs"]
+            results = [PgbenchResult(**run) for run in runs]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SetupError(f"{path}: not a bench/audit.py --json file ({exc})") from exc
+        # (Files from before "rate" was in meta say so in their verdicts.)
+        rated = meta.get("rate") or any(
+            str(g.get("verdict", "")).startswith("n/a (pgbench -R)") for g in saved.get("goals", [])
+        )
+        left_out = "pgbench -R" if rated else "--probe" if saved.get("probe") else None
+        if left_out:
+            started = str(meta.get("started", "?"))
+            rows.append([path.name, started, "-", f"left out: {left_out}", "", ""])
+            continue
+        by_key: dict[str, BenchTarget] = {}
+        for r in results:
+            if r.target not in by_key:
+                by_key[r.target] = BenchTarget(r.target, r.target, Endpoint(HOST, 0, "", "", ""))
+            by_key[r.target].add(r)
+        found = _round_ratios(by_key, [("on/off", "audit-on", "audit-off")]).get("on/off", {})
+        for m in MODES:
+            per_mode[m] += found.get(m, [])
+        used.append(str(path))
+        means = [estimate(found.get(m, [])) for m in MODES]
+        rows.append(
+            [
+                path.name,
+                str(meta.get("started", "?")),
+                str(meta.get("commit") or "?")[:12],
+                *(f"{e.mean:.2f}x ({e.rounds})" if e else "-" for e in means),
+            ]
+        )
+    print_table(
+        "Runs pooled (audit-on / audit-off per mode: geometric mean of the run's rounds, "
+        "and how many)",
+        ["file", "started", "commit", *MODES],
+        rows,
+        plain=plain,
+    )
+    goals = _print_goals(per_mode, rate=False, plain=plain)
+    return {"files": used, "ratios_by_round": per_mode, "goals": goals}
 
 
 def _progress(result: PgbenchResult, total: int, done: int) -> None:
@@ -497,6 +602,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default {','.join(DEFAULT_TARGETS)})",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--pool",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: judge the target on the rounds of these saved runs (--json "
+        "files) together",
+    )
     parser.add_argument("--plain", action="store_true", help="plain-text tables even with rich")
     args = parser.parse_args(argv)
     if args.quick:
@@ -582,8 +696,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": sys.version.split()[0],
             "postgres": pg.version_string,
             "pgbench": tool_version([pgbench, "--version"]),
+            "commit": _commit(),
             "seconds": args.seconds,
             "rounds": args.rounds,
+            "rate": args.rate,
             "clients": args.clients,
             "threads": args.threads,
             "seed_rows": args.seed_rows,
@@ -727,7 +843,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     terminate_on_sigterm()
     try:
-        results = run(args)
+        results = pool(args.pool, plain=args.plain) if args.pool else run(args)
     except KeyboardInterrupt:
         print("\ninterrupted; everything stopped", file=sys.stderr)
         return 130
