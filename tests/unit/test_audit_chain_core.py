@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import math
+import random
 from typing import Any
 
 import pytest
@@ -253,3 +254,20 @@ def test_edge_cases_found_by_review_match_the_python_loop() -> None:
         chain_module._core.chain_completed(_chain("w0-x"), [], -1, [], [])
     with pytest.raises(TypeError):
         chain_module._core.configure(chain_module._core.Record, InvalidEventError, set(), {}, "x")
+
+
+def test_durations_are_written_as_python_writes_them() -> None:
+    """The C loop formats a duration by integer arithmetic instead of repr's algorithm:
+    every whole-microsecond value must come out as repr(round(ms * 1000) / 1000) does."""
+    rng = random.Random(23)
+    seconds = [0.0, 5e-7, 4.999999e-7, 1.5e-6, 2.5e-6, 1e-3, 0.1, 0.123456789, 1.0, 59.9999995]
+    seconds += [999_999_999.9999994, 999_999_999.999, 123_456_789.123456, 1e-9, 7e-6, 0.00105]
+    seconds += [rng.uniform(0, 10 ** rng.randint(-6, 9)) for _ in range(3000)]
+    seconds += [rng.randint(0, 10**15) / 1e9 for _ in range(1000)]  # whole microseconds and halves
+    items = [(TEMPLATES[0], None, 0.0, s, 0, 1, None) for s in seconds]
+    out = _same(items)
+    assert len(out) == len(items)
+    written = [r.data.split(b'"duration_ms":', 1)[1].split(b",", 1)[0] for r in out]
+    assert written[:2] == [b"0.0", b"0.0"]
+    assert written[5:9] == [b"1.0", b"100.0", b"123.457", b"1000.0"]
+    assert written[10] == b"999999999999.999"

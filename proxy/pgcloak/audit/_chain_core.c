@@ -417,6 +417,28 @@ fmt_ll(char *out, long long v)
     return k;
 }
 
+/* repr(us / 1000.0) for a whole number of microseconds 0 <= us < 10**15 (a duration
+ * under 1e12 ms, as checked): the decimal us / 1000 itself, trailing zeros dropped but
+ * one. It has at most 15 significant digits, so it is the shortest text that reads back
+ * as that double (no two such decimals share a double), which is what repr writes, in
+ * fixed notation below 1e16. PyOS_double_to_string's exact algorithm cost more than
+ * the rest of the line (tests/unit/test_audit_chain_core.py compares the two). */
+static int
+fmt_micros(char *out, long long us)
+{
+    int k = fmt_ll(out, us / 1000);
+    int frac = (int)(us % 1000);
+    out[k++] = '.';
+    out[k++] = (char)('0' + frac / 100);
+    if (frac % 100) {
+        out[k++] = (char)('0' + frac / 10 % 10);
+        if (frac % 10) {
+            out[k++] = (char)('0' + frac % 10);
+        }
+    }
+    return k;
+}
+
 static long long
 floor_div(long long a, long long b)
 {
@@ -622,20 +644,15 @@ chain_one(State *st, Item *it, Buf *b, Buf *lk, PyObject *out, PyObject *refused
     if (fabs(x - whole) == 0.5) {
         whole = 2.0 * round(x / 2.0);
     }
-    if (whole == 0.0) {
-        whole = 0.0;
-    }
-    char *duration = PyOS_double_to_string(whole / 1000.0, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-    if (duration == NULL) {
-        return -1;
-    }
+    char duration[32];
+    int duration_len = fmt_micros(duration, (long long)whole);
     int n = fmt_ll(small, st->seq);
 
     /* The line: the template's parts and the ten values, in canonical order. */
     int err = buf_add_str(b, PyTuple_GET_ITEM(parts, 0)) < 0
         || buf_add_str(b, st->chain_json) < 0
         || buf_add_str(b, PyTuple_GET_ITEM(parts, 1)) < 0
-        || buf_add(b, duration, (Py_ssize_t)strlen(duration)) < 0
+        || buf_add(b, duration, duration_len) < 0
         || buf_add_str(b, PyTuple_GET_ITEM(parts, 2)) < 0
         || buf_add(b, id, id_len) < 0
         || buf_add_str(b, PyTuple_GET_ITEM(parts, 3)) < 0
@@ -656,7 +673,6 @@ chain_one(State *st, Item *it, Buf *b, Buf *lk, PyObject *out, PyObject *refused
         || buf_add_str(b, PyTuple_GET_ITEM(parts, 9)) < 0
         || buf_add(b, ts, ts_len) < 0
         || buf_add_str(b, PyTuple_GET_ITEM(parts, 10)) < 0;
-    PyMem_Free(duration);
     /* As in Python, the event id is used once the text is made, even if it cannot be
      * encoded. */
     st->pos += 32;
