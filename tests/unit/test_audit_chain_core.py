@@ -271,3 +271,30 @@ def test_durations_are_written_as_python_writes_them() -> None:
     assert written[:2] == [b"0.0", b"0.0"]
     assert written[5:9] == [b"1.0", b"100.0", b"123.457", b"1000.0"]
     assert written[10] == b"999999999999.999"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["tuple", "dict", "str", "list", "tuple-subclass"]), max_size=12),
+    start=st.integers(0, 14),
+)
+def test_where_a_run_of_statements_ends_is_found_as_python_finds_it(kinds: list[str], start: int) -> None:
+    """The writer chains a batch's statements (tuples) in runs, between seals and dict events."""
+
+    class Subclass(tuple[int, ...]):
+        pass
+
+    make = {"tuple": lambda: (1,), "dict": dict, "str": lambda: "periodic", "list": list, "tuple-subclass": lambda: Subclass((1,))}
+    items = [make[k]() for k in kinds]
+    expected = chain_module._tuple_run_end(items, start)
+    assert chain_module._core.tuple_run_end(items, start) == expected
+    assert expected == next((i for i in range(start, len(items)) if kinds[i] != "tuple"), len(items))
+
+
+def test_a_run_end_refuses_what_the_writer_never_passes() -> None:
+    with pytest.raises(ValueError):
+        chain_module._core.tuple_run_end([], -1)
+    with pytest.raises(ValueError):
+        chain_module._tuple_run_end([], -1)
+    with pytest.raises(TypeError):
+        chain_module._core.tuple_run_end((), 0)

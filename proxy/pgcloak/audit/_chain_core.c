@@ -922,10 +922,40 @@ chain_completed(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(i);
 }
 
+PyDoc_STRVAR(tuple_run_end_doc,
+"tuple_run_end(items, start) -> int\n\n"
+"The index of the first item of the list at or after start that is not a tuple\n"
+"(len(items) if none is): where a run of queued statements ends.");
+
+/* The writer's batches are all statements (tuples) but for a seal or a rare dict event:
+ * a Python loop finding where their run ends cost more than chaining's bookkeeping. */
+static PyObject *
+tuple_run_end(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "tuple_run_end(items: list, start: int)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "start must not be negative");
+        return NULL;
+    }
+    PyObject *items = args[0];
+    while (i < PyList_GET_SIZE(items) && PyTuple_CheckExact(PyList_GET_ITEM(items, i))) {
+        i++;
+    }
+    return PyLong_FromSsize_t(i < PyList_GET_SIZE(items) ? i : PyList_GET_SIZE(items));
+}
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_VARARGS,
      "configure(record_type, invalid_error, key_ids_ok, key_json, failed_reason)"},
     {"chain_completed", (PyCFunction)(void (*)(void))chain_completed, METH_FASTCALL, chain_completed_doc},
+    {"tuple_run_end", (PyCFunction)(void (*)(void))tuple_run_end, METH_FASTCALL, tuple_run_end_doc},
     {NULL, NULL, 0, NULL},
 };
 

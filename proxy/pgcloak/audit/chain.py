@@ -64,6 +64,7 @@ __all__ = [
     "mac_ok",
     "make_chain_id",
     "serialize",
+    "tuple_run_end",
 ]
 
 #: ``prev`` of the first record of every chain.
@@ -493,5 +494,19 @@ class Chain:
         return self.append(seal_event(reason=reason, count=self.since_seal, worker=self.worker))
 
 
+def _tuple_run_end(items: list[Any], start: int) -> int:
+    """The index of the first item of ``items`` at or after ``start`` that is not a tuple
+    (``len(items)`` if none is): where a run of queued statements ends. In C where built."""
+    if start < 0:
+        raise ValueError("start must not be negative")
+    stop = start
+    while stop < len(items) and type(items[stop]) is tuple:
+        stop += 1
+    return min(stop, len(items))
+
+
+tuple_run_end: Callable[[list[Any], int], int] = _tuple_run_end
+
 if _core is not None:
     _core.configure(ChainedRecord, InvalidEventError, _key_ids_ok, _KEY_JSON, FAILED_REASON_JSON)
+    tuple_run_end = _core.tuple_run_end

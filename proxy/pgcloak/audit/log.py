@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgcloak.audit.chain import Chain, ChainedRecord, make_chain_id
+from pgcloak.audit.chain import Chain, ChainedRecord, make_chain_id, tuple_run_end
 from pgcloak.audit.events import (
     InvalidEventError,
     SealReason,
@@ -394,11 +394,10 @@ class AuditLog:
         chain, append = self.chain, out.append
         start = 0
         while start < len(items):
-            stop = start
-            while stop < len(items) and type(items[stop]) is tuple:
-                stop += 1
+            stop = tuple_run_end(items, start)
             if stop > start:
-                refused = chain.append_completed_many(items[start:stop], out)  # type: ignore[arg-type]
+                run = items if stop - start == len(items) else items[start:stop]  # (the usual: all)
+                refused = chain.append_completed_many(run, out)  # type: ignore[arg-type]
                 for exc in refused:
                     self._rejected(exc)
                 if stop == len(items):
