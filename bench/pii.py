@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,7 +372,10 @@ def start_target(
     scratch: Path,
     workers: int = 1,
     env_extra: dict[str, str] | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+    start_timeout: float = 30.0,
 ) -> BenchTarget:
+    """Start ``spec``'s proxy (``wrap`` may prefix its command line, e.g. with valgrind)."""
     if spec.key == "direct":
         return BenchTarget(spec.key, f"PostgreSQL {pg.version}, plain users table", direct)
     port = free_port(HOST)
@@ -382,14 +385,15 @@ def start_target(
     if policy_file is not None:
         env["PGCLOAK_MASTER_KEY"] = master_key
     env.update(env_extra or {})
+    argv = pgcloak_argv(port, pg.port, workers=workers, extra=extra)
     proc = ManagedProcess(
         spec.key,
-        pgcloak_argv(port, pg.port, workers=workers, extra=extra),
+        wrap(argv) if wrap is not None else argv,
         port=port,
         listeners=workers,
         log_file=scratch / f"{spec.key}.log",
         env=env,
-    ).start()
+    ).start(start_timeout)
     return BenchTarget(spec.key, spec.description, direct.with_port(port), proc)
 
 
