@@ -3,7 +3,8 @@
 Python imports this module at start-up when this directory is on PYTHONPATH (bench/audit.py
 puts it there for the audit-on target only, with ``PGCLOAK_BENCH_PROBE`` naming the file
 to write). It wraps the trail's per-statement entry points (the session's ``bind``,
-``execute``, ``sync``, ``reply``, ``query``, ``backend``; the log's ``emit_statement``)
+``execute_message`` (shown as ``execute``), ``sync``, ``reply``, ``query``, ``backend``;
+the log's ``emit_statement``)
 and its per-batch work (chaining on the event loop; writing and fsync on the sink's IO
 thread) with counters, and writes the totals as JSON when the process exits (SIGTERM:
 pgcloak shuts down cleanly).
@@ -59,8 +60,9 @@ def _install(out: str) -> None:
 
     def session_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        for name in ("bind", "execute", "sync", "reply", "query"):  # (C methods: shadowed per session)
-            setattr(self, name, timed(name, getattr(self, name)))
+        # (C methods: shadowed per session. An Execute's call is execute_message.)
+        for name, attr in (("bind", "bind"), ("execute", "execute_message"), ("sync", "sync"), ("reply", "reply"), ("query", "query")):
+            setattr(self, attr, timed(name, getattr(self, attr)))
 
     auditing.SessionAudit.__init__ = session_init  # type: ignore[method-assign]
     auditing.SessionAudit.backend = timed("backend", auditing.SessionAudit.backend)  # type: ignore[method-assign]

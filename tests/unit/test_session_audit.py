@@ -402,6 +402,15 @@ bind_step = st.tuples(
     st.sampled_from([None, "SELECT 1"]),
 )
 other_step = st.tuples(st.sampled_from(["execute", "close"]), st.sampled_from([b"", b"p1", b"p2", b"p3"]))
+#: Execute messages as the session hands them over whole, and malformed ones (no NUL
+#: after the name, nothing after the header) read as Python's slicing reads them.
+message_step = st.tuples(
+    st.just("execute_message"),
+    st.sampled_from(
+        [b"E\0\0\0\x09\0\0\0\0\0", b"E\0\0\0\x0bp1\0\0\0\0\0", b"E\0\0\0\x0bp2\0\0\0\0\x05", b"E\0\0\0\x07p1",
+         b"E\0\0\0\x04", b"E\0\0\0\x05\0", b"E\0\0\0\x0ap3\0\0\0\0"]
+    ),
+)
 query_step = st.tuples(
     st.just("query"),
     st.sampled_from(["lookup", "plain", None]),
@@ -411,7 +420,7 @@ query_step = st.tuples(
 
 
 @settings(max_examples=200, deadline=None)
-@given(steps=st.lists(bind_step | other_step | query_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
+@given(steps=st.lists(bind_step | other_step | query_step | message_step, max_size=12), max_portals=st.sampled_from([2, 10_000]))
 def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[Any, ...]], max_portals: int) -> None:
     assert SessionAudit.bind is not SessionAudit._bind_py and SessionAudit.execute is not SessionAudit._execute_py
     protection = Protection.build(parse_policy(POLICY), Keyring(MasterKey(bytes(range(32)))))
@@ -425,15 +434,23 @@ def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[An
             _Unit, _SKIP_EXECUTE, max_portals, _SKIP_QUERY,
         )  # fmt: skip
         try:
-            for audit, bind, execute, query in (
-                (twins[0], SessionAudit.bind, SessionAudit.execute, SessionAudit.query),
-                (twins[1], SessionAudit._bind_py, SessionAudit._execute_py, SessionAudit._query_py),
+            for audit, bind, execute, query, message in (
+                (twins[0], SessionAudit.bind, SessionAudit.execute, SessionAudit.query, SessionAudit.execute_message),
+                (
+                    twins[1],
+                    SessionAudit._bind_py,
+                    SessionAudit._execute_py,
+                    SessionAudit._query_py,
+                    lambda a, msg: SessionAudit._execute_py(a, msg[5 : msg.find(b"\0", 5)]),
+                ),
             ):
                 for step in steps:
                     if step[0] == "bind":
                         bind(audit, step[1], plans[step[2]], step[3], step[4])
                     elif step[0] == "execute":
                         execute(audit, step[1])
+                    elif step[0] == "execute_message":
+                        message(audit, step[1])
                     elif step[0] == "query":
                         query(audit, plans[step[1]], step[2], step[3])
                     else:
@@ -457,6 +474,7 @@ def test_bind_execute_and_query_in_c_keep_what_python_keeps(steps: list[tuple[An
     assert portals(c) == portals(py) and units(c) == units(py) and c.statements == py.statements
     assert all(type(u) is _Unit and type(u.started) is float for u in c._units if u not in (_SKIP_EXECUTE, _SKIP_QUERY))
     assert SessionAudit.query is not SessionAudit._query_py
+    assert SessionAudit.execute_message is not SessionAudit._execute_message_py
 
 
 def test_reply_completes_the_usual_reply_and_hands_anything_else_to_backend(

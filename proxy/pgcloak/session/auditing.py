@@ -172,6 +172,10 @@ class _CoreFields:
         """An Execute of ``portal`` queued."""
         raise NotImplementedError
 
+    def execute_message(self, msg: bytes, /) -> None:
+        """``execute`` of the portal the Execute message ``msg`` (header included) names."""
+        raise NotImplementedError
+
     def sync(self) -> None:
         """A Sync or FunctionCall: the server answers it with one ReadyForQuery."""
         raise NotImplementedError
@@ -345,6 +349,9 @@ class SessionAudit(_CoreBase):
 
     def close_portal(self, portal: bytes) -> None:
         self._portals.pop(portal, None)
+
+    def _execute_message_py(self, msg: bytes) -> None:
+        self.execute(msg[5 : msg.find(b"\0", 5)])
 
     def _execute_py(self, portal: bytes) -> None:
         self.statements += 1
@@ -643,5 +650,6 @@ else:
     SessionAudit.reply = _python_reply  # type: ignore[method-assign,assignment]
     SessionAudit.bind = SessionAudit._bind_py  # type: ignore[method-assign,assignment]
     SessionAudit.execute = SessionAudit._execute_py  # type: ignore[method-assign,assignment]
+    SessionAudit.execute_message = SessionAudit._execute_message_py  # type: ignore[method-assign,assignment]
     SessionAudit.sync = SessionAudit._sync_py  # type: ignore[method-assign,assignment]
     SessionAudit.query = SessionAudit._query_py  # type: ignore[method-assign,assignment]

@@ -452,7 +452,7 @@ class Rewriter:
         if kind == EXECUTE:
             self._copy_dropped = False
             if self._audit is not None:
-                self._audit.execute(msg[5 : msg.find(b"\0", 5)])
+                self._audit.execute_message(msg)
             if self._copy_portals:
                 copy = self._copy_portals.pop(_portal_key(msg[5 : msg.find(b"\0", 5)]), None)
                 if copy is not None:
