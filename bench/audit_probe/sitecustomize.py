@@ -66,7 +66,13 @@ def _install(out: str) -> None:
 
     auditing.SessionAudit.__init__ = session_init  # type: ignore[method-assign]
     auditing.SessionAudit.backend = timed("backend", auditing.SessionAudit.backend)  # type: ignore[method-assign]
-    audit_log.AuditLog.emit_statement = timed("emit_statement", audit_log.AuditLog.emit_statement)  # type: ignore[method-assign]
+    log_init = audit_log.AuditLog.__init__
+
+    def audit_log_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        log_init(self, *args, **kwargs)
+        self.emit_statement = timed("emit_statement", self.emit_statement)  # (the log's intake)
+
+    audit_log.AuditLog.__init__ = audit_log_init  # type: ignore[method-assign]
 
     chain_into = audit_log.AuditLog._chain_into
 

@@ -210,6 +210,129 @@ static long long cached_second = 0;
 static char cached_second_text[64];
 static Py_ssize_t cached_second_len = 0;
 
+/* ------------------------------------------------------------------ Intake */
+
+/* AuditLog's emit_statement, the call a session makes once per audited statement: its
+ * usual case (room in the queue and nobody to wake) without a Python frame, which cost
+ * more than the rest of the call. Anything else goes to ``slow`` (the log's
+ * _enqueue_carefully). log.py's _Intake is the reference, for where this is not built. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *queue;
+    PyObject *append;
+    PyObject *slow;
+    Py_ssize_t fast_below;
+    Py_ssize_t emitted;
+    vectorcallfunc vectorcall;
+} IntakeObject;
+
+static PyObject *
+Intake_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    IntakeObject *self = (IntakeObject *)self_obj;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "emit_statement takes one positional argument");
+        return NULL;
+    }
+    Py_ssize_t depth = PyObject_Size(self->queue);
+    if (depth < 0) {
+        return NULL;
+    }
+    if (depth < self->fast_below) {
+        self->emitted++;
+        return PyObject_CallOneArg(self->append, args[0]);
+    }
+    return PyObject_CallOneArg(self->slow, args[0]);
+}
+
+static int
+Intake_init(IntakeObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *queue, *slow;
+    static char *names[] = {"queue", "slow", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Intake", names, &queue, &slow)) {
+        return -1;
+    }
+    PyObject *append = PyObject_GetAttrString(queue, "append");
+    if (append == NULL) {
+        return -1;
+    }
+    Py_XSETREF(self->queue, Py_NewRef(queue));
+    Py_XSETREF(self->append, append);
+    Py_XSETREF(self->slow, Py_NewRef(slow));
+    self->fast_below = 0;
+    self->emitted = 0;
+    self->vectorcall = Intake_vectorcall;
+    return 0;
+}
+
+static PyObject *
+Intake_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    IntakeObject *self = (IntakeObject *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->vectorcall = Intake_vectorcall;
+    }
+    return (PyObject *)self;
+}
+
+static int
+Intake_traverse(IntakeObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->queue);
+    Py_VISIT(self->append);
+    Py_VISIT(self->slow);
+    return 0;
+}
+
+static int
+Intake_clear(IntakeObject *self)
+{
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->append);
+    Py_CLEAR(self->slow);
+    return 0;
+}
+
+static void
+Intake_dealloc(IntakeObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Intake_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Intake_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    return PyVectorcall_Call(self, args, kwargs);
+}
+
+static PyMemberDef Intake_members[] = {
+    {"queue", T_OBJECT, offsetof(IntakeObject, queue), READONLY, "the log's queue"},
+    {"slow", T_OBJECT, offsetof(IntakeObject, slow), READONLY, "called for an item the fast path does not take"},
+    {"fast_below", T_PYSSIZET, offsetof(IntakeObject, fast_below), 0,
+     "items are appended directly while the queue holds fewer than this"},
+    {"emitted", T_PYSSIZET, offsetof(IntakeObject, emitted), 0, "items taken by the fast path (and counted by slow)"},
+    {NULL},
+};
+
+static PyTypeObject IntakeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pgcloak.audit._chain_core.Intake",
+    .tp_doc = "Intake(queue, slow): AuditLog's emit_statement (see log.py's _Intake).",
+    .tp_basicsize = sizeof(IntakeObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(IntakeObject, vectorcall),
+    .tp_call = Intake_call,
+    .tp_new = Intake_new,
+    .tp_init = (initproc)Intake_init,
+    .tp_dealloc = (destructor)Intake_dealloc,
+    .tp_traverse = (traverseproc)Intake_traverse,
+    .tp_clear = (inquiry)Intake_clear,
+    .tp_members = Intake_members,
+};
+
 static PyObject *
 configure(PyObject *module, PyObject *args)
 {
@@ -990,7 +1113,7 @@ PyInit__chain_core(void)
     INTERN(s_chain_json, "_chain_json");
     INTERN(s_chain_id, "chain_id");
     INTERN(s_hmac, "_hmac");
-    if (PyType_Ready(&RecordType) < 0 || PyType_Ready(&HmacType) < 0) {
+    if (PyType_Ready(&RecordType) < 0 || PyType_Ready(&HmacType) < 0 || PyType_Ready(&IntakeType) < 0) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&moduledef);
@@ -1006,6 +1129,12 @@ PyInit__chain_core(void)
     Py_INCREF(&HmacType);
     if (PyModule_AddObject(m, "Hmac", (PyObject *)&HmacType) < 0) {
         Py_DECREF(&HmacType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&IntakeType);
+    if (PyModule_AddObject(m, "Intake", (PyObject *)&IntakeType) < 0) {
+        Py_DECREF(&IntakeType);
         Py_DECREF(m);
         return NULL;
     }

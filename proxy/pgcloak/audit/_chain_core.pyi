@@ -12,6 +12,14 @@ class Record:
     _line: str | None
     _record: dict[str, Any] | None
 
+class Intake:
+    queue: Any
+    slow: Any
+    fast_below: int
+    emitted: int
+    def __init__(self, queue: Any, slow: Any) -> None: ...
+    def __call__(self, item: Any, /) -> None: ...
+
 class Hmac:
     def __init__(self, key: bytes) -> None: ...
     def hexdigest(self, data: bytes, /) -> str: ...

@@ -38,12 +38,12 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from pgcloak import _native as native
 from pgcloak.audit.chain import Chain, ChainedRecord, make_chain_id, tuple_run_end
 from pgcloak.audit.events import (
     InvalidEventError,
@@ -68,20 +68,79 @@ _NEVER = 1 << 62
 _CHAIN_SLICE = 128
 
 
-@dataclass(slots=True)
-class AuditMetrics:
-    """Counters (monotonic). ``written``/``spilled`` count records, seals and gaps included."""
+class _Counted(Protocol):
+    emitted: int
 
-    emitted: int = 0
-    written: int = 0
-    dropped: int = 0
-    spilled: int = 0
-    replayed: int = 0
-    sink_errors: int = 0
-    lost: int = 0
+
+class _Count:
+    __slots__ = ("emitted",)
+
+    def __init__(self) -> None:
+        self.emitted = 0
+
+
+class AuditMetrics:
+    """Counters (monotonic). ``written``/``spilled`` count records, seals and gaps included.
+
+    ``emitted`` is kept where events are queued (the log's intake, which counts in C on
+    its fast path): ``counted`` is that object, a plain counter by default."""
+
+    __slots__ = ("_counted", "dropped", "lost", "replayed", "sink_errors", "spilled", "written")
+
+    def __init__(self, counted: _Counted | None = None) -> None:
+        self._counted: _Counted = counted if counted is not None else _Count()
+        self.written = 0
+        self.dropped = 0
+        self.spilled = 0
+        self.replayed = 0
+        self.sink_errors = 0
+        self.lost = 0
+
+    @property
+    def emitted(self) -> int:
+        return self._counted.emitted
+
+    @emitted.setter
+    def emitted(self, value: int) -> None:
+        self._counted.emitted = value
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {
+            "emitted": self.emitted,
+            "written": self.written,
+            "dropped": self.dropped,
+            "spilled": self.spilled,
+            "replayed": self.replayed,
+            "sink_errors": self.sink_errors,
+            "lost": self.lost,
+        }
+
+
+class _Intake:
+    """AuditLog's ``emit_statement``: the queue's usual case (room, and nobody to wake)
+    inline, anything else to ``slow``. The reference of ``_chain_core.Intake``, which does
+    the same without a Python frame per statement (tests/unit/test_audit_events.py)."""
+
+    __slots__ = ("append", "emitted", "fast_below", "queue", "slow")
+
+    def __init__(self, queue: deque[Any], slow: Callable[[Any], None]) -> None:
+        self.queue = queue
+        self.append = queue.append
+        self.slow = slow
+        self.fast_below = 0
+        self.emitted = 0
+
+    def __call__(self, item: Any) -> None:
+        if len(self.queue) < self.fast_below:
+            self.emitted += 1
+            self.append(item)
+        else:
+            self.slow(item)
+
+
+_core: Any = native.load("pgcloak.audit._chain_core")
+#: The intake AuditLog uses: C where built.
+Intake: type[_Intake] = _core.Intake if _core is not None else _Intake
 
 
 class _Gap:
@@ -134,7 +193,6 @@ class AuditLog:
             config.spill_max_bytes,
         )
         self.chain = Chain(key, make_chain_id(worker), worker=worker)
-        self.metrics = AuditMetrics()
         self.queue_size = config.queue_size
         self.low_water = config.queue_size // 2
         self.retry_initial = retry_initial
@@ -143,6 +201,14 @@ class AuditLog:
         self.linger = linger
         self._drop = config.on_full == "drop"
         self._queue: deque[dict[str, Any] | Completed | _Gap] = deque()
+        self._intake = Intake(self._queue, self._enqueue_carefully)
+        self.metrics = AuditMetrics(self._intake)
+        #: Queue an event (a vouched dict from emit(), or a templated statement a session
+        #: completed: checked when it is chained, one that fails the checks logged without
+        #: its values and counted as lost); never blocks. The intake takes the usual case
+        #: (room in the queue, nobody to wake) itself, anything else _enqueue_carefully.
+        self._enqueue: Callable[[dict[str, Any] | Completed], None] = self._intake
+        self.emit_statement: Callable[[Completed], None] = self._intake
         #: True from the moment the queue reaches ``queue_size`` until it drains to half,
         #: only with ``on_full: block`` (with ``drop`` the session never needs to pause).
         #: An attribute, not a property: sessions read it after every chunk they forward.
@@ -152,7 +218,7 @@ class AuditLog:
         # The writer waits on _waiter; emit() resolves it once the queue holds _wake_at.
         self._waiter: asyncio.Future[None] | None = None
         self._wake_at = _NEVER
-        self._fast_below = self.queue_size - 1
+        self._intake.fast_below = self.queue_size - 1
         self._batch_at = max(1, min(config.batch_size, config.queue_size))
         self._flushes = 0
         self._idle = asyncio.Event()
@@ -200,23 +266,10 @@ class AuditLog:
             event = dict(event)
         self._enqueue(event)  # type: ignore[arg-type]  # a dict: a BuiltEvent or a copy
 
-    def _enqueue(self, item: dict[str, Any] | Completed) -> None:
-        queue = self._queue
-        if len(queue) < self._fast_below:  # room, and nobody to wake: the usual case
-            self.metrics.emitted += 1
-            queue.append(item)
-            return
-        self._enqueue_carefully(item)
-
-    #: Queue a templated statement event (checked when it is chained: one that fails the
-    #: checks is logged, without its values, and counted as lost); never blocks. The same
-    #: function as ``_enqueue``: one call less per statement.
-    emit_statement = _enqueue
-
     def _enqueue_carefully(self, item: dict[str, Any] | Completed) -> None:
         """``_enqueue`` when the log is closing, the queue is (nearly) full, or the writer
         waits for this event."""
-        self.metrics.emitted += 1
+        self._intake.emitted += 1
         if self._closing:
             self.metrics.dropped += 1
             if not self._warned_closed:
@@ -247,7 +300,7 @@ class AuditLog:
         """Wake the writer once the queue holds ``depth`` events; ``_enqueue`` takes its fast
         path while the queue stays below that and below ``queue_size`` (never while closing)."""
         self._wake_at = depth
-        self._fast_below = 0 if self._closing else min(depth, self.queue_size) - 1
+        self._intake.fast_below = 0 if self._closing else min(depth, self.queue_size) - 1
 
     async def wait_for_room(self) -> None:
         """Return once the queue is no longer full (at once if it is not)."""
@@ -332,7 +385,7 @@ class AuditLog:
         if self._closed:
             return
         self._closing = True
-        self._fast_below = 0
+        self._intake.fast_below = 0
         self._close_deadline = time.monotonic() + self.close_timeout
         self._wake()
         if self._task is not None:
