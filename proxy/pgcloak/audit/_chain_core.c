@@ -14,6 +14,9 @@
  * file only has to agree with chain.py on the plain case, which
  * tests/unit/test_audit_chain_core.py checks against it on generated batches.
  *
+ * Also here: AuditLog's intake (emit_statement, once per audited statement; log.py's
+ * _Intake is its reference) and tuple_run_end (where a batch's statements end).
+ *
  * Pure: no IO, no threads; it runs on the event loop with the GIL held.
  */
 #define PY_SSIZE_T_CLEAN

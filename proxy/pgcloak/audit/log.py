@@ -119,7 +119,7 @@ class AuditMetrics:
 class _Intake:
     """AuditLog's ``emit_statement``: the queue's usual case (room, and nobody to wake)
     inline, anything else to ``slow``. The reference of ``_chain_core.Intake``, which does
-    the same without a Python frame per statement (tests/unit/test_audit_events.py)."""
+    the same without a Python frame per statement (tests/unit/test_audit_intake.py)."""
 
     __slots__ = ("append", "emitted", "fast_below", "queue", "slow")
 
