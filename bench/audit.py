@@ -848,7 +848,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; everything stopped", file=sys.stderr)
         return 130
     except (SetupError, StartError, RuntimeError, OSError, psycopg.Error) as exc:
-        print(f"\nerror: {exc}\nnothing was measured; everything stopped", file=sys.stderr)
+        done = "" if args.pool else "\nnothing was measured; everything stopped"
+        print(f"\nerror: {exc}{done}", file=sys.stderr)
         return 0
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
