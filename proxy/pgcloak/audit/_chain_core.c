@@ -265,7 +265,6 @@ Intake_init(IntakeObject *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->slow, Py_NewRef(slow));
     self->fast_below = 0;
     self->emitted = 0;
-    self->vectorcall = Intake_vectorcall;
     return 0;
 }
 

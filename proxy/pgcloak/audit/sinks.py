@@ -121,20 +121,25 @@ _IOV_MAX: Final = _iov_max()
 _DATA: Final = operator.attrgetter("data")
 
 
-def _writev_all(fd: int, buffers: Sequence[bytes]) -> None:
+def _writev_all(fd: int, buffers: Sequence[bytes]) -> int:
     """Write ``buffers`` in order, as one ``_write_all`` of their concatenation would:
     no copy into one big buffer (a batch is hundreds of kilobytes, each line already
-    bytes), one writev(2) per ``_IOV_MAX`` lines, a short write finished the plain way."""
+    bytes), one writev(2) per ``_IOV_MAX`` lines, a short write finished the plain way.
+    Returns the bytes written (all of them)."""
+    total = 0
     for start in range(0, len(buffers), _IOV_MAX):
         part = buffers[start : start + _IOV_MAX]
+        size = sum(map(len, part))
+        total += size
         written = os.writev(fd, part)
-        if written == sum(map(len, part)):  # the usual: all of it (no Python loop per line)
+        if written == size:  # the usual: all of it (no Python loop per line)
             continue
         for i, buf in enumerate(part):
             if written < len(buf):
                 _write_all(fd, b"".join([buf[written:], *part[i + 1 :]]))
                 break
             written -= len(buf)
+    return total
 
 
 # --------------------------------------------------------------------------- naming
@@ -349,9 +354,8 @@ class FileSink(Sink):
             self._open_blocking()
         assert self._fd is not None
         before = self._size
-        size = sum(map(len, lines))
         try:
-            _writev_all(self._fd, lines)
+            size = _writev_all(self._fd, lines)
             if self.fsync == "always":
                 os.fsync(self._fd)
         except OSError:

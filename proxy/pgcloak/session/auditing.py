@@ -252,9 +252,9 @@ def trail_reason(reason: str) -> str:
 class SessionAudit(_CoreBase):
     """Queues one session's statements and emits their events when they complete.
 
-    The per-statement calls (``query``, ``bind``, ``execute``, ``sync``, ``reply``) are
-    the C module's where it is built; the methods ending in ``_py`` and :meth:`_one_reply`
-    are their reference.
+    The per-statement calls (``query``, ``bind``, ``execute``, ``execute_message``,
+    ``sync``, ``reply``) are the C module's where it is built; the methods ending in
+    ``_py`` and :meth:`_one_reply` are their reference.
     """
 
     def __init__(self, log: AuditLog, info: Callable[[], SessionInfo], mode: StatementsMode) -> None:
